@@ -1,0 +1,58 @@
+"""Named registries: losses, algorithms, rewards, tasks, advantage estimators.
+
+A registry maps an unambiguous name to a callable or class. Adding a method is one
+function plus one ``@REGISTRY.register("name")`` line; ``alignlab list <registry>``
+prints the names.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
+
+from alignlab.errors import ConfigError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """A name → object table with helpful errors for unknown names."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._items: dict[str, T] = {}
+
+    def register(self, name: str, *aliases: str) -> Callable[[T], T]:
+        def decorator(obj: T) -> T:
+            for key in (name, *aliases):
+                if key in self._items and self._items[key] is not obj:
+                    raise ValueError(f"{self.kind} {key!r} is registered twice")
+                self._items[key] = obj
+            return obj
+
+        return decorator
+
+    def get(self, name: str) -> T:
+        try:
+            return self._items[name]
+        except KeyError:
+            allowed = ", ".join(self.names())
+            raise ConfigError(f"unknown {self.kind} {name!r}; allowed values: {allowed}") from None
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def summary(self, name: str) -> str:
+        """First line of the registered object's docstring."""
+        doc = inspect.getdoc(self._items[name]) or ""
+        return doc.splitlines()[0] if doc else ""
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._items)
