@@ -1,0 +1,207 @@
+"""Policy-gradient losses for online RL and the aggregation of per-token losses.
+
+A policy loss in ``POLICY_LOSSES`` is called with keywords ``logprobs``, ``old_logprobs``,
+``advantages``, ``mask`` (all ``[B,T]``, padded, one sequence per row) plus its
+hyper-parameters, and returns ``PolicyLossOutput(per_token_loss [B,T], metrics)``: the loss of
+every completion token (0 outside ``mask``) and detached scalar metrics (masked means over the
+batch it was given). Optional terms shared by all of them: a KL-to-reference loss
+``kl_coef · KL_est(π‖π_ref)`` (GRPO style, estimator from ``alignlab.losses.kl``) and an
+entropy bonus ``−entropy_coef · H_t`` (``entropy [B,T]`` computed by the model side).
+
+``aggregate(per_token_loss, mask, mode) -> (loss_sum, num_items)`` turns it into the training
+loop's contract: the loop divides the *sum* of the micro-batches' ``loss_sum`` by their *total*
+``num_items``, which for every mode equals the full-batch loss and gradient (see the tests).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from alignlab.errors import ConfigError
+from alignlab.losses.advantages import masked_mean
+from alignlab.losses.kl import LOG_RATIO_CLAMP, token_kl
+from alignlab.registry import Registry
+
+POLICY_LOSSES: Registry = Registry("policy loss")
+LOSS_AGGREGATIONS: Registry = Registry("loss aggregation")
+
+
+class PolicyLossOutput(NamedTuple):
+    per_token_loss: Tensor
+    metrics: dict[str, Tensor]
+
+
+def _masked(x: Tensor, mask: Tensor) -> Tensor:
+    # where, not multiply: a NaN/inf on a padding position must not leak into the sum.
+    return torch.where(mask.bool(), x, torch.zeros_like(x))
+
+
+def _regularise(loss: Tensor, metrics: dict[str, Tensor], logprobs: Tensor, mask: Tensor,
+                ref_logprobs: Tensor | None, kl_coef: float, kl_estimator: str,
+                entropy: Tensor | None, entropy_coef: float) -> PolicyLossOutput:
+    if kl_coef and ref_logprobs is None:
+        raise ValueError("kl_coef > 0 needs ref_logprobs (the reference model's log-probs)")
+    if ref_logprobs is not None:
+        kl = token_kl(logprobs, ref_logprobs, kl_estimator)
+        metrics["kl"] = masked_mean(kl.detach(), mask)
+        if kl_coef:
+            loss = loss + kl_coef * kl
+    if entropy_coef and entropy is None:
+        raise ValueError("entropy_coef > 0 needs entropy [B,T] (per-token policy entropy)")
+    if entropy is not None:
+        metrics["entropy"] = masked_mean(entropy.detach(), mask)
+        if entropy_coef:
+            loss = loss - entropy_coef * entropy
+    return PolicyLossOutput(_masked(loss, mask), metrics)
+
+
+def _clipped_surrogate(log_ratio: Tensor, advantages: Tensor, mask: Tensor, clip_eps_low: float,
+                       clip_eps_high: float | None, dual_clip_c: float | None
+                       ) -> tuple[Tensor, dict[str, Tensor]]:
+    """max(−A·ρ, −A·clip(ρ, 1−ε_low, 1+ε_high)), capped at −c·A where A < 0 if c is given."""
+    eps_high = clip_eps_low if clip_eps_high is None else clip_eps_high
+    log_ratio = log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_eps_low, 1.0 + eps_high)
+    loss = torch.maximum(unclipped, clipped)
+    with torch.no_grad():
+        is_clipped = clipped > unclipped
+        metrics = {
+            "clip_fraction": masked_mean(is_clipped.float(), mask),
+            "clip_fraction_low": masked_mean((is_clipped & (ratio < 1)).float(), mask),
+            "clip_fraction_high": masked_mean((is_clipped & (ratio > 1)).float(), mask),
+            "ratio_mean": masked_mean(ratio, mask),
+            # k3 estimate of KL(π_old‖π) from tokens sampled by π_old (CleanRL's approx_kl).
+            "approx_kl": masked_mean((ratio - 1.0) - log_ratio, mask),
+        }
+    if dual_clip_c is not None:
+        if dual_clip_c <= 1.0:
+            raise ConfigError(f"dual_clip_c must be > 1, got {dual_clip_c}")
+        negative = advantages < 0
+        cap = -dual_clip_c * advantages
+        with torch.no_grad():
+            metrics["dual_clip_fraction"] = masked_mean((negative & (loss > cap)).float(), mask)
+        loss = torch.where(negative, torch.minimum(loss, cap), loss)
+    return loss, metrics
+
+
+@POLICY_LOSSES.register("ppo_clip", "ppo")
+def ppo_clip(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+             clip_eps_low: float = 0.2, clip_eps_high: float | None = None,
+             dual_clip_c: float | None = None, *, ref_logprobs: Tensor | None = None,
+             kl_coef: float = 0.0, kl_estimator: str = "k3", entropy: Tensor | None = None,
+             entropy_coef: float = 0.0) -> PolicyLossOutput:
+    """PPO clipped surrogate: ℓ_t = max(−A_t ρ_t, −A_t clip(ρ_t, 1−ε_low, 1+ε_high)).
+
+    Schulman et al. 2017; ρ_t = π(y_t)/π_old(y_t). ``clip_eps_high`` > ε_low is DAPO's
+    clip-higher (Yu et al. 2025, "DAPO: An Open-Source LLM RL System at Scale"); ``dual_clip_c``
+    caps the loss at −c·A_t for A_t < 0 (dual-clip PPO, Ye et al. 2020). GRPO (Shao et al. 2024)
+    is this with group advantages, ``kl_coef`` > 0 and the k3 estimator.
+    """
+    loss, metrics = _clipped_surrogate(logprobs - old_logprobs, advantages, mask, clip_eps_low,
+                                       clip_eps_high, dual_clip_c)
+    return _regularise(loss, metrics, logprobs, mask, ref_logprobs, kl_coef, kl_estimator,
+                       entropy, entropy_coef)
+
+
+@POLICY_LOSSES.register("gspo")
+def gspo(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+         clip_eps_low: float = 3e-4, clip_eps_high: float | None = 4e-4,
+         dual_clip_c: float | None = None, *, ref_logprobs: Tensor | None = None,
+         kl_coef: float = 0.0, kl_estimator: str = "k3", entropy: Tensor | None = None,
+         entropy_coef: float = 0.0) -> PolicyLossOutput:
+    """GSPO: PPO clipping on the sequence ratio s_i = exp(mean_t log ρ_it), applied to all tokens.
+
+    Zheng et al. 2025, "Group Sequence Policy Optimization".
+    ℓ_it = max(−A_it s_it, −A_it clip(s_it, 1−ε_low, 1+ε_high)) with the GSPO-token ratio
+    s_it = sg[s_i]·π(y_it)/sg[π(y_it)]: its value is s_i (the clip decision is per sequence) and,
+    for a sequence-level advantage, its gradient equals the sequence-level GSPO gradient. The
+    paper's defaults ε = 3e-4 / 4e-4 and ``seq_mean_token_mean`` aggregation.
+    """
+    seq_log_ratio = masked_mean(logprobs - old_logprobs, mask, dim=-1)
+    token_log_ratio = seq_log_ratio.detach()[:, None] + logprobs - logprobs.detach()
+    loss, metrics = _clipped_surrogate(token_log_ratio, advantages, mask, clip_eps_low,
+                                       clip_eps_high, dual_clip_c)
+    has_tokens = mask.bool().any(dim=-1)
+    metrics["seq_ratio_mean"] = masked_mean(seq_log_ratio.detach().exp(), has_tokens)
+    return _regularise(loss, metrics, logprobs, mask, ref_logprobs, kl_coef, kl_estimator,
+                       entropy, entropy_coef)
+
+
+@POLICY_LOSSES.register("reinforce", "vanilla_pg")
+def reinforce(logprobs: Tensor, advantages: Tensor, mask: Tensor,
+              old_logprobs: Tensor | None = None, *, ref_logprobs: Tensor | None = None,
+              kl_coef: float = 0.0, kl_estimator: str = "k3", entropy: Tensor | None = None,
+              entropy_coef: float = 0.0) -> PolicyLossOutput:
+    """Vanilla policy gradient (REINFORCE, Williams 1992): ℓ_t = −A_t · log π(y_t).
+
+    On-policy only: ``old_logprobs`` is accepted (so every policy loss takes the same keywords)
+    and ignored. Its gradient equals PPO's at ρ = 1; its value does not (−A·log π, not −A).
+    """
+    return _regularise(-advantages * logprobs, {}, logprobs, mask, ref_logprobs, kl_coef,
+                       kl_estimator, entropy, entropy_coef)
+
+
+# ---------------------------------------------------------------------------- aggregation
+#
+# Every mode returns (loss_sum, num_items) such that Σ_k loss_sum_k / Σ_k num_items_k over any
+# split of a batch into micro-batches equals the full-batch value. That rules out any per-micro-
+# batch normaliser (the bug class where "token mean" silently becomes "mean of micro-batch
+# token means"); a sequence's own token count or a constant are the only divisors allowed here.
+# A row whose mask is empty is not a sequence: it adds 0 to both.
+
+def _token_sum(per_token_loss: Tensor, mask: Tensor) -> Tensor:
+    return _masked(per_token_loss, mask).sum(dim=-1)
+
+
+@LOSS_AGGREGATIONS.register("token_mean", "dapo", "bnpo")
+def token_mean(per_token_loss: Tensor, mask: Tensor,
+               max_tokens: int | None = None) -> tuple[Tensor, int]:
+    """Token-level mean over the whole batch: Σ_i Σ_t ℓ_it / Σ_i |y_i| (DAPO, Yu et al. 2025).
+
+    "bnpo" is an alias: TRL's bnpo divides by the tokens of each *local* micro-batch, which under
+    gradient accumulation reweights micro-batches; under alignlab's contract (the loop divides by
+    the window's total) batch-normalised and token-level means are the same quantity.
+    """
+    return _token_sum(per_token_loss, mask).sum(), int(mask.bool().sum())
+
+
+@LOSS_AGGREGATIONS.register("seq_mean_token_mean", "grpo")
+def seq_mean_token_mean(per_token_loss: Tensor, mask: Tensor,
+                        max_tokens: int | None = None) -> tuple[Tensor, int]:
+    """GRPO's original (Shao et al. 2024): 1/G Σ_i 1/|y_i| Σ_t ℓ_it — sequences weigh equally."""
+    lengths = mask.bool().sum(dim=-1)
+    per_seq = _token_sum(per_token_loss, mask) / lengths.clamp(min=1).to(per_token_loss.dtype)
+    return per_seq.sum(), int((lengths > 0).sum())
+
+
+@LOSS_AGGREGATIONS.register("seq_mean_token_sum_norm", "dr_grpo")
+def seq_mean_token_sum_norm(per_token_loss: Tensor, mask: Tensor,
+                            max_tokens: int | None = None) -> tuple[Tensor, int]:
+    """Dr. GRPO (Liu et al. 2025): 1/G Σ_i Σ_t ℓ_it / L_max, with L_max a constant.
+
+    ``max_tokens`` must be given (the generation budget), not taken from the padded width, which
+    differs between micro-batches and would break the micro-batch invariance.
+    """
+    if max_tokens is None or max_tokens <= 0:
+        raise ConfigError("loss aggregation 'seq_mean_token_sum_norm' needs max_tokens (the "
+                          "constant completion-length budget, e.g. max_new_tokens)")
+    lengths = mask.bool().sum(dim=-1)
+    return _token_sum(per_token_loss, mask).sum() / max_tokens, int((lengths > 0).sum())
+
+
+def aggregate(per_token_loss: Tensor, mask: Tensor, mode: str = "token_mean",
+              max_tokens: int | None = None) -> tuple[Tensor, int]:
+    """(loss_sum, num_items) of a ``[B,T]`` per-token loss under the named aggregation mode."""
+    return LOSS_AGGREGATIONS.get(mode)(per_token_loss, mask, max_tokens)
+
+
+def num_items(mask: Tensor, mode: str = "token_mean") -> int:
+    """The ``num_items`` that ``aggregate`` would return, without computing a loss."""
+    if LOSS_AGGREGATIONS.get(mode) is token_mean:
+        return int(mask.bool().sum())
+    return int(mask.bool().any(dim=-1).sum())
