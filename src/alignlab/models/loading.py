@@ -1,0 +1,158 @@
+"""Loading policies, reference models and tokenizers (safetensors only, optional LoRA).
+
+Everything goes through ``from_pretrained`` with ``use_safetensors=True`` so no pickle is ever
+unpickled, and ``trust_remote_code`` stays False unless the caller asks for it. A path that does
+not exist locally and cannot be fetched raises ``ConfigError`` naming it, not a hub traceback.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from alignlab.errors import ConfigError
+
+DTYPES: dict[str, torch.dtype | str] = {
+    "auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter (Hu et al. 2021, "LoRA"): ``W + (alpha / r) B A`` on ``target_modules``.
+
+    ``target_modules="all-linear"`` is PEFT's shorthand for every linear layer except the output
+    embedding (which keeps ``token_logprobs`` on its chunked path).
+    """
+
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+    modules_to_save: list[str] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ConfigError(f"lora.r must be >= 1, got {self.r}")
+        if self.alpha <= 0:
+            raise ConfigError(f"lora.alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
+    """Map a config string to what ``from_pretrained(dtype=...)`` accepts."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def _looks_like_local_path(name: str) -> bool:
+    # A hub id is "name" or "org/name"; anything else with a separator is meant as a path.
+    return (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
+            or os.path.exists(name))
+
+
+def _missing(name: str, cause: Exception | None = None) -> ConfigError:
+    msg = (f"model path '{name}' is not a local directory and could not be fetched from the "
+           "Hub; nothing is downloaded at run time here. Point it at a directory written by "
+           "save_pretrained (config.json + *.safetensors).")
+    if cause is not None:
+        msg += f" ({type(cause).__name__}: {str(cause).splitlines()[0][:200]})"
+    return ConfigError(msg)
+
+
+def from_pretrained_checked(auto_cls: Any, name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
+    """``auto_cls.from_pretrained(name_or_path, **kwargs)`` with user-facing errors."""
+    name = str(name_or_path)
+    local = Path(name).expanduser()
+    if local.is_dir():
+        name = str(local)
+    elif _looks_like_local_path(name):
+        raise _missing(name)
+    try:
+        return auto_cls.from_pretrained(name, **kwargs)
+    except OSError as err:
+        if local.is_dir():
+            raise ConfigError(f"could not load '{name}': {str(err).splitlines()[0][:300]} "
+                              "(only safetensors checkpoints are loaded)") from err
+        raise _missing(name, err) from err
+
+
+def model_load_kwargs(dtype: str | torch.dtype, trust_remote_code: bool,
+                  attn_implementation: str | None) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype), "use_safetensors": True,
+                              "trust_remote_code": bool(trust_remote_code)}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    return kwargs
+
+
+def apply_lora(model: nn.Module, lora: LoraSettings) -> nn.Module:
+    """Wrap ``model`` in a PEFT LoRA model; only the adapter parameters stay trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=lora.target_modules, modules_to_save=lora.modules_to_save,
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def load_model(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype = "auto",
+               trust_remote_code: bool = False, device: str | torch.device = "cpu",
+               lora: LoraSettings | None = None,
+               attn_implementation: str | None = None) -> nn.Module:
+    """A causal LM from a local ``save_pretrained`` directory (or a cached hub id), on ``device``,
+    optionally wrapped with LoRA. Left in train mode: the trainer decides eval/train.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = from_pretrained_checked(
+        AutoModelForCausalLM, name_or_path,
+        **model_load_kwargs(dtype, trust_remote_code, attn_implementation))
+    model.to(device)
+    model.train()
+    if lora is not None:
+        model = apply_lora(model, lora)
+    return model
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """No gradients, eval mode (dropout off): for reference and reward models."""
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+def load_reference_model(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype = "auto",
+                         trust_remote_code: bool = False, device: str | torch.device = "cpu",
+                         attn_implementation: str | None = None) -> nn.Module:
+    """The frozen reference policy pi_ref of KL-regularised objectives (no LoRA, eval mode)."""
+    return freeze(load_model(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code,
+                             device=device, attn_implementation=attn_implementation))
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, trust_remote_code: bool = False) -> Any:
+    """The tokenizer saved next to a model; a missing pad token falls back to the eos token."""
+    from transformers import AutoTokenizer
+
+    tokenizer = from_pretrained_checked(AutoTokenizer, name_or_path,
+                                        trust_remote_code=bool(trust_remote_code))
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ConfigError(f"tokenizer '{name_or_path}' has neither a pad nor an eos token; "
+                              "add a pad token to it before training")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+__all__ = ["LoraSettings", "load_model", "load_reference_model", "load_tokenizer", "freeze",
+           "apply_lora", "resolve_dtype", "from_pretrained_checked", "model_load_kwargs"]

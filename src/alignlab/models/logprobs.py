@@ -1,0 +1,323 @@
+"""Per-token log-probabilities of a causal LM, the hot path of every trainer.
+
+``token_logprobs`` returns, for each token t of a batch, ``log p(x_t | x_<t)`` where the
+batch's ``loss_mask`` is 1 and 0 elsewhere (see docs/ARCHITECTURE.md, "Log-probs").
+
+Why chunked: the full-vocabulary float32 log-softmax of a batch is ``B*T*V*4`` bytes (8 x 4096
+tokens x 150k vocab = 20 GB) and autograd would keep it for backward. We run the backbone only,
+keep the hidden states of the positions that predict a scored token (prompt and padding rows are
+never projected), and apply the output embedding ``chunk_size`` rows at a time inside
+``_ChunkedLogProb``, which saves only those hidden rows and recomputes each chunk's logits in
+backward. Peak extra memory is two ``chunk_size x V`` float32 blocks.
+
+Why a fallback: the chunked path assumes ``logits = hidden @ W.T (+ b)``. Models that
+post-process logits (Gemma-2 soft-capping, Cohere ``logit_scale``, Granite ``logits_scaling``,
+...), LoRA on the output embedding, prompt-learning PEFT methods, and wrappers whose output
+embedding cannot be found go through ``model(...)`` instead; it gives the same numbers with
+the full logits tensor in memory. ``chunked=False`` forces it (use it also when the top-level
+module is FSDP- or DDP-wrapped: the chunked path calls the inner decoder directly, bypassing the
+wrapper's forward; such wrappers have no ``get_output_embeddings`` so ``chunked=None`` already
+falls back for them).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from alignlab.errors import ConfigError
+
+# Config fields that mean the model transforms ``hidden @ W.T`` before the softmax.
+_LOGIT_POSTPROCESSING_FIELDS = (
+    "final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier",
+    "lm_head_multiplier", "scale_width", "dim_model_base", "mup_width_multiplier",
+)
+_LOGIT_POSTPROCESSING_MODULE_ATTRS = ("final_logits_bias", "logit_scale", "softcap")
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding the backbone and output embedding
+# ----------------------------------------------------------------------------------------------
+
+def _unwrap_peft(model: nn.Module) -> tuple[nn.Module, bool]:
+    """The underlying transformers model of a PEFT wrapper; flag True if PEFT changes forward."""
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return model, False
+    if isinstance(model, PeftModel):
+        prompt_learning = bool(getattr(model.active_peft_config, "is_prompt_learning", False))
+        return model.get_base_model(), prompt_learning
+    return model, False
+
+
+def _has_logit_postprocessing(lm: nn.Module) -> bool:
+    configs = [getattr(lm, "config", None)]
+    text_config = getattr(configs[0], "text_config", None)
+    if text_config is not None:
+        configs.append(text_config)
+    for cfg in configs:
+        for field in _LOGIT_POSTPROCESSING_FIELDS:
+            value = getattr(cfg, field, None)
+            if value is not None and value is not False:
+                return True
+    return any(getattr(lm, a, None) is not None for a in _LOGIT_POSTPROCESSING_MODULE_ATTRS)
+
+
+def find_decoder(model: nn.Module) -> nn.Module | None:
+    """The transformer body of a causal LM (PEFT wrappers unwrapped; LoRA layers stay inside).
+
+    ``get_decoder()`` first (transformers 5 resolves it through ``base_model``), else the
+    attribute named by ``base_model_prefix``. None if neither gives a module other than ``model``.
+    """
+    lm, _ = _unwrap_peft(model)
+    decoder = None
+    get_decoder = getattr(lm, "get_decoder", None)
+    if callable(get_decoder):
+        try:
+            decoder = get_decoder()
+        except (AttributeError, NotImplementedError, ValueError):
+            decoder = None
+    if decoder is None or decoder is lm:
+        decoder = getattr(lm, getattr(lm, "base_model_prefix", ""), None)
+    if not isinstance(decoder, nn.Module) or decoder is lm:
+        return None
+    return decoder
+
+
+def find_backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """``(decoder, output_embedding)`` such that ``logits = head(decoder(...).last_hidden_state)``.
+
+    Works for plain transformers causal LMs and LoRA-wrapped PEFT models. Returns None when that
+    identity cannot be trusted (logit post-processing, a wrapped output embedding, prompt-learning
+    PEFT); callers then use ``model(...)``.
+    """
+    lm, peft_changes_forward = _unwrap_peft(model)
+    if peft_changes_forward or _has_logit_postprocessing(lm):
+        return None
+    get_head = getattr(lm, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    # Exactly nn.Linear: a LoRA / modules_to_save wrapper has a .weight that is not the whole map.
+    if type(head) is not nn.Linear:
+        return None
+    decoder = find_decoder(lm)
+    return None if decoder is None else (decoder, head)
+
+
+# ----------------------------------------------------------------------------------------------
+# The chunked projection + log-softmax
+# ----------------------------------------------------------------------------------------------
+
+def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def _chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None, temperature: float) -> Tensor:
+    """``(h @ W.T + b) / temperature`` in float32 (matmul in ``weight``'s compute dtype)."""
+    logits = (h.to(weight.dtype) @ weight.t()).float()  # a fresh buffer: in-place is safe
+    if bias is not None:
+        logits.add_(bias.float())
+    if temperature != 1.0:
+        logits.div_(temperature)
+    return logits
+
+
+class _ChunkedLogProb(torch.autograd.Function):
+    """``logp_i = z_i[y_i] - logsumexp(z_i)``, ``H_i = logsumexp(z_i) - sum_v p_iv z_iv`` with
+    ``z = (h W^T + b) / T``, computed ``chunk_size`` rows at a time.
+
+    Backward recomputes each chunk's logits: ``dz = g_lp (onehot - p) - g_H p (z - E_p[z])``,
+    ``grad_h = (dz/T) W``, ``grad_W = (dz/T)^T h``, ``grad_b = sum_rows dz/T``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
+                temperature: float, chunk_size: int, with_entropy: bool) -> tuple[Tensor, Tensor]:
+        dtype = _compute_dtype(hidden, weight)
+        n = hidden.shape[0]
+        logp = hidden.new_empty(n, dtype=torch.float32)
+        entropy = hidden.new_zeros(n if with_entropy else 0, dtype=torch.float32)
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            for start in range(0, n, chunk_size):
+                rows = slice(start, start + chunk_size)
+                z = _chunk_logits(hidden[rows], w, bias, temperature)
+                lse = torch.logsumexp(z, dim=-1)
+                logp[rows] = z.gather(-1, targets[rows, None]).squeeze(-1) - lse
+                if with_entropy:
+                    entropy[rows] = lse - (torch.softmax(z, dim=-1) * z).sum(-1)
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.temperature, ctx.chunk_size, ctx.dtype = temperature, chunk_size, dtype
+        ctx.set_materialize_grads(False)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx: Any, grad_logp: Tensor | None, grad_entropy: Tensor | None):
+        hidden, weight, bias, targets = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        temperature, chunk_size, dtype = ctx.temperature, ctx.chunk_size, ctx.dtype
+        grad_h = torch.empty_like(hidden) if need_h else None
+        f32 = torch.float32
+        grad_w = torch.zeros(weight.shape, dtype=f32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=f32, device=bias.device) if need_b else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            for start in range(0, hidden.shape[0], chunk_size):
+                rows = slice(start, start + chunk_size)
+                h = hidden[rows]
+                z = _chunk_logits(h, w, bias, temperature)
+                p = torch.softmax(z, dim=-1)
+                # In place, so at most two chunk x V buffers (z and p) are alive at once.
+                if grad_entropy is not None and grad_entropy.numel():
+                    expected_z = (p * z).sum(-1, keepdim=True)
+                    z.sub_(expected_z).mul_(p).mul_(-grad_entropy[rows].float()[:, None])
+                    ent_dz = z
+                else:
+                    ent_dz = None
+                del z
+                if grad_logp is not None:
+                    g = grad_logp[rows].float()[:, None]
+                    dz = p.mul_(-g).scatter_add_(-1, targets[rows, None], g)
+                    if ent_dz is not None:
+                        dz.add_(ent_dz)
+                else:
+                    dz = ent_dz if ent_dz is not None else p.zero_()
+                del ent_dz
+                if temperature != 1.0:
+                    dz.div_(temperature)
+                dz_c = dz.to(dtype)
+                if need_h:
+                    grad_h[rows] = (dz_c @ w).to(hidden.dtype)
+                if need_w:
+                    grad_w += (dz_c.t() @ h.to(dtype)).float()
+                if need_b:
+                    grad_b += dz.sum(0)
+        return (grad_h, grad_w.to(weight.dtype) if need_w else None,
+                grad_b.to(bias.dtype) if need_b else None, None, None, None, None)
+
+
+def chunked_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, *,
+                     temperature: float = 1.0, chunk_size: int = 4096,
+                     with_entropy: bool = False) -> tuple[Tensor, Tensor]:
+    """``(log p(targets), entropy)`` per row of ``hidden [N,H]`` under ``softmax((hW^T+b)/T)``.
+
+    The entropy tensor is empty unless ``with_entropy`` (it costs one extra softmax per chunk).
+    """
+    return _ChunkedLogProb.apply(hidden, weight, bias, targets, float(temperature),
+                                 int(chunk_size), bool(with_entropy))
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+
+def _scored_positions(batch: dict[str, Any]) -> Tensor:
+    """Bool [B,T-1]: position t-1 predicts a scored token t (loss_mask[t]=1, t has context)."""
+    input_ids = batch["input_ids"]
+    loss_mask = batch.get("loss_mask")
+    if loss_mask is None:
+        raise ConfigError("token_logprobs: the batch has no 'loss_mask'; the collator must set it")
+    if loss_mask.shape != input_ids.shape:
+        raise ConfigError(f"token_logprobs: loss_mask shape {tuple(loss_mask.shape)} != "
+                          f"input_ids shape {tuple(input_ids.shape)}")
+    scored = loss_mask[:, 1:].bool()
+    position_ids = batch.get("position_ids")
+    if position_ids is not None and batch.get("attention_mask") is None:
+        # In a packed row a token at position 0 starts a new sequence: it has no context.
+        scored = scored & (position_ids[:, 1:] != 0)
+    return scored
+
+
+def _backbone_kwargs(batch: dict[str, Any]) -> dict[str, Any]:
+    return {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"),
+            "position_ids": batch.get("position_ids"), "use_cache": False}
+
+
+def token_logprobs(model: nn.Module, batch: dict[str, Any], *, temperature: float = 1.0,
+                   chunk_size: int = 4096, return_entropy: bool = False,
+                   chunked: bool | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    """``lp[b,t] = log softmax(logits[b,t-1] / temperature)[input_ids[b,t]]`` where loss_mask is 1.
+
+    Returns a float32 tensor shaped like ``batch["input_ids"]``, exactly 0 where ``loss_mask`` is
+    0 and at t=0 (and at every packed sequence start). With ``return_entropy=True`` also returns
+    the entropy of the same (temperature-scaled) next-token distribution at those positions,
+    differentiable. ``chunked=None`` picks the chunked path when it is exact for this model,
+    ``False`` forces the full-logits fallback, ``True`` requires the chunked path.
+    """
+    if temperature <= 0:
+        raise ConfigError(f"token_logprobs: temperature must be > 0, got {temperature}")
+    if chunk_size < 1:
+        raise ConfigError(f"token_logprobs: chunk_size must be >= 1, got {chunk_size}")
+    input_ids = batch["input_ids"]
+    scored = _scored_positions(batch)
+    targets = input_ids[:, 1:][scored]
+
+    parts = find_backbone_and_head(model) if chunked is not False else None
+    if chunked and parts is None:
+        raise ConfigError("token_logprobs: chunked=True but this model post-processes its logits "
+                          "or its output embedding could not be found; use chunked=None")
+    if parts is not None:
+        decoder, head = parts
+        hidden = decoder(**_backbone_kwargs(batch)).last_hidden_state
+        lp, ent = chunked_logprobs(hidden[:, :-1][scored], head.weight, head.bias, targets,
+                                   temperature=temperature, chunk_size=chunk_size,
+                                   with_entropy=return_entropy)
+    else:
+        logits = model(**_backbone_kwargs(batch)).logits
+        rows = logits[:, :-1][scored]
+        # The model already built the full logits; the float32 copy is kept to scored rows only.
+        with torch.autocast(rows.device.type, enabled=False):
+            z = rows.float() / temperature
+            logz = torch.log_softmax(z, dim=-1)
+            lp = logz.gather(-1, targets[:, None]).squeeze(-1)
+            ent = -(logz.exp() * logz).sum(-1) if return_entropy else None
+
+    out = lp.new_zeros(input_ids.shape)
+    out[:, 1:] = out[:, 1:].masked_scatter(scored, lp)
+    if not return_entropy:
+        return out
+    out_ent = ent.new_zeros(input_ids.shape)
+    out_ent[:, 1:] = out_ent[:, 1:].masked_scatter(scored, ent)
+    return out, out_ent
+
+
+def _sequence_ids(batch: dict[str, Any]) -> tuple[Tensor, int] | None:
+    """For a packed batch: the sequence index of every token [N] and the number of sequences."""
+    if batch.get("attention_mask") is not None or batch.get("seq_lens") is None:
+        return None
+    seq_lens = torch.as_tensor(batch["seq_lens"], device=batch["input_ids"].device).long()
+    n_tokens = batch["input_ids"].numel()
+    if int(seq_lens.sum()) != n_tokens:
+        raise ConfigError(f"packed batch: seq_lens sum to {int(seq_lens.sum())} but the row "
+                          f"has {n_tokens} tokens")
+    ids = torch.repeat_interleave(torch.arange(len(seq_lens), device=seq_lens.device), seq_lens)
+    return ids, len(seq_lens)
+
+
+def sequence_logprobs(token_lp: Tensor, batch: dict[str, Any], reduce: str = "sum") -> Tensor:
+    """One value per sequence: ``sum_t lp_t`` or ``(sum_t lp_t) / #scored tokens``.
+
+    Padded batches give one value per row; packed batches (``attention_mask`` None and
+    ``seq_lens`` given) one per entry of ``seq_lens``. A sequence with no scored token gets 0.
+    """
+    if reduce not in ("sum", "mean"):
+        raise ConfigError(f"sequence_logprobs: reduce must be 'sum' or 'mean', got {reduce!r}")
+    mask = batch["loss_mask"].to(token_lp.dtype)
+    lp = token_lp * mask
+    packed = _sequence_ids(batch)
+    if packed is None:
+        total, count = lp.sum(-1), mask.sum(-1)
+    else:
+        ids, n = packed
+        total = lp.new_zeros(n).index_add(0, ids, lp.reshape(-1))
+        count = mask.new_zeros(n).index_add(0, ids, mask.reshape(-1))
+    return total if reduce == "sum" else total / count.clamp(min=1)
+
+
+__all__ = ["token_logprobs", "sequence_logprobs", "chunked_logprobs", "find_backbone_and_head",
+           "find_decoder"]
