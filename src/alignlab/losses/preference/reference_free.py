@@ -1,0 +1,89 @@
+"""Paired losses without a reference model, and the SFT term they (and MPO) add.
+
+No ``ref_*`` field is read, so a trainer using them never runs a second model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from alignlab.losses.preference.base import (
+    LossResult,
+    PreferenceInputs,
+    mean_logps,
+    paired_result,
+    preference_loss,
+    smoothed_sigmoid_loss,
+)
+
+POLICY = ("chosen_logps", "rejected_logps")
+LENGTHS = ("chosen_lengths", "rejected_lengths")
+
+
+@preference_loss("sft", "nll", kind="paired", requires=("chosen_logps", "chosen_lengths"))
+def sft(inputs: PreferenceInputs) -> LossResult:
+    """Per-token negative log-likelihood of the chosen completion: −π_c/|y_c|.
+
+    The SFT term of RPO/MPO/CPO-style mixtures (``combine_losses``); Ouyang et al. 2022,
+    "Training language models to follow instructions with human feedback" (SFT stage)."""
+    losses = -mean_logps(inputs.chosen_logps, inputs.chosen_lengths)
+    return paired_result(losses, None, None)
+
+
+@preference_loss("simpo", kind="paired", requires=(*POLICY, *LENGTHS))
+def simpo(inputs: PreferenceInputs, *, beta: float = 2.0, gamma: float = 0.5,
+          label_smoothing: float = 0.0) -> LossResult:
+    """SimPO: −log σ(β·(π_c/|y_c| − π_r/|y_r|) − γ), length-normalised and reference-free.
+
+    Meng et al. 2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward"
+    (γ is the target reward margin; TRL's CPOTrainer ``simpo`` with ``simpo_gamma``)."""
+    chosen = beta * mean_logps(inputs.chosen_logps, inputs.chosen_lengths)
+    rejected = beta * mean_logps(inputs.rejected_logps, inputs.rejected_lengths)
+    losses = smoothed_sigmoid_loss(chosen - rejected - gamma, label_smoothing)
+    return paired_result(losses, chosen.detach(), rejected.detach())
+
+
+@preference_loss("orpo", kind="paired", requires=(*POLICY, *LENGTHS))
+def orpo(inputs: PreferenceInputs, *, beta: float = 0.1) -> LossResult:
+    """ORPO: NLL(chosen) − β·log σ(log odds(y_c) − log odds(y_r)), with odds(y) = p/(1−p) and
+    log p = π/|y| the per-token average log-prob.
+
+    Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model"
+    (β is the paper's λ; TRL ``ORPOTrainer``)."""
+    pc = mean_logps(inputs.chosen_logps, inputs.chosen_lengths)
+    pr = mean_logps(inputs.rejected_logps, inputs.rejected_lengths)
+    # log(1 − p) from log p without cancellation; −1e-6 keeps log1p(−1) finite at p = 1
+    log_odds = (pc - pr) - (torch.log1p(-torch.exp(pc.clamp(max=-1e-6)))
+                            - torch.log1p(-torch.exp(pr.clamp(max=-1e-6))))
+    ratio = F.logsigmoid(log_odds)
+    losses = -pc - beta * ratio
+    return paired_result(losses, beta * pc.detach(), beta * pr.detach(),
+                         **{"orpo/log_odds_ratio": ratio.mean(), "orpo/log_odds_chosen": log_odds.mean(),
+                            "orpo/nll": -pc.mean()})
+
+
+@preference_loss("cpo", kind="paired", requires=(*POLICY, "chosen_lengths"))
+def cpo(inputs: PreferenceInputs, *, beta: float = 0.1, alpha: float = 1.0,
+        label_smoothing: float = 0.0) -> LossResult:
+    """CPO: −log σ(β·(π_c − π_r)) + α·NLL(chosen), DPO with a uniform reference plus a BC term.
+
+    Xu et al. 2024, "Contrastive Preference Optimization: Pushing the Boundaries of LLM
+    Performance in Machine Translation" (α = TRL's ``cpo_alpha``; NLL is per token)."""
+    chosen, rejected = beta * inputs.chosen_logps, beta * inputs.rejected_logps
+    nll = -mean_logps(inputs.chosen_logps, inputs.chosen_lengths)
+    losses = smoothed_sigmoid_loss(chosen - rejected, label_smoothing) + alpha * nll
+    return paired_result(losses, chosen.detach(), rejected.detach(), **{"cpo/nll": nll.mean()})
+
+
+@preference_loss("slic_hf", "slic", kind="paired", requires=POLICY)
+def slic_hf(inputs: PreferenceInputs, *, delta: float = 1.0, lambda_reg: float = 0.0) -> LossResult:
+    """SLiC-HF: max(0, δ − π_c + π_r) − λ·π_c (rank calibration plus a likelihood regulariser
+    on the chosen completion, standing in for the SFT target).
+
+    Zhao et al. 2023, "SLiC-HF: Sequence Likelihood Calibration with Human Feedback". For the
+    reference-normalised hinge of the RSO paper use ``hinge``."""
+    losses = torch.relu(delta - inputs.chosen_logps + inputs.rejected_logps)
+    if lambda_reg:
+        losses = losses - lambda_reg * inputs.chosen_logps
+    return paired_result(losses, inputs.chosen_logps.detach(), inputs.rejected_logps.detach())
