@@ -1,0 +1,201 @@
+"""The one training loop under every trainer.
+
+An algorithm supplies two things: ``num_items(batch)`` (how many units its loss sums over:
+tokens, pairs, sequences) and ``loss(model, batch) -> LossOutput`` whose ``loss_sum`` is a
+*sum* over those units. The loop divides every micro-batch's sum by the total ``num_items``
+of the whole accumulation window, so ``grad_accum`` micro-batches of ``b`` give exactly the
+loss and gradient of one batch of ``grad_accum * b``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from alignlab.config import TrainSection
+from alignlab.errors import NonFiniteError
+from alignlab.trainers.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from alignlab.trainers.metrics import MetricsLogger
+from alignlab.utils.io import atomic_write_text
+from alignlab.utils.runtime import autocast, pick_device, resolve_precision, seed_everything
+
+
+@dataclass
+class LossOutput:
+    loss_sum: torch.Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Algorithm(Protocol):
+    def num_items(self, batch: dict[str, Any]) -> float: ...
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> LossOutput: ...
+
+
+@dataclass
+class TrainResult:
+    step: int
+    history: list[dict[str, Any]]
+    output_dir: Path
+    seconds: float
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainSection) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    if not decay and not no_decay:
+        raise ValueError("the model has no trainable parameters")
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas)
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainSection) -> torch.optim.lr_scheduler.LambdaLR:
+    warm, total = cfg.warmup_steps, cfg.max_steps
+
+    def factor(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(1, total - warm)
+        if cfg.lr_scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        if cfg.lr_scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+class Progress:
+    """A rich progress bar with ETA, or nothing when disabled."""
+
+    def __init__(self, total: int, start: int, enabled: bool, description: str) -> None:
+        self._bar = None
+        if enabled:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress,
+                                       TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+
+            self._bar = RichProgress(TextColumn("[bold]{task.description}"), BarColumn(),
+                                     MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
+                                     TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                                     transient=False)
+            self._task = self._bar.add_task(description, total=total, completed=start, info="")
+            self._bar.start()
+
+    def update(self, info: str) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, advance=1, info=info)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def train(model: torch.nn.Module, algorithm: Algorithm, batches: Iterable[dict[str, Any]],
+          cfg: TrainSection, *, description: str = "train",
+          on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
+    """Run ``cfg.max_steps`` optimizer steps of ``algorithm`` on ``batches``.
+
+    ``batches`` yields micro-batches; if it has ``state_dict``/``load_state_dict`` its position
+    is checkpointed so a resumed run continues with the exact next micro-batch.
+    """
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = pick_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    seed_everything(cfg.seed)
+    model.to(device)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = build_optimizer(model, cfg)
+    sched = build_scheduler(opt, cfg)
+
+    start_step = 0
+    ckpt = latest_checkpoint(out) if cfg.resume else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        if hasattr(batches, "load_state_dict") and state.get("data") is not None:
+            batches.load_state_dict(state["data"])
+        start_step = int(state["step"])
+
+    logger = MetricsLogger(out, tensorboard=cfg.tensorboard)
+    stream: Iterator[dict[str, Any]] = iter(batches)
+    progress = Progress(cfg.max_steps, start_step, cfg.progress, description)
+    t0 = time.time()
+    step = start_step
+    try:
+        while step < cfg.max_steps:
+            micro = [next(stream) for _ in range(cfg.grad_accum)]
+            denom = float(sum(algorithm.num_items(b) for b in micro))
+            if denom <= 0:
+                raise NonFiniteError(f"step {step + 1}: the batch has nothing to train on "
+                                     "(num_items is 0; are all loss masks empty?)")
+            sums: dict[str, float] = defaultdict(float)
+            loss_total = 0.0
+            t_step = time.time()
+            for i, b in enumerate(micro):
+                b = to_device(b, device)
+                with autocast(device, precision):
+                    out_i = algorithm.loss(model, b)
+                loss = out_i.loss_sum.float() / denom
+                if not torch.isfinite(loss):
+                    raise NonFiniteError(
+                        f"step {step + 1}, micro-batch {i + 1}: the loss is {loss.item()}; "
+                        f"training stopped. Last logged metrics: {_last(logger)}. "
+                        "Try a lower train.lr, precision=fp32, or check the data and rewards.")
+                loss.backward()
+                loss_total += loss.item()
+                for k, v in out_i.metrics.items():
+                    sums[k] += float(v) / len(micro)
+            grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                         if cfg.max_grad_norm else _grad_norm(params))
+            if not torch.isfinite(grad_norm):
+                raise NonFiniteError(f"step {step + 1}: the gradient norm is {grad_norm.item()}; "
+                                     "training stopped before the weights were corrupted.")
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            metrics = {"loss": loss_total, "grad_norm": grad_norm.item(),
+                       "lr": sched.get_last_lr()[0], "step_time": time.time() - t_step,
+                       "num_items": denom, **sums}
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                logger.log(step, metrics)
+            if on_step is not None:
+                on_step(step, metrics)
+            progress.update(f"loss {loss_total:.4f}")
+            if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.max_steps):
+                data_state = batches.state_dict() if hasattr(batches, "state_dict") else None
+                save_checkpoint(out, step, model, {"optimizer": opt.state_dict(),
+                                                   "scheduler": sched.state_dict(),
+                                                   "data": data_state},
+                                keep=cfg.save_total_limit)
+    finally:
+        progress.close()
+        logger.close()
+    atomic_write_text(out / "DONE", f"{step}\n")
+    return TrainResult(step=step, history=logger.history, output_dir=out, seconds=time.time() - t0)
+
+
+def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    norms = [p.grad.detach().norm() for p in params if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.tensor(0.0)
+
+
+def _last(logger: MetricsLogger) -> dict[str, Any]:
+    return {k: v for k, v in logger.history[-1].items() if k != "time"} if logger.history else {}
