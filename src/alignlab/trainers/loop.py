@@ -141,27 +141,9 @@ def train(model: torch.nn.Module, algorithm: Algorithm, batches: Iterable[dict[s
     try:
         while step < cfg.max_steps:
             micro = [next(stream) for _ in range(cfg.grad_accum)]
-            denom = float(sum(algorithm.num_items(b) for b in micro))
-            if denom <= 0:
-                raise NonFiniteError(f"step {step + 1}: the batch has nothing to train on "
-                                     "(num_items is 0; are all loss masks empty?)")
-            sums: dict[str, float] = defaultdict(float)
-            loss_total = 0.0
             t_step = time.time()
-            for i, b in enumerate(micro):
-                b = to_device(b, device)
-                with autocast(device, precision):
-                    out_i = algorithm.loss(model, b)
-                loss = out_i.loss_sum.float() / denom
-                if not torch.isfinite(loss):
-                    raise NonFiniteError(
-                        f"step {step + 1}, micro-batch {i + 1}: the loss is {loss.item()}; "
-                        f"training stopped. Last logged metrics: {_last(logger)}. "
-                        "Try a lower train.lr, precision=fp32, or check the data and rewards.")
-                loss.backward()
-                loss_total += loss.item()
-                for k, v in out_i.metrics.items():
-                    sums[k] += float(v) / len(micro)
+            loss_total, denom, sums = forward_backward(model, algorithm, micro, device, precision,
+                                                       step=step + 1, context=_last(logger))
             grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                          if cfg.max_grad_norm else _grad_norm(params))
             if not torch.isfinite(grad_norm):
@@ -190,6 +172,38 @@ def train(model: torch.nn.Module, algorithm: Algorithm, batches: Iterable[dict[s
         logger.close()
     atomic_write_text(out / "DONE", f"{step}\n")
     return TrainResult(step=step, history=logger.history, output_dir=out, seconds=time.time() - t0)
+
+
+def forward_backward(model: torch.nn.Module, algorithm: Algorithm, micro: list[dict[str, Any]],
+                     device: torch.device, precision: str = "fp32", *, step: int = 0,
+                     context: dict[str, Any] | None = None) -> tuple[float, float, dict[str, float]]:
+    """Accumulate the gradient of one optimizer step over ``micro``-batches.
+
+    Each micro-batch's ``loss_sum`` is divided by the ``num_items`` of the whole window, so the
+    result equals one forward/backward over the concatenated batch. Returns (loss, num_items,
+    mean metrics).
+    """
+    denom = float(sum(algorithm.num_items(b) for b in micro))
+    if denom <= 0:
+        raise NonFiniteError(f"step {step}: the batch has nothing to train on "
+                             "(num_items is 0; are all loss masks empty?)")
+    sums: dict[str, float] = defaultdict(float)
+    loss_total = 0.0
+    for i, b in enumerate(micro):
+        b = to_device(b, device)
+        with autocast(device, precision):
+            out = algorithm.loss(model, b)
+        loss = out.loss_sum.float() / denom
+        if not torch.isfinite(loss):
+            raise NonFiniteError(
+                f"step {step}, micro-batch {i + 1}: the loss is {loss.item()}; training stopped. "
+                f"Last logged metrics: {context or {}}. "
+                "Try a lower train.lr, train.precision=fp32, or check the data and rewards.")
+        loss.backward()
+        loss_total += loss.item()
+        for k, v in out.metrics.items():
+            sums[k] += float(v) / len(micro)
+    return loss_total, denom, dict(sums)
 
 
 def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:

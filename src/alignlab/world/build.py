@@ -93,6 +93,21 @@ def unigram_perplexity(train_ids: list[list[int]], eval_ids: list[list[int]], vo
     return math.exp(nll / n)
 
 
+def build_corpus_and_tokenizer(folder: Path, preset: WorldPreset, seed: int) -> dict[str, str]:
+    """Write ``train.txt``, ``heldout.txt`` and ``tokenizer/`` into ``folder``; return their hashes."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    corpus = generate_corpus(seed, preset.n_documents)
+    heldout = generate_corpus(seed + 7_919_333, preset.n_heldout)
+    (folder / "train.txt").write_text("\n".join(corpus) + "\n", encoding="utf-8")
+    (folder / "heldout.txt").write_text("\n".join(heldout) + "\n", encoding="utf-8")
+    tokenizer = train_tokenizer(corpus, vocab_size=preset.vocab_size,
+                                model_max_length=preset.max_position_embeddings)
+    tokenizer.save_pretrained(folder / "tokenizer")
+    return {"corpus_sha256": _sha(corpus), "heldout_sha256": _sha(heldout),
+            "tokenizer_sha256": hashlib.sha256((folder / "tokenizer" / "tokenizer.json").read_bytes()).hexdigest()}
+
+
 def build_world(path: Path, preset: WorldPreset, seed: int, *, progress: bool = True) -> World:
     from alignlab.bench.evaluate import perplexity
     from alignlab.trainers.loop import train
@@ -105,13 +120,10 @@ def build_world(path: Path, preset: WorldPreset, seed: int, *, progress: bool = 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        corpus = generate_corpus(seed, preset.n_documents)
-        heldout = generate_corpus(seed + 7_919_333, preset.n_heldout)
-        (tmp / "train.txt").write_text("\n".join(corpus) + "\n", encoding="utf-8")
-        (tmp / "heldout.txt").write_text("\n".join(heldout) + "\n", encoding="utf-8")
-        tokenizer = train_tokenizer(corpus, vocab_size=preset.vocab_size,
-                                    model_max_length=preset.max_position_embeddings)
-        tokenizer.save_pretrained(tmp / "tokenizer")
+        hashes = build_corpus_and_tokenizer(tmp, preset, seed)
+        corpus = (tmp / "train.txt").read_text(encoding="utf-8").splitlines()
+        heldout = (tmp / "heldout.txt").read_text(encoding="utf-8").splitlines()
+        tokenizer = AutoTokenizer.from_pretrained(tmp / "tokenizer")
         t_tok = time.time() - t0
 
         seed_everything(seed)
@@ -144,8 +156,7 @@ def build_world(path: Path, preset: WorldPreset, seed: int, *, progress: bool = 
         train_ids = [ex["input_ids"] for ex in examples]
         manifest = {
             "version": WORLD_VERSION, "preset": preset.to_dict(), "seed": seed,
-            "corpus_sha256": _sha(corpus), "heldout_sha256": _sha(heldout),
-            "tokenizer_sha256": hashlib.sha256((tmp / "tokenizer" / "tokenizer.json").read_bytes()).hexdigest(),
+            **hashes,
             "vocab_size": len(tokenizer), "n_parameters": n_params,
             "train_tokens_seen": int(sum(len(x) for x in train_ids) * min(1.0, preset.pretrain_steps
                                      * preset.pretrain_batch_size / len(train_ids))),

@@ -1,0 +1,44 @@
+"""Shared fixtures: the tiny world (built once per test session) and tiny random models."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def world_cache(tmp_path_factory) -> str:
+    """``ALIGNLAB_TEST_CACHE`` keeps the tiny world between runs; otherwise a fresh temp dir."""
+    return os.environ.get("ALIGNLAB_TEST_CACHE") or str(tmp_path_factory.mktemp("alignlab-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_world(world_cache):
+    from alignlab.world.build import ensure_world
+
+    return ensure_world("tiny", seed=0, cache_dir=world_cache, progress=False)
+
+
+def random_llama(vocab_size: int = 64, hidden: int = 32, layers: int = 2, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=4, intermediate_size=2 * hidden,
+                      max_position_embeddings=128, tie_word_embeddings=True, pad_token_id=0)
+    return LlamaForCausalLM(cfg)
+
+
+def random_examples(n: int, vocab_size: int = 64, seed: int = 0) -> list[dict]:
+    """Examples of uneven length with a prompt part (mask 0) and a completion part (mask 1)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        p, c = int(torch.randint(2, 7, (1,), generator=g)), int(torch.randint(2, 9, (1,), generator=g))
+        ids = torch.randint(1, vocab_size, (p + c,), generator=g).tolist()
+        out.append({"input_ids": ids, "loss_mask": [0] * p + [1] * c})
+    return out

@@ -1,0 +1,48 @@
+"""SFT learns: demonstrations of positive reviews raise the gold sentiment reward."""
+
+from __future__ import annotations
+
+import pytest
+
+from alignlab.bench.evaluate import evaluate
+from alignlab.config import DataSection, EvalSection, ModelSection, TrainSection, WorldSection
+from alignlab.models.loading import load_model, load_tokenizer
+from alignlab.trainers.sft import SFTConfig, run_sft
+
+EVAL = EvalSection(n_prompts=48, samples_per_prompt=2, seed=11)
+
+
+def _cfg(tiny_world, world_cache, tmp_path, **data) -> SFTConfig:
+    return SFTConfig(
+        model=ModelSection(name_or_path="world:base"),
+        data=DataSection(source="world:positive", limit=1024, **data),
+        train=TrainSection(output_dir=str(tmp_path), max_steps=40, batch_size=16, lr=1e-3,
+                           warmup_steps=5, log_every=5, progress=False, tensorboard=False),
+        world=WorldSection(preset="tiny", cache_dir=world_cache))
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_sft_on_positive_demonstrations_raises_gold_sentiment(tiny_world, world_cache, tmp_path, packing):
+    task = tiny_world.task("positive")
+    base = load_model(str(tiny_world.base_dir))
+    tok = load_tokenizer(str(tiny_world.base_dir))
+    before = evaluate(base, tok, task, EVAL)["metrics"]["gold_mean"]
+    run = run_sft(_cfg(tiny_world, world_cache, tmp_path, packing=packing))
+    after_model = load_model(str(tmp_path / "final"))
+    after = evaluate(after_model, tok, task, EVAL)["metrics"]["gold_mean"]
+    assert after > before + 0.2, (before, after)
+    losses = [h["loss"] for h in run.result.history]
+    assert min(losses[-3:]) < losses[0]
+    assert (tmp_path / "final" / "alignlab_config.yaml").exists()
+
+
+def test_full_sequence_loss_trains_on_prompt_tokens_too(tiny_world, world_cache, tmp_path):
+    from alignlab.trainers.common import load_training_rows
+
+    cfg = _cfg(tiny_world, world_cache, tmp_path, completion_only_loss=False)
+    tok = load_tokenizer(str(tiny_world.base_dir))
+    full = load_training_rows(cfg.data, cfg.world, tok).examples[0]
+    cfg.data.completion_only_loss = True
+    comp = load_training_rows(cfg.data, cfg.world, tok).examples[0]
+    assert sum(full["loss_mask"]) == len(full["input_ids"]) - 1
+    assert 0 < sum(comp["loss_mask"]) < sum(full["loss_mask"])
