@@ -66,9 +66,9 @@ def train(algorithm: Annotated[str, typer.Argument(help="Algorithm name (see `al
           set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override, e.g. train.lr=1e-4 (repeatable).")] = None) -> None:
     """Train with ALGORITHM on the data and model named in the config."""
     from alignlab.config import dump_config, load_config
-    from alignlab.trainers.registry import ALGORITHMS
+    from alignlab.trainers.registry import algorithms
 
-    entry = ALGORITHMS.get(algorithm)
+    entry = algorithms().get(algorithm)
     cfg = load_config(entry.config_cls, config, set_ or [])
     console.print(f"[bold]alignlab train {algorithm}[/bold]\n{dump_config(cfg)}")
     run = entry.run(cfg)
@@ -122,10 +122,10 @@ def registry_entries(what: str) -> list[tuple[str, str]]:
     from alignlab.losses.policy import POLICY_LOSSES
     from alignlab.losses.preference import PREFERENCE_LOSSES
     from alignlab.rewards.registry import REWARDS
-    from alignlab.trainers.registry import ALGORITHMS
+    from alignlab.trainers.registry import algorithms
     from alignlab.world.tasks import TASKS
 
-    groups = {"losses": [PREFERENCE_LOSSES, POLICY_LOSSES], "algorithms": [ALGORITHMS],
+    groups = {"losses": [PREFERENCE_LOSSES, POLICY_LOSSES], "algorithms": [algorithms()],
               "rewards": [REWARDS], "tasks": [TASKS], "advantages": [ADVANTAGE_ESTIMATORS],
               "kl": [KL_ESTIMATORS], "formats": [FORMATS]}
     if what not in groups:

@@ -1,7 +1,12 @@
-"""``ALGORITHMS``: every trainer ``alignlab train <name>`` can run, with its config class."""
+"""``ALGORITHMS``: every trainer ``alignlab train <name>`` can run, with its config class.
+
+A trainer module registers itself at import (``ALGORITHMS.register("sft")(AlgorithmEntry(...))``)
+and is listed once in ``BUILTIN_TRAINERS``; ``algorithms()`` imports them all.
+"""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,12 +31,12 @@ class AlgorithmEntry:
 
 ALGORITHMS: Registry[AlgorithmEntry] = Registry("algorithm")
 
-
-def _register_builtin() -> None:
-    from alignlab.trainers.sft import SFTConfig, run_sft
-
-    ALGORITHMS.register("sft")(AlgorithmEntry(SFTConfig, run_sft, "Supervised fine-tuning on demonstrations "
-                                              "(completion-only or full-sequence, packing)."))
+BUILTIN_TRAINERS = (
+    "alignlab.trainers.sft",
+)
 
 
-_register_builtin()
+def algorithms() -> Registry[AlgorithmEntry]:
+    for module in BUILTIN_TRAINERS:
+        importlib.import_module(module)
+    return ALGORITHMS

@@ -62,3 +62,13 @@ def run_sft(cfg: SFTConfig) -> SFTRun:
     result = train(model, SFTObjective(), batches, cfg.train, description="sft")
     save_final(model, tokenizer, cfg, result.output_dir)
     return SFTRun(result, model, tokenizer)
+
+
+def _register() -> None:
+    from alignlab.trainers.registry import ALGORITHMS, AlgorithmEntry
+
+    ALGORITHMS.register("sft")(AlgorithmEntry(
+        SFTConfig, run_sft, "Supervised fine-tuning on demonstrations (completion-only or full-sequence, packing)."))
+
+
+_register()
