@@ -14,7 +14,7 @@ runner = CliRunner()
 def test_help_lists_the_commands():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for cmd in ("world", "train", "eval", "list", "demo"):
+    for cmd in ("world", "train", "eval", "list", "demo", "data"):
         assert cmd in result.output
 
 

@@ -18,6 +18,9 @@ app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 world_app = typer.Typer(help="Build or inspect the built-in feedback world.", no_args_is_help=True)
 app.add_typer(world_app, name="world")
+from alignlab.cli_data import data_app  # noqa: E402
+
+app.add_typer(data_app, name="data")
 console = Console()
 
 PresetOpt = Annotated[str, typer.Option(help="World preset: full (demo) or tiny (tests).")]

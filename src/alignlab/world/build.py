@@ -66,7 +66,9 @@ class World:
 
 
 def world_path(preset: str, seed: int, cache_dir: str | None) -> Path:
-    return Path(cache_dir or default_cache_dir()) / f"world-v{WORLD_VERSION}-{preset}-seed{seed}"
+    """The cache folder; its name carries a hash of the preset so a changed preset rebuilds."""
+    digest = hashlib.sha256(json.dumps(get_preset(preset).to_dict(), sort_keys=True).encode()).hexdigest()[:8]
+    return Path(cache_dir or default_cache_dir()) / f"world-v{WORLD_VERSION}-{preset}-seed{seed}-{digest}"
 
 
 def ensure_world(preset: str = "full", seed: int = 0, cache_dir: str | None = None, *,

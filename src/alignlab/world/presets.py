@@ -29,10 +29,10 @@ class WorldPreset:
 
 
 PRESETS = {
-    # ~2.7M parameters, pretrained for about three minutes on 2 CPU cores.
+    # ~2.8M parameters, pretrained for about three minutes on 2 CPU cores.
     "full": WorldPreset("full", n_documents=60_000, n_heldout=500, vocab_size=1024, hidden_size=192,
                         num_layers=6, num_heads=6, intermediate_size=512,
-                        max_position_embeddings=256, pretrain_steps=1200, pretrain_batch_size=32,
+                        max_position_embeddings=256, pretrain_steps=1000, pretrain_batch_size=32,
                         pretrain_lr=2e-3, n_train_prompts=1024, n_eval_prompts=128),
     # ~0.2M parameters, built in seconds for the test suite.
     "tiny": WorldPreset("tiny", n_documents=4_000, n_heldout=200, vocab_size=512, hidden_size=64,
