@@ -33,6 +33,7 @@ ALGORITHMS: Registry[AlgorithmEntry] = Registry("algorithm")
 
 BUILTIN_TRAINERS = (
     "alignlab.trainers.sft",
+    "alignlab.trainers.preference",
 )
 
 

@@ -1,0 +1,220 @@
+"""Scoring text with a trained reward model or an ensemble of them.
+
+An ensemble is K reward columns: K heads on one backbone (``num_heads=K``), K separate models
+(``member_0/``, ``member_1/``, … next to a ``reward_model.json``), or both. Its scalar reward
+aggregates the columns (Coste et al. 2024, "Reward model ensembles help mitigate
+overoptimization"; Eisenstein et al. 2023, "Helping or herding? Reward model ensembles mitigate
+but do not eliminate reward hacking"):
+
+- ``mean``: ``mean_k r_k``;
+- ``min``: ``min_k r_k`` (worst-case optimisation);
+- ``mean_minus_std``: ``mean_k r_k − λ·std_k r_k`` (population std; uncertainty-weighted).
+
+Registered in the reward registry as ``reward_model`` (``get_reward("reward_model",
+path="runs/rm/final", aggregate="min")``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from alignlab.errors import ConfigError
+from alignlab.rewards.registry import REWARDS, completion_text
+
+AGGREGATIONS = ("mean", "min", "mean_minus_std")
+ENSEMBLE_CONFIG = "reward_model.json"
+
+
+def aggregate_rewards(rewards: Tensor, aggregate: str = "mean", std_coef: float = 1.0) -> Tensor:
+    """``[N, K]`` member rewards → ``[N]`` (see the module docstring); ``[N]`` passes through."""
+    if rewards.ndim == 1:
+        return rewards
+    if aggregate == "mean":
+        return rewards.mean(-1)
+    if aggregate == "min":
+        return rewards.min(-1).values
+    if aggregate == "mean_minus_std":
+        return rewards.mean(-1) - std_coef * rewards.std(-1, correction=0)
+    raise ConfigError(f"unknown reward aggregate {aggregate!r}; allowed values: "
+                      f"{', '.join(AGGREGATIONS)}")
+
+
+class RewardEnsemble(nn.Module):
+    """One or more scalar-head reward models read as K reward columns."""
+
+    def __init__(self, members: list[nn.Module], aggregate: str = "mean",
+                 std_coef: float = 1.0) -> None:
+        super().__init__()
+        if not members:
+            raise ConfigError("a reward ensemble needs at least one member")
+        aggregate_rewards(torch.zeros(1, 1), aggregate)  # fail early on an unknown name
+        self.members = nn.ModuleList(members)
+        self.aggregate, self.std_coef = aggregate, std_coef
+
+    @property
+    def size(self) -> int:
+        return sum(m.num_heads for m in self.members)
+
+    def member_rewards(self, batch: dict[str, Any]) -> Tensor:
+        """Reward at each sequence's last token, one column per head of every member: ``[S, K]``."""
+        columns = [m.sequence_values(batch) for m in self.members]
+        return torch.cat([c[:, None] if c.ndim == 1 else c for c in columns], dim=-1)
+
+    def forward(self, batch: dict[str, Any]) -> Tensor:
+        """The aggregated reward ``[S]``."""
+        return aggregate_rewards(self.member_rewards(batch), self.aggregate, self.std_coef)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """One member: its own layout; several: ``member_i/`` each. Plus ``reward_model.json``."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        if len(self.members) == 1:
+            self.members[0].save_pretrained(out)
+        else:
+            for i, member in enumerate(self.members):
+                member.save_pretrained(out / f"member_{i}")
+        meta = {"members": len(self.members), "num_heads": [m.num_heads for m in self.members],
+                "aggregate": self.aggregate, "std_coef": self.std_coef}
+        (out / ENSEMBLE_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, *, aggregate: str | None = None,
+                        std_coef: float | None = None, dtype: str | torch.dtype = "auto",
+                        device: str | torch.device = "cpu",
+                        trust_remote_code: bool = False) -> "RewardEnsemble":
+        """Load what ``save_pretrained`` wrote, or any single reward model ``load_reward_model``
+        reads (scalar-head or ``*ForSequenceClassification``). Frozen, eval mode."""
+        from alignlab.models.heads import load_reward_model
+
+        root = Path(directory).expanduser()
+        meta = json.loads((root / ENSEMBLE_CONFIG).read_text()) if (root / ENSEMBLE_CONFIG).is_file() else {}
+        n = int(meta.get("members", 1))
+        paths = [root] if n == 1 else [root / f"member_{i}" for i in range(n)]
+        missing = [str(p) for p in paths if not p.is_dir()]
+        if missing:
+            raise ConfigError(f"reward ensemble {root}: {ENSEMBLE_CONFIG} lists {n} members but "
+                              f"{missing[0]} is missing")
+        members = [load_reward_model(str(p), dtype=dtype,
+                                     device=device, trust_remote_code=trust_remote_code)
+                   for p in paths]
+        return cls(members, aggregate or meta.get("aggregate", "mean"),
+                   meta.get("std_coef", 1.0) if std_coef is None else std_coef)
+
+
+@dataclass
+class EnsembleScores:
+    """Aggregated rewards and each member's rewards (``members[i][k]``: completion i, member k)."""
+
+    rewards: list[float]
+    members: list[list[float]]
+
+
+def scored_completion(completion: str) -> str:
+    """The completion as the reward model was trained on it: up to ``END``, markers removed,
+    its leading space kept (byte-level BPE tokenises ``" good"`` and ``"good"`` differently)."""
+    text = completion_text(completion)
+    return " " + text if text and completion[:1].isspace() else text
+
+
+class RewardModelScorer:
+    """Score ``(prompt, completion)`` texts with a reward ensemble, in batches, without gradients.
+
+    Texts are tokenised exactly as the trainer tokenised prompt/completion rows (prompt, then
+    completion + eos), truncated to ``max_length`` by keeping the end of the prompt.
+    """
+
+    def __init__(self, ensemble: RewardEnsemble, tokenizer: Any, *, batch_size: int = 32,
+                 max_length: int | None = 512) -> None:
+        self.ensemble, self.tokenizer = ensemble, tokenizer
+        self.batch_size, self.max_length = batch_size, max_length
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, aggregate: str | None = None,
+                        std_coef: float | None = None, device: str = "cpu",
+                        batch_size: int = 32, max_length: int | None = 512) -> "RewardModelScorer":
+        from alignlab.models.loading import load_tokenizer
+        from alignlab.utils.runtime import pick_device
+
+        root = Path(path).expanduser()
+        ensemble = RewardEnsemble.from_pretrained(root, aggregate=aggregate, std_coef=std_coef,
+                                                  device=pick_device(device))
+        tok_dir = root if (root / "tokenizer_config.json").is_file() else root / "member_0"
+        return cls(ensemble, load_tokenizer(str(tok_dir)), batch_size=batch_size,
+                   max_length=max_length)
+
+    @torch.no_grad()
+    def score(self, prompts: list[str], completions: list[str]) -> EnsembleScores:
+        from alignlab.data.collate import pad_collate
+        from alignlab.data.loading import RowSet
+        from alignlab.data.tokenize import tokenize_rows
+        from alignlab.trainers.loop import to_device
+
+        # Rows are built directly (not validated): a generated completion may be empty.
+        rows = RowSet("prompt_completion", [{"prompt": p, "completion": scored_completion(c)}
+                                            for p, c in zip(prompts, completions)], "<scored>")
+        tokenized = tokenize_rows(rows, self.tokenizer, max_length=self.max_length,
+                                  truncation="keep_end_of_prompt")
+        device = next(self.ensemble.parameters()).device
+        was_training = self.ensemble.training
+        self.ensemble.eval()
+        columns = []
+        try:
+            for start in range(0, len(tokenized.examples), self.batch_size):
+                chunk = tokenized.examples[start:start + self.batch_size]
+                batch = to_device(pad_collate(chunk, tokenized.pad_token_id), device)
+                columns.append(self.ensemble.member_rewards(batch).float().cpu())
+        finally:
+            self.ensemble.train(was_training)
+        members = torch.cat(columns) if columns else torch.zeros(0, self.ensemble.size)
+        agg = aggregate_rewards(members, self.ensemble.aggregate, self.ensemble.std_coef)
+        return EnsembleScores(agg.tolist(), members.tolist())
+
+    def __call__(self, prompts: list[str], completions: list[str], **fields: Any) -> list[float]:
+        return self.score(prompts, completions).rewards
+
+
+def _stamp(path: Path) -> float:
+    files = [path / ENSEMBLE_CONFIG, path / "config.json", path / "scalar_head.safetensors"]
+    return max((f.stat().st_mtime for f in files if f.exists()), default=0.0)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_scorer(path: str, aggregate: str | None, std_coef: float | None, device: str,
+                   batch_size: int, max_length: int | None, stamp: float) -> RewardModelScorer:
+    # ``stamp`` (newest mtime) is part of the key so a retrained model is reloaded.
+    return RewardModelScorer.from_pretrained(path, aggregate=aggregate, std_coef=std_coef,
+                                             device=device, batch_size=batch_size,
+                                             max_length=max_length)
+
+
+def load_scorer(path: str | os.PathLike, *, aggregate: str | None = None,
+                std_coef: float | None = None, device: str = "cpu", batch_size: int = 32,
+                max_length: int | None = 512) -> RewardModelScorer:
+    """A (cached) scorer for the reward model or ensemble saved at ``path``."""
+    root = Path(path).expanduser().resolve()
+    if not root.is_dir():
+        raise ConfigError(f"reward model path '{path}' is not a directory")
+    return _cached_scorer(str(root), aggregate, std_coef, device, batch_size, max_length,
+                          _stamp(root))
+
+
+@REWARDS.register("reward_model")
+def reward_model(prompts: list[str], completions: list[str], *, path: str,
+                 aggregate: str | None = None, std_coef: float | None = None,
+                 device: str = "cpu", batch_size: int = 32, **fields: Any) -> list[float]:
+    """A trained reward model or ensemble (``path``), aggregated by mean, min or mean − λ·std."""
+    scorer = load_scorer(path, aggregate=aggregate, std_coef=std_coef, device=device,
+                         batch_size=batch_size)
+    return scorer(prompts, completions)
+
+
+__all__ = ["AGGREGATIONS", "aggregate_rewards", "RewardEnsemble", "EnsembleScores",
+           "RewardModelScorer", "load_scorer", "reward_model", "scored_completion"]

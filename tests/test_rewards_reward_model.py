@@ -1,0 +1,92 @@
+"""Reward-model scoring: aggregation, ensemble save/load, and the ``reward_model`` registry entry."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+
+import pytest
+import torch
+
+from alignlab.config import DataSection, TrainSection, WorldSection
+from alignlab.errors import ConfigError
+from alignlab.models.heads import CausalLMWithScalarHead
+from alignlab.rewards.registry import REWARDS, get_reward
+from alignlab.rewards.reward_model import (RewardEnsemble, aggregate_rewards, load_scorer,
+                                           scored_completion)
+from alignlab.trainers.reward import RewardConfig, RewardSection, run_reward
+from alignlab.world import language as lang
+from tests.conftest import random_llama
+
+
+def test_aggregation_values():
+    r = torch.tensor([[1.0, 3.0], [2.0, 2.0], [-1.0, 5.0]])
+    assert aggregate_rewards(r, "mean").tolist() == [2.0, 2.0, 2.0]
+    assert aggregate_rewards(r, "min").tolist() == [1.0, 2.0, -1.0]
+    # population std: 1, 0, 3
+    assert aggregate_rewards(r, "mean_minus_std", std_coef=0.5).tolist() == [1.5, 2.0, 0.5]
+    assert aggregate_rewards(torch.tensor([0.5]), "min").tolist() == [0.5]
+    with pytest.raises(ConfigError, match="allowed values: mean, min, mean_minus_std"):
+        aggregate_rewards(r, "max")
+
+
+def _batch() -> dict:
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 0]])
+    attn = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    return {"input_ids": ids, "attention_mask": attn, "position_ids": torch.tensor([[0, 1, 2, 3], [0, 1, 2, 0]])}
+
+
+def test_ensemble_round_trip_of_members_and_heads(tmp_path):
+    members = [CausalLMWithScalarHead(random_llama(seed=s), num_heads=h) for s, h in ((0, 2), (1, 1))]
+    ensemble = RewardEnsemble(members, "mean_minus_std", std_coef=2.0)
+    batch = _batch()
+    with torch.no_grad():
+        before = ensemble.member_rewards(batch)
+        agg = ensemble(batch)
+    assert before.shape == (2, 3)
+    expected = before.mean(-1) - 2.0 * before.std(-1, correction=0)
+    assert torch.allclose(agg, expected)
+    ensemble.save_pretrained(tmp_path / "rm")
+    assert json.loads((tmp_path / "rm" / "reward_model.json").read_text())["num_heads"] == [2, 1]
+    loaded = RewardEnsemble.from_pretrained(tmp_path / "rm")
+    assert loaded.size == 3 and loaded.aggregate == "mean_minus_std" and loaded.std_coef == 2.0
+    with torch.no_grad():
+        assert torch.allclose(loaded.member_rewards(batch), before, atol=1e-6)
+    assert not any(p.requires_grad for p in loaded.parameters())
+    assert RewardEnsemble.from_pretrained(tmp_path / "rm", aggregate="min").aggregate == "min"
+    shutil.rmtree(tmp_path / "rm" / "member_1")
+    with pytest.raises(ConfigError, match="member_1 is missing"):
+        RewardEnsemble.from_pretrained(tmp_path / "rm")
+
+
+def test_scored_completion_keeps_the_leading_space():
+    assert scored_completion(" the soup was good .<|end|> junk") == " the soup was good ."
+    assert scored_completion("good") == "good"
+    assert scored_completion("<|end|>") == ""
+
+
+def test_trained_reward_model_scores_positive_above_negative(tiny_world, world_cache, tmp_path):
+    cfg = RewardConfig(
+        data=DataSection(source="world:positive", limit=320),
+        train=TrainSection(output_dir=str(tmp_path), max_steps=30, batch_size=16, lr=1e-3,
+                           warmup_steps=3, progress=False, tensorboard=False),
+        world=WorldSection(preset="tiny", cache_dir=world_cache),
+        reward=RewardSection(eval_fraction=0.0))
+    run_reward(cfg)
+    import alignlab.rewards.reward_model  # noqa: F401  (registers "reward_model")
+
+    assert "reward_model" in REWARDS
+    rng = random.Random(5)
+    task = tiny_world.task("positive")
+    prefixes = {p.text: p for p in lang.all_review_prefixes()}
+    prompts = task.eval_prompts[:24]  # prompts the reward model never saw
+    positive = [lang.complete_review(rng, prefixes[p], p=1.0) + lang.END for p in prompts]
+    negative = [lang.complete_review(rng, prefixes[p], p=0.0) + lang.END for p in prompts]
+    reward = get_reward("reward_model", path=str(tmp_path / "final"))
+    pos, neg = reward(prompts, positive), reward(prompts, negative)
+    wins = sum(a > b for a, b in zip(pos, neg)) / len(prompts)
+    assert wins >= 0.9, (pos, neg)  # measured 1.0
+    scores = load_scorer(tmp_path / "final").score(prompts[:2], positive[:2])
+    assert scores.rewards == pytest.approx(pos[:2], abs=1e-5)
+    assert [len(m) for m in scores.members] == [1, 1]

@@ -1,0 +1,129 @@
+"""The reward trainer learns on the tiny world: chosen = positive review, rejected = negative."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from alignlab.bench.calibration import evaluate_reward_model
+from alignlab.config import DataSection, TrainSection, WorldSection, load_config
+from alignlab.errors import ConfigError, DataError
+from alignlab.rewards.reward_model import RewardEnsemble
+from alignlab.trainers.registry import algorithms
+from alignlab.trainers.reward import (EnsembleSection, RewardConfig, RewardSection, init_model,
+                                      load_examples, run_reward, split_examples)
+from alignlab.world import language as lang
+
+
+def _cfg(world_cache, out, *, source="world:positive", limit=320, steps=30, **reward) -> RewardConfig:
+    return RewardConfig(
+        data=DataSection(source=str(source), limit=limit),
+        train=TrainSection(output_dir=str(out), max_steps=steps, batch_size=16, lr=1e-3,
+                           warmup_steps=3, log_every=5, progress=False, tensorboard=False),
+        world=WorldSection(preset="tiny", cache_dir=world_cache),
+        reward=RewardSection(eval_fraction=0.2, **reward))
+
+
+def _review_rows(tiny_world, n: int, seed: int = 0) -> list[tuple[str, list[str]]]:
+    """(prompt, [positive, mixed, negative] completions) on the positive task's train prompts."""
+    texts = set(tiny_world.task("positive").train_prompts)
+    prefixes = [p for p in lang.all_review_prefixes() if p.text in texts]
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        prefix = rng.choice(prefixes)
+        rows.append((prefix.text, [lang.complete_review(rng, prefix, p=p) for p in (1.0, 0.5, 0.0)]))
+    return rows
+
+
+def _jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_bradley_terry_reaches_held_out_accuracy(tiny_world, world_cache, tmp_path):
+    cfg = _cfg(world_cache, tmp_path, eval_every=15)
+    from alignlab.models.loading import load_tokenizer
+    from alignlab.trainers.common import resolve_model_path
+
+    path = resolve_model_path(cfg.model.name_or_path, cfg.world)
+    examples, pad_id, fmt = load_examples(cfg, load_tokenizer(path))
+    _, held_out = split_examples(examples, cfg)
+    untrained = evaluate_reward_model(RewardEnsemble([init_model(path, cfg, 0)]), held_out, fmt, pad_id)
+
+    run = run_reward(cfg)
+    assert run.metrics["accuracy"] >= 0.9, run.metrics  # measured 1.0 (untrained ≈ 0.5)
+    assert untrained["accuracy"] < 0.8, untrained
+    assert run.metrics["ece"] < 0.2
+    assert run.metrics["chosen_reward_mean"] > run.metrics["rejected_reward_mean"]
+    saved = json.loads((tmp_path / "reward_eval.json").read_text())
+    assert saved["metrics"]["accuracy"] == run.metrics["accuracy"] and saved["eval_examples"] == 64
+    logged = [json.loads(line) for line in (tmp_path / "eval" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [15, 30, 30] and all("ece" in r for r in logged)
+    assert (tmp_path / "final" / "scalar_head.safetensors").exists()
+    assert (tmp_path / "final" / "alignlab_config.yaml").exists()
+
+
+def test_margin_loss_with_centering_keeps_rewards_centred(tiny_world, world_cache, tmp_path):
+    def centre(m):
+        return abs(m["chosen_reward_mean"] + m["rejected_reward_mean"]) / 2
+
+    plain = run_reward(_cfg(world_cache, tmp_path / "plain", loss="bradley_terry_margin")).metrics
+    centred = run_reward(_cfg(world_cache, tmp_path / "centred", loss="bradley_terry_margin",
+                              center_coef=0.1)).metrics
+    assert plain["accuracy"] >= 0.9 and centred["accuracy"] >= 0.9, (plain, centred)
+    # measured: the free offset drifts to 1.1 without centering, 0.19 with it
+    assert centre(centred) < 0.5 * centre(plain), (plain, centred)
+
+
+def test_plackett_luce_on_ranked_lists(tiny_world, world_cache, tmp_path):
+    rows = [{"prompt": p, "completions": c, "scores": [2.0, 1.0, 0.0]} for p, c in _review_rows(tiny_world, 240)]
+    run = run_reward(_cfg(world_cache, tmp_path / "run", source=_jsonl(tmp_path / "ranked.jsonl", rows),
+                          limit=None, loss="plackett_luce"))
+    assert run.metrics["pairs"] == 48 * 3  # three ordered pairs per held-out list
+    assert run.metrics["accuracy"] >= 0.8, run.metrics
+
+
+def test_mse_on_scored_completions(tiny_world, world_cache, tmp_path):
+    rows = [{"prompt": p, "completion": c, "score": s}
+            for p, cs in _review_rows(tiny_world, 160) for c, s in zip(cs[::2], (1.0, -1.0))]
+    run = run_reward(_cfg(world_cache, tmp_path / "run", source=_jsonl(tmp_path / "scored.jsonl", rows),
+                          limit=None, steps=60, loss="mse"))
+    assert run.metrics["accuracy"] >= 0.8, run.metrics
+    assert run.metrics["mse"] < 0.6, run.metrics  # predicting 0 everywhere gives 1.0
+
+
+def test_ensemble_members_and_heads_train_on_their_own_subsets(tiny_world, world_cache, tmp_path):
+    ens = EnsembleSection(members=2, num_heads=2, subsample=0.5, aggregate="min")
+    cfg = _cfg(world_cache, tmp_path, limit=160, steps=6, ensemble=ens)
+    run = run_reward(cfg)
+    assert run.model.size == 4 and run.metrics["pairs"] == 32
+    assert {f"member_{k}_accuracy" for k in range(4)} <= set(run.metrics)
+    assert (tmp_path / "member_1" / "DONE").exists()
+    loaded = RewardEnsemble.from_pretrained(tmp_path / "final")
+    assert loaded.size == 4 and loaded.aggregate == "min"
+    train, _ = split_examples([{"i": i} for i in range(400)], cfg)
+    masks = [t["member_mask"] for t in train]
+    share = [sum(m[k] for m in masks) / len(masks) for k in range(4)]
+    assert all(0.4 < s < 0.6 for s in share), share
+    assert masks != [[m[0]] * 4 for m in masks]  # the columns see different examples
+
+
+def test_bad_score_names_file_line_and_field(tiny_world, world_cache, tmp_path):
+    rows = [{"prompt": "review of x :", "completion": " good .", "score": 1.0},
+            {"prompt": "review of x :", "completion": " bad .", "score": "high"}]
+    source = _jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: field 'score': must be a finite number"):
+        run_reward(_cfg(world_cache, tmp_path / "run", source=source, limit=None, loss="mse"))
+    with pytest.raises(ConfigError, match="'prompt_completion' but reward.loss 'bradley_terry'"):
+        run_reward(_cfg(world_cache, tmp_path / "run", source=source, limit=None))
+
+
+def test_config_rejects_unknown_loss_and_is_registered(tmp_path):
+    bad = tmp_path / "rm.yaml"
+    bad.write_text("reward:\n  loss: hinge\n")
+    with pytest.raises(ConfigError, match=r"field 'reward.loss'.*allowed values: bradley_terry"):
+        load_config(RewardConfig, bad)
+    assert algorithms().get("reward").config_cls is RewardConfig
