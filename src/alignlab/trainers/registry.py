@@ -34,6 +34,7 @@ ALGORITHMS: Registry[AlgorithmEntry] = Registry("algorithm")
 BUILTIN_TRAINERS = (
     "alignlab.trainers.sft",
     "alignlab.trainers.preference",
+    "alignlab.trainers.reward",
 )
 
 
