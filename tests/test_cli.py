@@ -23,7 +23,7 @@ def test_list_prints_one_name_a_line():
     names = result.output.split()
     assert result.exit_code == 0 and {"dpo", "simpo", "kto", "ppo_clip", "sft"} <= set(names)
     assert len(names) == len(set(names)) >= 25
-    assert runner.invoke(app, ["list", "algorithms"]).output.split() == ["sft"]
+    assert "sft" in runner.invoke(app, ["list", "algorithms"]).output.split()
     assert {"positive", "arithmetic", "positive_short"} <= set(runner.invoke(app, ["list", "tasks"]).output.split())
     assert "vader_sentiment" in runner.invoke(app, ["list", "rewards"]).output.split()
     assert all(summary for _, summary in registry_entries("losses"))
@@ -62,4 +62,4 @@ def test_bad_config_is_rejected_by_field_without_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "alignlab.cli", "train", "ppo_nope"],
                           capture_output=True, text=True)
-    assert proc.returncode == 2 and "allowed values: sft" in proc.stderr
+    assert proc.returncode == 2 and "allowed values:" in proc.stderr and "sft" in proc.stderr
