@@ -1,0 +1,371 @@
+"""One trainer for the whole DPO family: paired, unpaired and listwise preference losses.
+
+``L = Σ_k w_k · loss_k(π(y|x), π_ref(y|x), ...)`` summed over pairs / rows / lists, with any
+loss of ``alignlab.losses.preference`` (Rafailov et al. 2023, "Direct Preference Optimization",
+and its family). One forward scores every completion of a micro-batch (chosen and rejected
+together), the shared prompt computed once when prefix sharing is on (Wang et al. 2024,
+"Accelerating Direct Preference Optimization with Prefix Sharing"); reference log-probs are
+computed once before training with the frozen reference (``trainers/reference.py``) and
+reference-free losses never load it. KTO's z₀ is estimated from mismatched prompt/completion
+pairs (no gradient); BCO's reward shift δ is the running mean of βr kept by the trainer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from alignlab.config import DataSection, EvalSection, ModelSection, Section, TrainSection, WorldSection
+from alignlab.data.loading import load_rows, rows_from_list
+from alignlab.data.preference_batches import (KIND_FORMATS, add_kl_completions, collate_groups,
+                                              world_preference_rows)
+from alignlab.data.tokenize import TokenizedRows, tokenize_rows
+from alignlab.errors import ConfigError
+from alignlab.losses.preference import PREFERENCE_LOSSES, PreferenceInputs, combine_losses, loss_spec
+from alignlab.models.loading import load_reference_model
+from alignlab.models.prefix_sharing import completion_logprobs, prefix_sharing_support
+from alignlab.trainers.batches import EpochBatches
+from alignlab.trainers.common import (WORLD_PREFIX, get_world, load_policy, resolve_model_path,
+                                      save_final)
+from alignlab.trainers.loop import LossOutput, TrainResult, train
+from alignlab.trainers.reference import attach_reference_logps
+from alignlab.utils.io import atomic_write_text
+from alignlab.utils.runtime import pick_device, resolve_precision
+
+# The PreferenceInputs fields this trainer fills, per data kind (margin only when the data has it).
+PROVIDED = {
+    "paired": {"chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps",
+               "chosen_lengths", "rejected_lengths", "margin"},
+    "unpaired": {"logps", "ref_logps", "labels", "kl_ref"},
+    "listwise": {"list_logps", "ref_list_logps", "scores", "list_lengths", "list_mask"},
+}
+SHIFT_PARAM = "reward_shift"
+STATE_FILE = "preference_state.json"  # BCO's running reward shift δ
+
+
+class PreferenceSection(Section):
+    loss: str = "dpo"
+    """A registered preference loss (``alignlab list losses``); ignored when ``losses`` is set."""
+    losses: dict[str, float] | None = None
+    """A weighted mixture, e.g. MPO ``{sigmoid: 0.8, bco_pair: 0.2, sft: 1.0}``."""
+    beta: float | None = Field(None, gt=0)
+    """β for every loss that takes one; None keeps each loss's own default."""
+    loss_kwargs: dict[str, Any] = {}
+    """Other hyper-parameters, passed to every loss whose signature has them."""
+    per_loss: dict[str, dict[str, Any]] = {}
+    """Hyper-parameters for one loss of a mixture only."""
+    reference: str | None = None
+    """The reference model; None = the policy's starting weights (``model.name_or_path``)."""
+    precompute_reference: bool = True
+    prefix_sharing: bool | None = None
+    """Compute each prompt once for all its completions; None = on when exact for the model."""
+
+
+@dataclass(frozen=True)
+class LossPlan:
+    """What the config's losses need, resolved once."""
+
+    weights: dict[str, float]
+    kind: str
+    needs_reference: bool
+    hyper_parameters: dict[str, Any]
+    per_loss: dict[str, dict[str, Any]]
+    shifted: tuple[str, ...]  # losses whose reward_shift δ the trainer keeps
+
+
+def plan_losses(section: PreferenceSection) -> LossPlan:
+    """Validate loss names, kinds and hyper-parameters; errors name the config field."""
+    weights = dict(section.losses) if section.losses else {section.loss: 1.0}
+    field = "preference.losses" if section.losses else "preference.loss"
+    specs = {}
+    for name in weights:
+        if name not in PREFERENCE_LOSSES.names():
+            raise ConfigError(f"field '{field}': unknown loss {name!r}; allowed values: "
+                              f"{', '.join(PREFERENCE_LOSSES.names())}")
+        specs[name] = loss_spec(name)
+    kinds = {s.kind for s in specs.values()}
+    if len(kinds) > 1:
+        raise ConfigError(f"field '{field}': cannot mix loss kinds {sorted(kinds)} "
+                          f"({', '.join(f'{n}: {s.kind}' for n, s in specs.items())})")
+    kind = kinds.pop()
+    for name, spec in specs.items():
+        missing = sorted(set(spec.requires) - PROVIDED[kind])
+        if missing:
+            raise ConfigError(f"field '{field}': loss {name!r} needs {', '.join(missing)}, which "
+                              "this trainer does not compute (per-token or multi-reference "
+                              "inputs); pick another loss")
+    accepted = {name: set(spec.defaults) for name, spec in specs.items()}
+    every = sorted(set().union(*accepted.values()))
+    hp = dict(section.loss_kwargs)
+    for key in hp:
+        if key not in every:
+            raise ConfigError(f"field 'preference.loss_kwargs.{key}': not a hyper-parameter of "
+                              f"{', '.join(weights)}; accepted names: {', '.join(every) or 'none'}")
+    if section.beta is not None:
+        if "beta" not in every:
+            raise ConfigError(f"field 'preference.beta': {', '.join(weights)} take(s) no beta; "
+                              "leave it unset")
+        hp["beta"] = section.beta
+    for name, kwargs in section.per_loss.items():
+        if name not in weights:
+            raise ConfigError(f"field 'preference.per_loss.{name}': not one of the losses "
+                              f"{', '.join(weights)}")
+        for key in kwargs:
+            if key not in accepted[name]:
+                raise ConfigError(f"field 'preference.per_loss.{name}.{key}': not a "
+                                  f"hyper-parameter of {name}; accepted names: "
+                                  f"{', '.join(sorted(accepted[name]))}")
+    shifted = tuple(n for n in weights if SHIFT_PARAM in accepted[n] and SHIFT_PARAM not in hp
+                    and SHIFT_PARAM not in section.per_loss.get(n, {}))
+    return LossPlan(weights, kind, any(s.needs_reference for s in specs.values()), hp,
+                    {k: dict(v) for k, v in section.per_loss.items()}, shifted)
+
+
+class PreferenceObjective:
+    """Sum of per-example preference losses; ``num_items`` = pairs / rows / lists.
+
+    ``reference_model`` is used only when the batches carry no precomputed ``ref_logps``."""
+
+    def __init__(self, plan: LossPlan, reference_model: torch.nn.Module | None = None) -> None:
+        self.plan, self.reference_model = plan, reference_model
+        self.shift_mean, self.shift_count = 0.0, 0  # BCO's running δ (TRL's RunningMoments)
+
+    def num_items(self, batch: dict[str, Any]) -> float:
+        return float(batch["num_groups"])
+
+    def reference_logps(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        if not self.plan.needs_reference:
+            return None
+        if batch.get("ref_logps") is not None:
+            return batch["ref_logps"]
+        if self.reference_model is None:
+            raise ConfigError("preference.precompute_reference is false but no reference model "
+                              "was given")
+        with torch.no_grad():
+            return completion_logprobs(self.reference_model, batch).float()
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> LossOutput:
+        logps = completion_logprobs(model, batch)
+        ref = self.reference_logps(batch)
+        inputs, metrics = self.inputs(logps, ref, batch)
+        per_loss = {k: dict(v) for k, v in self.plan.per_loss.items()}
+        if self.plan.shifted and ref is not None:
+            self._update_shift(logps, ref, batch)
+            for name in self.plan.shifted:
+                per_loss.setdefault(name, {})[SHIFT_PARAM] = self.shift_mean
+        if len(self.plan.weights) == 1:
+            (name,) = self.plan.weights
+            result = PREFERENCE_LOSSES.get(name)(inputs, **self._kwargs(name, per_loss))
+        else:
+            result = combine_losses(self.plan.weights, inputs, per_loss=per_loss,
+                                    **self.plan.hyper_parameters)
+        metrics.update({k: float(v) for k, v in result.metrics.items() if torch.as_tensor(v).numel() == 1})
+        if self.plan.shifted:
+            metrics["reward_shift"] = self.shift_mean
+        return LossOutput(result.losses.sum(), metrics)
+
+    def _kwargs(self, name: str, per_loss: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        accepted = loss_spec(name).defaults
+        kwargs = {k: v for k, v in self.plan.hyper_parameters.items() if k in accepted}
+        kwargs.update(per_loss.get(name, {}))
+        return kwargs
+
+    def _update_shift(self, logps: torch.Tensor, ref: torch.Tensor, batch: dict[str, Any]) -> None:
+        main = batch["slot"] < (2 if self.plan.kind == "paired" else 1)
+        beta = self.plan.hyper_parameters.get("beta", loss_spec(self.plan.shifted[0]).defaults["beta"])
+        rewards = beta * (logps.detach() - ref)[main].float()
+        n = rewards.numel()
+        self.shift_mean = (self.shift_mean * self.shift_count + float(rewards.sum())) / (self.shift_count + n)
+        self.shift_count += n
+
+    def inputs(self, logps: torch.Tensor, ref: torch.Tensor | None, batch: dict[str, Any]
+               ) -> tuple[PreferenceInputs, dict[str, float]]:
+        """Split the flat per-completion log-probs into the loss kind's fields."""
+        b, lengths = int(batch["num_groups"]), batch["completion_lengths"]
+        metrics: dict[str, float] = {}
+        if ref is not None:
+            metrics["kl_proxy"] = float((logps.detach() - ref).mean())
+        if self.plan.kind == "paired":
+            metrics["logps/chosen"] = float(logps[:b].detach().mean())
+            metrics["logps/rejected"] = float(logps[b:].detach().mean())
+            return PreferenceInputs(
+                chosen_logps=logps[:b], rejected_logps=logps[b:],
+                ref_chosen_logps=None if ref is None else ref[:b],
+                ref_rejected_logps=None if ref is None else ref[b:],
+                chosen_lengths=lengths[:b], rejected_lengths=lengths[b:],
+                margin=batch.get("margin")), metrics
+        if self.plan.kind == "unpaired":
+            kl_ref = None
+            if logps.shape[0] > b and ref is not None:  # KTO's mismatched pairs (slot 1)
+                kl_ref = (logps[b:].detach() - ref[b:]).mean().clamp(min=0)
+                metrics["kl_ref"] = float(kl_ref)
+            metrics["logps"] = float(logps[:b].detach().mean())
+            return PreferenceInputs(logps=logps[:b], ref_logps=None if ref is None else ref[:b],
+                                    labels=batch["labels"], kl_ref=kl_ref), metrics
+        k = int(batch["slot"].max()) + 1
+        owner, slot = batch["owner"], batch["slot"]
+
+        def grid(values: torch.Tensor) -> torch.Tensor:
+            out = values.new_zeros(b, k)
+            return out.index_put((owner, slot), values)
+
+        mask = torch.zeros(b, k, dtype=torch.bool, device=logps.device).index_put(
+            (owner, slot), torch.ones_like(owner, dtype=torch.bool))
+        metrics["logps"] = float(logps.detach().mean())
+        return PreferenceInputs(list_logps=grid(logps), ref_list_logps=None if ref is None else grid(ref),
+                                scores=batch["scores"], list_lengths=grid(lengths), list_mask=mask), metrics
+
+    def state_dict(self) -> dict[str, float]:
+        return {"shift_mean": self.shift_mean, "shift_count": self.shift_count}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.shift_mean, self.shift_count = float(state["shift_mean"]), int(state["shift_count"])
+
+
+class PreferenceConfig(Section):
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    train: TrainSection = TrainSection(output_dir="runs/preference", lr=1e-5, max_steps=200, batch_size=8)
+    world: WorldSection = WorldSection()
+    preference: PreferenceSection = PreferenceSection()
+    eval: EvalSection | None = None
+
+
+@dataclass
+class PreferenceRun:
+    result: TrainResult
+    model: torch.nn.Module
+    tokenizer: Any
+    objective: PreferenceObjective
+    examples: list[dict[str, Any]]
+    layout: str
+    reference_cache_hit: bool | None  # None: no precomputed reference (reference-free or on the fly)
+
+
+def load_preference_examples(data: DataSection, world: WorldSection, tokenizer: Any, kind: str
+                             ) -> TokenizedRows:
+    """Tokenised rows of the format the loss kind needs (``world:<task>`` builds oracle rows)."""
+    fmt = KIND_FORMATS[kind]
+    if data.format is not None and data.format != fmt:
+        raise ConfigError(f"fields 'preference.loss' and 'data.format': a {kind} loss needs "
+                          f"data.format {fmt!r}, got {data.format!r}")
+    if data.source.startswith(WORLD_PREFIX):
+        task = get_world(world).task(data.source[len(WORLD_PREFIX):])
+        rows = rows_from_list(world_preference_rows(task, fmt, data.limit or 2048, seed=world.seed),
+                              format=fmt, source=data.source)
+    else:
+        rows = load_rows(data.source, format=data.format, split=data.split, limit=data.limit)
+    if rows.format != fmt:
+        raise ConfigError(f"fields 'preference.loss' and 'data.format': a {kind} loss needs "
+                          f"{fmt!r} rows, but {rows.source} has {rows.format!r} rows")
+    tokenized = tokenize_rows(rows, tokenizer, max_length=data.max_length, truncation=data.truncation)
+    print(f"data {rows.source}: {tokenized.summary()}")
+    if not tokenized.examples:
+        raise ConfigError(f"data.source {data.source}: no rows left after truncation")
+    return tokenized
+
+
+def choose_layout(section: PreferenceSection, data: DataSection, model: torch.nn.Module) -> str:
+    """``shared`` (prefix sharing), ``packed`` (data.packing) or ``flat`` (padded)."""
+    ok, why = prefix_sharing_support(model)
+    if section.prefix_sharing and not ok:
+        raise ConfigError(f"field 'preference.prefix_sharing': not exact for this model ({why}); "
+                          "set it to false")
+    if section.prefix_sharing and data.packing:
+        raise ConfigError("fields 'preference.prefix_sharing' and 'data.packing': pick one "
+                          "(prefix sharing already skips the prompt's second copy)")
+    if data.packing:
+        return "packed"
+    return "shared" if (section.prefix_sharing is not False and ok) else "flat"
+
+
+def run_preference(cfg: PreferenceConfig) -> PreferenceRun:
+    """Load policy and data, precompute the reference log-probs (if any loss needs them), train
+    and save the final model."""
+    plan = plan_losses(cfg.preference)
+    model, tokenizer = load_policy(cfg.model, cfg.world)
+    tokenized = load_preference_examples(cfg.data, cfg.world, tokenizer, plan.kind)
+    examples, pad = tokenized.examples, tokenized.pad_token_id
+    if plan.kind == "unpaired" and "kl_ref" in set().union(*(loss_spec(n).optional for n in plan.weights)):
+        add_kl_completions(examples, seed=cfg.train.seed)
+    margin_losses = [n for n in plan.weights if "margin" in loss_spec(n).requires]
+    if margin_losses and "margin" not in examples[0]:
+        raise ConfigError(f"field 'preference.loss': {', '.join(margin_losses)} need(s) a "
+                          f"'margin' column in data.source {cfg.data.source}")
+    layout = choose_layout(cfg.preference, cfg.data, model)
+    device = pick_device(cfg.train.device)
+    precision = resolve_precision(cfg.train.precision, device)
+    ref_model, hit = None, None
+    if plan.needs_reference:
+        ref_path = resolve_model_path(cfg.preference.reference or cfg.model.name_or_path, cfg.world)
+
+        def load() -> torch.nn.Module:
+            return load_reference_model(ref_path, dtype=cfg.model.dtype,
+                                        trust_remote_code=cfg.model.trust_remote_code,
+                                        attn_implementation=cfg.model.attn_implementation)
+
+        if cfg.preference.precompute_reference:
+            hit = attach_reference_logps(examples, load, ref_path, pad, output_dir=cfg.train.output_dir,
+                                         batch_size=2 * cfg.train.batch_size, device=device,
+                                         precision=precision,
+                                         layout=None if layout == "shared" else layout)
+            print(f"reference log-probs: {'reused' if hit else 'computed'} ({ref_path})")
+        else:
+            ref_model = load().to(device)
+            if layout == "shared" and not prefix_sharing_support(ref_model)[0]:
+                raise ConfigError("field 'preference.prefix_sharing': the reference model does not "
+                                  "support it; set it to false or precompute_reference to true")
+    objective = PreferenceObjective(plan, ref_model)
+    state_file = Path(cfg.train.output_dir) / STATE_FILE
+    if cfg.train.resume and plan.shifted and state_file.exists():
+        objective.load_state_dict(json.loads(state_file.read_text()))
+    batches = EpochBatches(examples, cfg.train.batch_size,
+                           lambda ex: collate_groups(ex, pad, layout=layout), seed=cfg.train.seed)
+
+    def on_step(step: int, _: dict[str, float]) -> None:
+        every = cfg.train.save_every
+        # δ is trainer state: saved at the loop's checkpoint steps so a resume restores it exactly.
+        if plan.shifted and every and (step % every == 0 or step == cfg.train.max_steps):
+            atomic_write_text(state_file, json.dumps(objective.state_dict()))
+
+    name = "+".join(plan.weights)
+    result = train(model, objective, batches, cfg.train, description=name, on_step=on_step)
+    save_final(model, tokenizer, cfg, result.output_dir)
+    return PreferenceRun(result, model, tokenizer, objective, examples, layout, hit)
+
+
+ALIASES = ("dpo", "ipo", "simpo", "orpo", "kto", "cpo", "bco", "lipo_lambda")
+
+
+def alias_config(loss: str) -> type[PreferenceConfig]:
+    """``PreferenceConfig`` whose default loss is ``loss`` (so ``alignlab train kto`` works)."""
+    return type(f"{loss.upper()}Config", (PreferenceConfig,), {
+        "__annotations__": {"preference": PreferenceSection, "train": TrainSection},
+        "preference": PreferenceSection(loss=loss),
+        "train": TrainSection(output_dir=f"runs/{loss}", lr=1e-5, max_steps=200, batch_size=8)})
+
+
+def _register() -> None:
+    from alignlab.trainers.registry import ALGORITHMS, AlgorithmEntry
+
+    ALGORITHMS.register("preference")(AlgorithmEntry(
+        PreferenceConfig, run_preference,
+        "Offline preference optimisation with any registered loss or mixture (DPO family; "
+        "paired, unpaired, listwise)."))
+    for loss in ALIASES:
+        ALGORITHMS.register(loss)(AlgorithmEntry(
+            alias_config(loss), run_preference,
+            f"The preference trainer with preference.loss={loss} "
+            f"({PREFERENCE_LOSSES.summary(loss)})"))
+
+
+_register()
+
+__all__ = ["ALIASES", "LossPlan", "PreferenceConfig", "PreferenceObjective", "PreferenceRun",
+           "PreferenceSection", "alias_config", "choose_layout", "load_preference_examples",
+           "plan_losses", "run_preference"]

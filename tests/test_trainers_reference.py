@@ -1,0 +1,92 @@
+"""Reference log-probs: computed once with the frozen reference, cached, never from the policy."""
+
+from __future__ import annotations
+
+import torch
+from safetensors.torch import load_file
+
+from alignlab.config import DataSection, TrainSection, WorldSection
+from alignlab.data.collate import join_prompt_completion, pad_collate
+from alignlab.models.loading import load_model
+from alignlab.models.logprobs import sequence_logprobs, token_logprobs
+from alignlab.trainers.preference import PreferenceConfig, PreferenceSection, run_preference
+from alignlab.trainers.reference import (CACHE_FILE, attach_reference_logps, compute_reference_logps,
+                                         load_reference_cache)
+from tests.conftest import random_llama
+
+
+def _pairs(n=6):
+    g = torch.Generator().manual_seed(0)
+    r = lambda k: torch.randint(1, 64, (k,), generator=g).tolist()  # noqa: E731
+    return [{"prompt_ids": r(3 + i % 4), "chosen_ids": r(2 + i % 3), "rejected_ids": r(4 - i % 3)}
+            for i in range(n)]
+
+
+def _direct(model, examples):
+    seqs = [join_prompt_completion(e["prompt_ids"], c) for e in examples
+            for c in (e["chosen_ids"], e["rejected_ids"])]
+    batch = pad_collate(seqs, 0)
+    with torch.no_grad():
+        return sequence_logprobs(token_logprobs(model, batch), batch).view(-1, 2).tolist()
+
+
+def test_reference_values_equal_direct_computation_and_are_cached(tmp_path):
+    model = random_llama(seed=4).float()
+    examples = _pairs()
+    got = compute_reference_logps(model, examples, 0, batch_size=4, device=torch.device("cpu"))
+    for g, d in zip(got, _direct(model, examples)):
+        assert abs(g[0] - d[0]) < 1e-5 and abs(g[1] - d[1]) < 1e-5
+
+    calls = []
+
+    def load():
+        calls.append(1)
+        return model
+
+    kw = dict(output_dir=tmp_path, batch_size=4, device=torch.device("cpu"), precision="fp32")
+    assert not attach_reference_logps(examples, load, "ref-a", 0, **kw)
+    assert attach_reference_logps(examples, load, "ref-a", 0, **kw)  # reused: no model load
+    assert len(calls) == 1
+    assert all(abs(a - b) < 1e-9 for e, v in zip(examples, got) for a, b in zip(e["ref_logps"], v))
+    # Another reference model or other data invalidate the cache.
+    assert not attach_reference_logps(examples, load, "ref-b", 0, **kw)
+    examples[0]["chosen_ids"] = examples[0]["chosen_ids"] + [5]
+    assert not attach_reference_logps(examples, load, "ref-b", 0, **kw)
+    assert len(calls) == 3
+
+
+def _cfg(world_cache, out, steps, resume=False, loss="dpo"):
+    return PreferenceConfig(
+        data=DataSection(source="world:positive", limit=64, max_length=96),
+        train=TrainSection(output_dir=str(out), max_steps=steps, batch_size=8, lr=5e-4,
+                           save_every=3, resume=resume, log_every=1, progress=False,
+                           tensorboard=False, precision="fp32"),
+        world=WorldSection(preset="tiny", cache_dir=world_cache),
+        preference=PreferenceSection(loss=loss))
+
+
+def test_reference_comes_from_the_untrained_model_and_resume_reuses_it(tiny_world, world_cache, tmp_path):
+    run = run_preference(_cfg(world_cache, tmp_path, steps=6))
+    assert run.reference_cache_hit is False
+    base = load_model(str(tiny_world.base_dir))
+    direct = _direct(base, run.examples[:16])
+    for e, d in zip(run.examples[:16], direct):
+        assert abs(e["ref_logps"][0] - d[0]) < 1e-4 and abs(e["ref_logps"][1] - d[1]) < 1e-4
+    # The policy moved (training happened) but the stored reference did not.
+    trained = _direct(run.model.cpu(), run.examples[:16])
+    assert max(abs(t[0] - d[0]) for t, d in zip(trained, direct)) > 0.5
+    cached = load_file(str(tmp_path / CACHE_FILE))["values"]
+    assert cached[:2].tolist() == run.examples[0]["ref_logps"]
+    # Resume: the loop restarts from the step-6 checkpoint; the reference is read, not recomputed.
+    again = run_preference(_cfg(world_cache, tmp_path, steps=9, resume=True))
+    assert again.reference_cache_hit is True
+    assert again.result.history[0]["step"] == 7
+    assert torch.equal(load_file(str(tmp_path / CACHE_FILE))["values"], cached)
+
+
+def test_reference_free_loss_skips_the_reference_model(tiny_world, world_cache, tmp_path):
+    run = run_preference(_cfg(world_cache, tmp_path, steps=2, loss="simpo"))
+    assert run.reference_cache_hit is None
+    assert not (tmp_path / CACHE_FILE).exists()
+    assert "ref_logps" not in run.examples[0]
+    assert load_reference_cache(tmp_path / CACHE_FILE, "x") is None
