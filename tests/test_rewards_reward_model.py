@@ -60,6 +60,23 @@ def test_ensemble_round_trip_of_members_and_heads(tmp_path):
         RewardEnsemble.from_pretrained(tmp_path / "rm")
 
 
+def test_sequence_classification_checkpoint_is_a_one_member_ensemble(tmp_path):
+    from transformers import LlamaForSequenceClassification
+
+    lm = random_llama()
+    cfg = lm.config
+    cfg.num_labels = 1
+    classifier = LlamaForSequenceClassification(cfg).eval()
+    classifier.save_pretrained(tmp_path / "seqcls")
+    batch = _batch()
+    with torch.no_grad():
+        expected = classifier(input_ids=batch["input_ids"],
+                              attention_mask=batch["attention_mask"]).logits.squeeze(-1)
+        loaded = RewardEnsemble.from_pretrained(tmp_path / "seqcls", aggregate="min")
+        assert loaded.size == 1
+        torch.testing.assert_close(loaded(batch), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_scored_completion_keeps_the_leading_space():
     assert scored_completion(" the soup was good .<|end|> junk") == " the soup was good ."
     assert scored_completion("good") == "good"

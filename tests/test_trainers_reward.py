@@ -121,6 +121,16 @@ def test_bad_score_names_file_line_and_field(tiny_world, world_cache, tmp_path):
         run_reward(_cfg(world_cache, tmp_path / "run", source=source, limit=None))
 
 
+def test_tied_pairs_are_skipped_and_margins_kept(tiny_world, world_cache, tmp_path):
+    from alignlab.models.loading import load_tokenizer
+
+    rows = [{"prompt": "review of x :", "chosen": " good .", "rejected": " bad .", "margin": 0.5 * i,
+             "tie": i == 1} for i in range(3)]
+    cfg = _cfg(world_cache, tmp_path, source=_jsonl(tmp_path / "ties.jsonl", rows), limit=None)
+    examples, _, fmt = load_examples(cfg, load_tokenizer(str(tiny_world.base_dir)))
+    assert fmt == "preference" and [e["margin"] for e in examples] == [0.0, 1.0]
+
+
 def test_config_rejects_unknown_loss_and_is_registered(tmp_path):
     bad = tmp_path / "rm.yaml"
     bad.write_text("reward:\n  loss: hinge\n")

@@ -97,8 +97,9 @@ class RewardEnsemble(nn.Module):
         root = Path(directory).expanduser()
         meta = json.loads((root / ENSEMBLE_CONFIG).read_text()) if (root / ENSEMBLE_CONFIG).is_file() else {}
         n = int(meta.get("members", 1))
-        paths = [root] if n == 1 else [root / f"member_{i}" for i in range(n)]
-        missing = [str(p) for p in paths if not p.is_dir()]
+        # One member may also be a Hub name of a *ForSequenceClassification reward model.
+        paths = [str(directory)] if n == 1 else [root / f"member_{i}" for i in range(n)]
+        missing = [str(p) for p in paths if n > 1 and not Path(p).is_dir()]
         if missing:
             raise ConfigError(f"reward ensemble {root}: {ENSEMBLE_CONFIG} lists {n} members but "
                               f"{missing[0]} is missing")
@@ -146,7 +147,7 @@ class RewardModelScorer:
         root = Path(path).expanduser()
         ensemble = RewardEnsemble.from_pretrained(root, aggregate=aggregate, std_coef=std_coef,
                                                   device=pick_device(device))
-        tok_dir = root if (root / "tokenizer_config.json").is_file() else root / "member_0"
+        tok_dir = root / "member_0" if (root / "member_0").is_dir() else path
         return cls(ensemble, load_tokenizer(str(tok_dir)), batch_size=batch_size,
                    max_length=max_length)
 
@@ -199,11 +200,10 @@ def load_scorer(path: str | os.PathLike, *, aggregate: str | None = None,
                 std_coef: float | None = None, device: str = "cpu", batch_size: int = 32,
                 max_length: int | None = 512) -> RewardModelScorer:
     """A (cached) scorer for the reward model or ensemble saved at ``path``."""
-    root = Path(path).expanduser().resolve()
-    if not root.is_dir():
-        raise ConfigError(f"reward model path '{path}' is not a directory")
-    return _cached_scorer(str(root), aggregate, std_coef, device, batch_size, max_length,
-                          _stamp(root))
+    root = Path(path).expanduser()
+    key = str(root.resolve()) if root.is_dir() else str(path)  # else: a Hub name
+    return _cached_scorer(key, aggregate, std_coef, device, batch_size, max_length,
+                          _stamp(root) if root.is_dir() else 0.0)
 
 
 @REWARDS.register("reward_model")

@@ -111,7 +111,7 @@ def _check_scores(rows: Any, column: str) -> None:
 
 def load_examples(cfg: RewardConfig, tokenizer: Any) -> tuple[list[dict], int, str]:
     """Tokenised examples for the loss's row format, the pad id, and that format."""
-    from alignlab.data.loading import load_rows, rows_from_list
+    from alignlab.data.loading import RowSet, load_rows, rows_from_list
     from alignlab.data.tokenize import tokenize_rows
     from alignlab.trainers.common import WORLD_PREFIX, get_world
 
@@ -123,6 +123,12 @@ def load_examples(cfg: RewardConfig, tokenizer: Any) -> tuple[list[dict], int, s
                               format="preference", source=data.source)
     else:
         rows = load_rows(data.source, format=data.format, split=data.split, limit=data.limit)
+    tied = [i for i, r in enumerate(rows.rows) if rows.format == "preference" and r.get("tie") is True]
+    if tied:  # Bradley-Terry has no tie outcome: a tied pair carries no order to learn
+        kept = sorted(set(range(len(rows))) - set(tied))
+        rows = RowSet(rows.format, [rows.rows[i] for i in kept], rows.source,
+                      [rows.where(i)[1] for i in kept], rows.position_kind)
+        print(f"data {rows.source}: {len(tied)} tied pairs skipped")
     # A pair is a ranked list of two, so the listwise loss also learns from preference rows.
     if rows.format != fmt and not (fmt == "ranked" and rows.format == "preference"):
         raise ConfigError(f"data.source {data.source}: rows have format '{rows.format}' but "
@@ -297,7 +303,8 @@ def save_reward_model(ensemble: Any, tokenizer: Any, cfg: RewardConfig, output_d
 
 @dataclass
 class RewardRun:
-    results: list[TrainResult]
+    result: TrainResult  # the whole run (members' histories concatenated, seconds summed)
+    results: list[TrainResult]  # one per ensemble member
     model: Any  # a RewardEnsemble
     tokenizer: Any
     metrics: dict[str, float]
@@ -354,7 +361,9 @@ def run_reward(cfg: RewardConfig) -> RewardRun:
     if metrics:
         print("reward eval: " + ", ".join(f"{k} {metrics[k]:.3f}" for k in ("accuracy", "ece")
                                           if k in metrics))
-    return RewardRun(results, ensemble, tokenizer, metrics, final)
+    whole = TrainResult(results[-1].step, [h for r in results for h in r.history], out,
+                        sum(r.seconds for r in results))
+    return RewardRun(whole, results, ensemble, tokenizer, metrics, final)
 
 
 def _register() -> None:
