@@ -111,6 +111,56 @@ def test_ensemble_members_and_heads_train_on_their_own_subsets(tiny_world, world
     assert masks != [[m[0]] * 4 for m in masks]  # the columns see different examples
 
 
+def _random_examples(fmt: str, n: int = 8, k: int = 2) -> list[dict]:
+    g = random.Random(0)
+
+    def ids(lo, hi):
+        return [g.randrange(1, 64) for _ in range(g.randint(lo, hi))]
+
+    out = []
+    for i in range(n):
+        mask = [float(g.random() < 0.7) for _ in range(k)]
+        if fmt == "preference":
+            out.append({"prompt_ids": ids(2, 5), "chosen_ids": ids(1, 6), "rejected_ids": ids(1, 6),
+                        "margin": 0.1 * i, "member_mask": mask})
+        else:  # ragged ranked lists
+            m = 2 + i % 3
+            out.append({"prompt_ids": ids(2, 5), "completion_ids": [ids(1, 6) for _ in range(m)],
+                        "scores": [g.random() for _ in range(m)], "member_mask": mask})
+    return out
+
+
+@pytest.mark.parametrize("fmt,loss", [("preference", "bradley_terry_margin"), ("ranked", "plackett_luce")])
+def test_packed_equals_padded_and_accumulation_is_exact(fmt, loss):
+    import torch
+
+    from alignlab.models.heads import CausalLMWithScalarHead
+    from alignlab.trainers.loop import forward_backward
+    from alignlab.trainers.reward import RewardObjective, collate
+    from tests.conftest import random_llama
+
+    model = CausalLMWithScalarHead(random_llama(), num_heads=2)
+    objective = RewardObjective(loss, center_coef=0.05)
+    examples = _random_examples(fmt)
+    padded, packed = (collate(examples, fmt, 0, packed=p, columns=[0, 1]) for p in (False, True))
+    with torch.no_grad():
+        per_padded = objective.per_example(model.sequence_values(padded), padded)
+        per_packed = objective.per_example(model.sequence_values(packed), packed)
+    torch.testing.assert_close(per_padded, per_packed, atol=1e-5, rtol=1e-5)
+
+    def grads(micro):
+        model.zero_grad()
+        loss_value, denom, _ = forward_backward(model, objective, micro, torch.device("cpu"))
+        return loss_value, denom, torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    whole = grads([padded])
+    split = grads([collate(examples[:3], fmt, 0, columns=[0, 1]),
+                   collate(examples[3:], fmt, 0, columns=[0, 1])])
+    assert whole[1] == split[1] == sum(sum(e["member_mask"]) for e in examples) / 2
+    assert whole[0] == pytest.approx(split[0], rel=1e-5)
+    torch.testing.assert_close(whole[2], split[2], atol=1e-6, rtol=1e-4)
+
+
 def test_bad_score_names_file_line_and_field(tiny_world, world_cache, tmp_path):
     rows = [{"prompt": "review of x :", "completion": " good .", "score": 1.0},
             {"prompt": "review of x :", "completion": " bad .", "score": "high"}]
