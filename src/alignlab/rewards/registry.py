@@ -95,3 +95,4 @@ def weighted_sum(weights: Mapping[str, float],
 # The built-in rewards register themselves on import.
 from alignlab.rewards import arithmetic as _arithmetic  # noqa: E402,F401
 from alignlab.rewards import lexical as _lexical  # noqa: E402,F401
+from alignlab.rewards import reward_model as _reward_model  # noqa: E402,F401
