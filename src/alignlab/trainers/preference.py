@@ -64,6 +64,8 @@ class PreferenceSection(Section):
     precompute_reference: bool = True
     prefix_sharing: bool | None = None
     """Compute each prompt once for all its completions; None = on when exact for the model."""
+    heldout: int = Field(0, ge=0)
+    """Rows kept out of training; their loss and reward accuracy go to ``heldout.json``."""
 
 
 @dataclass(frozen=True)
@@ -245,6 +247,7 @@ class PreferenceRun:
     examples: list[dict[str, Any]]
     layout: str
     reference_cache_hit: bool | None  # None: no precomputed reference (reference-free or on the fly)
+    heldout: dict[str, float] | None = None
 
 
 def load_preference_examples(data: DataSection, world: WorldSection, tokenizer: Any, kind: str
@@ -321,6 +324,11 @@ def run_preference(cfg: PreferenceConfig) -> PreferenceRun:
                 raise ConfigError("field 'preference.prefix_sharing': the reference model does not "
                                   "support it; set it to false or precompute_reference to true")
     objective = PreferenceObjective(plan, ref_model)
+    n_held = cfg.preference.heldout
+    if n_held >= len(examples):
+        raise ConfigError(f"field 'preference.heldout': {n_held} rows leave none of the "
+                          f"{len(examples)} to train on")
+    held, examples = examples[len(examples) - n_held:], examples[:len(examples) - n_held]
     state_file = Path(cfg.train.output_dir) / STATE_FILE
     if cfg.train.resume and plan.shifted and state_file.exists():
         objective.load_state_dict(json.loads(state_file.read_text()))
@@ -336,7 +344,15 @@ def run_preference(cfg: PreferenceConfig) -> PreferenceRun:
     name = "+".join(plan.weights)
     result = train(model, objective, batches, cfg.train, description=name, on_step=on_step)
     save_final(model, tokenizer, cfg, result.output_dir)
-    return PreferenceRun(result, model, tokenizer, objective, examples, layout, hit)
+    scores = None
+    if held:
+        from alignlab.trainers.preference_bench import heldout_metrics
+
+        scores = heldout_metrics(model, objective, held, pad, layout=layout, device=device,
+                                 batch_size=2 * cfg.train.batch_size, precision=precision)
+        atomic_write_text(Path(result.output_dir) / "heldout.json", json.dumps(scores, indent=1))
+        print(f"held-out ({len(held)} rows): " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+    return PreferenceRun(result, model, tokenizer, objective, examples, layout, hit, scores)
 
 
 ALIASES = ("dpo", "ipo", "simpo", "orpo", "kto", "cpo", "bco", "lipo_lambda")

@@ -53,13 +53,43 @@ def sample_kl(policy: torch.nn.Module, reference: torch.nn.Module, tokenizer: An
     return sum(p[0] - r[0] for p, r in zip(pol, ref)) / len(examples)
 
 
+@torch.no_grad()
+def heldout_metrics(model: torch.nn.Module, objective: Any, examples: list[dict[str, Any]],
+                    pad_token_id: int, *, layout: str, batch_size: int, device: torch.device,
+                    precision: str = "fp32") -> dict[str, float]:
+    """The objective's loss per item and metrics (``rewards/accuracies``: held-out pairwise
+    implicit reward accuracy, ``rewards/margins``, ...) averaged over held-out examples."""
+    from alignlab.trainers.loop import to_device
+    from alignlab.utils.runtime import autocast
+
+    was_training = model.training
+    model.eval()
+    state = objective.state_dict()  # evaluation must not move BCO's running shift
+    totals: dict[str, float] = {}
+    n = 0
+    try:
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start:start + batch_size]
+            batch = to_device(collate_groups(chunk, pad_token_id, layout=layout), device)
+            with autocast(device, precision):
+                out = objective.loss(model, batch)
+            for k, v in {"loss": float(out.loss_sum) / len(chunk), **out.metrics}.items():
+                totals[k] = totals.get(k, 0.0) + float(v) * len(chunk)
+            n += len(chunk)
+    finally:
+        model.train(was_training)
+        objective.load_state_dict(state)
+    return {k: v / n for k, v in totals.items()}
+
+
 def benchmark_steps(model: torch.nn.Module, tokenizer: Any, rows: list[dict[str, Any]], *,
                     steps: int, batch_size: int, loss: str = "dpo", beta: float | None = None,
                     reference: torch.nn.Module | None = None, precision: str = "auto",
                     device: str = "auto", lr: float = 1e-6, max_length: int | None = None,
                     prefix_sharing: bool | None = None, grad_accum: int = 1) -> dict[str, float]:
     """Train ``model`` for ``steps`` optimizer steps of ``loss`` on preference ``rows``
-    (prompt/chosen/rejected dicts, the same rows a TRL DPOTrainer gets) and time it.
+    (prompt/chosen/rejected dicts, the same rows a TRL DPOTrainer gets, or already tokenised
+    prompt_ids/chosen_ids/rejected_ids dicts; then ``tokenizer`` only gives the pad id) and time it.
 
     The reference log-probs are precomputed first with ``reference`` (default: a frozen copy of
     ``model`` as it is now) and timed separately, like TRL's ``precompute_ref_log_probs``.
@@ -76,9 +106,12 @@ def benchmark_steps(model: torch.nn.Module, tokenizer: Any, rows: list[dict[str,
 
     section = PreferenceSection(loss=loss, beta=beta, prefix_sharing=prefix_sharing)
     plan = plan_losses(section)
-    tokenized = tokenize_rows(rows_from_list(rows, format="preference"), tokenizer,
-                              max_length=max_length)
-    examples, pad = tokenized.examples, tokenized.pad_token_id
+    if "prompt_ids" in rows[0]:  # already token ids
+        examples, pad = [dict(r) for r in rows], tokenizer.pad_token_id
+    else:
+        tokenized = tokenize_rows(rows_from_list(rows, format="preference"), tokenizer,
+                                  max_length=max_length)
+        examples, pad = tokenized.examples, tokenized.pad_token_id
     layout = choose_layout(section, DataSection(), model)
     dev = pick_device(device)
     prec = resolve_precision(precision, dev)
@@ -116,4 +149,4 @@ def benchmark_steps(model: torch.nn.Module, tokenizer: Any, rows: list[dict[str,
             "pairs_per_s": pairs / seconds, "layout": layout}
 
 
-__all__ = ["benchmark_steps", "implicit_reward_accuracy", "sample_kl"]
+__all__ = ["benchmark_steps", "heldout_metrics", "implicit_reward_accuracy", "sample_kl"]
