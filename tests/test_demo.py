@@ -1,4 +1,5 @@
-"""The main job at tiny scale: same code path as `make demo`."""
+"""The main job at tiny scale — the offline pipeline test, same code path as `make demo`:
+SFT → sampled pairs → simulated labels → reward model → DPO."""
 
 from __future__ import annotations
 
@@ -7,12 +8,19 @@ import json
 from alignlab.demo import run_demo
 
 
-def test_demo_pipeline_improves_gold_and_writes_table_and_plot(tiny_world, world_cache, tmp_path, capsys):
+def test_demo_offline_pipeline_learns_and_writes_table_and_plot(tiny_world, world_cache, tmp_path, capsys):
     summary = run_demo(preset="tiny", out=tmp_path, cache_dir=world_cache, progress=False)
-    assert summary["metrics"]["sft"]["gold_mean"] > summary["metrics"]["base"]["gold_mean"] + 0.2
+    m, pipe = summary["metrics"], summary["pipeline"]
+    assert m["sft"]["gold_mean"] > m["base"]["gold_mean"] + 0.2, m
+    # DPO on noisy (25% flipped) labels of SFT samples improves gold further, staying near SFT.
+    assert m["dpo"]["gold_mean"] > m["sft"]["gold_mean"] + 0.03, m
+    assert 0.0 <= m["dpo"]["kl_to_sft"] < 5.0, m
+    assert pipe["gold_chosen_mean"] > pipe["gold_rejected_mean"], pipe
+    assert pipe["reward_model_heldout_accuracy"] >= 0.6, pipe
     out = capsys.readouterr().out
-    assert "gold_mean" in out and "base" in out and "sft" in out
+    assert "gold_mean" in out and "dpo" in out and "reward_model_heldout_accuracy" in out
     png = (tmp_path / "demo.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert json.loads((tmp_path / "summary.json").read_text())["task"] == "positive"
     assert "| gold_mean |" in (tmp_path / "summary.md").read_text()
+    assert len((tmp_path / "preferences.jsonl").read_text().splitlines()) == pipe["preference_pairs"]

@@ -1,12 +1,14 @@
-"""The demo (README's main job) on the built-in feedback world.
+"""The demo (README's main job): the offline feedback pipeline on the built-in world.
 
-world (built if absent) → evaluate the base model → SFT on the ``positive`` task's
-demonstrations → evaluate again → before/after table (stdout, Markdown, JSON) and a PNG plot.
-Later stages (preferences, reward model, DPO, online RL) append themselves here.
+world (built if absent) → SFT on the task's demonstrations → sample pairs from the SFT model →
+simulated annotator labels them (25% flips) → reward model (held-out accuracy) → DPO from the
+SFT model → eval of base / SFT / DPO on held-out prompts: gold reward, KL to the SFT model,
+perplexity, length, diversity. Prints the table, writes Markdown/JSON and a PNG plot.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -17,76 +19,129 @@ from rich.table import Table
 from alignlab.bench.evaluate import comparison_table, evaluate, write_report
 from alignlab.bench.plots import plot_before_after
 from alignlab.config import DataSection, EvalSection, ModelSection, TrainSection, WorldSection
-from alignlab.models.loading import load_model, load_tokenizer
+from alignlab.data.generate import generate_preferences
+from alignlab.models.loading import load_model, load_reference_model, load_tokenizer
+from alignlab.rewards.annotator import SimulatedAnnotator
+from alignlab.trainers.preference import PreferenceConfig, PreferenceSection, run_preference
+from alignlab.trainers.preference_bench import sample_kl
+from alignlab.trainers.reward import RewardConfig, RewardSection, run_reward
 from alignlab.trainers.sft import SFTConfig, run_sft
 from alignlab.utils.io import atomic_write_json, atomic_write_text
 from alignlab.world.build import ensure_world
 
-# Per preset: SFT steps and eval size. "full" fits the demo's 10-minute budget on 2 cores.
+# Per preset: step counts and sizes. "full" fits the demo's 10-minute budget on 2 cores.
 DEMO_SETTINGS = {
-    "full": {"sft_steps": 150, "batch_size": 32, "lr": 3e-4, "n_prompts": 128, "samples": 2},
-    "tiny": {"sft_steps": 40, "batch_size": 16, "lr": 1e-3, "n_prompts": 32, "samples": 2},
+    "full": {"sft_steps": 100, "sft_batch": 32, "sft_lr": 3e-4, "n_pairs": 1024, "rm_steps": 80,
+             "dpo_steps": 80, "dpo_batch": 16, "dpo_lr": 2e-5, "beta": 0.1, "n_prompts": 128, "samples": 2},
+    "tiny": {"sft_steps": 40, "sft_batch": 16, "sft_lr": 1e-3, "n_pairs": 256, "rm_steps": 30,
+             "dpo_steps": 30, "dpo_batch": 16, "dpo_lr": 1e-4, "beta": 0.1, "n_prompts": 32, "samples": 2},
 }
+
+
+def _train_section(out: Path, name: str, steps: int, batch: int, lr: float, seed: int, progress: bool) -> TrainSection:
+    return TrainSection(output_dir=str(out / name), max_steps=steps, batch_size=batch, lr=lr,
+                        warmup_steps=min(10, steps // 5), log_every=5, seed=seed, progress=progress)
 
 
 def run_demo(preset: str = "full", out: str | Path = "runs/demo", seed: int = 0,
              cache_dir: str | None = None, task: str = "positive", progress: bool = True) -> dict[str, Any]:
     console = Console()
     out = Path(out)
-    settings = DEMO_SETTINGS[preset]
+    s = DEMO_SETTINGS[preset]
     timings: dict[str, float] = {}
+    clock = [time.time()]
+
+    def lap(name: str) -> None:
+        now = time.time()
+        timings[name] = round(now - clock[0], 1)
+        clock[0] = now
+
     t0 = time.time()
     world = ensure_world(preset, seed, cache_dir, progress=progress)
-    timings["world"] = time.time() - t0
-    console.print(f"world: {world.path} ({world.manifest['n_parameters']:,} parameters, "
-                  f"held-out ppl {world.manifest['heldout_ppl']:.2f} vs unigram "
-                  f"{world.manifest['heldout_unigram_ppl']:.1f})")
-    eval_cfg = EvalSection(task=task, n_prompts=settings["n_prompts"], samples_per_prompt=settings["samples"])
-    heldout = world.corpus("heldout")
     world_cfg = WorldSection(preset=preset, seed=seed, cache_dir=cache_dir)
-
-    t = time.time()
-    base = load_model(str(world.base_dir))
+    the_task = world.task(task)
+    lap("world")
+    console.print(f"world: {world.path} ({world.manifest['n_parameters']:,} parameters, held-out ppl "
+                  f"{world.manifest['heldout_ppl']:.2f} vs unigram {world.manifest['heldout_unigram_ppl']:.1f})")
+    eval_cfg = EvalSection(task=task, n_prompts=s["n_prompts"], samples_per_prompt=s["samples"])
+    heldout = world.corpus("heldout")
     tokenizer = load_tokenizer(str(world.base_dir))
-    results = {"base": evaluate(base, tokenizer, world.task(task), eval_cfg, heldout_texts=heldout)}
-    write_report(results["base"], out, "eval_base")
-    timings["eval_base"] = time.time() - t
 
-    t = time.time()
-    sft_cfg = SFTConfig(
-        model=ModelSection(name_or_path=str(world.base_dir)),
-        data=DataSection(source=f"world:{task}", limit=4096),
-        train=TrainSection(output_dir=str(out / "sft"), max_steps=settings["sft_steps"],
-                           batch_size=settings["batch_size"], lr=settings["lr"], warmup_steps=10,
-                           log_every=5, seed=seed, progress=progress),
-        world=world_cfg)
-    sft = run_sft(sft_cfg)
-    timings["sft"] = time.time() - t
+    def run_eval(name: str, model) -> dict[str, Any]:
+        result = evaluate(model, tokenizer, the_task, eval_cfg, heldout_texts=heldout)
+        write_report(result, out, f"eval_{name}")
+        return result
 
-    t = time.time()
-    results["sft"] = evaluate(sft.model, sft.tokenizer, world.task(task), eval_cfg, heldout_texts=heldout)
-    write_report(results["sft"], out, "eval_sft")
-    timings["eval_sft"] = time.time() - t
-    timings["total"] = time.time() - t0
+    results = {"base": run_eval("base", load_model(str(world.base_dir)))}
+    lap("eval_base")
 
-    header, rows = comparison_table(results)
+    sft = run_sft(SFTConfig(model=ModelSection(name_or_path=str(world.base_dir)),
+                            data=DataSection(source=f"world:{task}", limit=4096), world=world_cfg,
+                            train=_train_section(out, "sft", s["sft_steps"], s["sft_batch"], s["sft_lr"], seed, progress)))
+    sft_dir = sft.result.output_dir / "final"
+    results["sft"] = run_eval("sft", sft.model)
+    lap("sft")
+
+    annotator = SimulatedAnnotator.for_task(the_task, flip_rate=0.25, seed=seed,
+                                            cache_path=out / "annotator_labels.jsonl")
+    rows = generate_preferences(sft.model, tokenizer, the_task, s["n_pairs"], annotator=annotator, seed=seed)
+    prefs_path = out / "preferences.jsonl"
+    atomic_write_text(prefs_path, "".join(json.dumps(r) + "\n" for r in rows))
+    lap("preferences")
+
+    rm = run_reward(RewardConfig(model=ModelSection(name_or_path=str(sft_dir)),
+                                 data=DataSection(source=str(prefs_path), format="preference"), world=world_cfg,
+                                 train=_train_section(out, "reward", s["rm_steps"], 16, 3e-4, seed, progress),
+                                 reward=RewardSection(eval_fraction=0.1)))
+    lap("reward_model")
+
+    dpo = run_preference(PreferenceConfig(
+        model=ModelSection(name_or_path=str(sft_dir)), world=world_cfg,
+        data=DataSection(source=str(prefs_path), format="preference"),
+        train=_train_section(out, "dpo", s["dpo_steps"], s["dpo_batch"], s["dpo_lr"], seed, progress),
+        preference=PreferenceSection(loss="dpo", beta=s["beta"])))
+    results["dpo"] = run_eval("dpo", dpo.model)
+    sft_ref = load_reference_model(str(sft_dir))
+    kl = {name: sample_kl(model, sft_ref, tokenizer, the_task.eval_prompts[:s["n_prompts"]],
+                          max_new_tokens=the_task.max_new_tokens, seed=seed)
+          for name, model in (("sft", sft.model), ("dpo", dpo.model))}
+    results["sft"]["metrics"]["kl_to_sft"] = kl["sft"]
+    results["dpo"]["metrics"]["kl_to_sft"] = kl["dpo"]
+    lap("dpo")
+    timings["total"] = round(time.time() - t0, 1)
+
+    header, table_rows = comparison_table(results)
     table = Table(title=f"alignlab demo: task '{task}', {preset} world")
     for h in header:
-        table.add_column(h, justify="right" if h != "metric" else "left")
-    for row in rows:
+        table.add_column(h, justify="left" if h == "metric" else "right")
+    for row in table_rows:
         table.add_row(*row)
     console.print(table)
+    pipeline = {
+        "preference_pairs": len(rows),
+        "annotator_agreement_with_gold": rows.stats["annotator"].get("agreement"),
+        "gold_chosen_mean": rows.stats.get("gold_chosen_mean"),
+        "gold_rejected_mean": rows.stats.get("gold_rejected_mean"),
+        "reward_model_heldout_accuracy": rm.metrics.get("accuracy"),
+        "reward_model_ece": rm.metrics.get("ece"),
+    }
+    console.print("pipeline: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                             for k, v in pipeline.items()))
     md = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    md += ["| " + " | ".join(r) + " |" for r in rows]
+    md += ["| " + " | ".join(r) + " |" for r in table_rows]
+    md += ["", *(f"- {k}: {v}" for k, v in pipeline.items())]
     atomic_write_text(out / "summary.md", "\n".join(md) + "\n")
-    curves = {"sft loss": [(h["step"], h["loss"]) for h in sft.result.history]}
+    curves = {"sft loss": [(h["step"], h["loss"]) for h in sft.result.history],
+              "reward-model loss": [(h["step"], h["loss"]) for h in rm.result.history],
+              "dpo loss": [(h["step"], h["loss"]) for h in dpo.result.history]}
     plot = plot_before_after(results, curves, out / "demo.png",
-                             title=f"alignlab demo ({preset} world, task {task})")
-    summary = {"preset": preset, "task": task, "timings_s": {k: round(v, 1) for k, v in timings.items()},
+                             metrics=("gold_mean", "kl_to_sft", "distinct_2"),
+                             title=f"alignlab demo ({preset} world, task {task}): base → SFT → DPO")
+    summary = {"preset": preset, "task": task, "timings_s": timings, "pipeline": pipeline,
                "metrics": {k: v["metrics"] for k, v in results.items()},
                "world": {k: world.manifest[k] for k in ("n_parameters", "build_seconds", "heldout_ppl",
                                                         "heldout_unigram_ppl")}}
     atomic_write_json(out / "summary.json", summary)
-    console.print(f"timings (s): {summary['timings_s']}")
+    console.print(f"timings (s): {timings}")
     console.print(f"wrote {out / 'summary.md'}, {out / 'summary.json'}, {plot}")
     return summary

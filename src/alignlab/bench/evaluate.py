@@ -87,6 +87,7 @@ def write_report(result: dict[str, Any], out_dir: str | Path, name: str = "eval"
 def comparison_table(results: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """Rows of metric values for several labelled eval results (e.g. before/after)."""
     labels = list(results)
-    keys = list(next(iter(results.values()))["metrics"])
-    rows = [[k] + [f"{results[lab]['metrics'].get(k, float('nan')):.4f}" for lab in labels] for k in keys]
+    keys = list(dict.fromkeys(k for r in results.values() for k in r["metrics"]))
+    rows = [[k] + [f"{results[lab]['metrics'][k]:.4f}" if k in results[lab]["metrics"] else "–"
+                   for lab in labels] for k in keys]
     return ["metric", *labels], rows
