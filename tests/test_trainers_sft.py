@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from alignlab.bench.evaluate import evaluate
 from alignlab.config import DataSection, EvalSection, ModelSection, TrainSection, WorldSection
@@ -46,3 +47,19 @@ def test_full_sequence_loss_trains_on_prompt_tokens_too(tiny_world, world_cache,
     comp = load_training_rows(cfg.data, cfg.world, tok).examples[0]
     assert sum(full["loss_mask"]) == len(full["input_ids"]) - 1
     assert 0 < sum(comp["loss_mask"]) < sum(full["loss_mask"])
+
+
+def test_sft_with_lora_trains_adapters_and_saves_a_merged_model(tiny_world, world_cache, tmp_path):
+    from alignlab.config import LoraSettings
+
+    cfg = _cfg(tiny_world, world_cache, tmp_path)
+    cfg.model.lora = LoraSettings(r=4, alpha=8)
+    cfg.train.max_steps = 5
+    run = run_sft(cfg)
+    trainable = [n for n, p in run.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora" in n for n in trainable)
+    merged = load_model(str(tmp_path / "final"))  # a plain causal LM: adapters merged on save
+    base = load_model(str(tiny_world.base_dir))
+    changed = [n for (n, a), b in zip(merged.state_dict().items(), base.state_dict().values())
+               if not torch.equal(a, b)]
+    assert changed and not any("lora" in n for n in merged.state_dict())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,8 @@ def save_final(model: torch.nn.Module, tokenizer: Any, cfg: BaseModel, output_di
     """Write ``<output_dir>/final`` (model, tokenizer, config) atomically."""
     final = Path(output_dir) / "final"
     tmp = final.with_name(".tmp-final")
-    to_save = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    # LoRA: save a merged copy (a plain AutoModelForCausalLM) and leave the trained model as is.
+    to_save = copy.deepcopy(model).merge_and_unload() if hasattr(model, "merge_and_unload") else model
     to_save.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     atomic_write_text(tmp / "alignlab_config.yaml", dump_config(cfg))
