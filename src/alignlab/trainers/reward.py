@@ -78,25 +78,19 @@ class RewardConfig(Section):
 # ---- data ----------------------------------------------------------------------------------------
 
 def contrast_pairs(task: Any, n: int, seed: int = 0) -> list[dict[str, Any]]:
-    """``n`` preference rows on a review task's train prompts: an all-positive and an all-negative
-    completion of one prefix, ordered by the task's gold reward, ``margin`` = the gold gap."""
-    from alignlab.world import language as lang
+    """``n`` oracle preference rows on a review task (an all-positive and an all-negative
+    completion of one prefix, :func:`world_preference_rows`), ordered by the task's gold reward,
+    with ``margin`` = the gold gap."""
+    from alignlab.data.preference_batches import world_preference_rows
 
-    train_prompts = set(task.train_prompts)
-    prefixes = [p for p in lang.all_review_prefixes() if p.text in train_prompts]
-    if not prefixes:
-        raise ConfigError(f"data.source world:{task.name}: contrast pairs need a review task "
-                          "(positive, positive_short)")
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        prefix = rng.choice(prefixes)
-        a, b = (lang.complete_review(rng, prefix, p=1.0), lang.complete_review(rng, prefix, p=0.0))
-        ga, gb = task.gold([prefix.text] * 2, [a, b])
-        chosen, rejected = (a, b) if ga >= gb else (b, a)
-        rows.append({"prompt": prefix.text, "chosen": chosen, "rejected": rejected,
-                     "margin": abs(ga - gb)})
-    return rows
+    rows = world_preference_rows(task, "preference", n, seed=seed)
+    golds = task.gold([r["prompt"] for r in rows for _ in (0, 1)],
+                      [c for r in rows for c in (r["chosen"], r["rejected"])])
+    out = []
+    for r, ga, gb in zip(rows, golds[::2], golds[1::2]):
+        chosen, rejected = (r["chosen"], r["rejected"]) if ga >= gb else (r["rejected"], r["chosen"])
+        out.append({"prompt": r["prompt"], "chosen": chosen, "rejected": rejected, "margin": abs(ga - gb)})
+    return out
 
 
 def _check_scores(rows: Any, column: str) -> None:
