@@ -144,14 +144,8 @@ def train(model: torch.nn.Module, algorithm: Algorithm, batches: Iterable[dict[s
             t_step = time.time()
             loss_total, denom, sums = forward_backward(model, algorithm, micro, device, precision,
                                                        step=step + 1, context=_last(logger))
-            grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                         if cfg.max_grad_norm else _grad_norm(params))
-            if not torch.isfinite(grad_norm):
-                raise NonFiniteError(f"step {step + 1}: the gradient norm is {grad_norm.item()}; "
-                                     "training stopped before the weights were corrupted.")
-            opt.step()
+            grad_norm = optimizer_step(params, opt, cfg.max_grad_norm, step=step + 1)
             sched.step()
-            opt.zero_grad(set_to_none=True)
             step += 1
             metrics = {"loss": loss_total, "grad_norm": grad_norm.item(),
                        "lr": sched.get_last_lr()[0], "step_time": time.time() - t_step,
@@ -204,6 +198,19 @@ def forward_backward(model: torch.nn.Module, algorithm: Algorithm, micro: list[d
         for k, v in out.metrics.items():
             sums[k] += float(v) / len(micro)
     return loss_total, denom, dict(sums)
+
+
+def optimizer_step(params: list[torch.Tensor], opt: torch.optim.Optimizer,
+                   max_grad_norm: float | None, *, step: int = 0) -> torch.Tensor:
+    """Clip the accumulated gradient, refuse a non-finite one, step and zero it; the grad norm."""
+    grad_norm = (torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                 if max_grad_norm else _grad_norm(params))
+    if not torch.isfinite(grad_norm):
+        raise NonFiniteError(f"step {step}: the gradient norm is {grad_norm.item()}; "
+                             "training stopped before the weights were corrupted.")
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:

@@ -35,6 +35,7 @@ BUILTIN_TRAINERS = (
     "alignlab.trainers.sft",
     "alignlab.trainers.preference",
     "alignlab.trainers.reward",
+    "alignlab.trainers.online",
 )
 
 

@@ -1,0 +1,340 @@
+"""The online-RL controller: rollout → reward → advantages → update, once per iteration.
+
+One loop serves every critic-free algorithm of ``rl_algorithms.RL_ALGORITHMS``; it passes
+plain data between the three roles of ``online_roles`` (rollout, reward, policy). Old
+log-probs come from one no-grad forward of the policy before the update (as TRL), reference
+log-probs from a frozen copy of the initial policy. With ``kl_in: reward`` the rewards are
+r_t = 1[t=last]·score − β·KL_t (InstructGPT); with ``kl_in: loss`` β·KL_t is added to the
+per-token policy loss (GRPO).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from alignlab.config import ModelSection, Section, TrainSection, WorldSection
+from alignlab.errors import ConfigError
+from alignlab.losses.advantages import ADVANTAGE_ESTIMATORS, kl_shaped_rewards
+from alignlab.losses.kl import token_kl
+from alignlab.trainers.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from alignlab.trainers.loop import Progress, TrainResult
+from alignlab.trainers.metrics import MetricsLogger
+from alignlab.trainers.online_roles import (PolicyObjective, PolicyRole, RewardRole, RolloutRole,
+                                            resolve_reward)
+from alignlab.trainers.rl_algorithms import RL_ALGORITHMS, RLAlgorithm
+from alignlab.utils.io import atomic_write_text
+from alignlab.utils.runtime import seed_everything
+
+WORLD = "world:"
+
+
+class RolloutSection(Section):
+    prompts: str = "world:positive"
+    """``world:<task>`` (the task's train prompts) or a JSONL/Parquet file of ``prompt_only`` rows
+    (extra columns are passed to reward functions as fields)."""
+    prompts_per_step: int = Field(8, gt=0)
+    n: int = Field(4, gt=0)
+    """Completions per prompt (the group size)."""
+    max_new_tokens: int | None = Field(None, gt=0)
+    """Defaults to the world task's suggestion, else 64."""
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    batch_size: int = Field(64, gt=0)
+
+
+class RLSection(Section):
+    reward: str | dict[str, float] = "gold"
+    """``gold``, a registered reward, ``module:function``, or ``{name: weight, ...}``."""
+    reward_params: dict[str, dict[str, Any]] = {}
+    on_reward_error: Literal["stop", "skip"] = "stop"
+    kl_coef: float = Field(0.0, ge=0)
+    kl_estimator: Literal["k1", "k2", "k3"] | None = None
+    """Defaults to the algorithm's (k3 for grpo, k1 otherwise)."""
+    kl_in: Literal["loss", "reward"] | None = None
+    epochs: int = Field(1, gt=0)
+    minibatch_size: int | None = Field(None, gt=0)
+    """Completions per optimizer step; default: the whole rollout batch (one step per epoch)."""
+    clip_eps_low: float = Field(0.2, gt=0)
+    clip_eps_high: float | None = Field(None, gt=0)
+    importance: Literal["token", "sequence"] = "token"
+    """``sequence``: GSPO's sequence-level ratio (grpo)."""
+    loss_aggregation: Literal["grpo", "dr_grpo", "dapo", "bnpo", "token_mean",
+                              "seq_mean_token_mean", "seq_mean_token_sum_norm"] | None = None
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    dynamic_sampling: bool = False
+    """Drop groups whose rewards have zero variance (DAPO); they carry no gradient."""
+    entropy: bool = False
+    """Log the policy's entropy (one extra softmax per token)."""
+
+
+class OnlineRLConfig(Section):
+    model: ModelSection = ModelSection()
+    world: WorldSection = WorldSection()
+    train: TrainSection = TrainSection(output_dir="runs/grpo", lr=1e-5, max_steps=100,
+                                       batch_size=16, log_every=1, lr_scheduler="constant")
+    rollout: RolloutSection = RolloutSection()
+    rl: RLSection = RLSection()
+
+    @model_validator(mode="after")
+    def _check(self) -> "OnlineRLConfig":
+        if isinstance(self.rl.reward, dict) and not self.rl.reward:
+            raise ValueError("rl.reward: give at least one reward name")
+        return self
+
+
+def _config_for(name: str) -> type[OnlineRLConfig]:
+    train = TrainSection(output_dir=f"runs/{name}", lr=1e-5, max_steps=100, batch_size=16,
+                         log_every=1, lr_scheduler="constant")
+    return type(f"{name.capitalize()}Config", (OnlineRLConfig,),
+                {"__annotations__": {"train": TrainSection}, "train": train})
+
+
+# ---------------------------------------------------------------------------------- prompts
+
+
+class PromptSource:
+    """Prompts (and row fields) for iteration ``i``: a fresh seeded permutation each pass."""
+
+    def __init__(self, rows: list[dict[str, Any]], seed: int) -> None:
+        if not rows:
+            raise ConfigError("rollout.prompts: no prompts")
+        self.rows, self.seed = rows, seed
+
+    def batch(self, iteration: int, k: int) -> list[dict[str, Any]]:
+        out, n = [], len(self.rows)
+        for j in range(iteration * k, (iteration + 1) * k):
+            order = list(range(n))
+            random.Random(self.seed * 100_003 + j // n).shuffle(order)
+            out.append(self.rows[order[j % n]])
+        return out
+
+
+def load_prompts(cfg: OnlineRLConfig) -> tuple[PromptSource, Any]:
+    """(the prompt source, the world task or None)."""
+    src = cfg.rollout.prompts
+    if src.startswith(WORLD):
+        from alignlab.trainers.common import get_world
+
+        try:
+            task = get_world(cfg.world).task(src[len(WORLD):])
+        except ConfigError as exc:
+            raise ConfigError(f"rollout.prompts: {exc}") from None
+        return PromptSource([{"prompt": p} for p in task.train_prompts], cfg.train.seed), task
+    from alignlab.data.loading import load_rows
+
+    rows = load_rows(src, format="prompt_only")
+    return PromptSource([dict(r) for r in rows], cfg.train.seed), None
+
+
+def build_reward(cfg: RLSection, task: Any) -> RewardRole:
+    weights = cfg.reward if isinstance(cfg.reward, dict) else {cfg.reward: 1.0}
+    unknown = sorted(set(cfg.reward_params) - set(weights))
+    if unknown:
+        raise ConfigError(f"rl.reward_params: {unknown} are not rewards in rl.reward")
+    return RewardRole({name: (w, resolve_reward(name, task, cfg.reward_params.get(name)))
+                       for name, w in weights.items()}, cfg.on_reward_error)
+
+
+# ---------------------------------------------------------------------------------- controller
+
+
+@dataclass
+class OnlineRun:
+    result: TrainResult
+    model: torch.nn.Module
+    tokenizer: Any
+
+
+def make_objective(alg: RLAlgorithm, cfg: OnlineRLConfig, max_tokens: int) -> PolicyObjective:
+    rl = cfg.rl
+    kl_in = rl.kl_in or alg.kl_in
+    return PolicyObjective(
+        "gspo" if rl.importance == "sequence" else "ppo_clip",
+        rl.loss_aggregation or alg.aggregation, clip_eps_low=rl.clip_eps_low,
+        clip_eps_high=rl.clip_eps_high, kl_coef=rl.kl_coef if kl_in == "loss" else 0.0,
+        kl_estimator=rl.kl_estimator or alg.kl_estimator, max_tokens=max_tokens,
+        temperature=cfg.rollout.temperature, entropy=rl.entropy)
+
+
+def compute_advantages(alg: RLAlgorithm, cfg: OnlineRLConfig, exp: dict[str, torch.Tensor],
+                       scores: torch.Tensor, group_ids: torch.Tensor,
+                       baseline_scores: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Advantages [B,T] with the KL placed in the reward when the algorithm/config says so."""
+    rl, mask = cfg.rl, exp["loss_mask"]
+    kl_in = rl.kl_in or alg.kl_in
+    kwargs: dict[str, Any] = {"mask": mask}
+    metrics: dict[str, float] = {}
+    if kl_in == "reward" and rl.kl_coef > 0:
+        rewards, kl = kl_shaped_rewards(scores, exp["old_logprobs"], exp["ref_logprobs"], mask,
+                                        rl.kl_coef, rl.kl_estimator or alg.kl_estimator)
+        metrics["kl_penalty"] = float(rl.kl_coef * kl.sum(-1).mean())
+        if alg.token_rewards:
+            kwargs["rewards"] = rewards
+        else:  # a sequence estimator: the KL-shaped return of the whole completion
+            kwargs["scores"] = rewards.sum(-1)
+    else:
+        kwargs["scores"] = scores
+    if alg.grouped:
+        kwargs["group_ids"] = group_ids
+    if alg.advantage == "grpo":
+        kwargs["scale_rewards"] = rl.scale_rewards
+    if baseline_scores is not None:
+        kwargs["baseline_scores"] = baseline_scores
+    advantages, _ = ADVANTAGE_ESTIMATORS.get(alg.advantage)(**kwargs)
+    return advantages, metrics
+
+
+def _select(exp: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {k: v[keep] for k, v in exp.items()}
+
+
+def run_online(cfg: OnlineRLConfig, algorithm: str) -> OnlineRun:
+    """Train ``cfg.train.max_steps`` RL iterations of ``algorithm`` and save the final policy."""
+    from alignlab.trainers.common import load_policy, save_final
+
+    alg = RL_ALGORITHMS[algorithm]
+    if alg.grouped and cfg.rollout.n < 2:
+        raise ConfigError(f"rollout.n: {algorithm} compares the completions of one prompt; "
+                          f"set rollout.n >= 2 (got {cfg.rollout.n})")
+    seed_everything(cfg.train.seed)
+    sources, task = load_prompts(cfg)
+    reward_role = build_reward(cfg.rl, task)
+    model, tokenizer = load_policy(cfg.model, cfg.world)
+    max_new = cfg.rollout.max_new_tokens or (task.max_new_tokens if task is not None else 64)
+    needs_ref = cfg.rl.kl_coef > 0
+    # Before any checkpoint is loaded, so a resumed run keeps the *initial* policy as reference.
+    reference = copy.deepcopy(model).requires_grad_(False).eval() if needs_ref else None
+    objective = make_objective(alg, cfg, max_new + 1)  # +1: the eos is a trained token too
+    policy = PolicyRole(model, objective, cfg.train, epochs=cfg.rl.epochs,
+                        minibatch_size=cfg.rl.minibatch_size, seed=cfg.train.seed)
+    if reference is not None:
+        reference.to(policy.device)
+    rollout = RolloutRole(model, tokenizer, max_new_tokens=max_new,
+                          temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                          batch_size=cfg.rollout.batch_size)
+
+    out = Path(cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start = 0
+    ckpt = latest_checkpoint(out) if cfg.train.resume else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model)
+        policy.load_state_dict(state["policy"])
+        reward_role.total_skipped = int(state.get("reward_skipped", 0))
+        start = int(state["step"])
+    logger = MetricsLogger(out, tensorboard=cfg.train.tensorboard)
+    progress = Progress(cfg.train.max_steps, start, cfg.train.progress, algorithm)
+    t_run = time.time()
+    dropped_total = 0
+    try:
+        for it in range(start, cfg.train.max_steps):
+            rows = sources.batch(it, cfg.rollout.prompts_per_step)
+            prompts = [r["prompt"] for r in rows]
+            t0 = time.time()
+            rollout.sync_weights()
+            rolls = rollout.generate(prompts, cfg.rollout.n, seed=cfg.train.seed * 7919 + it)
+            greedy = (rollout.generate(prompts, 1, seed=0, greedy=True)
+                      if alg.greedy_baseline else None)
+            t1 = time.time()
+            fields = {k: [rows[i].get(k) for i in rolls.prompt_index]
+                      for k in rows[0] if k != "prompt"}
+            scored = reward_role.score(rolls.prompts, rolls.completions, fields)
+            m: dict[str, float] = {}
+            baseline = None
+            if greedy is not None:
+                g = reward_role.score(greedy.prompts, greedy.completions,
+                                      {k: [r.get(k) for r in rows] for k in fields})
+                baseline = torch.tensor([g.scores[i] for i in rolls.prompt_index])
+                m["greedy_reward_mean"] = statistics.fmean(g.scores)
+            if task is not None:
+                m["gold_mean"] = statistics.fmean(task.gold(rolls.prompts, rolls.completions))
+            t2 = time.time()
+
+            exp = rollout.to_batch(rolls)
+            scores = torch.tensor(scored.scores, dtype=torch.float32)
+            group_ids = torch.tensor(rolls.prompt_index)
+            keep = torch.tensor(scored.valid)
+            if baseline is not None:
+                keep &= torch.isfinite(baseline)
+            dropped = 0
+            if alg.grouped:
+                keep, dropped = _keep_groups(keep, scores, group_ids, cfg.rl.dynamic_sampling)
+                dropped_total += dropped
+            valid = scores[keep]
+            m.update({"reward_mean": float(valid.mean()) if len(valid) else float("nan"),
+                      "reward_std": float(valid.std()) if len(valid) > 1 else 0.0,
+                      "response_length": statistics.fmean(map(len, rolls.completion_ids)),
+                      "frac_hit_length_limit": rolls.finish_reasons.count("length") / len(rolls.finish_reasons),
+                      "dropped_groups": dropped, "dropped_groups_total": dropped_total,
+                      "reward_skipped": scored.skipped})
+            if m["frac_hit_length_limit"] > 0.5:
+                print(f"warning: iteration {it + 1}: {m['frac_hit_length_limit']:.0%} of completions "
+                      f"hit rollout.max_new_tokens={max_new}; their rewards may be meaningless")
+            if int(keep.sum()) == 0:
+                m["update_skipped"] = 1
+            else:
+                exp = _select(exp, keep)
+                scores, group_ids = scores[keep], group_ids[keep]
+                baseline = baseline[keep] if baseline is not None else None
+                exp["old_logprobs"] = policy.logprobs(exp, temperature=cfg.rollout.temperature)
+                if reference is not None:
+                    exp["ref_logprobs"] = policy.logprobs(exp, reference, cfg.rollout.temperature)
+                    m["kl_ref"] = float((token_kl(exp["old_logprobs"], exp["ref_logprobs"], "k1",
+                                                  exp["loss_mask"])).sum(-1).mean())
+                exp["advantages"], extra = compute_advantages(alg, cfg, exp, scores, group_ids,
+                                                              baseline)
+                m.update(extra)
+                m.update(policy.update(exp))
+            t3 = time.time()
+            m.update({"time_rollout": t1 - t0, "time_reward": t2 - t1, "time_update": t3 - t2})
+            step = it + 1
+            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+                logger.log(step, m)
+            progress.update(f"reward {m['reward_mean']:.3f}")
+            if cfg.train.save_every and (step % cfg.train.save_every == 0
+                                         or step == cfg.train.max_steps):
+                save_checkpoint(out, step, model, {"policy": policy.state_dict(),
+                                                   "reward_skipped": reward_role.total_skipped},
+                                keep=cfg.train.save_total_limit)
+    finally:
+        progress.close()
+        logger.close()
+    atomic_write_text(out / "DONE", f"{cfg.train.max_steps}\n")
+    save_final(model, tokenizer, cfg, out)
+    result = TrainResult(cfg.train.max_steps, logger.history, out, time.time() - t_run)
+    return OnlineRun(result, model, tokenizer)
+
+
+def _keep_groups(keep: torch.Tensor, scores: torch.Tensor, group_ids: torch.Tensor,
+                 dynamic_sampling: bool) -> tuple[torch.Tensor, int]:
+    """Drop groups left with < 2 scored completions, and (dynamic sampling) zero-variance ones."""
+    keep = keep.clone()
+    dropped = 0
+    for g in group_ids.unique():
+        rows = (group_ids == g) & keep
+        s = scores[rows]
+        if len(s) < 2 or (dynamic_sampling and float(s.max() - s.min()) == 0.0):
+            keep &= ~(group_ids == g)
+            dropped += 1
+    return keep, dropped
+
+
+def _register() -> None:
+    from alignlab.trainers.registry import ALGORITHMS, AlgorithmEntry
+
+    for name, alg in RL_ALGORITHMS.items():
+        ALGORITHMS.register(name)(AlgorithmEntry(
+            _config_for(name), functools.partial(run_online, algorithm=name), alg.doc))
+
+
+_register()

@@ -1,0 +1,311 @@
+"""The three roles the online-RL controller drives: rollout, reward, policy (training).
+
+verl/HybridFlow's split (Sheng et al. 2024): the controller only passes plain data between
+roles — prompts → ``Rollouts`` → scores → an experience dict of ``[B,T]`` tensors → metrics —
+so a later change can place each role on its own Ray worker (or the rollout on a vLLM server,
+with ``RolloutRole.sync_weights``) without touching an algorithm. Here all three share one
+process and the rollout samples from the policy's own module.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from alignlab.config import TrainSection
+from alignlab.errors import ConfigError, RewardError
+from alignlab.losses.policy import POLICY_LOSSES, aggregate, num_items
+from alignlab.models.logprobs import token_logprobs
+from alignlab.rollout.sampling import sample
+from alignlab.trainers.loop import (LossOutput, build_optimizer, build_scheduler, forward_backward,
+                                    optimizer_step, to_device)
+from alignlab.utils.runtime import pick_device, resolve_precision
+
+# ---------------------------------------------------------------------------------- rollout
+
+
+@dataclass
+class Rollouts:
+    prompts: list[str]
+    """One per completion (each prompt repeated ``n`` times in place)."""
+    completions: list[str]
+    completion_ids: list[list[int]]
+    finish_reasons: list[str]
+    prompt_index: list[int]
+    """Which of the step's prompts each completion answers (the group id)."""
+
+
+class RolloutRole:
+    """Samples completions from the current policy and turns them into token batches."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, *, max_new_tokens: int,
+                 temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 64) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
+        self.batch_size = batch_size
+
+    def sync_weights(self, state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
+        """In one process the rollout samples from the trained module itself: nothing to copy."""
+
+    def generate(self, prompts: list[str], n: int, *, seed: int,
+                 greedy: bool = False) -> Rollouts:
+        s = sample(self.model, self.tokenizer, prompts, n=n, max_new_tokens=self.max_new_tokens,
+                   temperature=0.0 if greedy else self.temperature, top_p=self.top_p,
+                   batch_size=self.batch_size, seed=seed)
+        index = [i for i in range(len(prompts)) for _ in range(n)]
+        return Rollouts(s.prompts, s.completions, s.completion_ids, s.finish_reasons, index)
+
+    def to_batch(self, r: Rollouts) -> dict[str, torch.Tensor]:
+        """Right-padded prompt+completion(+eos when it stopped) ids; ``loss_mask`` on the completion."""
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        pad = eos if pad is None else pad
+        prompt_ids = self.tokenizer(sorted(set(r.prompts)), add_special_tokens=False)["input_ids"]
+        by_prompt = dict(zip(sorted(set(r.prompts)), prompt_ids))
+        rows, masks = [], []
+        for p, ids, why in zip(r.prompts, r.completion_ids, r.finish_reasons):
+            # The eos that ended a completion is an action too: without it the policy never
+            # learns to stop.
+            comp = list(ids) + ([eos] if why == "eos" else [])
+            rows.append(by_prompt[p] + comp)
+            masks.append([0] * len(by_prompt[p]) + [1] * len(comp))
+        width = max(map(len, rows))
+        input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in rows])
+        attn = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in rows])
+        loss_mask = torch.tensor([m + [0] * (width - len(m)) for m in masks])
+        return {"input_ids": input_ids, "attention_mask": attn,
+                "position_ids": (attn.cumsum(-1) - 1).clamp(min=0), "loss_mask": loss_mask}
+
+
+# ---------------------------------------------------------------------------------- reward
+
+RawReward = Callable[..., Sequence[float]]
+
+
+def resolve_reward(name: str, task: Any = None, params: Mapping[str, Any] | None = None,
+                   *, field: str = "rl.reward") -> RawReward:
+    """``gold`` (the world task's gold reward), ``module:function``, or a ``REWARDS`` name."""
+    if name == "gold":
+        if task is None:
+            raise ConfigError(f"{field}: 'gold' needs prompts from a world task "
+                              "(rollout.prompts: world:<task>)")
+        return lambda prompts, completions, **_: task.gold(prompts, completions)
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        try:
+            fn = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ConfigError(f"{field}: cannot load user reward {name!r}: {exc}") from None
+        if not callable(fn):
+            raise ConfigError(f"{field}: {name!r} is not callable")
+    else:
+        from alignlab.rewards.registry import REWARDS
+
+        try:
+            fn = REWARDS.get(name)
+        except Exception as exc:
+            raise ConfigError(f"{field}: {exc}") from None
+    return functools.partial(fn, **params) if params else fn
+
+
+@dataclass
+class RewardScores:
+    scores: list[float]
+    """The weighted sum; NaN where a component failed and the row was skipped."""
+    valid: list[bool]
+    skipped: int = 0
+    components: dict[str, list[float]] = field(default_factory=dict)
+
+
+class RewardRole:
+    """Scores completions with ``r = Σ_k w_k r_k``, batched; failures stop or skip (counted)."""
+
+    def __init__(self, components: Mapping[str, tuple[float, RawReward]],
+                 on_error: str = "stop") -> None:
+        if on_error not in ("stop", "skip"):
+            raise ConfigError(f"rl.on_reward_error: got {on_error!r}; allowed values: stop, skip")
+        self.components, self.on_error = dict(components), on_error
+        self.total_skipped = 0
+
+    def score(self, prompts: list[str], completions: list[str],
+              fields: Mapping[str, list[Any]] | None = None) -> RewardScores:
+        fields = dict(fields or {})
+        n = len(completions)
+        total, valid, parts = [0.0] * n, [True] * n, {}
+        for name, (weight, fn) in self.components.items():
+            values, bad, why = self._call(name, fn, prompts, completions, fields)
+            if bad:
+                i = bad[0]
+                msg = (f"reward {name!r} {why} (rows {bad[:5]} of {n}); first offending sample:\n"
+                       f"  prompt: {prompts[i]!r}\n  completion: {completions[i]!r}")
+                if self.on_error == "stop":
+                    raise RewardError(msg + "\nSet rl.on_reward_error: skip to drop such samples.")
+                warnings.warn(f"skipping {len(bad)} sample(s): {msg}", stacklevel=2)
+                for i in bad:
+                    valid[i] = False
+            parts[name] = values
+            total = [t + weight * v for t, v in zip(total, values)]
+        skipped = n - sum(valid)
+        self.total_skipped += skipped
+        scores = [t if ok else math.nan for t, ok in zip(total, valid)]
+        return RewardScores(scores, valid, skipped, parts)
+
+    @staticmethod
+    def _call(name: str, fn: RawReward, prompts: list[str], completions: list[str],
+              fields: dict[str, list[Any]]) -> tuple[list[float], list[int], str]:
+        """(values with 0 at bad rows, bad rows, what went wrong)."""
+        n = len(completions)
+        try:
+            raw = list(fn(prompts, completions, **fields))
+        except Exception as exc:
+            why = f"raised {type(exc).__name__}: {exc}"
+            # Find the rows that make it raise by scoring them one at a time.
+            bad = []
+            for i in range(n):
+                try:
+                    fn(prompts[i:i + 1], completions[i:i + 1],
+                       **{k: v[i:i + 1] for k, v in fields.items()})
+                except Exception:
+                    bad.append(i)
+            good = [i for i in range(n) if i not in set(bad)]
+            values = [0.0] * n
+            if bad and good:  # score the rest in one batched call, as the function expects
+                sub, sub_bad, sub_why = RewardRole._call(
+                    name, fn, [prompts[i] for i in good], [completions[i] for i in good],
+                    {k: [v[i] for i in good] for k, v in fields.items()})
+                if sub_bad:
+                    return values, list(range(n)), why
+                for i, v in zip(good, sub):
+                    values[i] = v
+            return values, bad or list(range(n)), why
+        if len(raw) != n:
+            return [0.0] * n, list(range(n)), f"returned {len(raw)} values for {n} completions"
+        values, bad = [], []
+        for i, v in enumerate(raw):
+            try:
+                v = float(v)
+            except (TypeError, ValueError):
+                v = math.nan
+            if not math.isfinite(v):
+                bad.append(i)
+                v = 0.0
+            values.append(v)
+        shown = [raw[i] for i in bad[:5]]
+        return values, bad, f"returned None/NaN/inf or non-numbers {shown}"
+
+
+# ---------------------------------------------------------------------------------- policy
+
+
+class PolicyObjective:
+    """The loop's ``Algorithm``: a registered policy loss reduced by a registered aggregation.
+
+    ``num_items`` comes from the aggregation, so the loop's window normalisation makes the
+    update independent of how a minibatch is split into micro-batches.
+    """
+
+    def __init__(self, policy_loss: str = "ppo_clip", aggregation: str = "token_mean", *,
+                 clip_eps_low: float = 0.2, clip_eps_high: float | None = None,
+                 kl_coef: float = 0.0, kl_estimator: str = "k3", max_tokens: int | None = None,
+                 temperature: float = 1.0, entropy: bool = False) -> None:
+        self.loss_fn = POLICY_LOSSES.get(policy_loss)
+        self.aggregation, self.max_tokens = aggregation, max_tokens
+        self.clip = dict(clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high)
+        self.kl_coef, self.kl_estimator = kl_coef, kl_estimator
+        self.temperature, self.entropy = temperature, entropy
+
+    def num_items(self, batch: dict[str, Any]) -> float:
+        return float(num_items(batch["loss_mask"], self.aggregation))
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> LossOutput:
+        out = token_logprobs(model, batch, temperature=self.temperature,
+                             return_entropy=self.entropy)
+        lp, ent = out if self.entropy else (out, None)
+        mask = batch["loss_mask"]
+        res = self.loss_fn(lp, batch["old_logprobs"], batch["advantages"], mask, **self.clip,
+                           ref_logprobs=batch.get("ref_logprobs"), kl_coef=self.kl_coef,
+                           kl_estimator=self.kl_estimator, entropy=ent)
+        loss_sum, _ = aggregate(res.per_token_loss, mask, self.aggregation, self.max_tokens)
+        return LossOutput(loss_sum, {k: float(v) for k, v in res.metrics.items()})
+
+
+class PolicyRole:
+    """Owns the trained model, its optimizer and schedule; ``update(experience) -> metrics``."""
+
+    def __init__(self, model: torch.nn.Module, objective: PolicyObjective, cfg: TrainSection, *,
+                 epochs: int = 1, minibatch_size: int | None = None,
+                 micro_batch_size: int | None = None, seed: int = 0) -> None:
+        self.model, self.objective, self.cfg = model, objective, cfg
+        self.device = pick_device(cfg.device)
+        self.precision = resolve_precision(cfg.precision, self.device)
+        model.to(self.device)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(model, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.epochs, self.minibatch_size = epochs, minibatch_size
+        self.micro_batch_size = micro_batch_size or cfg.batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.updates = 0
+
+    @torch.no_grad()
+    def logprobs(self, batch: dict[str, torch.Tensor], model: torch.nn.Module | None = None,
+                 temperature: float = 1.0) -> torch.Tensor:
+        """Per-token log-probs of ``batch`` under the policy (or ``model``), no gradient."""
+        model = model or self.model
+        was_training = model.training
+        model.eval()
+        try:
+            parts = []
+            for start in range(0, batch["input_ids"].shape[0], self.micro_batch_size):
+                micro = to_device({k: v[start:start + self.micro_batch_size]
+                                   for k, v in batch.items()}, self.device)
+                parts.append(token_logprobs(model, micro, temperature=temperature).cpu())
+            return torch.cat(parts)
+        finally:
+            model.train(was_training)
+
+    def update(self, experience: dict[str, torch.Tensor]) -> dict[str, float]:
+        """``epochs`` passes over shuffled minibatches, one optimizer step each; one LR step."""
+        self.model.train()
+        n = experience["input_ids"].shape[0]
+        mb = min(self.minibatch_size or n, n)
+        sums: dict[str, float] = {}
+        count = 0
+        for _ in range(self.epochs):
+            order = torch.randperm(n, generator=self.generator)
+            for start in range(0, n, mb):
+                idx = order[start:start + mb]
+                micro = [{k: v[idx[j:j + self.micro_batch_size]] for k, v in experience.items()}
+                         for j in range(0, len(idx), self.micro_batch_size)]
+                micro = [m for m in micro if self.objective.num_items(m) > 0]
+                if not micro:
+                    continue
+                loss, _, metrics = forward_backward(self.model, self.objective, micro, self.device,
+                                                    self.precision, step=self.updates + 1)
+                grad_norm = optimizer_step(self.params, self.optimizer, self.cfg.max_grad_norm,
+                                           step=self.updates + 1)
+                self.updates += 1
+                count += 1
+                for k, v in {"loss": loss, "grad_norm": float(grad_norm), **metrics}.items():
+                    sums[k] = sums.get(k, 0.0) + v
+        self.scheduler.step()
+        out = {k: v / max(count, 1) for k, v in sums.items()}
+        out["lr"] = self.scheduler.get_last_lr()[0]
+        out["optimizer_steps"] = count
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "generator": self.generator.get_state(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        self.updates = int(state["updates"])

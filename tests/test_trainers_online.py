@@ -1,0 +1,101 @@
+"""The online-RL controller: every critic-free algorithm raises the gold reward on the tiny world."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from alignlab.bench.evaluate import evaluate
+from alignlab.config import EvalSection, TrainSection, WorldSection, load_config
+from alignlab.errors import ConfigError
+from alignlab.models.loading import load_model, load_tokenizer
+from alignlab.trainers.online import OnlineRLConfig, RLSection, RolloutSection, run_online
+from alignlab.trainers.registry import algorithms
+
+EVAL = EvalSection(task="positive", n_prompts=32, samples_per_prompt=2, seed=11)
+
+
+def _cfg(world_cache, tmp_path, steps=10, **rl) -> OnlineRLConfig:
+    return OnlineRLConfig(
+        world=WorldSection(preset="tiny", cache_dir=world_cache),
+        train=TrainSection(output_dir=str(tmp_path), max_steps=steps, lr=5e-4, batch_size=32,
+                           log_every=1, progress=False, tensorboard=False,
+                           lr_scheduler="constant"),
+        rollout=RolloutSection(prompts="world:positive", prompts_per_step=8, n=4),
+        rl=RLSection(**rl))
+
+
+@pytest.fixture(scope="module")
+def gold_before(tiny_world):
+    base = load_model(str(tiny_world.base_dir))
+    return evaluate(base, load_tokenizer(str(tiny_world.base_dir)), tiny_world.task("positive"),
+                    EVAL)["metrics"]["gold_mean"]
+
+
+# Seed 0, 10 iterations of 8 prompts x 4 samples, lr 5e-4: measured gains on the 32x2 eval
+# samples were grpo +0.51, rloo +0.47, remax +0.14, reinforce_pp +0.28 (and +0.33 to +0.69 for
+# all four with train seeds 1 and 2).
+@pytest.mark.parametrize("algorithm,margin", [("grpo", 0.3), ("rloo", 0.3), ("remax", 0.1),
+                                              ("reinforce_pp", 0.15)])
+def test_algorithm_raises_gold_sentiment_on_positive(tiny_world, world_cache, tmp_path, gold_before,
+                                                     algorithm, margin):
+    run = run_online(_cfg(world_cache, tmp_path), algorithm)
+    after = evaluate(run.model, run.tokenizer, tiny_world.task("positive"), EVAL)["metrics"]["gold_mean"]
+    assert after > gold_before + margin, (algorithm, gold_before, after)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 10
+    for key in ("reward_mean", "reward_std", "gold_mean", "response_length", "clip_fraction",
+                "frac_hit_length_limit", "dropped_groups", "time_rollout", "time_reward",
+                "time_update"):
+        assert key in rows[-1], key
+    assert (tmp_path / "final" / "alignlab_config.yaml").exists()
+
+
+def test_grpo_variants_kl_loss_gspo_clip_higher_dynamic_sampling_run_and_log(
+        world_cache, tmp_path):
+    run = run_online(_cfg(world_cache, tmp_path, steps=3, kl_coef=0.05, loss_aggregation="dr_grpo",
+                          importance="sequence", clip_eps_low=3e-4, clip_eps_high=4e-4,
+                          dynamic_sampling=True, epochs=2, minibatch_size=16, entropy=True),
+                     "grpo")
+    last = run.result.history[-1]
+    assert last["kl"] >= 0 and last["kl_ref"] > 0  # the policy has moved off the reference
+    kept = 32 - 4 * last["dropped_groups"]
+    assert last["optimizer_steps"] == 2 * -(-kept // 16)  # epochs x minibatches
+    assert "seq_ratio_mean" in last and "entropy" in last
+
+
+def test_dynamic_sampling_drops_zero_variance_groups_and_counts_them(world_cache, tmp_path):
+    cfg = _cfg(world_cache, tmp_path, steps=2, reward="tests.test_trainers_online:constant_reward",
+               dynamic_sampling=True)
+    run = run_online(cfg, "grpo")
+    assert [h["dropped_groups"] for h in run.result.history] == [8, 8]
+    assert run.result.history[-1]["dropped_groups_total"] == 16
+    assert all(h.get("update_skipped") == 1 for h in run.result.history)
+
+
+def constant_reward(prompts, completions, **_):
+    return [1.0] * len(completions)
+
+
+def test_config_errors_name_the_field(world_cache, tmp_path):
+    entry = algorithms().get("grpo")
+    yaml_file = tmp_path / "grpo.yaml"
+    yaml_file.write_text("rl:\n  kl_coeff: 0.1\n")
+    with pytest.raises(ConfigError, match=r"field 'rl.kl_coeff': unknown field; allowed fields: reward"):
+        load_config(entry.config_cls, yaml_file)
+    with pytest.raises(ConfigError, match=r"field 'rl.loss_aggregation'"):
+        load_config(entry.config_cls, None, ["rl.loss_aggregation=mean"])
+    with pytest.raises(ConfigError, match=r"field 'rollout.n'"):
+        load_config(entry.config_cls, None, ["rollout.n=0"])
+    with pytest.raises(ConfigError, match="rollout.n: grpo compares the completions"):
+        run_online(_cfg(world_cache, tmp_path).model_copy(
+            update={"rollout": RolloutSection(n=1)}), "grpo")
+    with pytest.raises(ConfigError, match="rl.reward"):
+        run_online(_cfg(world_cache, tmp_path, reward="no_such_reward"), "rloo")
+
+
+def test_every_rl_algorithm_is_registered_with_its_own_output_dir():
+    reg = algorithms()
+    for name in ("grpo", "rloo", "remax", "reinforce_pp"):
+        assert reg.get(name).config_cls().train.output_dir == f"runs/{name}"
