@@ -86,6 +86,8 @@ def test_config_errors_name_the_field(world_cache, tmp_path):
         load_config(entry.config_cls, yaml_file)
     with pytest.raises(ConfigError, match=r"field 'rl.loss_aggregation'"):
         load_config(entry.config_cls, None, ["rl.loss_aggregation=mean"])
+    with pytest.raises(ConfigError, match=r"train.grad_accum is not used by online RL"):
+        load_config(entry.config_cls, None, ["train.grad_accum=4"])
     with pytest.raises(ConfigError, match=r"field 'rollout.n'"):
         load_config(entry.config_cls, None, ["rollout.n=0"])
     with pytest.raises(ConfigError, match="rollout.n: grpo compares the completions"):

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, create_model, field_validator, model_validator
 
 from alignlab.config import ModelSection, Section, TrainSection, WorldSection
 from alignlab.errors import ConfigError
@@ -77,26 +77,49 @@ class RLSection(Section):
     """Log the policy's entropy (one extra softmax per token)."""
 
 
+class RLTrainSection(TrainSection):
+    """``TrainSection`` with online-RL defaults; ``max_steps`` counts RL iterations (one rollout
+    batch each), and the LR schedule advances once per iteration."""
+
+    output_dir: str = "runs/rl"
+    max_steps: int = Field(100, gt=0)
+    lr: float = Field(1e-5, gt=0)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    log_every: int = Field(1, gt=0)
+
+
 class OnlineRLConfig(Section):
     model: ModelSection = ModelSection()
     world: WorldSection = WorldSection()
-    train: TrainSection = TrainSection(output_dir="runs/grpo", lr=1e-5, max_steps=100,
-                                       batch_size=16, log_every=1, lr_scheduler="constant")
+    train: RLTrainSection = RLTrainSection()
     rollout: RolloutSection = RolloutSection()
     rl: RLSection = RLSection()
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _from_train_section(cls, value: Any) -> Any:
+        # A plain TrainSection from Python code: keep what it set, RL defaults for the rest.
+        if isinstance(value, TrainSection) and not isinstance(value, RLTrainSection):
+            return value.model_dump(exclude_unset=True)
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> "OnlineRLConfig":
         if isinstance(self.rl.reward, dict) and not self.rl.reward:
             raise ValueError("rl.reward: give at least one reward name")
+        if self.train.grad_accum != 1:
+            raise ValueError("train.grad_accum is not used by online RL: rl.minibatch_size sets "
+                             "the completions per optimizer step, train.batch_size the "
+                             "micro-batch; leave grad_accum at 1")
         return self
 
 
 def _config_for(name: str) -> type[OnlineRLConfig]:
-    train = TrainSection(output_dir=f"runs/{name}", lr=1e-5, max_steps=100, batch_size=16,
-                         log_every=1, lr_scheduler="constant")
-    return type(f"{name.capitalize()}Config", (OnlineRLConfig,),
-                {"__annotations__": {"train": TrainSection}, "train": train})
+    """The config class of one algorithm: the same sections, ``runs/<name>`` as output_dir."""
+    train_cls = create_model(f"{name.capitalize()}TrainSection", __base__=RLTrainSection,
+                             output_dir=(str, f"runs/{name}"))
+    return create_model(f"{name.capitalize()}Config", __base__=OnlineRLConfig,
+                        train=(train_cls, train_cls()))
 
 
 # ---------------------------------------------------------------------------------- prompts
