@@ -4,6 +4,7 @@ for side-by-side speed benchmarks (``benchmarks/dpo_vs_trl.py``).
 
 from __future__ import annotations
 
+import gc
 import tempfile
 import time
 from typing import Any
@@ -122,6 +123,8 @@ def benchmark_steps(model: torch.nn.Module, tokenizer: Any, rows: list[dict[str,
                                          device=dev, precision=prec, layout=layout)
         for e, v in zip(examples, values):
             e["ref_logps"] = v
+        del ref  # our frozen copy is not needed once its log-probs are cached
+        gc.collect()
     reference_seconds = time.perf_counter() - t0
     batches = EpochBatches(examples, batch_size, lambda ex: collate_groups(ex, pad, layout=layout))
     seen: list[int] = []
