@@ -8,7 +8,7 @@ import pytest
 
 from alignlab.bench.evaluate import evaluate
 from alignlab.config import EvalSection, TrainSection, WorldSection, load_config
-from alignlab.errors import ConfigError
+from alignlab.errors import ConfigError, RewardError
 from alignlab.models.loading import load_model, load_tokenizer
 from alignlab.trainers.online import OnlineRLConfig, RLSection, RolloutSection, run_online
 from alignlab.trainers.registry import algorithms
@@ -101,3 +101,33 @@ def test_every_rl_algorithm_is_registered_with_its_own_output_dir():
     reg = algorithms()
     for name in ("grpo", "rloo", "remax", "reinforce_pp"):
         assert reg.get(name).config_cls().train.output_dir == f"runs/{name}"
+
+
+def nan_on_first_reward(prompts, completions, **_):
+    return [float("nan")] + [float(len(c.split())) for c in completions[1:]]
+
+
+def test_skip_policy_in_the_loop_counts_skipped_samples_and_still_trains(world_cache, tmp_path):
+    cfg = _cfg(world_cache, tmp_path, steps=2, on_reward_error="skip",
+               reward="tests.test_trainers_online:nan_on_first_reward")
+    with pytest.warns(UserWarning, match="nan_on_first_reward"):
+        run = run_online(cfg, "rloo")
+    assert [h["reward_skipped"] for h in run.result.history] == [1, 1]
+    assert all(h["optimizer_steps"] == 1 for h in run.result.history)
+    cfg.rl.on_reward_error = "stop"
+    with pytest.raises(RewardError, match="nan_on_first_reward"):
+        run_online(cfg, "rloo")
+
+
+def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(world_cache, tmp_path):
+    import torch
+
+    full = run_online(_cfg(world_cache, tmp_path / "a", steps=4, kl_coef=0.1), "grpo").model
+    cfg = _cfg(world_cache, tmp_path / "b", steps=2, kl_coef=0.1)
+    cfg.train.save_every = 2
+    run_online(cfg, "grpo")
+    cfg.train.max_steps, cfg.train.resume = 4, True
+    resumed = run_online(cfg, "grpo")
+    assert resumed.result.history[0]["step"] == 3
+    for (name, a), b in zip(full.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
