@@ -1,0 +1,151 @@
+"""The rollout engine: greedy parity with ``generate``, log-probs, finish reasons, ordering, seeds."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from alignlab.models.logprobs import token_logprobs
+from alignlab.rollout.engine import LENGTH_WARNING, SamplingParams, rollout
+
+V = 48
+
+
+@pytest.fixture(scope="module")
+def model():
+    # A larger init than the default so greedy outputs vary from token to token.
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, intermediate_size=64, max_position_embeddings=128,
+                      initializer_range=0.3, pad_token_id=0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+PROMPTS = [[5, 9, 3], [7, 2, 11, 4, 8, 30], [21], [14, 6, 40, 2]]
+
+
+class CharTokenizer:
+    """Token i decodes to one letter, so stop strings can be placed by hand."""
+
+    eos_token_id, pad_token_id = None, 0
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+def run(model, params, eos=None, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return rollout(model, PROMPTS, params, eos_token_id=eos, pad_token_id=0, **kw)
+
+
+def test_greedy_matches_generate_token_for_token(model):
+    rb = run(model, SamplingParams(temperature=0, max_new_tokens=12))
+    width = max(map(len, PROMPTS))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in PROMPTS])
+    mask = (torch.arange(width) >= width - torch.tensor([len(p) for p in PROMPTS])[:, None]).long()
+    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=12,
+                         pad_token_id=0, eos_token_id=None)
+    assert rb.completion_ids == out[:, width:].tolist()
+    assert len({tuple(c) for c in rb.completion_ids}) == len(PROMPTS)
+    assert all(len(set(c)) > 2 for c in rb.completion_ids)  # not a constant sequence
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("compact", [True, False])
+def test_logprobs_equal_teacher_forced_recomputation(model, temperature, compact):
+    params = SamplingParams(temperature=temperature, top_k=10, top_p=0.9, max_new_tokens=10,
+                            n=3, seed=1)
+    rb = run(model, params, eos=7, compact=compact)
+    batch = rb.padded()
+    recomputed = token_logprobs(model, batch, temperature=temperature)
+    assert batch["loss_mask"].sum() == rb.completion_mask.sum() > 0
+    assert torch.allclose(recomputed, batch["old_logprobs"], atol=1e-4)
+    assert torch.equal(batch["input_ids"][0, :3], torch.tensor(PROMPTS[0]))
+
+
+def test_finish_reasons_eos_stop_id_length(model):
+    greedy = run(model, SamplingParams(temperature=0, max_new_tokens=8)).completion_ids[1]
+    target = greedy[3]
+    first = greedy.index(target)
+    by_eos = run(model, SamplingParams(temperature=0, max_new_tokens=8), eos=target)
+    assert by_eos.completion_ids[1] == greedy[:first + 1] and by_eos.finish_reasons[1] == "eos"
+    by_id = run(model, SamplingParams(temperature=0, max_new_tokens=8, stop_token_ids=(target,)))
+    assert by_id.completion_ids[1] == greedy[:first + 1] and by_id.finish_reasons[1] == "stop"
+    plain = run(model, SamplingParams(temperature=0, max_new_tokens=8))
+    assert plain.finish_reasons == ["length"] * 4 and all(len(c) == 8 for c in plain.completion_ids)
+
+
+def test_stop_string_on_decoded_tail(model):
+    tok = CharTokenizer()
+    greedy = run(model, SamplingParams(temperature=0, max_new_tokens=10), tokenizer=tok)
+    text = greedy.texts[0]
+    stop = text[3:5]
+    cut = text.find(stop)
+    rb = run(model, SamplingParams(temperature=0, max_new_tokens=10, stop=(stop,)), tokenizer=tok)
+    assert rb.finish_reasons[0] == "stop"
+    assert rb.completion_ids[0] == greedy.completion_ids[0][:cut + 2]  # through the stop's last token
+    assert rb.texts[0] == text[:cut]
+
+
+def test_n_samples_per_prompt_are_grouped_in_order(model):
+    rb = run(model, SamplingParams(temperature=1.0, max_new_tokens=6, n=3, seed=0))
+    assert rb.prompt_ids == [p for p in PROMPTS for _ in range(3)]
+    assert rb.prompt_index == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    greedy = run(model, SamplingParams(temperature=0, max_new_tokens=6, n=2))
+    single = run(model, SamplingParams(temperature=0, max_new_tokens=6))
+    assert greedy.completion_ids == [c for c in single.completion_ids for _ in range(2)]
+
+
+def test_same_seed_same_samples(model):
+    a = run(model, SamplingParams(max_new_tokens=8, n=2, seed=5))
+    b = run(model, SamplingParams(max_new_tokens=8, n=2, seed=5))
+    c = run(model, SamplingParams(max_new_tokens=8, n=2, seed=6))
+    assert a.completion_ids == b.completion_ids and torch.equal(a.logprobs, b.logprobs)
+    assert a.completion_ids != c.completion_ids
+    # chunking the batch keeps the prompt order
+    d = run(model, SamplingParams(temperature=0, max_new_tokens=8, n=2), batch_size=2)
+    e = run(model, SamplingParams(temperature=0, max_new_tokens=8, n=2))
+    assert d.completion_ids == e.completion_ids
+
+
+def test_length_limit_warning_and_stat(model):
+    with pytest.warns(UserWarning, match="zero-reward trap"):
+        rb = rollout(model, PROMPTS, SamplingParams(max_new_tokens=4), eos_token_id=None,
+                     pad_token_id=0)
+    assert rb.stats["frac_hit_length_limit"] == 1.0
+    assert "raise max_new_tokens or add a stop" in LENGTH_WARNING
+    # every completion stops on its first token: no warning
+    greedy = run(model, SamplingParams(temperature=0, max_new_tokens=4))
+    firsts = sorted({c[0] for c in greedy.completion_ids})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rb = rollout(model, PROMPTS, SamplingParams(temperature=0, max_new_tokens=4,
+                                                    stop_token_ids=tuple(firsts)),
+                     eos_token_id=None, pad_token_id=0)
+    assert rb.stats["frac_hit_length_limit"] == 0.0
+
+
+def test_model_mode_is_restored(model):
+    model.train()
+    run(model, SamplingParams(max_new_tokens=2))
+    assert model.training
+    model.eval()
+    run(model, SamplingParams(max_new_tokens=2))
+    assert not model.training
+
+
+def test_bad_inputs_name_the_field(model):
+    from alignlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="top_p"):
+        SamplingParams(top_p=0.0)
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        SamplingParams(max_new_tokens=0)
+    with pytest.raises(ConfigError, match=r"prompts \[1\] are empty"):
+        rollout(model, [[3], []], SamplingParams(), eos_token_id=None, pad_token_id=0)
+    with pytest.raises(ConfigError, match="stop strings need a tokenizer"):
+        rollout(model, [[3]], SamplingParams(stop=("x",)), eos_token_id=None, pad_token_id=0)
