@@ -1,13 +1,16 @@
-"""Batched sampling for evaluation (Hugging Face ``generate`` with a KV cache).
+"""Text in, text out sampling for evaluation and data generation, on the rollout engine.
 
-The online-RL issue adds alignlab's own rollout engine behind the same function.
+``sample`` tokenizes the prompts (no special tokens), calls ``alignlab.rollout.engine.rollout``
+and returns completions without their eos token (the convention of its callers; RL code uses
+``rollout`` directly, whose completions keep it).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 
-import torch
+from alignlab.rollout.engine import SamplingParams, rollout
 
 
 @dataclass
@@ -16,42 +19,36 @@ class Samples:
     completions: list[str]
     completion_ids: list[list[int]]
     finish_reasons: list[str]
+    logprobs: list[list[float]] = field(default_factory=list)
+    frac_hit_length_limit: float = 0.0
 
 
-@torch.no_grad()
 def sample(model, tokenizer, prompts: list[str], *, n: int = 1, max_new_tokens: int = 32,
-           temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, batch_size: int = 64,
-           seed: int = 0) -> Samples:
-    """Sample ``n`` completions per prompt; prompts are repeated in place (p0, p0, p1, p1, ...)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    expanded = [p for p in prompts for _ in range(n)]
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    out_text, out_ids, reasons = [], [], []
+           temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
+           stop: tuple[str, ...] = (), batch_size: int = 64, seed: int = 0,
+           warn_length: bool = False) -> Samples:
+    """Sample ``n`` completions per prompt; prompts are repeated in place (p0, p0, p1, p1, ...).
+
+    The length-limit warning is off by default here: evaluation reports ``hit_length_limit``
+    itself, and data generation often cuts on purpose. RL rollouts keep it on.
+    """
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                            max_new_tokens=max_new_tokens, stop=tuple(stop), n=n, seed=seed)
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     eos = tokenizer.eos_token_id
-    try:
-        for start in range(0, len(expanded), batch_size):
-            chunk = expanded[start:start + batch_size]
-            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-            kwargs = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens,
-                          pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
-            if temperature > 0:
-                kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
-            seqs = model.generate(**enc, **kwargs)
-            new = seqs[:, enc["input_ids"].shape[1]:].tolist()
-            for ids in new:
-                if eos in ids:
-                    ids = ids[:ids.index(eos)]
-                    reasons.append("eos")
-                else:
-                    reasons.append("length")
-                out_ids.append(ids)
-                out_text.append(tokenizer.decode(ids, skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side = side
-        model.train(was_training)
-    return Samples(expanded, out_text, out_ids, reasons)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
+    with warnings.catch_warnings():
+        if not warn_length:
+            warnings.filterwarnings("ignore", message=".*cut at max_new_tokens")
+        rb = rollout(model, ids, params, eos_token_id=eos, pad_token_id=pad,
+                     tokenizer=tokenizer, batch_size=batch_size)
+    comp_ids, logps = [], []
+    for i, (c, why) in enumerate(zip(rb.completion_ids, rb.finish_reasons)):
+        keep = len(c) - 1 if why == "eos" else len(c)
+        comp_ids.append(c[:keep])
+        logps.append(rb.logprobs[i, :keep].tolist())
+    return Samples([p for p in prompts for _ in range(n)], rb.texts, comp_ids, rb.finish_reasons,
+                   logps, rb.stats["frac_hit_length_limit"])
+
+
+__all__ = ["Samples", "sample"]
