@@ -92,7 +92,7 @@ def run_demo(preset: str = "full", out: str | Path = "runs/demo", seed: int = 0,
     rm = run_reward(RewardConfig(model=ModelSection(name_or_path=str(sft_dir)),
                                  data=DataSection(source=str(prefs_path), format="preference"), world=world_cfg,
                                  train=_train_section(out, "reward", s["rm_steps"], 16, 3e-4, seed, progress),
-                                 reward=RewardSection(eval_fraction=0.1)))
+                                 reward=RewardSection(eval_fraction=0.2)))
     lap("reward_model")
 
     dpo = run_preference(PreferenceConfig(
