@@ -1,5 +1,5 @@
-"""The main job at tiny scale — the offline pipeline test, same code path as `make demo`:
-SFT → sampled pairs → simulated labels → reward model → DPO."""
+"""The main job at tiny scale — the pipeline test, same code path as `make demo`:
+SFT → sampled pairs → simulated labels → reward model → DPO, and online GRPO."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ def test_demo_offline_pipeline_learns_and_writes_table_and_plot(tiny_world, worl
     # DPO on noisy (25% flipped) labels of SFT samples improves gold further, staying near SFT.
     assert m["dpo"]["gold_mean"] > m["sft"]["gold_mean"] + 0.03, m
     assert 0.0 <= m["dpo"]["kl_to_sft"] < 5.0, m
+    # Online GRPO on the gold reward from the SFT model improves it too.
+    assert m["grpo"]["gold_mean"] > m["sft"]["gold_mean"] + 0.03, m
     assert pipe["gold_chosen_mean"] > pipe["gold_rejected_mean"], pipe
     # Held-out labels carry the annotator's 25% flips: chance is 0.5, the ceiling about 0.7.
     assert pipe["reward_model_heldout_accuracy"] >= 0.55, pipe

@@ -1,9 +1,10 @@
-"""The demo (README's main job): the offline feedback pipeline on the built-in world.
+"""The demo (README's main job): the feedback pipeline on the built-in world.
 
 world (built if absent) → SFT on the task's demonstrations → sample pairs from the SFT model →
 simulated annotator labels them (25% flips) → reward model (held-out accuracy) → DPO from the
-SFT model → eval of base / SFT / DPO on held-out prompts: gold reward, KL to the SFT model,
-perplexity, length, diversity. Prints the table, writes Markdown/JSON and a PNG plot.
+SFT model → online GRPO from the SFT model on the gold reward → eval of base / SFT / DPO / GRPO
+on held-out prompts: gold reward, KL to the SFT model, perplexity, length, diversity. Prints the
+table, writes Markdown/JSON and a PNG plot.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from alignlab.config import DataSection, EvalSection, ModelSection, TrainSection
 from alignlab.data.generate import generate_preferences
 from alignlab.models.loading import load_model, load_reference_model, load_tokenizer
 from alignlab.rewards.annotator import SimulatedAnnotator
+from alignlab.trainers.online import OnlineRLConfig, RLSection, RLTrainSection, RolloutSection, run_online
 from alignlab.trainers.preference import PreferenceConfig, PreferenceSection, run_preference
 from alignlab.trainers.preference_bench import sample_kl
 from alignlab.trainers.reward import RewardConfig, RewardSection, run_reward
@@ -32,9 +34,11 @@ from alignlab.world.build import ensure_world
 # Per preset: step counts and sizes. "full" fits the demo's 10-minute budget on 2 cores.
 DEMO_SETTINGS = {
     "full": {"sft_steps": 100, "sft_batch": 32, "sft_lr": 3e-4, "n_pairs": 1024, "rm_steps": 80,
-             "dpo_steps": 80, "dpo_batch": 16, "dpo_lr": 2e-5, "beta": 0.1, "n_prompts": 128, "samples": 2},
+             "dpo_steps": 80, "dpo_batch": 16, "dpo_lr": 2e-5, "beta": 0.1, "n_prompts": 128, "samples": 2,
+             "rl_steps": 20, "rl_lr": 5e-5},
     "tiny": {"sft_steps": 40, "sft_batch": 16, "sft_lr": 1e-3, "n_pairs": 256, "rm_steps": 30,
-             "dpo_steps": 30, "dpo_batch": 16, "dpo_lr": 1e-4, "beta": 0.1, "n_prompts": 32, "samples": 2},
+             "dpo_steps": 30, "dpo_batch": 16, "dpo_lr": 1e-4, "beta": 0.1, "n_prompts": 32, "samples": 2,
+             "rl_steps": 10, "rl_lr": 5e-4},
 }
 
 
@@ -101,13 +105,23 @@ def run_demo(preset: str = "full", out: str | Path = "runs/demo", seed: int = 0,
         train=_train_section(out, "dpo", s["dpo_steps"], s["dpo_batch"], s["dpo_lr"], seed, progress),
         preference=PreferenceSection(loss="dpo", beta=s["beta"])))
     results["dpo"] = run_eval("dpo", dpo.model)
-    sft_ref = load_reference_model(str(sft_dir))
-    kl = {name: sample_kl(model, sft_ref, tokenizer, the_task.eval_prompts[:s["n_prompts"]],
-                          max_new_tokens=the_task.max_new_tokens, seed=seed)
-          for name, model in (("sft", sft.model), ("dpo", dpo.model))}
-    results["sft"]["metrics"]["kl_to_sft"] = kl["sft"]
-    results["dpo"]["metrics"]["kl_to_sft"] = kl["dpo"]
     lap("dpo")
+
+    grpo = run_online(OnlineRLConfig(
+        model=ModelSection(name_or_path=str(sft_dir)), world=world_cfg,
+        train=RLTrainSection(output_dir=str(out / "grpo"), max_steps=s["rl_steps"], lr=s["rl_lr"],
+                             batch_size=32, seed=seed, progress=progress),
+        rollout=RolloutSection(prompts=f"world:{task}", prompts_per_step=8, n=4),
+        rl=RLSection(reward="gold", kl_coef=0.04, kl_estimator="k3", kl_in="loss",
+                     loss_aggregation="dapo", clip_eps_high=0.28, dynamic_sampling=True)), "grpo")
+    results["grpo"] = run_eval("grpo", grpo.model)
+    lap("grpo")
+
+    sft_ref = load_reference_model(str(sft_dir))
+    for name, model in (("sft", sft.model), ("dpo", dpo.model), ("grpo", grpo.model)):
+        results[name]["metrics"]["kl_to_sft"] = sample_kl(
+            model, sft_ref, tokenizer, the_task.eval_prompts[:s["n_prompts"]],
+            max_new_tokens=the_task.max_new_tokens, seed=seed)
     timings["total"] = round(time.time() - t0, 1)
 
     header, table_rows = comparison_table(results)
@@ -133,10 +147,11 @@ def run_demo(preset: str = "full", out: str | Path = "runs/demo", seed: int = 0,
     atomic_write_text(out / "summary.md", "\n".join(md) + "\n")
     curves = {"sft loss": [(h["step"], h["loss"]) for h in sft.result.history],
               "reward-model loss": [(h["step"], h["loss"]) for h in rm.result.history],
-              "dpo loss": [(h["step"], h["loss"]) for h in dpo.result.history]}
+              "dpo loss": [(h["step"], h["loss"]) for h in dpo.result.history],
+              "grpo reward": [(h["step"], h["reward_mean"]) for h in grpo.result.history if "reward_mean" in h]}
     plot = plot_before_after(results, curves, out / "demo.png",
                              metrics=("gold_mean", "kl_to_sft", "distinct_2"),
-                             title=f"alignlab demo ({preset} world, task {task}): base → SFT → DPO")
+                             title=f"alignlab demo ({preset} world, task {task}): base → SFT → DPO / GRPO")
     summary = {"preset": preset, "task": task, "timings_s": timings, "pipeline": pipeline,
                "metrics": {k: v["metrics"] for k, v in results.items()},
                "world": {k: world.manifest[k] for k in ("n_parameters", "build_seconds", "heldout_ppl",
