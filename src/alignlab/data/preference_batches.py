@@ -29,6 +29,8 @@ from alignlab.errors import ConfigError
 
 KIND_FORMATS = {"paired": "preference", "unpaired": "unpaired", "listwise": "ranked"}
 KL_KEY = "kl_completion_ids"
+PAD_MULTIPLE = 16
+COMPLETION_PAD_MULTIPLE = 4
 
 
 def group_completions(example: dict[str, Any]) -> list[list[int]]:
@@ -86,8 +88,9 @@ def collate_groups(examples: Sequence[dict[str, Any]], pad_token_id: int, *, lay
     if layout == "shared":
         prompts = [{"input_ids": e["prompt_ids"], "loss_mask": [0] * len(e["prompt_ids"])}
                    for e in examples]
-        p = pad_collate(prompts, pad_token_id)
-        c = pad_collate([{"input_ids": x, "loss_mask": [1] * len(x)} for x in comps], pad_token_id)
+        p = pad_collate(prompts, pad_token_id, pad_to_multiple_of=PAD_MULTIPLE)
+        c = pad_collate([{"input_ids": x, "loss_mask": [1] * len(x)} for x in comps], pad_token_id,
+                        pad_to_multiple_of=COMPLETION_PAD_MULTIPLE)
         batch.update(prompt_ids=p["input_ids"], prompt_lengths=p["attention_mask"].sum(1),
                      completion_ids=c["input_ids"], completion_mask=c["attention_mask"])
     else:
