@@ -8,8 +8,13 @@ Llama (saved once), the same prompt/chosen/rejected rows, the same batch, steps,
 precision and max length. Variants: alignlab, TRL with its defaults (which include gradient
 checkpointing), and TRL's best configuration (padding_free, precompute_ref_log_probs, no
 gradient checkpointing). Time counts the whole training call, reference log-probs included.
-Achieved FLOP/s (6·N·tokens for the policy, +2·N·tokens for the reference forward) is reported
-as a fraction of a matmul peak measured on the spot. The last line is machine-readable:
+tokens/s counts every pair's two prompt+completion sequences (the prompt twice, as a trainer
+without prefix sharing consumes them), the same count for every variant, so throughput ratios
+compare like with like. Achieved FLOP/s counts the work a trainer must do, on the *unique*
+tokens (prompt once + chosen + rejected): 6·N per token for the policy's forward+backward and
+2·N for the reference forward (N = all parameters; attention score FLOPs are not counted), the
+same count for every variant, so prefix sharing does not inflate it. It is reported as a
+fraction of a matmul peak measured on the spot. The last line is machine-readable:
 ``speedup_vs_trl_default=X speedup_vs_trl_best=Y mem_ratio_vs_trl=Z mfu=W``.
 """
 
@@ -61,13 +66,17 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def count_tokens(tok, rows) -> int:
-    n = 0
+def count_tokens(tok, rows) -> tuple[int, int]:
+    """(tokens of the 2·pairs prompt+completion sequences, unique tokens: prompt once per pair)."""
+    sequences = unique = 0
     for r in rows:
         p = len(tok(r["prompt"], add_special_tokens=False)["input_ids"])
+        unique += p
         for key in ("chosen", "rejected"):
-            n += p + len(tok(r[key], add_special_tokens=False)["input_ids"]) + 1
-    return n
+            c = len(tok(r[key], add_special_tokens=False)["input_ids"]) + 1  # + eos
+            sequences += p + c
+            unique += c
+    return sequences, unique
 
 
 def worker(variant: str, folder: Path, args: argparse.Namespace) -> dict:
@@ -82,7 +91,7 @@ def worker(variant: str, folder: Path, args: argparse.Namespace) -> dict:
     model = AutoModelForCausalLM.from_pretrained(folder / "model", dtype=torch.float32)
     n_params = sum(p.numel() for p in model.parameters())
     bf16 = args.precision == "bf16" or (args.precision == "auto" and cpu_supports_bf16())
-    tokens = count_tokens(tok, rows)
+    tokens, unique_tokens = count_tokens(tok, rows)
     t0 = time.perf_counter()
     if variant == "alignlab":
         from alignlab.trainers.preference_bench import benchmark_steps
@@ -110,9 +119,10 @@ def worker(variant: str, folder: Path, args: argparse.Namespace) -> dict:
     seconds = time.perf_counter() - t0
     if variant == "alignlab":
         seconds = stats["seconds"] + stats.get("reference_seconds", 0.0)
-    # policy forward+backward (6N) and one reference forward (2N) per token
-    flops = 8 * n_params * tokens
-    return {"variant": variant, "seconds": seconds, "tokens": tokens, "pairs": len(rows),
+    # policy forward+backward (6N) and one reference forward (2N) per unique token
+    flops = 8 * n_params * unique_tokens
+    return {"variant": variant, "seconds": seconds, "tokens": tokens,
+            "unique_tokens": unique_tokens, "pairs": len(rows),
             "tokens_per_s": tokens / seconds, "pairs_per_s": len(rows) / seconds,
             "peak_rss_mb": peak_rss_mb(), "flops_per_s": flops / seconds, "n_params": n_params,
             "bf16": bf16, **extra}
