@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -77,3 +79,29 @@ def test_support_refuses_sliding_window_models():
     model.config.sliding_window = 8
     ok, why = prefix_sharing_support(model)
     assert not ok and "sliding_window" in why
+
+
+def test_cpu_training_attention_matches_sdpa_values_and_gradients():
+    """The matmul attention used for CPU training equals SDPA (causal, boolean and float masks,
+    grouped KV heads), and forward-only calls are left to SDPA."""
+    import torch.nn.functional as F
+
+    from alignlab.models.prefix_sharing import _CpuTrainingAttention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 5, 8, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, 2, 7, 8, generator=g, requires_grad=True) for _ in range(2))
+    keep = torch.rand(2, 1, 5, 7, generator=g) > 0.3
+    keep[..., 0] = True  # no fully masked row
+    cases = [dict(is_causal=True), dict(attn_mask=keep),
+             dict(attn_mask=torch.where(keep, 0.0, -1e4)), dict(attn_mask=keep, scale=0.3)]
+    for kw in cases:
+        outs = []
+        for mode in (False, True):
+            with (_CpuTrainingAttention() if mode else contextlib.nullcontext()):
+                out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw)
+            grads = torch.autograd.grad((out * torch.arange(8.0)).sum(), (q, k, v))
+            outs.append((out.detach(), grads))
+        (o0, g0), (o1, g1) = outs
+        assert torch.allclose(o0, o1, atol=1e-5), kw
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g0, g1)), kw

@@ -15,6 +15,7 @@ completion in the cache and is masked out by the 2D attention mask, while positi
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -163,7 +164,10 @@ class _CpuTrainingAttention(TorchFunctionMode):
 
 def completion_logprobs(model: nn.Module, batch: dict[str, Any]) -> Tensor:
     """Dispatch on the layout :func:`collate_groups` chose."""
-    with _CpuTrainingAttention():
+    ids = batch["prompt_ids"] if "prompt_ids" in batch else batch["input_ids"]
+    # The mode sees every torch call of the forward; enter it only where it can act.
+    use_mode = ids.device.type == "cpu" and torch.is_grad_enabled()
+    with _CpuTrainingAttention() if use_mode else contextlib.nullcontext():
         if "prompt_ids" in batch:
             return shared_prefix_logprobs(model, batch)
         return flat_logprobs(model, batch)
