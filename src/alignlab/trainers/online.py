@@ -309,7 +309,10 @@ def run_online(cfg: OnlineRLConfig, algorithm: str) -> OnlineRun:
                 exp = _select(exp, keep)
                 scores, group_ids = scores[keep], group_ids[keep]
                 baseline = baseline[keep] if baseline is not None else None
-                exp["old_logprobs"] = policy.logprobs(exp, temperature=cfg.rollout.temperature)
+                n_rows = int(keep.sum())
+                one_step = cfg.rl.epochs == 1 and (cfg.rl.minibatch_size or n_rows) >= n_rows
+                if reference is not None or not one_step:
+                    exp["old_logprobs"] = policy.logprobs(exp, temperature=cfg.rollout.temperature)
                 if reference is not None:
                     exp["ref_logprobs"] = policy.logprobs(exp, reference, cfg.rollout.temperature)
                     m["kl_ref"] = float((token_kl(exp["old_logprobs"], exp["ref_logprobs"], "k1",

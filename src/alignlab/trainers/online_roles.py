@@ -228,7 +228,10 @@ class PolicyObjective:
                              return_entropy=self.entropy)
         lp, ent = out if self.entropy else (out, None)
         mask = batch["loss_mask"]
-        res = self.loss_fn(lp, batch["old_logprobs"], batch["advantages"], mask, **self.clip,
+        # Absent when the rollout batch gets exactly one optimizer step: the sampling policy is
+        # then the current one, so the ratio is exactly 1 and an extra forward pass is saved.
+        old = batch["old_logprobs"] if "old_logprobs" in batch else lp.detach()
+        res = self.loss_fn(lp, old, batch["advantages"], mask, **self.clip,
                            ref_logprobs=batch.get("ref_logprobs"), kl_coef=self.kl_coef,
                            kl_estimator=self.kl_estimator, entropy=ent)
         loss_sum, _ = aggregate(res.per_token_loss, mask, self.aggregation, self.max_tokens)
