@@ -37,7 +37,7 @@ DEMO_SETTINGS = {
              "dpo_steps": 80, "dpo_batch": 16, "dpo_lr": 2e-5, "beta": 0.1, "n_prompts": 128, "samples": 2,
              "rl_steps": 20, "rl_lr": 5e-5},
     "tiny": {"sft_steps": 40, "sft_batch": 16, "sft_lr": 1e-3, "n_pairs": 256, "rm_steps": 30,
-             "dpo_steps": 30, "dpo_batch": 16, "dpo_lr": 1e-4, "beta": 0.1, "n_prompts": 32, "samples": 2,
+             "dpo_steps": 30, "dpo_batch": 16, "dpo_lr": 1e-4, "beta": 0.1, "n_prompts": 64, "samples": 4,
              "rl_steps": 10, "rl_lr": 5e-4},
 }
 
