@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _harness import add_worker_args, peak_rss_mb, report, run_variant
 
 
 def build_assets(folder: Path, args: argparse.Namespace) -> None:
@@ -60,15 +59,6 @@ def build_assets(folder: Path, args: argparse.Namespace) -> None:
         rows.append({"prompt": prompt, "chosen": lang.complete_review(rng, prefix, 1.0),
                      "rejected": lang.complete_review(rng, prefix, 0.0)})
     (folder / "rows.json").write_text(json.dumps(rows))
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set (VmHWM). Not ``ru_maxrss``: Linux carries that across
-    exec, so a worker would inherit the parent's high-water mark."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def count_tokens(tok, rows) -> tuple[int, int]:
@@ -159,11 +149,10 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     p.add_argument("--variants", default="alignlab,trl_default,trl_best")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--folder", help=argparse.SUPPRESS)
+    add_worker_args(p)
     args = p.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(worker(args.worker, Path(args.folder), args)), flush=True)
+        report(worker(args.worker, Path(args.folder), args))
         return
     try:
         import trl  # noqa: F401
@@ -172,15 +161,8 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="dpo-bench-"))
     build_assets(folder, args)
     results = {}
-    passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                   if k not in ("variants", "worker", "folder")]
     for variant in args.variants.split(","):
-        cmd = [sys.executable, __file__, *passthrough, "--worker", variant, "--folder", str(folder)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if proc.returncode != 0 or line is None:
-            sys.exit(f"{variant} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-        results[variant] = json.loads(line[len("RESULT "):])
+        results[variant] = run_variant(__file__, args, variant, folder, skip=("variants",))
         r = results[variant]
         print(f"{variant:12s} {r['tokens_per_s']:9.0f} tok/s {r['pairs_per_s']:7.2f} pairs/s "
               f"{r['seconds']:7.1f} s  peak RSS {r['peak_rss_mb']:7.0f} MB  "

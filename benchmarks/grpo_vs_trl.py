@@ -17,22 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set (VmHWM). Not ``ru_maxrss``: Linux carries that across
-    exec, so a worker would inherit the parent's high-water mark."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from _harness import add_worker_args, peak_rss_mb, report, run_variant
 
 
 def worker(variant: str, folder: Path, args: argparse.Namespace) -> dict:
@@ -101,11 +91,10 @@ def main() -> None:
     p.add_argument("--max-completion-length", type=int, default=48)
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--folder", help=argparse.SUPPRESS)
+    add_worker_args(p)
     args = p.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(worker(args.worker, Path(args.folder), args)), flush=True)
+        report(worker(args.worker, Path(args.folder), args))
         return
     try:
         import trl  # noqa: F401
@@ -117,15 +106,9 @@ def main() -> None:
     world = ensure_world("tiny", 0, str(folder / "cache"), progress=False)
     prompts = world.task("positive").train_prompts
     (folder / "prompts.jsonl").write_text("".join(json.dumps({"prompt": q}) + "\n" for q in prompts))
-    passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("worker", "folder")]
     results = {}
     for variant in ("alignlab", "trl"):
-        cmd = [sys.executable, __file__, *passthrough, "--worker", variant, "--folder", str(folder)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if proc.returncode != 0 or line is None:
-            sys.exit(f"{variant} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-        r = results[variant] = json.loads(line[len("RESULT "):])
+        r = results[variant] = run_variant(__file__, args, variant, folder)
         print(f"{variant:9s} {r['completions_per_s']:7.1f} completions/s  {r['step_s']:6.2f} s/step  "
               f"{r['seconds']:6.1f} s  peak RSS {r['peak_rss_mb']:6.0f} MB", flush=True)
     ours, theirs = results["alignlab"], results["trl"]

@@ -1,0 +1,47 @@
+"""What the side-by-side benchmarks share: each variant runs in its own subprocess (so its peak
+memory is its own) and reports one JSON line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+RESULT = "RESULT "
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM). Not ``ru_maxrss``: Linux carries that across
+    exec, so a worker would inherit the parent's high-water mark."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def add_worker_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--folder", help=argparse.SUPPRESS)
+
+
+def report(result: dict) -> None:
+    """Called in a worker: hand the result to the parent."""
+    print(RESULT + json.dumps(result), flush=True)
+
+
+def run_variant(script: str, args: argparse.Namespace, variant: str, folder: Path,
+                skip: tuple[str, ...] = ()) -> dict:
+    """Re-run ``script`` with the same options as ``--worker variant``; its result dict."""
+    passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                   if k not in ("worker", "folder", *skip)]
+    cmd = [sys.executable, script, *passthrough, "--worker", variant, "--folder", str(folder)]
+    proc = subprocess.run(cmd, capture_output=True, text=True,
+                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    line = next((x for x in proc.stdout.splitlines() if x.startswith(RESULT)), None)
+    if proc.returncode != 0 or line is None:
+        sys.exit(f"{variant} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(line[len(RESULT):])
