@@ -13,8 +13,8 @@ from conftest import random_llama
 
 from alignlab.config import TrainSection
 from alignlab.errors import ConfigError, RewardError
-from alignlab.trainers.online_roles import (PolicyObjective, PolicyRole, RewardRole, RolloutRole,
-                                            Rollouts, resolve_reward)
+from alignlab.trainers.online_roles import PolicyObjective, PolicyRole, RolloutRole, Rollouts
+from alignlab.trainers.reward_role import RewardRole, resolve_reward
 
 PROMPTS = ["p one", "p two", "p three"]
 COMPLETIONS = ["good", "bad completion", "fine"]

@@ -29,8 +29,8 @@ from alignlab.losses.kl import token_kl
 from alignlab.trainers.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from alignlab.trainers.loop import Progress, TrainResult
 from alignlab.trainers.metrics import MetricsLogger
-from alignlab.trainers.online_roles import (PolicyObjective, PolicyRole, RewardRole, RolloutRole,
-                                            resolve_reward)
+from alignlab.trainers.online_roles import PolicyObjective, PolicyRole, RolloutRole
+from alignlab.trainers.reward_role import RewardRole, resolve_reward
 from alignlab.trainers.rl_algorithms import RL_ALGORITHMS, RLAlgorithm
 from alignlab.utils.io import atomic_write_text
 from alignlab.utils.runtime import seed_everything
