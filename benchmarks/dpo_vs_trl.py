@@ -175,7 +175,8 @@ def main() -> None:
     ours = results["alignlab"]
     sd = ours["tokens_per_s"] / results["trl_default"]["tokens_per_s"] if "trl_default" in results else float("nan")
     sb = ours["tokens_per_s"] / results["trl_best"]["tokens_per_s"] if "trl_best" in results else float("nan")
-    trl_mem = min(r["peak_rss_mb"] for k, r in results.items() if k.startswith("trl"))
+    trl_mem = min((r["peak_rss_mb"] for k, r in results.items() if k.startswith("trl")),
+                  default=float("nan"))
     mfu = ours["flops_per_s"] / peak
     print(f"model {ours['n_params'] / 1e6:.1f}M params, {ours['pairs']} pairs, batch {args.batch_size}, "
           f"{args.steps} steps, {'bf16' if bf16 else 'fp32'}; matmul peak {peak / 1e9:.1f} GFLOP/s")

@@ -105,3 +105,20 @@ def test_cpu_training_attention_matches_sdpa_values_and_gradients():
         (o0, g0), (o1, g1) = outs
         assert torch.allclose(o0, o1, atol=1e-5), kw
         assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g0, g1)), kw
+
+
+def test_prompt_pass_runs_last_layer_mlp_only_at_each_prompts_last_token():
+    """The skip is active (the last MLP sees one row per prompt in the prompt pass, every row in
+    the completion pass) and the model's modules are restored afterwards."""
+    model = random_llama(seed=1).float()
+    examples = _examples("paired")
+    last = model.model.layers[-1]
+    mlp, o_proj = last.mlp, last.self_attn.o_proj
+    rows_seen = []
+    handle = mlp.register_forward_hook(lambda m, i, o: rows_seen.append(i[0].reshape(-1, i[0].shape[-1]).shape[0]))
+    batch = collate_groups(examples, pad_token_id=0, layout="shared")
+    completion_logprobs(model, batch)
+    handle.remove()
+    assert rows_seen[0] == len(examples)  # prompt pass: one row per prompt
+    assert rows_seen[1] == batch["completion_ids"].numel()  # completion pass: every position
+    assert last.mlp is mlp and last.self_attn.o_proj is o_proj

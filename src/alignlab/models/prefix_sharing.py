@@ -70,6 +70,50 @@ def _select_batch(cache: Any, index: Tensor) -> None:
             layer.batch_select_indices(index)
 
 
+class _RowSubset(nn.Module):
+    """``inner`` applied to the rows ``index`` of the flattened ``[B, T, H]`` input only; the
+    other rows of the output are zero. ``index`` is set by :func:`_last_layer_only_at`."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.index: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        y = self.inner(flat.index_select(0, self.index))
+        return y.new_zeros(flat.shape[0], y.shape[-1]).index_copy(0, self.index, y).view(
+            *x.shape[:-1], y.shape[-1])
+
+
+@contextlib.contextmanager
+def _last_layer_only_at(decoder: nn.Module, index: Tensor):
+    """During the prompt pass, run the last decoder layer's attention output projection and MLP
+    only at the flattened positions ``index`` (each prompt's last real token, the one whose
+    hidden state predicts a completion's first token).
+
+    Every other prompt position needs only its keys and values in the cache; the last layer's
+    K/V come from that layer's *input*, so the skipped outputs feed nothing. On the long shared
+    prompts of chat preference data this removes about three quarters of one layer's work per
+    prompt token. Applies to decoders whose layers expose ``mlp`` and ``self_attn.o_proj``
+    (Llama, Mistral, Qwen, Gemma, Phi-3, ...); others run unchanged."""
+    layers = getattr(decoder, "layers", None)
+    layer = layers[-1] if isinstance(layers, nn.ModuleList) and len(layers) else None
+    attn = getattr(layer, "self_attn", None)
+    if not (isinstance(getattr(layer, "mlp", None), nn.Module)
+            and isinstance(getattr(attn, "o_proj", None), nn.Module)):
+        yield
+        return
+    mlp, o_proj = _RowSubset(layer.mlp), _RowSubset(attn.o_proj)
+    mlp.index = o_proj.index = index
+    # Plain attribute swaps (no hooks): the original modules come back even if the forward raises.
+    layer._modules["mlp"], attn._modules["o_proj"] = mlp, o_proj
+    try:
+        yield
+    finally:
+        layer._modules["mlp"], attn._modules["o_proj"] = mlp.inner, o_proj.inner
+
+
 def shared_prefix_logprobs(model: nn.Module, batch: dict[str, Any]) -> Tensor:
     """Per-completion log-prob sums ``[N]`` (float32) from a ``shared`` layout batch."""
     decoder, head = find_backbone_and_head(model)
@@ -82,7 +126,9 @@ def shared_prefix_logprobs(model: nn.Module, batch: dict[str, Any]) -> Tensor:
     # No mask on the prompt pass: prompts are right-padded, so under the causal mask a real token
     # never sees a pad, and SDPA takes its is_causal kernel (no dense mask, upper blocks skipped).
     # The pads' keys/values land in the cache and are masked out in the completion pass.
-    out = decoder(input_ids=prompt_ids, use_cache=True)
+    last_real = torch.arange(n_prompts, device=prompt_ids.device) * width + prompt_lengths - 1
+    with _last_layer_only_at(decoder, last_real):
+        out = decoder(input_ids=prompt_ids, use_cache=True)
     cache = out.cache  # transformers 5 renamed past_key_values to cache
     if not torch.equal(owner, torch.arange(n_prompts, device=owner.device)):
         _select_batch(cache, owner)
