@@ -8,7 +8,9 @@ Both sides start from the tiny world's base model (built once into a temporary c
 max completion length, temperature 1, top-p 1), score them with the same VADER sentiment reward,
 and take one optimizer step per batch with group-normalised advantages, no KL term (TRL's
 default beta=0) and the same learning rate, steps and precision. Each side runs in its own
-subprocess so its peak RSS is its own; time is the training call (generation included).
+subprocess so its peak RSS is its own; time is the training loop (generation included; model
+loading and the final save excluded on both sides). Both sides run each step's completions as
+one micro-batch (TRL: ``per_device_train_batch_size`` = prompts × group size).
 TRL runs with its defaults (gradient checkpointing on). The last line is machine-readable:
 ``speedup_vs_trl=X mem_ratio_vs_trl=Z`` (completions/s ratio, peak-RSS ratio).
 """
@@ -46,14 +48,13 @@ def worker(variant: str, folder: Path, args: argparse.Namespace) -> dict:
             world=WorldSection(preset="tiny", cache_dir=str(folder / "cache")),
             train=RLTrainSection(output_dir=tempfile.mkdtemp(), max_steps=args.steps, lr=args.lr,
                                  precision="bf16" if bf16 else "fp32", device="cpu",
+                                 batch_size=args.prompts_per_step * args.group_size,
                                  progress=False, tensorboard=False),
             rollout=RolloutSection(prompts=str(folder / "prompts.jsonl"), prompts_per_step=args.prompts_per_step,
                                    n=args.group_size, max_new_tokens=args.max_completion_length),
             rl=RLSection(reward="vader_sentiment", kl_coef=0.0, loss_aggregation="dapo",
                          minibatch_size=args.prompts_per_step * args.group_size))
-        t0 = time.perf_counter()
-        run_online(cfg, "grpo")
-        seconds = time.perf_counter() - t0
+        seconds = run_online(cfg, "grpo").result.seconds  # the loop, as trainer.train() for TRL
     else:
         from datasets import Dataset
         from transformers import AutoModelForCausalLM, AutoTokenizer

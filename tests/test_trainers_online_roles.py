@@ -105,6 +105,23 @@ def test_rollout_batch_masks_completion_and_the_eos_that_ended_it(tiny_world):
     assert b["attention_mask"][0].tolist() == [1] * (n + 3) + [0]
 
 
+def test_generate_trains_on_the_sampled_ids(tiny_world):
+    """The batch holds the engine's own ids (prompt + sample + the eos that ended it), not a
+    re-encoding of the decoded text."""
+    tok = tiny_world.tokenizer()
+    from transformers import AutoModelForCausalLM
+
+    role = RolloutRole(AutoModelForCausalLM.from_pretrained(tiny_world.base_dir), tok, max_new_tokens=6)
+    r = role.generate(["the soup was", "the staff"], 2, seed=0)
+    b = role.to_batch(r)
+    assert r.prompt_index == [0, 0, 1, 1] and r.prompts[2] == "the staff"
+    for i in range(4):
+        p = tok(r.prompts[i], add_special_tokens=False)["input_ids"]
+        row = p + r.completion_ids[i] + ([tok.eos_token_id] if r.finish_reasons[i] == "eos" else [])
+        assert b["input_ids"][i, :len(row)].tolist() == row
+        assert int(b["loss_mask"][i].sum()) == len(row) - len(p)
+
+
 def _experience(n: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     width = 12

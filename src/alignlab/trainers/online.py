@@ -335,9 +335,10 @@ def run_online(cfg: OnlineRLConfig, algorithm: str) -> OnlineRun:
     finally:
         progress.close()
         logger.close()
+    seconds = time.time() - t_run  # the training loop; loading and the final save excluded
     atomic_write_text(out / "DONE", f"{cfg.train.max_steps}\n")
     save_final(model, tokenizer, cfg, out)
-    result = TrainResult(cfg.train.max_steps, logger.history, out, time.time() - t_run)
+    result = TrainResult(cfg.train.max_steps, logger.history, out, seconds)
     return OnlineRun(result, model, tokenizer)
 
 

@@ -9,6 +9,7 @@ process and the rollout samples from the policy's own module.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,7 @@ import torch
 from alignlab.config import TrainSection
 from alignlab.losses.policy import POLICY_LOSSES, aggregate, num_items
 from alignlab.models.logprobs import token_logprobs
-from alignlab.rollout.sampling import sample
+from alignlab.rollout.engine import SamplingParams, rollout
 from alignlab.trainers.loop import (LossOutput, build_optimizer, build_scheduler, forward_backward,
                                     optimizer_step, to_device)
 from alignlab.utils.runtime import pick_device, resolve_precision
@@ -32,48 +33,72 @@ class Rollouts:
     """One per completion (each prompt repeated ``n`` times in place)."""
     completions: list[str]
     completion_ids: list[list[int]]
+    """Sampled ids without the eos that ended a completion (``to_batch`` appends it back)."""
     finish_reasons: list[str]
     prompt_index: list[int]
     """Which of the step's prompts each completion answers (the group id)."""
+    prompt_ids: list[list[int]] | None = None
+    """The prompt's token ids, one list per completion; None: ``to_batch`` tokenizes ``prompts``."""
 
 
 class RolloutRole:
-    """Samples completions from the current policy and turns them into token batches."""
+    """Samples completions from the current policy and turns them into token batches.
+
+    The engine's own token ids go to training unchanged (no decode/re-encode round trip, which
+    costs time and need not reproduce the sampled ids)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, max_new_tokens: int,
                  temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 64) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
         self.batch_size = batch_size
+        self.eos = tokenizer.eos_token_id
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos or 0)
+        self._prompt_ids: dict[str, list[int]] = {}
 
     def sync_weights(self, state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
         """In one process the rollout samples from the trained module itself: nothing to copy."""
 
+    def _encode(self, prompts: list[str]) -> list[list[int]]:
+        todo = [p for p in dict.fromkeys(prompts) if p not in self._prompt_ids]
+        if todo:
+            ids = self.tokenizer(todo, add_special_tokens=False)["input_ids"]
+            self._prompt_ids.update(zip(todo, ids))
+        return [self._prompt_ids[p] for p in prompts]
+
     def generate(self, prompts: list[str], n: int, *, seed: int,
                  greedy: bool = False) -> Rollouts:
-        s = sample(self.model, self.tokenizer, prompts, n=n, max_new_tokens=self.max_new_tokens,
-                   temperature=0.0 if greedy else self.temperature, top_p=self.top_p,
-                   batch_size=self.batch_size, seed=seed)
+        params = SamplingParams(temperature=0.0 if greedy else self.temperature, top_p=self.top_p,
+                                max_new_tokens=self.max_new_tokens, n=n, seed=seed)
+        ids = self._encode(prompts)
+        with warnings.catch_warnings():  # the controller warns itself, naming the iteration
+            warnings.filterwarnings("ignore", message=".*cut at max_new_tokens")
+            rb = rollout(self.model, ids, params, eos_token_id=self.eos, pad_token_id=self.pad,
+                         tokenizer=self.tokenizer, batch_size=self.batch_size)
+        comp = [c[:-1] if why == "eos" else list(c)
+                for c, why in zip(rb.completion_ids, rb.finish_reasons)]
         index = [i for i in range(len(prompts)) for _ in range(n)]
-        return Rollouts(s.prompts, s.completions, s.completion_ids, s.finish_reasons, index)
+        return Rollouts([prompts[i] for i in index], rb.texts, comp, rb.finish_reasons, index,
+                        [ids[i] for i in index])
 
     def to_batch(self, r: Rollouts) -> dict[str, torch.Tensor]:
         """Right-padded prompt+completion(+eos when it stopped) ids; ``loss_mask`` on the completion."""
-        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        pad = eos if pad is None else pad
-        prompt_ids = self.tokenizer(sorted(set(r.prompts)), add_special_tokens=False)["input_ids"]
-        by_prompt = dict(zip(sorted(set(r.prompts)), prompt_ids))
-        rows, masks = [], []
-        for p, ids, why in zip(r.prompts, r.completion_ids, r.finish_reasons):
+        prompt_ids = r.prompt_ids if r.prompt_ids is not None else self._encode(r.prompts)
+        rows, starts = [], []
+        for p, ids, why in zip(prompt_ids, r.completion_ids, r.finish_reasons):
             # The eos that ended a completion is an action too: without it the policy never
             # learns to stop.
-            comp = list(ids) + ([eos] if why == "eos" else [])
-            rows.append(by_prompt[p] + comp)
-            masks.append([0] * len(by_prompt[p]) + [1] * len(comp))
+            rows.append(list(p) + list(ids) + ([self.eos] if why == "eos" else []))
+            starts.append(len(p))
         width = max(map(len, rows))
-        input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in rows])
-        attn = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in rows])
-        loss_mask = torch.tensor([m + [0] * (width - len(m)) for m in masks])
+        n = len(rows)
+        input_ids = torch.full((n, width), self.pad, dtype=torch.long)
+        for i, x in enumerate(rows):
+            input_ids[i, :len(x)] = torch.tensor(x, dtype=torch.long)
+        positions = torch.arange(width)[None]
+        lengths = torch.tensor([len(x) for x in rows])[:, None]
+        attn = (positions < lengths).long()
+        loss_mask = attn * (positions >= torch.tensor(starts)[:, None])
         return {"input_ids": input_ids, "attention_mask": attn,
                 "position_ids": (attn.cumsum(-1) - 1).clamp(min=0), "loss_mask": loss_mask}
 
