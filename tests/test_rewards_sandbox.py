@@ -171,3 +171,13 @@ def test_worker_errors_come_back_as_reward_errors(user_module):
 def test_worker_runs_a_registered_reward_by_name():
     fn = sandboxed_reward("brevity", Limits(timeout_s=30, memory_mb=None), {"max_words": 4})
     assert fn(["p"], [" good ."]) == [0.5]
+
+
+def test_python_output_params_are_checked_when_the_reward_is_resolved():
+    from alignlab.trainers.reward_role import resolve_reward
+
+    with pytest.raises(ConfigError, match="rl.reward_params.python_output: sandbox timeout_s"):
+        resolve_reward("python_output", params={"timeout_s": -1})
+    with pytest.raises(ConfigError, match=r"rl.reward_params.python_output: unknown parameter\(s\) "
+                                          r"timeout; allowed: expected_output, stdin, timeout_s"):
+        resolve_reward("python_output", params={"timeout": 1})

@@ -227,3 +227,9 @@ def test_a_per_token_reward_reaches_the_estimator_in_a_training_run(world_cache,
     last = run.result.history[-1]
     assert float((token_rewards != 0).sum(-1).float().mean()) == last["response_length"]
     assert last["reward_mean"] == pytest.approx(0.1 * last["response_length"], rel=1e-5)
+
+
+def test_a_setting_error_inside_a_reward_is_not_skipped_as_a_bad_sample():
+    role = RewardRole({"python_output": (1.0, resolve_reward("python_output"))}, on_error="skip")
+    with pytest.raises(ConfigError, match="reward 'python_output': .*'expected_output' column"):
+        role.score(PROMPTS, ["print(1)", "print(2)"])

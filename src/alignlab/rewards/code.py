@@ -55,8 +55,7 @@ def python_output(prompts: list[str], completions: list[str], *, expected_output
     if expected_output is None:
         raise ConfigError("python_output needs an 'expected_output' column in the prompt rows "
                           "(rollout.prompts: a JSONL/Parquet file with that field)")
-    if not (isinstance(workers, int) and workers >= 1):
-        raise ConfigError(f"python_output: workers must be an integer >= 1, got {workers!r}")
+    _check_params(timeout_s=timeout_s, memory_mb=memory_mb, workers=workers)
     limits = Limits(timeout_s=timeout_s, memory_mb=memory_mb)
     inputs = stdin if stdin is not None else [None] * len(completions)
     missing = [i for i, e in enumerate(expected_output) if e is None]
@@ -75,3 +74,13 @@ def python_output(prompts: list[str], completions: list[str], *, expected_output
         counts["pass" if passed else "wrong" if res.ok else res.status] += 1
         scores.append(float(passed))
     return RewardValues(scores, counts)
+
+
+def _check_params(*, timeout_s: float = 5.0, memory_mb: int | None = 256, workers: int = 2,
+                  **_) -> None:
+    Limits(timeout_s=timeout_s, memory_mb=memory_mb)
+    if not (isinstance(workers, int) and workers >= 1):
+        raise ConfigError(f"workers must be an integer >= 1, got {workers!r}")
+
+
+python_output.check_params = _check_params  # type: ignore[attr-defined]

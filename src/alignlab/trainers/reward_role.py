@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import math
 import threading
 import warnings
@@ -85,9 +86,29 @@ def resolve_reward(name: str, task: Any = None, params: Mapping[str, Any] | None
             fn = REWARDS.get(name)
         except Exception as exc:
             raise ConfigError(f"{field}: {exc}") from None
+        check_params(name, fn, params or {})
     if sandbox is not None:
         return sandboxed_reward(name, sandbox, params, per_token=is_per_token(fn))
     return functools.partial(fn, **params) if params else fn
+
+
+def check_params(name: str, fn: Any, params: Mapping[str, Any]) -> None:
+    """Reject a registered reward's unknown parameters (its keyword-only arguments are the
+    allowed ones; a misspelt one would vanish into ``**fields``) and, through its optional
+    ``check_params``, bad values — now, not as a failing sample at the first batch."""
+    field = f"rl.reward_params.{name}"
+    allowed = [p.name for p in inspect.signature(fn).parameters.values()
+               if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{field}: unknown parameter(s) {', '.join(unknown)}; allowed: "
+                          f"{', '.join(allowed) or 'none'}")
+    check = getattr(fn, "check_params", None)
+    if check is not None:
+        try:
+            check(**params)
+        except ConfigError as exc:
+            raise ConfigError(f"{field}: {exc}") from None
 
 
 @dataclass
@@ -202,8 +223,10 @@ class RewardRole:
         zero = [[0.0] * k for k in lengths] if lengths is not None else [0.0] * n
         try:
             raw = self._invoke(name, fn, prompts, completions, fields)
-        except (ConfigError, _StillRunning):
-            raise  # a wrong setting or a stuck worker, not a bad sample: skipping cannot help
+        except ConfigError as exc:  # a wrong setting, not a bad sample: skipping cannot help
+            raise ConfigError(f"reward {name!r}: {exc}") from None
+        except _StillRunning:
+            raise
         except RewardTimeout as exc:
             return zero, list(range(n)), str(exc), {"timeout": 1.0}
         except Exception as exc:
