@@ -59,7 +59,7 @@ class RewardSandboxSection(Section):
     """Wall-clock seconds per call before the worker is killed; default ``rl.reward_timeout_s``,
     else 60."""
     memory_mb: int | None = Field(4096, gt=0)
-    """Address-space limit of the worker in MiB (null: none); torch alone maps ~1 GiB."""
+    """Address-space (virtual memory) limit of the worker in MiB (null: none)."""
 
 
 class RLSection(Section):
