@@ -107,3 +107,55 @@ def test_trained_reward_model_scores_positive_above_negative(tiny_world, world_c
     scores = load_scorer(tmp_path / "final").score(prompts[:2], positive[:2])
     assert scores.rewards == pytest.approx(pos[:2], abs=1e-5)
     assert [len(m) for m in scores.members] == [1, 1]
+
+
+def test_a_trained_ensemble_is_an_rl_reward_aggregated_as_configured(tiny_world, world_cache,
+                                                                      tmp_path):
+    from statistics import fmean, pstdev
+
+    from alignlab.trainers.online import RLSection, build_reward
+    from alignlab.trainers.reward import EnsembleSection
+
+    cfg = RewardConfig(
+        data=DataSection(source="world:positive", limit=64),
+        train=TrainSection(output_dir=str(tmp_path), max_steps=2, batch_size=16, lr=1e-3,
+                           progress=False, tensorboard=False),
+        world=WorldSection(preset="tiny", cache_dir=world_cache),
+        reward=RewardSection(eval_fraction=0.0, ensemble=EnsembleSection(
+            members=2, num_heads=2, aggregate="min")))
+    run_reward(cfg)
+    final = str(tmp_path / "final")
+    prompts = tiny_world.task("positive").eval_prompts[:4]
+    completions = [" the soup was great .", " terrible .", "", " fine ."]
+    columns = load_scorer(final).score(prompts, completions).members
+    assert [len(c) for c in columns] == [4] * 4  # 2 members x 2 heads
+    expected = {"mean": [fmean(c) for c in columns], "min": [min(c) for c in columns],
+                "mean_minus_std": [fmean(c) - 0.5 * pstdev(c) for c in columns]}
+    for aggregate, want in expected.items():
+        rl = RLSection(reward={"reward_model": 2.0}, reward_params={"reward_model": {
+            "path": final, "aggregate": aggregate, "std_coef": 0.5}})
+        got = build_reward(rl, None).score(prompts, completions)
+        assert got.components["reward_model"] == pytest.approx(want, abs=1e-5), aggregate
+        assert got.scores == pytest.approx([2 * w for w in want], abs=1e-5)
+    assert len(set(map(tuple, expected.values()))) == 3  # the aggregates really differ
+    # Without an aggregate the one saved by `alignlab train reward` (min) applies.
+    rl = RLSection(reward="reward_model", reward_params={"reward_model": {"path": final}})
+    assert build_reward(rl, None).score(prompts, completions).scores == pytest.approx(
+        expected["min"], abs=1e-5)
+
+
+def test_reward_model_params_are_checked_when_the_run_is_built(tmp_path):
+    from alignlab.trainers.online import RLSection, build_reward
+
+    def build(**params):
+        build_reward(RLSection(reward="reward_model", reward_params={"reward_model": params}), None)
+
+    (tmp_path / "rm").mkdir()
+    with pytest.raises(ConfigError, match="rl.reward_params.reward_model: 'path' is required"):
+        build()
+    with pytest.raises(ConfigError, match="rl.reward_params.reward_model: path .*/nope' is not a folder"):
+        build(path=str(tmp_path / "nope"))
+    with pytest.raises(ConfigError, match="aggregate 'max'; allowed values: mean, min, mean_minus_std"):
+        build(path=str(tmp_path / "rm"), aggregate="max")
+    with pytest.raises(ConfigError, match=r"unknown parameter\(s\) agregate; allowed: path, aggregate"):
+        build(path=str(tmp_path / "rm"), agregate="min")

@@ -12,6 +12,16 @@ non-finite value, a wrong count, or an exception inside the function.
 Completions are scored as text: everything from the first end-of-turn marker on is dropped
 and other chat markers are removed (:func:`completion_text`), so a decode that keeps special
 tokens scores the same as one that skips them.
+
+Two optional extensions, both read by the online-RL reward role (``trainers/reward_role.py``):
+
+- a function may return an ``alignlab.rewards.RewardValues`` (a list with a ``metrics`` dict,
+  e.g. how many programs timed out); the metrics are logged as ``reward/<name>/<key>``;
+- a *per-token* reward is marked ``fn.per_token = True``. It is also given
+  ``completion_ids`` (the sampled token ids of each completion, without the eos) and returns,
+  per completion, a list with one float per id: dense rewards r_t on those tokens. Their sum is
+  the completion's score for sequence-level estimators (GRPO, RLOO, ReMax); token-level ones
+  (REINFORCE++, GAE) get them in place.
 """
 
 from __future__ import annotations
@@ -94,5 +104,6 @@ def weighted_sum(weights: Mapping[str, float],
 
 # The built-in rewards register themselves on import.
 from alignlab.rewards import arithmetic as _arithmetic  # noqa: E402,F401
+from alignlab.rewards import code as _code  # noqa: E402,F401
 from alignlab.rewards import lexical as _lexical  # noqa: E402,F401
 from alignlab.rewards import reward_model as _reward_model  # noqa: E402,F401

@@ -216,5 +216,26 @@ def reward_model(prompts: list[str], completions: list[str], *, path: str,
     return scorer(prompts, completions)
 
 
+def _check_reward_model_params(*, path: str | None = None, aggregate: str | None = None,
+                               std_coef: float | None = None, **_: Any) -> None:
+    """Fail before training starts: no ``path``, a local one that is missing, a bad aggregate.
+
+    A ``path`` that does not exist here may still be a Hub name (``org/name``); one that starts
+    with ``.``, ``/`` or ``~`` or has two slashes or more is taken as a missing local folder."""
+    if not path:
+        raise ConfigError("'path' is required: the reward model or ensemble folder "
+                          "(`alignlab train reward` writes <output_dir>/final)")
+    local = str(path).startswith((".", "/", "~")) or str(path).count("/") >= 2
+    if local and not Path(path).expanduser().is_dir():
+        raise ConfigError(f"path {path!r} is not a folder")
+    if aggregate is not None and aggregate not in AGGREGATIONS:
+        raise ConfigError(f"aggregate {aggregate!r}; allowed values: {', '.join(AGGREGATIONS)}")
+    if std_coef is not None and not std_coef >= 0:
+        raise ConfigError(f"std_coef must be >= 0, got {std_coef!r}")
+
+
+reward_model.check_params = _check_reward_model_params  # type: ignore[attr-defined]
+
+
 __all__ = ["AGGREGATIONS", "aggregate_rewards", "RewardEnsemble", "EnsembleScores",
            "RewardModelScorer", "load_scorer", "reward_model", "scored_completion"]

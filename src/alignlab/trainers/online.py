@@ -24,13 +24,15 @@ from pydantic import Field, create_model, field_validator, model_validator
 
 from alignlab.config import ModelSection, Section, TrainSection, WorldSection
 from alignlab.errors import ConfigError
-from alignlab.losses.advantages import ADVANTAGE_ESTIMATORS, kl_shaped_rewards
+from alignlab.losses.advantages import (ADVANTAGE_ESTIMATORS, kl_shaped_rewards,
+                                        scores_to_token_rewards)
 from alignlab.losses.kl import token_kl
+from alignlab.rewards.sandbox import Limits
 from alignlab.trainers.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from alignlab.trainers.loop import Progress, TrainResult
 from alignlab.trainers.metrics import MetricsLogger
 from alignlab.trainers.online_roles import PolicyObjective, PolicyRole, RolloutRole
-from alignlab.trainers.reward_role import RewardRole, resolve_reward
+from alignlab.trainers.reward_role import RewardRole, resolve_reward, token_reward_tensor
 from alignlab.trainers.rl_algorithms import RL_ALGORITHMS, RLAlgorithm
 from alignlab.utils.io import atomic_write_text
 from alignlab.utils.runtime import seed_everything
@@ -52,11 +54,27 @@ class RolloutSection(Section):
     batch_size: int = Field(64, gt=0)
 
 
+class RewardSandboxSection(Section):
+    timeout_s: float | None = Field(None, gt=0)
+    """Wall-clock seconds per call before the worker is killed; default ``rl.reward_timeout_s``,
+    else 60."""
+    memory_mb: int | None = Field(4096, gt=0)
+    """Address-space (virtual memory) limit of the worker in MiB (null: none)."""
+
+
 class RLSection(Section):
     reward: str | dict[str, float] = "gold"
     """``gold``, a registered reward, ``module:function``, or ``{name: weight, ...}``."""
     reward_params: dict[str, dict[str, Any]] = {}
     on_reward_error: Literal["stop", "skip"] = "stop"
+    """A reward that raises, times out or returns NaN/inf/None: stop the run (naming the reward
+    and the first offending sample) or skip those samples (counted as ``reward_skipped``)."""
+    reward_timeout_s: float | None = Field(None, gt=0)
+    """Seconds one reward component may take per batch (null: no limit); an overrun is handled
+    by ``on_reward_error``. In-process calls are abandoned, not killed (``reward_role.py``)."""
+    reward_sandbox: dict[str, RewardSandboxSection] = {}
+    """Reward components (names from ``rl.reward``) to call in a subprocess worker, killed after
+    ``timeout_s`` and memory-capped; arguments and results cross as JSON (``rewards/worker.py``)."""
     kl_coef: float = Field(0.0, ge=0)
     kl_estimator: Literal["k1", "k2", "k3"] | None = None
     """Defaults to the algorithm's (k3 for grpo, k1 otherwise)."""
@@ -161,11 +179,16 @@ def load_prompts(cfg: OnlineRLConfig) -> tuple[PromptSource, Any]:
 
 def build_reward(cfg: RLSection, task: Any) -> RewardRole:
     weights = cfg.reward if isinstance(cfg.reward, dict) else {cfg.reward: 1.0}
-    unknown = sorted(set(cfg.reward_params) - set(weights))
-    if unknown:
-        raise ConfigError(f"rl.reward_params: {unknown} are not rewards in rl.reward")
-    return RewardRole({name: (w, resolve_reward(name, task, cfg.reward_params.get(name)))
-                       for name, w in weights.items()}, cfg.on_reward_error)
+    for option in ("reward_params", "reward_sandbox"):
+        unknown = sorted(set(getattr(cfg, option)) - set(weights))
+        if unknown:
+            raise ConfigError(f"rl.{option}: {unknown} are not rewards in rl.reward")
+    limits = {name: Limits(timeout_s=box.timeout_s or cfg.reward_timeout_s or 60.0,
+                           memory_mb=box.memory_mb, max_output_bytes=64 << 20)
+              for name, box in cfg.reward_sandbox.items()}
+    return RewardRole({name: (w, resolve_reward(name, task, cfg.reward_params.get(name),
+                                                sandbox=limits.get(name)))
+                       for name, w in weights.items()}, cfg.on_reward_error, cfg.reward_timeout_s)
 
 
 # ---------------------------------------------------------------------------------- controller
@@ -191,20 +214,29 @@ def make_objective(alg: RLAlgorithm, cfg: OnlineRLConfig, max_tokens: int) -> Po
 
 def compute_advantages(alg: RLAlgorithm, cfg: OnlineRLConfig, exp: dict[str, torch.Tensor],
                        scores: torch.Tensor, group_ids: torch.Tensor,
-                       baseline_scores: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Advantages [B,T] with the KL placed in the reward when the algorithm/config says so."""
+                       baseline_scores: torch.Tensor | None,
+                       token_rewards: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Advantages [B,T] with the KL placed in the reward when the algorithm/config says so.
+
+    ``token_rewards [B,T]`` (per-token reward components) are already summed into ``scores``;
+    a token-level estimator gets them in place, the rest of the score on the last token."""
     rl, mask = cfg.rl, exp["loss_mask"]
     kl_in = rl.kl_in or alg.kl_in
     kwargs: dict[str, Any] = {"mask": mask}
     metrics: dict[str, float] = {}
+    last_token = scores if token_rewards is None else scores - token_rewards.sum(-1)
     if kl_in == "reward" and rl.kl_coef > 0:
-        rewards, kl = kl_shaped_rewards(scores, exp["old_logprobs"], exp["ref_logprobs"], mask,
-                                        rl.kl_coef, rl.kl_estimator or alg.kl_estimator)
+        rewards, kl = kl_shaped_rewards(last_token, exp["old_logprobs"], exp["ref_logprobs"],
+                                        mask, rl.kl_coef, rl.kl_estimator or alg.kl_estimator)
+        if token_rewards is not None:
+            rewards = rewards + token_rewards.to(rewards.device)
         metrics["kl_penalty"] = float(rl.kl_coef * kl.sum(-1).mean())
         if alg.token_rewards:
             kwargs["rewards"] = rewards
         else:  # a sequence estimator: the KL-shaped return of the whole completion
             kwargs["scores"] = rewards.sum(-1)
+    elif alg.token_rewards and token_rewards is not None:
+        kwargs["rewards"] = scores_to_token_rewards(last_token, mask) + token_rewards
     else:
         kwargs["scores"] = scores
     if alg.grouped:
@@ -271,12 +303,14 @@ def run_online(cfg: OnlineRLConfig, algorithm: str) -> OnlineRun:
             t1 = time.time()
             fields = {k: [rows[i].get(k) for i in rolls.prompt_index]
                       for k in rows[0] if k != "prompt"}
-            scored = reward_role.score(rolls.prompts, rolls.completions, fields)
+            scored = reward_role.score(rolls.prompts, rolls.completions, fields,
+                                       rolls.completion_ids)
             m: dict[str, float] = {}
             baseline = None
             if greedy is not None:
                 g = reward_role.score(greedy.prompts, greedy.completions,
-                                      {k: [r.get(k) for r in rows] for k in fields})
+                                      {k: [r.get(k) for r in rows] for k in fields},
+                                      greedy.completion_ids)
                 baseline = torch.tensor([g.scores[i] for i in rolls.prompt_index])
                 m["greedy_reward_mean"] = statistics.fmean(g.scores)
             if task is not None:
@@ -284,6 +318,8 @@ def run_online(cfg: OnlineRLConfig, algorithm: str) -> OnlineRun:
             t2 = time.time()
 
             exp = rollout.to_batch(rolls)
+            if scored.token_rewards is not None:  # kept aligned with exp through _select
+                exp["token_rewards"] = token_reward_tensor(scored.token_rewards, exp["loss_mask"])
             scores = torch.tensor(scored.scores, dtype=torch.float32)
             group_ids = torch.tensor(rolls.prompt_index)
             keep = torch.tensor(scored.valid)
@@ -299,7 +335,7 @@ def run_online(cfg: OnlineRLConfig, algorithm: str) -> OnlineRun:
                       "response_length": statistics.fmean(map(len, rolls.completion_ids)),
                       "frac_hit_length_limit": rolls.finish_reasons.count("length") / len(rolls.finish_reasons),
                       "dropped_groups": dropped, "dropped_groups_total": dropped_total,
-                      "reward_skipped": scored.skipped})
+                      "reward_skipped": scored.skipped, **scored.metrics})
             if m["frac_hit_length_limit"] > 0.5:
                 print(f"warning: iteration {it + 1}: {m['frac_hit_length_limit']:.0%} of completions "
                       f"hit rollout.max_new_tokens={max_new}; their rewards may be meaningless")
@@ -317,8 +353,8 @@ def run_online(cfg: OnlineRLConfig, algorithm: str) -> OnlineRun:
                     exp["ref_logprobs"] = policy.logprobs(exp, reference, cfg.rollout.temperature)
                     m["kl_ref"] = float((token_kl(exp["old_logprobs"], exp["ref_logprobs"], "k1",
                                                   exp["loss_mask"])).sum(-1).mean())
-                exp["advantages"], extra = compute_advantages(alg, cfg, exp, scores, group_ids,
-                                                              baseline)
+                exp["advantages"], extra = compute_advantages(
+                    alg, cfg, exp, scores, group_ids, baseline, exp.pop("token_rewards", None))
                 m.update(extra)
                 m.update(policy.update(exp))
             t3 = time.time()
