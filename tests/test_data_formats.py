@@ -18,6 +18,7 @@ BOT = {"role": "assistant", "content": "hello"}
     (["prompt", "completions", "scores"], "ranked"),
     (["prompt", "completion", "feedback"], "language_feedback"),
     (["prompt", "completion", "label"], "unpaired"),
+    (["prompt", "completion", "reward"], "unpaired"),
     (["prompt", "completion"], "prompt_completion"),
     (["text"], "text"),
     (["prompt", "id"], "prompt_only"),
@@ -47,6 +48,12 @@ def test_every_format_is_registered():
     ("messages", {"messages": [{"role": "user"}]}, "messages", "'role' and 'content'"),
     ("messages", {"messages": []}, "messages", "empty list"),
     ("unpaired", {"prompt": "p", "completion": "c", "label": 1}, "label", "true or false"),
+    ("unpaired", {"prompt": "p", "completion": "c"}, "label", "needs prompt, completion and label and/or reward"),
+    ("unpaired", {"prompt": "p", "completion": "c", "label": None}, "label", "is null"),
+    ("unpaired", {"prompt": "p", "completion": "c", "reward": "high"}, "reward", "must be a number"),
+    ("preference", {"prompt": "p", "chosen": "a", "rejected": "b", "tie": 1}, "tie", "true or false"),
+    ("preference", {"prompt": "p", "chosen": "a", "rejected": "b", "group": True}, "group",
+     "a string or an integer"),
     ("ranked", {"prompt": "p", "completions": ["a", "b"], "scores": [1.0]}, "scores",
      "equal lengths"),
     ("ranked", {"prompt": "p", "completions": ["a"], "scores": [1.0]}, "completions",
@@ -72,6 +79,16 @@ def test_optional_null_fields_are_dropped_and_numbers_normalised():
     assert "margin" not in row and row["id"] == 4
     row = validate_row({"prompt": "p", "completions": ["a", "b"], "scores": [1, 2]}, "ranked")
     assert row["scores"] == [1.0, 2.0]
+
+
+def test_tie_group_and_reward_columns_are_kept():
+    row = validate_row({"prompt": "p", "chosen": "a", "rejected": "b", "tie": True, "group": 3},
+                       "preference")
+    assert (row["tie"], row["group"]) == (True, 3)
+    row = validate_row({"prompt": "p", "completion": "c", "reward": 2}, "unpaired")
+    assert row["reward"] == 2.0 and "label" not in row
+    with pytest.raises(DataError, match="missing field.*'label'"):
+        rows_from_list([{"prompt": "p", "completion": "c", "x": 1}], format="unpaired")
 
 
 @pytest.mark.parametrize("chosen, rejected, expected", [

@@ -107,6 +107,12 @@ def test_pairwise_formats(tok):
     (unpaired,) = tokenize_rows(rows_from_list(
         [{"prompt": "sky", "completion": " red", "label": False}]), tok).examples
     assert unpaired["completion_ids"] == [*ids(tok, "red"), eos] and unpaired["label"] is False
+    (tied,) = tokenize_rows(rows_from_list(
+        [{"prompt": "sky", "chosen": " a", "rejected": " b", "tie": True, "group": "x"}]), tok).examples
+    assert (tied["tie"], tied["group"]) == (True, "x")
+    (scored,) = tokenize_rows(rows_from_list([{"prompt": "sky", "completion": " red", "reward": 1}]),
+                              tok).examples
+    assert scored["reward"] == 1.0 and "label" not in scored
     (ranked,) = tokenize_rows(rows_from_list(
         [{"prompt": "sky", "completions": [" blue", " red green"], "scores": [1, 0]}]), tok
     ).examples

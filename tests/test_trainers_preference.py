@@ -129,7 +129,6 @@ def test_kto_reference_point_is_the_mismatched_log_ratio_without_gradient():
     (dict(loss="dpo", loss_kwargs={"gama": 1}), ["preference.loss_kwargs.gama", "label_smoothing"]),
     (dict(losses={"dpo": 1, "kto": 1}), ["preference.losses", "unpaired"]),
     (dict(loss="pro", beta=0.2), ["preference.beta"]),
-    (dict(loss="sparse_po"), ["preference.loss", "chosen_token_logps"]),
     (dict(losses={"dpo": 1}, per_loss={"sft": {}}), ["preference.per_loss.sft"]),
 ])
 def test_config_errors_name_the_field(section, fields):

@@ -55,6 +55,22 @@ def test_reference_values_equal_direct_computation_and_are_cached(tmp_path):
     assert len(calls) == 3
 
 
+def test_per_token_reference_values_sum_to_the_sequence_values(tmp_path):
+    model = random_llama(seed=4).float()
+    examples = _pairs()
+    sums = compute_reference_logps(model, examples, 0, batch_size=4, device=torch.device("cpu"))
+    kw = dict(output_dir=tmp_path, batch_size=4, device=torch.device("cpu"), precision="fp32")
+    assert not attach_reference_logps(examples, lambda: model, "ref-a", 0, field="ref_token_logps",
+                                      cache_file="tokens.safetensors", per_token=True, **kw)
+    for e, (c, r) in zip(examples, sums):
+        values, n_c = e["ref_token_logps"], len(e["chosen_ids"])
+        assert len(values) == n_c + len(e["rejected_ids"])
+        assert abs(sum(values[:n_c]) - c) < 1e-4 and abs(sum(values[n_c:]) - r) < 1e-4
+    assert not (tmp_path / CACHE_FILE).exists()  # its own cache file, not the sums'
+    assert attach_reference_logps(examples, lambda: model, "ref-a", 0, field="ref_token_logps",
+                                  cache_file="tokens.safetensors", per_token=True, **kw)
+
+
 def _cfg(world_cache, out, steps, resume=False, loss="dpo"):
     return PreferenceConfig(
         data=DataSection(source="world:positive", limit=64, max_length=96),

@@ -8,8 +8,10 @@ format                 columns (``?`` = optional)                               
 ``text``               ``text``                                                   pretraining
 ``prompt_completion``  ``prompt``, ``completion``                                 SFT
 ``messages``           ``messages`` (list of ``{role, content}``)                 SFT (chat)
-``preference``         ``prompt``, ``chosen``, ``rejected``, ``margin?``          DPO family, RM
-``unpaired``           ``prompt``, ``completion``, ``label`` (bool)               KTO, BCO
+``preference``         ``prompt``, ``chosen``, ``rejected``, ``margin?``,         DPO family, RM
+                       ``tie?`` (bool), ``group?`` (str or int)
+``unpaired``           ``prompt``, ``completion``, ``label`` (bool) and/or        KTO, BCO, DRO
+                       ``reward`` (number)
 ``ranked``             ``prompt``, ``completions``, ``scores``                    listwise RM
 ``prompt_only``        ``prompt``                                                 online RL
 ``language_feedback``  ``prompt``, ``completion``, ``feedback``, ``refinement?``  ILF, CUT
@@ -19,6 +21,11 @@ format                 columns (``?`` = optional)                               
 all strings (*standard*) or all message lists (*conversational*) within a row. A preference row
 may leave out ``prompt`` (TRL's *implicit prompt*): the prompt is then the shared prefix of
 ``chosen`` and ``rejected`` (see :func:`split_implicit_prompt`).
+
+``tie: true`` marks a pair the annotator could not separate (DPO with ties; a row without it is
+no tie), ``group`` names the annotator group a pair came from (group-robust DPO), ``reward`` is
+the scalar feedback on a single completion (DRO). The losses that need them say so when a row
+lacks one.
 
 Auto-detection looks at the columns of the first row and takes the first match in
 :data:`DETECTION_ORDER`; extra columns are kept and ignored.
@@ -45,13 +52,16 @@ class RowFormat:
     required: dict[str, str]
     optional: dict[str, str]
     doc: str
+    one_of: tuple[str, ...] = ()
+    """Optional fields of which a row must have at least one."""
 
 
 FORMATS: Registry[RowFormat] = Registry("data format")
 
 
-def _add(name: str, required: dict[str, str], optional: dict[str, str] | None, doc: str) -> None:
-    FORMATS.register(name)(RowFormat(name, required, optional or {}, doc))
+def _add(name: str, required: dict[str, str], optional: dict[str, str] | None, doc: str,
+         one_of: tuple[str, ...] = ()) -> None:
+    FORMATS.register(name)(RowFormat(name, required, optional or {}, doc, one_of))
 
 
 _add("text", {"text": "str"}, None, "Plain text for language modelling; loss on every token.")
@@ -60,9 +70,11 @@ _add("prompt_completion", {"prompt": "turns", "completion": "turns"}, None,
 _add("messages", {"messages": "messages"}, None,
      "A conversation; loss on assistant turns.")
 _add("preference", {"prompt": "turns", "chosen": "turns", "rejected": "turns"},
-     {"margin": "float"}, "A prompt with a preferred and a dispreferred completion.")
-_add("unpaired", {"prompt": "turns", "completion": "turns", "label": "bool"}, None,
-     "A prompt and one completion labelled desirable (True) or undesirable (False).")
+     {"margin": "float", "tie": "bool", "group": "key"},
+     "A prompt with a preferred and a dispreferred completion.")
+_add("unpaired", {"prompt": "turns", "completion": "turns"}, {"label": "bool", "reward": "float"},
+     "A prompt and one completion labelled desirable (True) or undesirable (False), and/or "
+     "given a scalar reward.", one_of=("label", "reward"))
 _add("ranked", {"prompt": "turns", "completions": "turns_list", "scores": "float_list"}, None,
      "A prompt with two or more completions and a score for each (higher is better).")
 _add("prompt_only", {"prompt": "turns"}, None, "A prompt for online generation.")
@@ -77,6 +89,7 @@ DETECTION_ORDER: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("ranked", ("completions", "scores")),
     ("language_feedback", ("prompt", "completion", "feedback")),
     ("unpaired", ("prompt", "completion", "label")),
+    ("unpaired", ("prompt", "completion", "reward")),
     ("prompt_completion", ("prompt", "completion")),
     ("text", ("text",)),
     ("prompt_only", ("prompt",)),
@@ -90,7 +103,7 @@ def detect_format(columns: Mapping[str, Any] | list[str], *, source: str | None 
     for name, needed in DETECTION_ORDER:
         if present.issuperset(needed):
             return name
-    known = "; ".join(f"{n}: {', '.join(FORMATS.get(n).required)}" for n in FORMATS.names())
+    known = "; ".join(f"{n}: {_needs(FORMATS.get(n))}" for n in FORMATS.names())
     raise DataError(f"cannot tell the data format from the columns {sorted(present)}; "
                     f"expected one of: {known}", source=source, line=line)
 
@@ -101,10 +114,20 @@ def check_format_columns(fmt: str, row: Mapping[str, Any], *, source: str | None
     spec = FORMATS.get(fmt)
     required = [f for f in spec.required if not (fmt == "preference" and f == "prompt")]
     missing = [f for f in required if f not in row]
+    if spec.one_of and not any(f in row for f in spec.one_of):
+        missing.append(spec.one_of[0])
     if missing:
         raise DataError(f"rows do not match format '{fmt}': missing field(s) "
                         f"{', '.join(repr(m) for m in missing)} (columns: {sorted(row)})",
                         source=source, line=line, field=missing[0])
+
+
+def _needs(spec: RowFormat) -> str:
+    """The columns a row of ``spec`` needs, in words."""
+    needs = ", ".join(spec.required)
+    if spec.one_of:
+        needs += " and " + " and/or ".join(spec.one_of)
+    return needs
 
 
 # ---- field checks: each returns the (possibly normalised) value or raises ----------------------
@@ -192,6 +215,15 @@ def _check_float_list(value: Any) -> list[float]:
     return out
 
 
+def _check_key(value: Any) -> str | int:
+    """A category name: a non-empty string or an integer."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        _fail(f"must be a string or an integer, got {_type_name(value)} {value!r:.40}")
+    if value == "":
+        _fail("is an empty string")
+    return value
+
+
 def _check_bool(value: Any) -> bool:
     if not isinstance(value, bool):
         _fail(f"must be true or false, got {_type_name(value)} {value!r:.40}")
@@ -201,7 +233,7 @@ def _check_bool(value: Any) -> bool:
 _CHECKS: dict[str, Callable[[Any], Any]] = {
     "str": _check_str, "messages": _check_messages, "turns": _check_turns,
     "turns_list": _check_turns_list, "float": _check_float, "float_list": _check_float_list,
-    "bool": _check_bool,
+    "bool": _check_bool, "key": _check_key,
 }
 
 # Fields that must agree on standard (str) vs conversational (list), per format.
@@ -239,15 +271,19 @@ def validate_row(row: Any, fmt: str, *, source: str | None = None,
         if value is None:
             if required:
                 problem = "is missing" if field not in row else "is null"
-                raise DataError(f"{problem} (format '{fmt}' needs "
-                                f"{', '.join(spec.required)})", source=source, line=line,
-                                field=field)
+                raise DataError(f"{problem} (format '{fmt}' needs {_needs(spec)})",
+                                source=source, line=line, field=field)
             out.pop(field, None)
             continue
         try:
             out[field] = _CHECKS[kind](value)
         except _FieldProblem as e:
             raise DataError(str(e), source=source, line=line, field=field) from None
+    if spec.one_of and not any(f in out for f in spec.one_of):
+        first = spec.one_of[0]
+        problem = "is null" if first in row else "is missing"
+        raise DataError(f"{problem} (format '{fmt}' needs {_needs(spec)})", source=source,
+                        line=line, field=first)
 
     if fmt == "ranked" and len(out["completions"]) != len(out["scores"]):
         raise DataError(f"has {len(out['scores'])} scores for {len(out['completions'])} "

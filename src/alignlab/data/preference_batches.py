@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from alignlab.data.collate import join_prompt_completion, pack_collate, pad_collate
+from alignlab.data.preference_columns import add_column_fields, world_column_rows
 from alignlab.errors import ConfigError
 
 KIND_FORMATS = {"paired": "preference", "unpaired": "unpaired", "listwise": "ranked"}
@@ -106,7 +107,7 @@ def collate_groups(examples: Sequence[dict[str, Any]], pad_token_id: int, *, lay
 
 def _add_row_fields(batch: dict[str, Any], examples: Sequence[dict[str, Any]], k_max: int) -> None:
     first = examples[0]
-    if "label" in first:
+    if all("label" in e for e in examples):  # reward-only (DRO) rows may leave it out
         batch["labels"] = torch.tensor([bool(e["label"]) for e in examples])
     if "margin" in first:
         batch["margin"] = torch.tensor([float(e["margin"]) for e in examples])
@@ -115,15 +116,17 @@ def _add_row_fields(batch: dict[str, Any], examples: Sequence[dict[str, Any]], k
         for b, e in enumerate(examples):
             scores[b, :len(e["scores"])] = torch.tensor(e["scores"], dtype=torch.float32)
         batch["scores"] = scores
+    add_column_fields(batch, examples)
 
 
-def world_preference_rows(task: Any, fmt: str, n: int, seed: int = 0,
-                          list_size: int = 4) -> list[dict[str, Any]]:
+def world_preference_rows(task: Any, fmt: str, n: int, seed: int = 0, list_size: int = 4,
+                          columns: set[str] | frozenset[str] = frozenset()) -> list[dict[str, Any]]:
     """``n`` oracle rows of ``fmt`` on the task's train prompts (review tasks only).
 
     ``preference``: chosen all-positive (p=1), rejected all-negative (p=0); ``unpaired``: one
     completion, positive or negative with equal odds, labelled by it; ``ranked``: ``list_size``
-    completions at evenly spaced positivity p, scored by p."""
+    completions at evenly spaced positivity p, scored by p. ``columns`` (``tie``, ``group``,
+    ``reward``) asks for rows that carry them (:func:`~alignlab.data.preference_columns.world_column_rows`)."""
     from alignlab.world import language as lang
 
     by_text = {p.text: p for p in lang.all_review_prefixes()}
@@ -132,6 +135,8 @@ def world_preference_rows(task: Any, fmt: str, n: int, seed: int = 0,
         raise ConfigError(f"data.source world:{task.name}: preference rows can be built only for "
                           "review tasks (positive, positive_short)")
     rng = random.Random(seed)
+    if columns:
+        return world_column_rows(task, prefixes, fmt, n, rng, set(columns))
     rows = []
     for _ in range(n):
         prefix = rng.choice(prefixes)

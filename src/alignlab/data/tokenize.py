@@ -7,8 +7,9 @@ An example is a dict of python lists (docs/ARCHITECTURE.md). By format:
   completion (``completion_only_loss=True``) or on every token but the first.
 - ``messages``: the chat template's rendering; ``loss_mask`` 1 on assistant turns (found by
   rendering the conversation prefix by prefix, so any template works) or everywhere.
-- ``preference``: ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (+ ``margin``).
-- ``unpaired``: ``prompt_ids``, ``completion_ids``, ``label``.
+- ``preference``: ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (+ ``margin``, ``tie``,
+  ``group``).
+- ``unpaired``: ``prompt_ids``, ``completion_ids``, ``label`` and/or ``reward``.
 - ``ranked``: ``prompt_ids``, ``completion_ids`` (one list per completion), ``scores``.
 - ``prompt_only``: ``prompt_ids``.
 - ``language_feedback``: ``prompt_ids``, ``completion_ids``, ``feedback_ids``
@@ -296,8 +297,7 @@ def _build_preference(row, enc, fit, **_):
         return None
     prompt, (chosen, rejected) = fitted
     example = {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}
-    if "margin" in row:
-        example["margin"] = row["margin"]
+    example.update({k: row[k] for k in ("margin", "tie", "group") if k in row})
     return example
 
 
@@ -306,7 +306,9 @@ def _build_unpaired(row, enc, fit, **_):
     if fitted is None:
         return None
     prompt, (completion,) = fitted
-    return {"prompt_ids": prompt, "completion_ids": completion, "label": row["label"]}
+    example = {"prompt_ids": prompt, "completion_ids": completion}
+    example.update({k: row[k] for k in ("label", "reward") if k in row})
+    return example
 
 
 def _build_ranked(row, enc, fit, **_):

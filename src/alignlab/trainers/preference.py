@@ -8,6 +8,7 @@ together), the shared prompt computed once when prefix sharing is on (Wang et al
 computed once before training with the frozen reference (``trainers/reference.py``) and
 reference-free losses never load it. KTO's z₀ is estimated from mismatched prompt/completion
 pairs (no gradient); BCO's reward shift δ is the running mean of βr kept by the trainer.
+Per-token, multi-reference, tie, group and reward inputs: ``trainers/preference_inputs.py``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -24,6 +25,8 @@ from alignlab.config import DataSection, EvalSection, ModelSection, Section, Tra
 from alignlab.data.loading import load_rows, rows_from_list
 from alignlab.data.preference_batches import (KIND_FORMATS, add_kl_completions, collate_groups,
                                               world_preference_rows)
+from alignlab.data.preference_columns import (assign_group_ids, attach_values, check_columns,
+                                              fill_defaults)
 from alignlab.data.tokenize import TokenizedRows, tokenize_rows
 from alignlab.errors import ConfigError
 from alignlab.losses.preference import PREFERENCE_LOSSES, PreferenceInputs, combine_losses, loss_spec
@@ -33,19 +36,24 @@ from alignlab.trainers.batches import EpochBatches
 from alignlab.trainers.common import (WORLD_PREFIX, get_world, load_policy, resolve_model_path,
                                       save_final)
 from alignlab.trainers.loop import LossOutput, TrainResult, train
-from alignlab.trainers.reference import attach_reference_logps
+from alignlab.trainers.preference_inputs import (GROUP_WEIGHTS, GroupWeights, InputNeeds,
+                                                attach_references, check_references, input_needs,
+                                                paired_extras, policy_logps)
 from alignlab.utils.io import atomic_write_text
 from alignlab.utils.runtime import pick_device, resolve_precision
 
-# The PreferenceInputs fields this trainer fills, per data kind (margin only when the data has it).
+# The PreferenceInputs fields this trainer fills, per data kind (columns when the data has them).
 PROVIDED = {
     "paired": {"chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps",
-               "chosen_lengths", "rejected_lengths", "margin"},
-    "unpaired": {"logps", "ref_logps", "labels", "kl_ref"},
+               "chosen_lengths", "rejected_lengths", "margin", "ties", "groups",
+               "ref_chosen_logps_multi", "ref_rejected_logps_multi", "chosen_token_logps",
+               "rejected_token_logps", "ref_chosen_token_logps", "ref_rejected_token_logps",
+               "chosen_mask", "rejected_mask"},
+    "unpaired": {"logps", "ref_logps", "labels", "kl_ref", "rewards", "values"},
     "listwise": {"list_logps", "ref_list_logps", "scores", "list_lengths", "list_mask"},
 }
 SHIFT_PARAM = "reward_shift"
-STATE_FILE = "preference_state.json"  # BCO's running reward shift δ
+STATE_FILE = "preference_state.json"  # BCO's running reward shift δ, group-robust weights α
 
 
 class PreferenceSection(Section):
@@ -61,6 +69,14 @@ class PreferenceSection(Section):
     """Hyper-parameters for one loss of a mixture only."""
     reference: str | None = None
     """The reference model; None = the policy's starting weights (``model.name_or_path``)."""
+    reference_models: list[str] | None = Field(None, min_length=1)
+    """MRPO's references (column 0 is the main one and its clip anchor), each precomputed once
+    and cached; None = the single usual reference."""
+    group_step_size: float = Field(0.01, gt=0)
+    """η of group-robust DPO's weight update α_g ∝ α_g·exp(η·L_g) after every micro-batch."""
+    value_baseline: Literal["prompt_mean", "mean", "zero"] = "prompt_mean"
+    """DRO's V(x): ``prompt_mean`` (leave-one-out mean reward of the prompt's training rows),
+    ``mean`` (of all training rows) or ``zero``."""
     precompute_reference: bool = True
     prefix_sharing: bool | None = None
     """Compute each prompt once for all its completions; None = on when exact for the model."""
@@ -78,6 +94,8 @@ class LossPlan:
     hyper_parameters: dict[str, Any]
     per_loss: dict[str, dict[str, Any]]
     shifted: tuple[str, ...]  # losses whose reward_shift δ the trainer keeps
+    needs: InputNeeds = InputNeeds()
+    group_robust: tuple[str, ...] = ()  # losses whose group weights α the trainer keeps
 
 
 def plan_losses(section: PreferenceSection) -> LossPlan:
@@ -99,8 +117,7 @@ def plan_losses(section: PreferenceSection) -> LossPlan:
         missing = sorted(set(spec.requires) - PROVIDED[kind])
         if missing:
             raise ConfigError(f"field '{field}': loss {name!r} needs {', '.join(missing)}, which "
-                              "this trainer does not compute (per-token or multi-reference "
-                              "inputs); pick another loss")
+                              f"this trainer does not compute for {kind} data; pick another loss")
     accepted = {name: set(spec.defaults) for name, spec in specs.items()}
     every = sorted(set().union(*accepted.values()))
     hp = dict(section.loss_kwargs)
@@ -122,20 +139,33 @@ def plan_losses(section: PreferenceSection) -> LossPlan:
                 raise ConfigError(f"field 'preference.per_loss.{name}.{key}': not a "
                                   f"hyper-parameter of {name}; accepted names: "
                                   f"{', '.join(sorted(accepted[name]))}")
-    shifted = tuple(n for n in weights if SHIFT_PARAM in accepted[n] and SHIFT_PARAM not in hp
-                    and SHIFT_PARAM not in section.per_loss.get(n, {}))
+    shifted, robust = (tuple(n for n in weights if p in accepted[n] and p not in hp
+                             and p not in section.per_loss.get(n, {}))
+                       for p in (SHIFT_PARAM, GROUP_WEIGHTS))
+    needs = input_needs(specs)
+    check_references(section, needs.multi, hp, section.per_loss)
     return LossPlan(weights, kind, any(s.needs_reference for s in specs.values()), hp,
-                    {k: dict(v) for k, v in section.per_loss.items()}, shifted)
+                    {k: dict(v) for k, v in section.per_loss.items()}, shifted, needs, robust)
 
 
 class PreferenceObjective:
     """Sum of per-example preference losses; ``num_items`` = pairs / rows / lists.
 
-    ``reference_model`` is used only when the batches carry no precomputed ``ref_logps``."""
+    ``reference_model`` is used only when the batches carry no precomputed ``ref_logps``;
+    ``groups`` (the data's group names and shares) only by group-robust losses."""
 
-    def __init__(self, plan: LossPlan, reference_model: torch.nn.Module | None = None) -> None:
+    def __init__(self, plan: LossPlan, reference_model: torch.nn.Module | None = None, *,
+                 groups: tuple[list[str | int], list[float]] | None = None,
+                 group_step_size: float = 0.01) -> None:
         self.plan, self.reference_model = plan, reference_model
         self.shift_mean, self.shift_count = 0.0, 0  # BCO's running δ (TRL's RunningMoments)
+        self.group_weights = (GroupWeights(groups[0], group_step_size, groups[1])
+                              if plan.group_robust and groups else None)
+
+    @property
+    def stateful(self) -> bool:
+        """Whether the objective keeps state across steps (saved for an exact resume)."""
+        return bool(self.plan.shifted) or self.group_weights is not None
 
     def num_items(self, batch: dict[str, Any]) -> float:
         return float(batch["num_groups"])
@@ -152,14 +182,17 @@ class PreferenceObjective:
             return completion_logprobs(self.reference_model, batch).float()
 
     def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> LossOutput:
-        logps = completion_logprobs(model, batch)
+        logps, token_logps = policy_logps(model, batch, self.plan.needs.tokens, completion_logprobs)
         ref = self.reference_logps(batch)
-        inputs, metrics = self.inputs(logps, ref, batch)
+        inputs, metrics = self.inputs(logps, ref, batch, token_logps)
         per_loss = {k: dict(v) for k, v in self.plan.per_loss.items()}
         if self.plan.shifted and ref is not None:
             self._update_shift(logps, ref, batch)
             for name in self.plan.shifted:
                 per_loss.setdefault(name, {})[SHIFT_PARAM] = self.shift_mean
+        if self.group_weights is not None:
+            for name in self.plan.group_robust:
+                per_loss.setdefault(name, {})[GROUP_WEIGHTS] = self.group_weights.weights
         if len(self.plan.weights) == 1:
             (name,) = self.plan.weights
             result = PREFERENCE_LOSSES.get(name)(inputs, **self._kwargs(name, per_loss))
@@ -169,6 +202,11 @@ class PreferenceObjective:
         metrics.update({k: float(v) for k, v in result.metrics.items() if torch.as_tensor(v).numel() == 1})
         if self.plan.shifted:
             metrics["reward_shift"] = self.shift_mean
+        if self.group_weights is not None:
+            for name in self.plan.group_robust:
+                key = "group/losses" if len(self.plan.weights) == 1 else f"{name}/group/losses"
+                self.group_weights.update(result.metrics[key], batch["groups"])
+            metrics.update(self.group_weights.metrics())
         return LossOutput(result.losses.sum(), metrics)
 
     def _kwargs(self, name: str, per_loss: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -185,8 +223,8 @@ class PreferenceObjective:
         self.shift_mean = (self.shift_mean * self.shift_count + float(rewards.sum())) / (self.shift_count + n)
         self.shift_count += n
 
-    def inputs(self, logps: torch.Tensor, ref: torch.Tensor | None, batch: dict[str, Any]
-               ) -> tuple[PreferenceInputs, dict[str, float]]:
+    def inputs(self, logps: torch.Tensor, ref: torch.Tensor | None, batch: dict[str, Any],
+               token_logps: torch.Tensor | None = None) -> tuple[PreferenceInputs, dict[str, float]]:
         """Split the flat per-completion log-probs into the loss kind's fields."""
         b, lengths = int(batch["num_groups"]), batch["completion_lengths"]
         metrics: dict[str, float] = {}
@@ -200,7 +238,9 @@ class PreferenceObjective:
                 ref_chosen_logps=None if ref is None else ref[:b],
                 ref_rejected_logps=None if ref is None else ref[b:],
                 chosen_lengths=lengths[:b], rejected_lengths=lengths[b:],
-                margin=batch.get("margin")), metrics
+                margin=batch.get("margin"),
+                **paired_extras(batch, b, self.plan.needs, ref, token_logps,
+                                self.reference_model)), metrics
         if self.plan.kind == "unpaired":
             kl_ref = None
             if logps.shape[0] > b and ref is not None:  # KTO's mismatched pairs (slot 1)
@@ -208,7 +248,8 @@ class PreferenceObjective:
                 metrics["kl_ref"] = float(kl_ref)
             metrics["logps"] = float(logps[:b].detach().mean())
             return PreferenceInputs(logps=logps[:b], ref_logps=None if ref is None else ref[:b],
-                                    labels=batch["labels"], kl_ref=kl_ref), metrics
+                                    labels=batch.get("labels"), kl_ref=kl_ref,
+                                    rewards=batch.get("rewards"), values=batch.get("values")), metrics
         k = int(batch["slot"].max()) + 1
         owner, slot = batch["owner"], batch["slot"]
 
@@ -222,11 +263,16 @@ class PreferenceObjective:
         return PreferenceInputs(list_logps=grid(logps), ref_list_logps=None if ref is None else grid(ref),
                                 scores=batch["scores"], list_lengths=grid(lengths), list_mask=mask), metrics
 
-    def state_dict(self) -> dict[str, float]:
-        return {"shift_mean": self.shift_mean, "shift_count": self.shift_count}
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"shift_mean": self.shift_mean, "shift_count": self.shift_count}
+        if self.group_weights is not None:
+            state[GROUP_WEIGHTS] = self.group_weights.weights.tolist()
+        return state
 
-    def load_state_dict(self, state: dict[str, float]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.shift_mean, self.shift_count = float(state["shift_mean"]), int(state["shift_count"])
+        if self.group_weights is not None and GROUP_WEIGHTS in state:
+            self.group_weights.weights = torch.tensor(state[GROUP_WEIGHTS], dtype=torch.float64)
 
 
 class PreferenceConfig(Section):
@@ -250,22 +296,26 @@ class PreferenceRun:
     heldout: dict[str, float] | None = None
 
 
-def load_preference_examples(data: DataSection, world: WorldSection, tokenizer: Any, kind: str
-                             ) -> TokenizedRows:
-    """Tokenised rows of the format the loss kind needs (``world:<task>`` builds oracle rows)."""
+def load_preference_examples(data: DataSection, world: WorldSection, tokenizer: Any, kind: str,
+                             columns: dict[str, list[str]] | None = None) -> TokenizedRows:
+    """Tokenised rows of the format the loss kind needs (``world:<task>`` builds oracle rows);
+    every row must carry the data ``columns`` (column → losses needing it)."""
+    columns = columns or {}
     fmt = KIND_FORMATS[kind]
     if data.format is not None and data.format != fmt:
         raise ConfigError(f"fields 'preference.loss' and 'data.format': a {kind} loss needs "
                           f"data.format {fmt!r}, got {data.format!r}")
     if data.source.startswith(WORLD_PREFIX):
         task = get_world(world).task(data.source[len(WORLD_PREFIX):])
-        rows = rows_from_list(world_preference_rows(task, fmt, data.limit or 2048, seed=world.seed),
-                              format=fmt, source=data.source)
+        extra = set(columns) & {"tie", "group", "reward"}
+        rows = rows_from_list(world_preference_rows(task, fmt, data.limit or 2048, seed=world.seed,
+                                                    columns=extra), format=fmt, source=data.source)
     else:
         rows = load_rows(data.source, format=data.format, split=data.split, limit=data.limit)
     if rows.format != fmt:
         raise ConfigError(f"fields 'preference.loss' and 'data.format': a {kind} loss needs "
                           f"{fmt!r} rows, but {rows.source} has {rows.format!r} rows")
+    check_columns(rows, columns)
     tokenized = tokenize_rows(rows, tokenizer, max_length=data.max_length, truncation=data.truncation)
     print(f"data {rows.source}: {tokenized.summary()}")
     if not tokenized.examples:
@@ -273,9 +323,16 @@ def load_preference_examples(data: DataSection, world: WorldSection, tokenizer: 
     return tokenized
 
 
-def choose_layout(section: PreferenceSection, data: DataSection, model: torch.nn.Module) -> str:
-    """``shared`` (prefix sharing), ``packed`` (data.packing) or ``flat`` (padded)."""
+def choose_layout(section: PreferenceSection, data: DataSection, model: torch.nn.Module,
+                  per_token: bool = False) -> str:
+    """``shared`` (prefix sharing), ``packed`` (data.packing) or ``flat`` (padded); token-level
+    losses read per-token log-probs, which only the padded and packed paths keep."""
     ok, why = prefix_sharing_support(model)
+    if per_token:
+        if section.prefix_sharing:
+            raise ConfigError("field 'preference.prefix_sharing': token-level losses (sparse_po) "
+                              "run without prefix sharing; set it to false or leave it unset")
+        ok, why = False, "token-level loss"
     if section.prefix_sharing and not ok:
         raise ConfigError(f"field 'preference.prefix_sharing': not exact for this model ({why}); "
                           "set it to false")
@@ -292,53 +349,57 @@ def run_preference(cfg: PreferenceConfig) -> PreferenceRun:
     and save the final model."""
     plan = plan_losses(cfg.preference)
     model, tokenizer = load_policy(cfg.model, cfg.world)
-    tokenized = load_preference_examples(cfg.data, cfg.world, tokenizer, plan.kind)
+    columns = plan.needs.column_map()
+    tokenized = load_preference_examples(cfg.data, cfg.world, tokenizer, plan.kind, columns)
     examples, pad = tokenized.examples, tokenized.pad_token_id
+    fill_defaults(examples, list(columns))
+    groups = assign_group_ids(examples) if "group" in columns else None
     if plan.kind == "unpaired" and "kl_ref" in set().union(*(loss_spec(n).optional for n in plan.weights)):
         add_kl_completions(examples, seed=cfg.train.seed)
-    margin_losses = [n for n in plan.weights if "margin" in loss_spec(n).requires]
-    if margin_losses and "margin" not in examples[0]:
-        raise ConfigError(f"field 'preference.loss': {', '.join(margin_losses)} need(s) a "
-                          f"'margin' column in data.source {cfg.data.source}")
-    layout = choose_layout(cfg.preference, cfg.data, model)
+    layout = choose_layout(cfg.preference, cfg.data, model, per_token=plan.needs.tokens)
     device = pick_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
     ref_model, hit = None, None
     if plan.needs_reference:
-        ref_path = resolve_model_path(cfg.preference.reference or cfg.model.name_or_path, cfg.world)
+        refs = [resolve_model_path(r, cfg.world) for r in cfg.preference.reference_models
+                or [cfg.preference.reference or cfg.model.name_or_path]]
 
-        def load() -> torch.nn.Module:
-            return load_reference_model(ref_path, dtype=cfg.model.dtype,
+        def load(path: str) -> torch.nn.Module:
+            return load_reference_model(path, dtype=cfg.model.dtype,
                                         trust_remote_code=cfg.model.trust_remote_code,
                                         attn_implementation=cfg.model.attn_implementation)
 
         if cfg.preference.precompute_reference:
-            hit = attach_reference_logps(examples, load, ref_path, pad, output_dir=cfg.train.output_dir,
-                                         batch_size=2 * cfg.train.batch_size, device=device,
-                                         precision=precision,
-                                         layout=None if layout == "shared" else layout)
-            print(f"reference log-probs: {'reused' if hit else 'computed'} ({ref_path})")
+            hit = attach_references(examples, refs, tokens=plan.needs.tokens, load=load,
+                                    pad_token_id=pad, output_dir=cfg.train.output_dir,
+                                    batch_size=2 * cfg.train.batch_size, device=device,
+                                    precision=precision,
+                                    layout=None if layout == "shared" else layout)
+            print(f"reference log-probs: {'reused' if hit else 'computed'} ({', '.join(refs)})")
         else:
-            ref_model = load().to(device)
+            ref_model = load(refs[0]).to(device)
             if layout == "shared" and not prefix_sharing_support(ref_model)[0]:
                 raise ConfigError("field 'preference.prefix_sharing': the reference model does not "
                                   "support it; set it to false or precompute_reference to true")
-    objective = PreferenceObjective(plan, ref_model)
+    objective = PreferenceObjective(plan, ref_model, groups=groups,
+                                    group_step_size=cfg.preference.group_step_size)
     n_held = cfg.preference.heldout
     if n_held >= len(examples):
         raise ConfigError(f"field 'preference.heldout': {n_held} rows leave none of the "
                           f"{len(examples)} to train on")
     held, examples = examples[len(examples) - n_held:], examples[:len(examples) - n_held]
+    if plan.needs.values and "reward" in examples[0]:
+        attach_values(examples, held, cfg.preference.value_baseline)
     state_file = Path(cfg.train.output_dir) / STATE_FILE
-    if cfg.train.resume and plan.shifted and state_file.exists():
+    if cfg.train.resume and objective.stateful and state_file.exists():
         objective.load_state_dict(json.loads(state_file.read_text()))
     batches = EpochBatches(examples, cfg.train.batch_size,
                            lambda ex: collate_groups(ex, pad, layout=layout), seed=cfg.train.seed)
 
     def on_step(step: int, _: dict[str, float]) -> None:
         every = cfg.train.save_every
-        # δ is trainer state: saved at the loop's checkpoint steps so a resume restores it exactly.
-        if plan.shifted and every and (step % every == 0 or step == cfg.train.max_steps):
+        # δ and α are trainer state: saved at the checkpoint steps so a resume restores them exactly.
+        if objective.stateful and every and (step % every == 0 or step == cfg.train.max_steps):
             atomic_write_text(state_file, json.dumps(objective.state_dict()))
 
     name = "+".join(plan.weights)

@@ -6,7 +6,9 @@ in each example as ``ref_logps`` (one float per completion slot, see
 :func:`alignlab.data.preference_batches.group_completions`). They are cached in
 ``<output_dir>/reference_logps.safetensors`` under a key hashing the token ids and the
 reference model, so a resumed run (or a second run on the same data) reuses them and a change
-of data or reference recomputes them.
+of data or reference recomputes them. Token-level losses get the per-token values instead
+(``per_token=True``: one list per example, the slots' tokens concatenated) and MRPO's extra
+references their own cache files (``cache_file``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 
 from alignlab.data.preference_batches import collate_groups, group_completions
+from alignlab.models.completion_tokens import completion_token_logprobs
 from alignlab.models.prefix_sharing import completion_logprobs, prefix_sharing_support
 from alignlab.trainers.loop import to_device
 from alignlab.utils.runtime import autocast
@@ -38,8 +41,9 @@ def reference_key(examples: list[dict[str, Any]], reference: str, precision: str
 @torch.inference_mode()
 def compute_reference_logps(model: nn.Module, examples: list[dict[str, Any]], pad_token_id: int, *,
                             batch_size: int, device: torch.device, precision: str = "fp32",
-                            layout: str = "shared") -> list[list[float]]:
-    """``log π_ref`` of every completion of every example (one list per example, slot order).
+                            layout: str = "shared", per_token: bool = False) -> list[list[float]]:
+    """``log π_ref`` of every completion of every example (one list per example, slot order;
+    ``per_token``: every completion token's, the slots concatenated, on a non-shared layout).
 
     Batches are formed over the examples sorted by length (prompt, then longest completion):
     the values do not depend on batching, and near-equal lengths waste almost nothing on
@@ -55,12 +59,13 @@ def compute_reference_logps(model: nn.Module, examples: list[dict[str, Any]], pa
             chunk = [examples[i] for i in index]
             batch = to_device(collate_groups(chunk, pad_token_id, layout=layout), device)
             with autocast(device, precision):
-                lp = completion_logprobs(model, batch).float().cpu()
-            per = [[0.0] * len(group_completions(e)) for e in chunk]
-            for value, b, k in zip(lp.tolist(), batch["owner"].tolist(), batch["slot"].tolist()):
-                per[b][k] = value
+                lp = (completion_token_logprobs if per_token else completion_logprobs)(model, batch)
+            per: list[list[Any]] = [[0.0] * len(group_completions(e)) for e in chunk]
+            for value, n, b, k in zip(lp.float().cpu().tolist(), batch["completion_lengths"].tolist(),
+                                      batch["owner"].tolist(), batch["slot"].tolist()):
+                per[b][k] = value[:n] if per_token else value
             for i, values in zip(index, per):
-                out[i] = values
+                out[i] = [v for slot in values for v in slot] if per_token else values
     finally:
         model.train(was_training)
     return out
@@ -96,25 +101,29 @@ def load_reference_cache(path: Path, key: str) -> list[list[float]] | None:
 
 def attach_reference_logps(examples: list[dict[str, Any]], load_model: Any, reference: str,
                            pad_token_id: int, *, output_dir: str | Path, batch_size: int,
-                           device: torch.device, precision: str, layout: str | None = None) -> bool:
-    """Set ``example["ref_logps"]`` for every example, from the cache or by computing them with
+                           device: torch.device, precision: str, layout: str | None = None,
+                           field: str = "ref_logps", cache_file: str = CACHE_FILE,
+                           per_token: bool = False) -> bool:
+    """Set ``example[field]`` for every example, from the cache or by computing them with
     the model ``load_model()`` returns (called only on a cache miss). Returns True on a hit.
 
-    ``layout`` None: prefix sharing when it is exact for the reference model, else padded."""
-    path = Path(output_dir) / CACHE_FILE
-    key = reference_key(examples, reference, precision)
+    ``layout`` None: prefix sharing when it is exact for the reference model, else padded
+    (always padded or packed when ``per_token``)."""
+    path = Path(output_dir) / cache_file
+    key = reference_key(examples, reference + ("#per_token" if per_token else ""), precision)
     values = load_reference_cache(path, key)
     hit = values is not None
     if not hit:
         model = load_model().to(device)
-        if layout is None:
-            layout = "shared" if prefix_sharing_support(model)[0] else "flat"
+        if layout is None or (per_token and layout == "shared"):
+            layout = "shared" if prefix_sharing_support(model)[0] and not per_token else "flat"
         values = compute_reference_logps(model, examples, pad_token_id, batch_size=batch_size,
-                                         device=device, precision=precision, layout=layout)
+                                         device=device, precision=precision, layout=layout,
+                                         per_token=per_token)
         del model
         save_reference_cache(path, key, values)
     for e, v in zip(examples, values):
-        e["ref_logps"] = v
+        e[field] = v
     return hit
 
 
