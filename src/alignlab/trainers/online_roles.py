@@ -9,6 +9,7 @@ process and the rollout samples from the policy's own module.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -101,9 +102,14 @@ class PolicyObjective:
     def num_items(self, batch: dict[str, Any]) -> float:
         return float(num_items(batch["loss_mask"], self.aggregation))
 
+    def policy_logprobs(self, model: torch.nn.Module, batch: dict[str, Any],
+                        return_entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """log π(y_t) as this objective defines the policy (NLPO's restricts it to an action mask)."""
+        return token_logprobs(model, batch, temperature=self.temperature,
+                              return_entropy=return_entropy)
+
     def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> LossOutput:
-        out = token_logprobs(model, batch, temperature=self.temperature,
-                             return_entropy=self.entropy)
+        out = self.policy_logprobs(model, batch, return_entropy=self.entropy)
         lp, ent = out if self.entropy else (out, None)
         mask = batch["loss_mask"]
         # Absent when the rollout batch gets exactly one optimizer step: the sampling policy is
@@ -137,8 +143,12 @@ class PolicyRole:
     @torch.no_grad()
     def logprobs(self, batch: dict[str, torch.Tensor], model: torch.nn.Module | None = None,
                  temperature: float = 1.0) -> torch.Tensor:
-        """Per-token log-probs of ``batch`` under the policy (or ``model``), no gradient."""
-        model = model or self.model
+        """Per-token log-probs of ``batch`` under the policy as the objective defines it, or under
+        another ``model`` (the reference) as a plain softmax; no gradient."""
+        if model is None:
+            model, fn = self.model, self.objective.policy_logprobs
+        else:
+            fn = functools.partial(token_logprobs, temperature=temperature)
         was_training = model.training
         model.eval()
         try:
@@ -146,7 +156,7 @@ class PolicyRole:
             for start in range(0, batch["input_ids"].shape[0], self.micro_batch_size):
                 micro = to_device({k: v[start:start + self.micro_batch_size]
                                    for k, v in batch.items()}, self.device)
-                parts.append(token_logprobs(model, micro, temperature=temperature).cpu())
+                parts.append(fn(model, micro).cpu())
             return torch.cat(parts)
         finally:
             model.train(was_training)
