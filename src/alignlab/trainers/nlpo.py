@@ -11,7 +11,8 @@ iterations (``rl.nlpo_update_every``). The acting policy is π restricted to M_t
 and that one distribution is used everywhere: sampling (a ``LogitsProcessor`` in the rollout
 engine sets the logits outside M_t to −inf), the old log-probs, and the log-probs of the PPO
 ratio (``restricted_token_logprobs``), so the ratio compares π^M_θ with π^M_θ_old. M_t comes
-from π_ψ's untempered distribution; the reference of the KL penalty stays unmasked.
+from π_ψ's untempered distribution. The reference of the KL penalty stays unmasked, so the
+penalty is that of the acting policy π^M and counts the truncation too (−log π(M_t) per token).
 """
 
 from __future__ import annotations
