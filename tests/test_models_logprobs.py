@@ -228,3 +228,32 @@ def test_no_scored_tokens_and_bad_arguments():
         token_logprobs(model, batch, temperature=0)
     with pytest.raises(ConfigError):
         sequence_logprobs(lp, batch, reduce="max")
+
+
+def test_restricted_logprobs_with_everything_allowed_equal_token_logprobs_and_renormalise():
+    from alignlab.models.logprobs import next_token_logits, restricted_token_logprobs
+
+    model = tiny_llama(tied=True)
+    batch = padded_batch(*random_seqs())
+    logits, targets, scored = next_token_logits(model, batch)
+    assert logits.shape == (int(scored.sum()), VOCAB) and targets.shape == (logits.shape[0],)
+    everything = torch.ones_like(logits, dtype=torch.bool)
+    lp, ent = restricted_token_logprobs(model, batch, everything, temperature=0.7,
+                                        return_entropy=True)
+    ref_lp, ref_ent = token_logprobs(model, batch, temperature=0.7, return_entropy=True)
+    torch.testing.assert_close(lp, ref_lp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent, ref_ent, atol=1e-5, rtol=0)
+    # only the target and one other token allowed: log p = z_y − logsumexp(z_y, z_o)
+    allowed = torch.zeros_like(everything)
+    rows = torch.arange(len(targets))
+    other = (targets + 1) % VOCAB
+    allowed[rows, targets] = allowed[rows, other] = True
+    lp2, ent2 = restricted_token_logprobs(model, batch, allowed, return_entropy=True)
+    z = logits.detach()
+    expected = z[rows, targets] - torch.logaddexp(z[rows, targets], z[rows, other])
+    torch.testing.assert_close(lp2[:, 1:][scored], expected, atol=1e-5, rtol=0)
+    assert (ent2 <= torch.log(torch.tensor(2.0)) + 1e-5).all()
+    lp2.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    with pytest.raises(ConfigError, match="allowed has shape"):
+        restricted_token_logprobs(model, batch, allowed[:-1])

@@ -149,3 +149,44 @@ def test_bad_inputs_name_the_field(model):
         rollout(model, [[3], []], SamplingParams(), eos_token_id=None, pad_token_id=0)
     with pytest.raises(ConfigError, match="stop strings need a tokenizer"):
         rollout(model, [[3]], SamplingParams(stop=("x",)), eos_token_id=None, pad_token_id=0)
+
+
+class EvenTokensOnly:
+    """A ``LogitsProcessor`` that bans odd token ids and records the engine's calls."""
+
+    def __init__(self):
+        self.rows: list[int] = []
+
+    def start(self, input_ids, attention_mask, position_ids, n):
+        assert input_ids.shape == attention_mask.shape == position_ids.shape
+        self.running = input_ids.shape[0] * n
+
+    def __call__(self, logits):
+        assert logits.shape[0] == self.running  # it always sees exactly the rows still running
+        self.rows.append(logits.shape[0])
+        odd = torch.arange(logits.shape[-1], device=logits.device) % 2 == 1
+        return logits.masked_fill(odd, float("-inf"))
+
+    def advance(self, tokens, keep, attention_mask, position_ids):
+        self.running = tokens.shape[0]
+        assert keep is None or len(keep) == tokens.shape[0]
+        assert attention_mask.shape[0] == position_ids.shape[0] == tokens.shape[0]
+
+
+@pytest.mark.parametrize("compact", [True, False])
+def test_logits_processor_restricts_samples_and_logprobs_are_renormalised(model, compact):
+    from alignlab.models.logprobs import restricted_token_logprobs
+
+    proc = EvenTokensOnly()
+    rb = run(model, SamplingParams(temperature=0.8, max_new_tokens=10, n=3, seed=2),
+             eos=8, compact=compact, logits_processor=proc)
+    assert all(t % 2 == 0 for c in rb.completion_ids for t in c)
+    assert 8 in {t for c in rb.completion_ids for t in c}  # some rows stopped early
+    if compact:
+        assert proc.rows[-1] < proc.rows[0]  # and were dropped from the processor's rows too
+    batch = rb.padded()
+    n_scored = int(batch["loss_mask"][:, 1:].sum())
+    allowed = (torch.arange(V) % 2 == 0).expand(n_scored, V)
+    recomputed = restricted_token_logprobs(model, batch, allowed, temperature=0.8)
+    assert torch.allclose(recomputed, batch["old_logprobs"], atol=1e-4)
+    assert (batch["old_logprobs"] > token_logprobs(model, batch, temperature=0.8) - 1e-6).all()

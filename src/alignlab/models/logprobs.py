@@ -286,6 +286,43 @@ def token_logprobs(model: nn.Module, batch: dict[str, Any], *, temperature: floa
     return out, out_ent
 
 
+def restricted_token_logprobs(model: nn.Module, batch: dict[str, Any], allowed: Tensor, *,
+                              temperature: float = 1.0,
+                              return_entropy: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """``token_logprobs`` of the policy renormalised over a per-position set of allowed tokens:
+    ``lp[b,t] = z[y_t] − logsumexp_{v allowed at t} z[v]`` with ``z = logits[b,t-1] / T``.
+
+    ``allowed`` is a bool ``[N, V]``, one row per scored position in row-major order (the rows of
+    ``next_token_logits``). NLPO's action mask uses it (``trainers/nlpo.py``). It always takes the
+    full-logits path: the ``[N, V]`` float32 rows of the scored positions are held at once.
+    """
+    logits, targets, scored = next_token_logits(model, batch)
+    if allowed.shape != logits.shape:
+        raise ConfigError(f"restricted_token_logprobs: allowed has shape {tuple(allowed.shape)}, "
+                          f"the scored positions' logits {tuple(logits.shape)}")
+    with torch.autocast(logits.device.type, enabled=False):
+        z = (logits / temperature).masked_fill(~allowed, float("-inf"))
+        logz = torch.log_softmax(z, dim=-1)
+        lp = logz.gather(-1, targets[:, None]).squeeze(-1)
+        ent = (-(logz.exp() * logz.masked_fill(~allowed, 0.0)).sum(-1)
+               if return_entropy else None)
+    out = lp.new_zeros(batch["input_ids"].shape)
+    out[:, 1:] = out[:, 1:].masked_scatter(scored, lp)
+    if not return_entropy:
+        return out
+    out_ent = ent.new_zeros(batch["input_ids"].shape)
+    out_ent[:, 1:] = out_ent[:, 1:].masked_scatter(scored, ent)
+    return out, out_ent
+
+
+def next_token_logits(model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+    """``(logits [N, V] float32, targets [N], scored [B, T-1])``: the untempered next-token logits
+    at the ``N`` positions whose next token is scored (``loss_mask``), row-major, and those tokens."""
+    scored = _scored_positions(batch)
+    logits = model(**_backbone_kwargs(batch)).logits[:, :-1][scored].float()
+    return logits, batch["input_ids"][:, 1:][scored], scored
+
+
 def _sequence_ids(batch: dict[str, Any]) -> tuple[Tensor, int] | None:
     """For a packed batch: the sequence index of every token [N] and the number of sequences."""
     if batch.get("attention_mask") is not None or batch.get("seq_lens") is None:
@@ -319,5 +356,5 @@ def sequence_logprobs(token_lp: Tensor, batch: dict[str, Any], reduce: str = "su
     return total if reduce == "sum" else total / count.clamp(min=1)
 
 
-__all__ = ["token_logprobs", "sequence_logprobs", "chunked_logprobs", "find_backbone_and_head",
-           "find_decoder"]
+__all__ = ["token_logprobs", "restricted_token_logprobs", "next_token_logits", "sequence_logprobs",
+           "chunked_logprobs", "find_backbone_and_head", "find_decoder"]

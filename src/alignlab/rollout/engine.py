@@ -20,7 +20,7 @@ import inspect
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -112,6 +112,22 @@ class RolloutBatch:
         return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
 
 
+class LogitsProcessor(Protocol):
+    """Rewrites next-token logits ``[b, V]`` of the running rows (``-inf`` removes a token)."""
+
+    def start(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
+              n: int) -> None:
+        """The left-padded prompts of a chunk were prefilled; each will be sampled ``n`` times."""
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        """The processed logits of the rows now running, in the engine's row order."""
+
+    def advance(self, tokens: Tensor, keep: Tensor | None, attention_mask: Tensor,
+                position_ids: Tensor) -> None:
+        """Rows ``keep`` (all if None) go on; ``tokens`` (already compacted to them) were fed to
+        the model with these ``attention_mask``/``position_ids``."""
+
+
 def sample_next(logits: Tensor, params: SamplingParams,
                 generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
     """``(tokens [B], log pi_T(token) [B])`` from last-position logits ``[B, V]``."""
@@ -175,7 +191,8 @@ class _StopStrings:
 @torch.inference_mode()
 def _rollout_chunk(model: nn.Module, prompts: list[list[int]], params: SamplingParams, *,
                    eos_ids: set[int], pad: int, generator: torch.Generator | None,
-                   stop_strings: _StopStrings, compact: bool) -> tuple[Tensor, Tensor, Tensor, list[str]]:
+                   stop_strings: _StopStrings, compact: bool,
+                   processor: LogitsProcessor | None = None) -> tuple[Tensor, Tensor, Tensor, list[str]]:
     """Decode one chunk; returns ``(tokens [B,T], logprobs [B,T], lengths [B], reasons)``."""
     device = next(model.parameters()).device
     ids, mask = _left_pad(prompts, pad, device)
@@ -186,6 +203,8 @@ def _rollout_chunk(model: nn.Module, prompts: list[list[int]], params: SamplingP
                 use_cache=True, **extra)
     logits = out.logits[:, -1]
     n, big = params.n, len(prompts) * params.n
+    if processor is not None:
+        processor.start(ids, mask, position_ids, n)
     if n > 1:  # n samples of a prompt share its prefill
         cache.batch_repeat_interleave(n)
         mask, logits = mask.repeat_interleave(n, 0), logits.repeat_interleave(n, 0)
@@ -200,6 +219,8 @@ def _rollout_chunk(model: nn.Module, prompts: list[list[int]], params: SamplingP
     active = torch.arange(big, device=device)   # full-batch row of each compute row
     running = torch.ones(big, dtype=torch.bool, device=device)  # used when compact=False
     for step in range(T):
+        if processor is not None:
+            logits = processor(logits)
         tok, lp = sample_next(logits, params, generator)
         rows = active if compact else active[running]
         sel_tok, sel_lp = (tok, lp) if compact else (tok[running], lp[running])
@@ -220,6 +241,7 @@ def _rollout_chunk(model: nn.Module, prompts: list[list[int]], params: SamplingP
         keep = ~done if compact else running
         if step == T - 1 or not bool(keep.any()):
             break
+        idx = None
         if compact and bool(done.any()):
             idx = keep.nonzero().flatten()
             cache.batch_select_indices(idx)
@@ -227,13 +249,16 @@ def _rollout_chunk(model: nn.Module, prompts: list[list[int]], params: SamplingP
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos,
                     cache=cache, use_cache=True)
+        if processor is not None:
+            processor.advance(tok, idx, mask, next_pos)
         logits, next_pos = out.logits[:, -1], next_pos + 1
     return tokens, logps, lengths, reasons
 
 
 def rollout(model: nn.Module, prompt_ids: list[list[int]], params: SamplingParams, *,
             eos_token_id: int | list[int] | None, pad_token_id: int, tokenizer: Any = None,
-            batch_size: int = 256, compact: bool = True) -> RolloutBatch:
+            batch_size: int = 256, compact: bool = True,
+            logits_processor: LogitsProcessor | None = None) -> RolloutBatch:
     """Sample ``params.n`` completions of each prompt (token ids, no special tokens added).
 
     ``batch_size`` caps the rows (prompts x n) decoded together. The model's train/eval mode is
@@ -260,7 +285,8 @@ def rollout(model: nn.Module, prompt_ids: list[list[int]], params: SamplingParam
         for lo in range(0, len(prompt_ids), per_chunk):
             tokens, logps, lengths, why = _rollout_chunk(
                 model, prompt_ids[lo:lo + per_chunk], params, eos_ids=eos_ids, pad=pad_token_id,
-                generator=generator, stop_strings=stop_strings, compact=compact)
+                generator=generator, stop_strings=stop_strings, compact=compact,
+                processor=logits_processor)
             tokens, logps, lengths = tokens.cpu(), logps.cpu(), lengths.tolist()
             comp_ids += [tokens[i, :k].tolist() for i, k in enumerate(lengths)]
             logp_rows += [logps[i, :k] for i, k in enumerate(lengths)]
@@ -303,5 +329,5 @@ def _text(ids: list[int], reason: str, stops: tuple[str, ...], tokenizer: Any) -
     return text
 
 
-__all__ = ["SamplingParams", "RolloutBatch", "rollout", "sample_next", "LENGTH_WARNING",
-           "length_limit_fraction"]
+__all__ = ["SamplingParams", "RolloutBatch", "LogitsProcessor", "rollout", "sample_next",
+           "LENGTH_WARNING", "length_limit_fraction"]

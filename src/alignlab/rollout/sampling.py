@@ -10,7 +10,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 
-from alignlab.rollout.engine import SamplingParams, rollout
+from alignlab.rollout.engine import LogitsProcessor, SamplingParams, rollout
 
 
 @dataclass
@@ -26,7 +26,7 @@ class Samples:
 def sample(model, tokenizer, prompts: list[str], *, n: int = 1, max_new_tokens: int = 32,
            temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
            stop: tuple[str, ...] = (), batch_size: int = 64, seed: int = 0,
-           warn_length: bool = False) -> Samples:
+           warn_length: bool = False, logits_processor: LogitsProcessor | None = None) -> Samples:
     """Sample ``n`` completions per prompt; prompts are repeated in place (p0, p0, p1, p1, ...).
 
     The length-limit warning is off by default here: evaluation reports ``hit_length_limit``
@@ -41,7 +41,7 @@ def sample(model, tokenizer, prompts: list[str], *, n: int = 1, max_new_tokens: 
         if not warn_length:
             warnings.filterwarnings("ignore", message=".*cut at max_new_tokens")
         rb = rollout(model, ids, params, eos_token_id=eos, pad_token_id=pad,
-                     tokenizer=tokenizer, batch_size=batch_size)
+                     tokenizer=tokenizer, batch_size=batch_size, logits_processor=logits_processor)
     comp_ids, logps = [], []
     for i, (c, why) in enumerate(zip(rb.completion_ids, rb.finish_reasons)):
         keep = len(c) - 1 if why == "eos" else len(c)

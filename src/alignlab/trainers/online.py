@@ -1,7 +1,8 @@
 """The online-RL controller: rollout → reward → advantages → update, once per iteration.
 
-One loop serves every critic-free algorithm of ``rl_algorithms.RL_ALGORITHMS``; it passes
-plain data between the three roles of ``online_roles`` (rollout, reward, policy). Old
+One loop serves every algorithm of ``rl_algorithms.RL_ALGORITHMS``; it passes plain data
+between the three roles of ``online_roles`` (rollout, reward, policy), plus, for PPO and NLPO,
+the critic, KL controller and action mask of ``ppo.PPOParts``. Old
 log-probs come from one no-grad forward of the policy before the update (as TRL), reference
 log-probs from a frozen copy of the initial policy. With ``kl_in: reward`` the rewards are
 r_t = 1[t=last]·score − β·KL_t (InstructGPT); with ``kl_in: loss`` β·KL_t is added to the
@@ -31,6 +32,7 @@ from alignlab.rewards.sandbox import Limits
 from alignlab.trainers.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from alignlab.trainers.loop import Progress, TrainResult
 from alignlab.trainers.metrics import MetricsLogger
+from alignlab.trainers.nlpo import ActionMask, MaskedPolicyObjective, masked_rollout_role
 from alignlab.trainers.online_roles import PolicyObjective, PolicyRole, RolloutRole
 from alignlab.trainers.reward_role import RewardRole, resolve_reward, token_reward_tensor
 from alignlab.trainers.rl_algorithms import RL_ALGORITHMS, RLAlgorithm
@@ -132,12 +134,13 @@ class OnlineRLConfig(Section):
         return self
 
 
-def _config_for(name: str) -> type[OnlineRLConfig]:
-    """The config class of one algorithm: the same sections, ``runs/<name>`` as output_dir."""
+def _config_for(name: str, rl_cls: type[RLSection] = RLSection) -> type[OnlineRLConfig]:
+    """The config class of one algorithm: the same sections (``rl`` may add fields), and
+    ``runs/<name>`` as output_dir."""
     train_cls = create_model(f"{name.capitalize()}TrainSection", __base__=RLTrainSection,
                              output_dir=(str, f"runs/{name}"))
     return create_model(f"{name.capitalize()}Config", __base__=OnlineRLConfig,
-                        train=(train_cls, train_cls()))
+                        train=(train_cls, train_cls()), rl=(rl_cls, rl_cls()))
 
 
 # ---------------------------------------------------------------------------------- prompts
@@ -201,10 +204,14 @@ class OnlineRun:
     tokenizer: Any
 
 
-def make_objective(alg: RLAlgorithm, cfg: OnlineRLConfig, max_tokens: int) -> PolicyObjective:
+def make_objective(alg: RLAlgorithm, cfg: OnlineRLConfig, max_tokens: int,
+                   action_mask: ActionMask | None = None) -> PolicyObjective:
+    """The policy's objective; with NLPO's ``action_mask`` its log-probs are those of π^M."""
     rl = cfg.rl
     kl_in = rl.kl_in or alg.kl_in
-    return PolicyObjective(
+    cls = (functools.partial(MaskedPolicyObjective, action_mask) if action_mask is not None
+           else PolicyObjective)
+    return cls(
         "gspo" if rl.importance == "sequence" else "ppo_clip",
         rl.loss_aggregation or alg.aggregation, clip_eps_low=rl.clip_eps_low,
         clip_eps_high=rl.clip_eps_high, kl_coef=rl.kl_coef if kl_in == "loss" else 0.0,
@@ -269,12 +276,20 @@ def run_online(cfg: OnlineRLConfig, algorithm: str) -> OnlineRun:
     needs_ref = cfg.rl.kl_coef > 0
     # Before any checkpoint is loaded, so a resumed run keeps the *initial* policy as reference.
     reference = copy.deepcopy(model).requires_grad_(False).eval() if needs_ref else None
-    objective = make_objective(alg, cfg, max_new + 1)  # +1: the eos is a trained token too
+    ppo = None
+    if alg.critic:  # also before any checkpoint: the critic starts from the initial policy
+        from alignlab.trainers.ppo import PPOParts
+
+        ppo = PPOParts(cfg, model, cfg.rl.kl_estimator or alg.kl_estimator, alg.action_mask)
+    action_mask = ppo.action_mask if ppo is not None else None
+    # +1: the eos is a trained token too
+    objective = make_objective(alg, cfg, max_new + 1, action_mask)
     policy = PolicyRole(model, objective, cfg.train, epochs=cfg.rl.epochs,
                         minibatch_size=cfg.rl.minibatch_size, seed=cfg.train.seed)
     if reference is not None:
         reference.to(policy.device)
-    rollout = RolloutRole(model, tokenizer, max_new_tokens=max_new,
+    rollout_cls = RolloutRole if action_mask is None else masked_rollout_role(action_mask)
+    rollout = rollout_cls(model, tokenizer, max_new_tokens=max_new,
                           temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                           batch_size=cfg.rollout.batch_size)
 
@@ -286,6 +301,8 @@ def run_online(cfg: OnlineRLConfig, algorithm: str) -> OnlineRun:
         state = load_checkpoint(ckpt, model)
         policy.load_state_dict(state["policy"])
         reward_role.total_skipped = int(state.get("reward_skipped", 0))
+        if ppo is not None:
+            ppo.load_state_dict(state["ppo"])
         start = int(state["step"])
     logger = MetricsLogger(out, tensorboard=cfg.train.tensorboard)
     progress = Progress(cfg.train.max_steps, start, cfg.train.progress, algorithm)
@@ -296,6 +313,8 @@ def run_online(cfg: OnlineRLConfig, algorithm: str) -> OnlineRun:
             rows = sources.batch(it, cfg.rollout.prompts_per_step)
             prompts = [r["prompt"] for r in rows]
             t0 = time.time()
+            if ppo is not None:
+                ppo.begin_iteration(model, it)
             rollout.sync_weights()
             rolls = rollout.generate(prompts, cfg.rollout.n, seed=cfg.train.seed * 7919 + it)
             greedy = (rollout.generate(prompts, 1, seed=0, greedy=True)
@@ -353,10 +372,16 @@ def run_online(cfg: OnlineRLConfig, algorithm: str) -> OnlineRun:
                     exp["ref_logprobs"] = policy.logprobs(exp, reference, cfg.rollout.temperature)
                     m["kl_ref"] = float((token_kl(exp["old_logprobs"], exp["ref_logprobs"], "k1",
                                                   exp["loss_mask"])).sum(-1).mean())
-                exp["advantages"], extra = compute_advantages(
-                    alg, cfg, exp, scores, group_ids, baseline, exp.pop("token_rewards", None))
+                token_rewards = exp.pop("token_rewards", None)
+                if ppo is None:
+                    exp["advantages"], extra = compute_advantages(
+                        alg, cfg, exp, scores, group_ids, baseline, token_rewards)
+                else:  # values, β-shaped rewards, GAE
+                    extra = ppo.add_advantages(exp, scores, token_rewards)
                 m.update(extra)
                 m.update(policy.update(exp))
+                if ppo is not None:
+                    m.update(ppo.update_critic(exp))
             t3 = time.time()
             m.update({"time_rollout": t1 - t0, "time_reward": t2 - t1, "time_update": t3 - t2})
             step = it + 1
@@ -366,7 +391,8 @@ def run_online(cfg: OnlineRLConfig, algorithm: str) -> OnlineRun:
             if cfg.train.save_every and (step % cfg.train.save_every == 0
                                          or step == cfg.train.max_steps):
                 save_checkpoint(out, step, model, {"policy": policy.state_dict(),
-                                                   "reward_skipped": reward_role.total_skipped},
+                                                   "reward_skipped": reward_role.total_skipped,
+                                                   **({"ppo": ppo.state_dict()} if ppo else {})},
                                 keep=cfg.train.save_total_limit)
     finally:
         progress.close()
@@ -394,10 +420,13 @@ def _keep_groups(keep: torch.Tensor, scores: torch.Tensor, group_ids: torch.Tens
 
 def _register() -> None:
     from alignlab.trainers.registry import ALGORITHMS, AlgorithmEntry
+    # Here, not at the top: ppo.py builds its config sections on this module's RLSection.
+    from alignlab.trainers.ppo import RL_SECTIONS
 
     for name, alg in RL_ALGORITHMS.items():
         ALGORITHMS.register(name)(AlgorithmEntry(
-            _config_for(name), functools.partial(run_online, algorithm=name), alg.doc))
+            _config_for(name, RL_SECTIONS.get(name, RLSection)),
+            functools.partial(run_online, algorithm=name), alg.doc))
 
 
 _register()

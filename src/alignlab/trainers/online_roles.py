@@ -9,6 +9,7 @@ process and the rollout samples from the policy's own module.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -59,6 +60,10 @@ class RolloutRole:
     def sync_weights(self, state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
         """In one process the rollout samples from the trained module itself: nothing to copy."""
 
+    def logits_processor(self) -> Any:
+        """A ``rollout.engine.LogitsProcessor`` applied while sampling (NLPO's mask); None here."""
+        return None
+
     def _encode(self, prompts: list[str]) -> list[list[int]]:
         todo = [p for p in dict.fromkeys(prompts) if p not in self._prompt_ids]
         if todo:
@@ -74,7 +79,8 @@ class RolloutRole:
         with warnings.catch_warnings():  # the controller warns itself, naming the iteration
             warnings.filterwarnings("ignore", message=".*cut at max_new_tokens")
             rb = rollout(self.model, ids, params, eos_token_id=self.eos, pad_token_id=self.pad,
-                         tokenizer=self.tokenizer, batch_size=self.batch_size)
+                         tokenizer=self.tokenizer, batch_size=self.batch_size,
+                         logits_processor=self.logits_processor())
         comp = [c[:-1] if why == "eos" else list(c)
                 for c, why in zip(rb.completion_ids, rb.finish_reasons)]
         index = [i for i in range(len(prompts)) for _ in range(n)]
@@ -126,9 +132,14 @@ class PolicyObjective:
     def num_items(self, batch: dict[str, Any]) -> float:
         return float(num_items(batch["loss_mask"], self.aggregation))
 
+    def policy_logprobs(self, model: torch.nn.Module, batch: dict[str, Any],
+                        return_entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """log π(y_t) as this objective defines the policy (NLPO's restricts it to an action mask)."""
+        return token_logprobs(model, batch, temperature=self.temperature,
+                              return_entropy=return_entropy)
+
     def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> LossOutput:
-        out = token_logprobs(model, batch, temperature=self.temperature,
-                             return_entropy=self.entropy)
+        out = self.policy_logprobs(model, batch, return_entropy=self.entropy)
         lp, ent = out if self.entropy else (out, None)
         mask = batch["loss_mask"]
         # Absent when the rollout batch gets exactly one optimizer step: the sampling policy is
@@ -162,8 +173,12 @@ class PolicyRole:
     @torch.no_grad()
     def logprobs(self, batch: dict[str, torch.Tensor], model: torch.nn.Module | None = None,
                  temperature: float = 1.0) -> torch.Tensor:
-        """Per-token log-probs of ``batch`` under the policy (or ``model``), no gradient."""
-        model = model or self.model
+        """Per-token log-probs of ``batch`` under the policy as the objective defines it, or under
+        another ``model`` (the reference) as a plain softmax; no gradient."""
+        if model is None:
+            model, fn = self.model, self.objective.policy_logprobs
+        else:
+            fn = functools.partial(token_logprobs, temperature=temperature)
         was_training = model.training
         model.eval()
         try:
@@ -171,7 +186,7 @@ class PolicyRole:
             for start in range(0, batch["input_ids"].shape[0], self.micro_batch_size):
                 micro = to_device({k: v[start:start + self.micro_batch_size]
                                    for k, v in batch.items()}, self.device)
-                parts.append(token_logprobs(model, micro, temperature=temperature).cpu())
+                parts.append(fn(model, micro).cpu())
             return torch.cat(parts)
         finally:
             model.train(was_training)

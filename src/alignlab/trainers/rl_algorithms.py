@@ -1,4 +1,4 @@
-"""The critic-free online RL algorithms as data: which advantage, loss, aggregation, KL placement.
+"""The online RL algorithms as data: which advantage, loss, aggregation, KL placement.
 
 Each algorithm is the same controller loop (``trainers/online.py``) with different parts from
 the registries in ``alignlab.losses``; the policy loss is PPO's clipped surrogate
@@ -14,8 +14,13 @@ minibatch) is the REINFORCE gradient −A_t ∇log π(y_t).
 - ``reinforce_pp``: token rewards r_t = 1[t=last]·score − β·KL_t, A = whiten over the batch of
   the returns (Hu 2025, REINFORCE++).
 
-Not here (a later piece of issue #4): PPO with a value head/GAE (``losses/value.py`` and the
-``gae`` estimator exist) and NLPO's top-p action mask.
+With a critic (``trainers/ppo.py``, ``trainers/value_role.py``):
+
+- ``ppo``: token rewards r_t = 1[t=last]·score − β·KL_t (β fixed or adaptive), A = GAE(γ, λ)
+  from a learned value model, clipped value loss (Schulman et al. 2017; Ziegler et al. 2019;
+  Ouyang et al. 2022, InstructGPT).
+- ``nlpo``: ``ppo`` whose policy is restricted to the top-p set of a periodically refreshed copy
+  of itself (Ramamurthy et al. 2023, RL4LMs; ``trainers/nlpo.py``).
 """
 
 from __future__ import annotations
@@ -39,6 +44,10 @@ class RLAlgorithm:
     """Also decode one greedy (temperature-0) completion per prompt and score it (ReMax)."""
     token_rewards: bool = False
     """The estimator takes per-token rewards (KL-shaped) rather than one score per sequence."""
+    critic: bool = False
+    """Learns a value model; advantages come from ``trainers/ppo.py`` (GAE), not the registry call."""
+    action_mask: bool = False
+    """NLPO: the policy is restricted to a masking policy's top-p set (sampling and loss)."""
     doc: str = ""
 
 
@@ -54,4 +63,11 @@ RL_ALGORITHMS: dict[str, RLAlgorithm] = {
     "reinforce_pp": RLAlgorithm("reinforce_pp", "reinforce_pp", "token_mean", "reward", "k1",
                                 grouped=False, token_rewards=True,
                                 doc="REINFORCE++: KL-shaped token rewards, batch-whitened returns."),
+    "ppo": RLAlgorithm("ppo", "gae", "token_mean", "reward", "k1", grouped=False,
+                       token_rewards=True, critic=True,
+                       doc="PPO: critic + GAE, clipped policy/value losses, fixed/adaptive KL "
+                           "in the reward."),
+    "nlpo": RLAlgorithm("nlpo", "gae", "token_mean", "reward", "k1", grouped=False,
+                        token_rewards=True, critic=True, action_mask=True,
+                        doc="NLPO: PPO with a top-p action mask from a refreshed policy copy."),
 }
