@@ -113,7 +113,7 @@ def test_prompt_pass_runs_last_layer_mlp_only_at_each_prompts_last_token():
     model = random_llama(seed=1).float()
     examples = _examples("paired")
     last = model.model.layers[-1]
-    mlp, o_proj = last.mlp, last.self_attn.o_proj
+    mlp, o_proj, q_proj = last.mlp, last.self_attn.o_proj, last.self_attn.q_proj
     rows_seen = []
     handle = mlp.register_forward_hook(lambda m, i, o: rows_seen.append(i[0].reshape(-1, i[0].shape[-1]).shape[0]))
     batch = collate_groups(examples, pad_token_id=0, layout="shared")
@@ -121,4 +121,4 @@ def test_prompt_pass_runs_last_layer_mlp_only_at_each_prompts_last_token():
     handle.remove()
     assert rows_seen[0] == len(examples)  # prompt pass: one row per prompt
     assert rows_seen[1] == batch["completion_ids"].numel()  # completion pass: every position
-    assert last.mlp is mlp and last.self_attn.o_proj is o_proj
+    assert last.mlp is mlp and last.self_attn.o_proj is o_proj and last.self_attn.q_proj is q_proj
