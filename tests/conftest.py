@@ -42,3 +42,36 @@ def random_examples(n: int, vocab_size: int = 64, seed: int = 0) -> list[dict]:
         ids = torch.randint(1, vocab_size, (p + c,), generator=g).tolist()
         out.append({"input_ids": ids, "loss_mask": [0] * p + [1] * c})
     return out
+
+
+def heldout_pairs(world, n: int = 64):
+    """``(task, tokenizer, base model, examples)``: tokenized pairs on the ``positive`` task's
+    *eval* prompts, chosen all-positive and rejected all-negative."""
+    import random
+
+    from alignlab.data.loading import rows_from_list
+    from alignlab.data.tokenize import tokenize_rows
+    from alignlab.models.loading import load_model, load_tokenizer
+    from alignlab.world import language as lang
+
+    task = world.task("positive")
+    tok = load_tokenizer(str(world.base_dir))
+    by_text = {p.text: p for p in lang.all_review_prefixes()}
+    rng = random.Random(5)
+    rows = [{"prompt": t, "chosen": lang.complete_review(rng, by_text[t], 1.0),
+             "rejected": lang.complete_review(rng, by_text[t], 0.0)} for t in task.eval_prompts[:n]]
+    examples = tokenize_rows(rows_from_list(rows, format="preference"), tok).examples
+    return task, tok, load_model(str(world.base_dir)), examples
+
+
+def online_config(world_cache: str, output_dir, rl, steps: int = 10):
+    """A tiny-world online-RL config on ``positive`` (8 prompts × 4 per iteration) around ``rl``."""
+    from alignlab.config import TrainSection, WorldSection
+    from alignlab.trainers.online import OnlineRLConfig, RolloutSection
+
+    return OnlineRLConfig(
+        world=WorldSection(preset="tiny", cache_dir=world_cache),
+        train=TrainSection(output_dir=str(output_dir), max_steps=steps, lr=5e-4, batch_size=32,
+                           log_every=1, progress=False, tensorboard=False,
+                           lr_scheduler="constant"),
+        rollout=RolloutSection(prompts="world:positive", prompts_per_step=8, n=4), rl=rl)

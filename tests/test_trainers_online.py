@@ -7,23 +7,18 @@ import json
 import pytest
 
 from alignlab.bench.evaluate import evaluate
-from alignlab.config import EvalSection, TrainSection, WorldSection, load_config
+from alignlab.config import EvalSection, load_config
 from alignlab.errors import ConfigError, RewardError
 from alignlab.models.loading import load_model, load_tokenizer
 from alignlab.trainers.online import OnlineRLConfig, RLSection, RolloutSection, run_online
 from alignlab.trainers.registry import algorithms
+from tests.conftest import online_config
 
 EVAL = EvalSection(task="positive", n_prompts=32, samples_per_prompt=2, seed=11)
 
 
 def _cfg(world_cache, tmp_path, steps=10, **rl) -> OnlineRLConfig:
-    return OnlineRLConfig(
-        world=WorldSection(preset="tiny", cache_dir=world_cache),
-        train=TrainSection(output_dir=str(tmp_path), max_steps=steps, lr=5e-4, batch_size=32,
-                           log_every=1, progress=False, tensorboard=False,
-                           lr_scheduler="constant"),
-        rollout=RolloutSection(prompts="world:positive", prompts_per_step=8, n=4),
-        rl=RLSection(**rl))
+    return online_config(world_cache, tmp_path, RLSection(**rl), steps)
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_examples, random_llama
+from tests.conftest import online_config, random_examples, random_llama
 
 from alignlab.bench.evaluate import evaluate
-from alignlab.config import EvalSection, TrainSection, WorldSection, load_config
+from alignlab.config import EvalSection, load_config
 from alignlab.data.collate import pad_collate
 from alignlab.errors import ConfigError
 from alignlab.losses.advantages import whiten
@@ -15,7 +15,7 @@ from alignlab.losses.policy import reinforce
 from alignlab.models.loading import load_model, load_tokenizer
 from alignlab.models.logprobs import token_logprobs
 from alignlab.trainers.loop import forward_backward
-from alignlab.trainers.online import OnlineRLConfig, RolloutSection, run_online
+from alignlab.trainers.online import OnlineRLConfig, run_online
 from alignlab.trainers.online_roles import PolicyObjective
 from alignlab.trainers.ppo import NLPORLSection, PPORLSection, ppo_advantages
 from alignlab.trainers.registry import algorithms
@@ -25,13 +25,8 @@ EVAL = EvalSection(task="positive", n_prompts=32, samples_per_prompt=2, seed=11)
 
 def _cfg(world_cache, tmp_path, algorithm="ppo", steps=10, **rl) -> OnlineRLConfig:
     section = NLPORLSection if algorithm == "nlpo" else PPORLSection
-    return OnlineRLConfig(
-        world=WorldSection(preset="tiny", cache_dir=world_cache),
-        train=TrainSection(output_dir=str(tmp_path), max_steps=steps, lr=5e-4, batch_size=32,
-                           log_every=1, progress=False, tensorboard=False,
-                           lr_scheduler="constant"),
-        rollout=RolloutSection(prompts="world:positive", prompts_per_step=8, n=4),
-        rl=section(**{"epochs": 2, "minibatch_size": 16, **rl}))
+    return online_config(world_cache, tmp_path,
+                         section(**{"epochs": 2, "minibatch_size": 16, **rl}), steps)
 
 
 # ---------------------------------------------------------------------------------- configs

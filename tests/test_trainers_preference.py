@@ -3,25 +3,20 @@ tiny world; mixtures run; the objective sums per-example losses; config errors n
 
 from __future__ import annotations
 
-import random
 
 import pytest
 import torch
 
 from alignlab.bench.evaluate import evaluate
 from alignlab.config import (DataSection, EvalSection, TrainSection, WorldSection, load_config)
-from alignlab.data.loading import rows_from_list
 from alignlab.data.preference_batches import add_kl_completions, collate_groups
-from alignlab.data.tokenize import tokenize_rows
 from alignlab.errors import ConfigError
 from alignlab.losses.preference import PREFERENCE_LOSSES, PreferenceInputs
-from alignlab.models.loading import load_model, load_tokenizer
 from alignlab.trainers.preference import (PreferenceConfig, PreferenceObjective, PreferenceSection,
                                           plan_losses, run_preference)
 from alignlab.trainers.preference_bench import implicit_reward_accuracy, sample_kl
 from alignlab.trainers.registry import algorithms
-from alignlab.world import language as lang
-from tests.conftest import random_llama
+from tests.conftest import heldout_pairs, random_llama
 
 EVAL = EvalSection(n_prompts=48, samples_per_prompt=2, seed=11)
 
@@ -38,14 +33,7 @@ def _cfg(world_cache, out, loss=None, losses=None, steps=40, lr=2e-4, **pref) ->
 @pytest.fixture(scope="module")
 def heldout(tiny_world):
     """Pairs on the task's *eval* prompts: chosen all-positive, rejected all-negative."""
-    task = tiny_world.task("positive")
-    tok = load_tokenizer(str(tiny_world.base_dir))
-    by_text = {p.text: p for p in lang.all_review_prefixes()}
-    rng = random.Random(5)
-    rows = [{"prompt": t, "chosen": lang.complete_review(rng, by_text[t], 1.0),
-             "rejected": lang.complete_review(rng, by_text[t], 0.0)} for t in task.eval_prompts[:64]]
-    examples = tokenize_rows(rows_from_list(rows, format="preference"), tok).examples
-    return task, tok, load_model(str(tiny_world.base_dir)), examples
+    return heldout_pairs(tiny_world)
 
 
 def test_dpo_raises_preference_and_gold_reward_with_bounded_kl(heldout, world_cache, tmp_path):

@@ -6,27 +6,23 @@ world in a few steps; missing columns and bad settings fail with the field named
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
 
 from alignlab.config import DataSection, TrainSection, WorldSection, load_config
-from alignlab.data.loading import rows_from_list
 from alignlab.data.preference_batches import collate_groups
-from alignlab.data.tokenize import tokenize_rows
 from alignlab.errors import ConfigError, DataError
 from alignlab.losses.preference import PREFERENCE_LOSSES, PreferenceInputs
-from alignlab.models.loading import load_model, load_tokenizer
+from alignlab.models.loading import load_model
 from alignlab.models.prefix_sharing import completion_logprobs
 from alignlab.trainers.preference import (PreferenceConfig, PreferenceObjective, PreferenceSection,
                                           plan_losses, run_preference)
 from alignlab.trainers.preference_bench import implicit_reward_accuracy
 from alignlab.trainers.preference_inputs import GroupWeights
 from alignlab.trainers.reference import CACHE_FILE
-from alignlab.world import language as lang
-from tests.conftest import random_llama
+from tests.conftest import heldout_pairs, random_llama
 
 
 def _cfg(world_cache, out, loss, steps=20, source="world:positive", **pref) -> PreferenceConfig:
@@ -41,14 +37,7 @@ def _cfg(world_cache, out, loss, steps=20, source="world:positive", **pref) -> P
 @pytest.fixture(scope="module")
 def eval_pairs(tiny_world):
     """Pairs on the task's eval prompts (all-positive vs all-negative) and the base model."""
-    task = tiny_world.task("positive")
-    tok = load_tokenizer(str(tiny_world.base_dir))
-    by_text = {p.text: p for p in lang.all_review_prefixes()}
-    rng = random.Random(5)
-    rows = [{"prompt": t, "chosen": lang.complete_review(rng, by_text[t], 1.0),
-             "rejected": lang.complete_review(rng, by_text[t], 0.0)} for t in task.eval_prompts[:64]]
-    examples = tokenize_rows(rows_from_list(rows, format="preference"), tok).examples
-    base = load_model(str(tiny_world.base_dir))
+    _, tok, base, examples = heldout_pairs(tiny_world)
     assert implicit_reward_accuracy(base, base, examples, tok.pad_token_id) == 0.0  # all ties
     return tok, base, examples
 
