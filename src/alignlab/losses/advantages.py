@@ -102,13 +102,19 @@ def last_token_index(mask: Tensor) -> Tensor:
     return torch.where(mask.bool(), positions, torch.zeros_like(positions)).amax(dim=-1)
 
 
-def scores_to_token_rewards(scores: Tensor, mask: Tensor) -> Tensor:
-    """Put each sequence score on its last completion token; rows with no token get nothing."""
+def scores_to_token_rewards(scores: Tensor, mask: Tensor, dense: Tensor | None = None) -> Tensor:
+    """Put each sequence score on its last completion token; rows with no token get nothing.
+
+    ``dense [B,T]``: per-token reward components already included in ``scores``; they stay
+    at their tokens and only the rest, ``score − Σ_t dense_t``, goes on the last token."""
     rewards = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
     has_tokens = mask.bool().any(dim=-1)
     rows = torch.arange(mask.shape[0], device=mask.device)
+    if dense is not None:
+        dense = dense.to(device=mask.device, dtype=torch.float32)
+        scores = scores.to(torch.float32) - dense.sum(-1)
     rewards[rows, last_token_index(mask)] = scores.to(torch.float32) * has_tokens
-    return rewards
+    return rewards if dense is None else rewards + dense
 
 
 def _group_index(n: int, group_ids: Tensor | None, group_size: int | None,
@@ -309,16 +315,18 @@ def _check_unused(estimator: str, unused: dict) -> None:
 
 @torch.no_grad()
 def kl_shaped_rewards(scores: Tensor, logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor,
-                      kl_coef: float, estimator: str = "k1") -> tuple[Tensor, Tensor]:
+                      kl_coef: float, estimator: str = "k1",
+                      dense: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """KL-in-reward shaping: r_t = 1[t = last]·score − β·KL_t.
 
     InstructGPT (Ouyang et al. 2022), after Ziegler et al. 2019. KL_t is the per-token estimate
     (``alignlab.losses.kl``) of log π(y_t) − log π_ref(y_t).
     Returns ``(rewards [B,T], kl [B,T])``, both 0 outside ``mask``; ``kl`` is for logging and
-    for the KL controller (``kl.sum(-1).mean()`` is the batch's mean sequence KL).
+    for the KL controller (``kl.sum(-1).mean()`` is the batch's mean sequence KL). ``dense``:
+    per-token reward components inside ``scores`` (see :func:`scores_to_token_rewards`).
     """
     kl = token_kl(logprobs.float(), ref_logprobs.float(), estimator, mask)
-    return scores_to_token_rewards(scores, mask) - kl_coef * kl, kl
+    return scores_to_token_rewards(scores, mask, dense) - kl_coef * kl, kl
 
 
 class FixedKLController:

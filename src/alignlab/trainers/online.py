@@ -231,19 +231,17 @@ def compute_advantages(alg: RLAlgorithm, cfg: OnlineRLConfig, exp: dict[str, tor
     kl_in = rl.kl_in or alg.kl_in
     kwargs: dict[str, Any] = {"mask": mask}
     metrics: dict[str, float] = {}
-    last_token = scores if token_rewards is None else scores - token_rewards.sum(-1)
     if kl_in == "reward" and rl.kl_coef > 0:
-        rewards, kl = kl_shaped_rewards(last_token, exp["old_logprobs"], exp["ref_logprobs"],
-                                        mask, rl.kl_coef, rl.kl_estimator or alg.kl_estimator)
-        if token_rewards is not None:
-            rewards = rewards + token_rewards.to(rewards.device)
+        rewards, kl = kl_shaped_rewards(scores, exp["old_logprobs"], exp["ref_logprobs"], mask,
+                                        rl.kl_coef, rl.kl_estimator or alg.kl_estimator,
+                                        token_rewards)
         metrics["kl_penalty"] = float(rl.kl_coef * kl.sum(-1).mean())
         if alg.token_rewards:
             kwargs["rewards"] = rewards
         else:  # a sequence estimator: the KL-shaped return of the whole completion
             kwargs["scores"] = rewards.sum(-1)
     elif alg.token_rewards and token_rewards is not None:
-        kwargs["rewards"] = scores_to_token_rewards(last_token, mask) + token_rewards
+        kwargs["rewards"] = scores_to_token_rewards(scores, mask, token_rewards)
     else:
         kwargs["scores"] = scores
     if alg.grouped:

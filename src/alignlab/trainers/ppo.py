@@ -80,11 +80,7 @@ def ppo_advantages(scores: torch.Tensor, values: torch.Tensor, mask: torch.Tenso
 
     With ``token_rewards`` (dense components included in ``score``) the rewards are
     r_t = token_rewards_t + 1[t=last]·(score − Σ token_rewards) − β·KL_t."""
-    if token_rewards is None:
-        rewards = scores_to_token_rewards(scores, mask)
-    else:
-        token_rewards = token_rewards.to(scores.device)
-        rewards = scores_to_token_rewards(scores - token_rewards.sum(-1), mask) + token_rewards
+    rewards = scores_to_token_rewards(scores, mask, token_rewards)
     if kl is not None and kl_coef:
         rewards = rewards - kl_coef * kl
     if whiten_rewards:
