@@ -83,10 +83,10 @@ def test_support_refuses_sliding_window_models():
 
 def test_cpu_training_attention_matches_sdpa_values_and_gradients():
     """The matmul attention used for CPU training equals SDPA (causal, boolean and float masks,
-    grouped KV heads), and forward-only calls are left to SDPA."""
+    grouped KV heads), and dropout calls are left to SDPA."""
     import torch.nn.functional as F
 
-    from alignlab.models.prefix_sharing import _CpuTrainingAttention
+    from alignlab.models.cpu_attention import CpuAttention
 
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 4, 5, 8, generator=g, requires_grad=True)
@@ -98,7 +98,7 @@ def test_cpu_training_attention_matches_sdpa_values_and_gradients():
     for kw in cases:
         outs = []
         for mode in (False, True):
-            with (_CpuTrainingAttention() if mode else contextlib.nullcontext()):
+            with (CpuAttention() if mode else contextlib.nullcontext()):
                 out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw)
             grads = torch.autograd.grad((out * torch.arange(8.0)).sum(), (q, k, v))
             outs.append((out.detach(), grads))
@@ -107,18 +107,94 @@ def test_cpu_training_attention_matches_sdpa_values_and_gradients():
         assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g0, g1)), kw
 
 
-def test_prompt_pass_runs_last_layer_mlp_only_at_each_prompts_last_token():
-    """The skip is active (the last MLP sees one row per prompt in the prompt pass, every row in
-    the completion pass) and the model's modules are restored afterwards."""
+def test_cpu_training_attention_bf16_and_fully_masked_rows():
+    """In bfloat16 it stays within bf16 rounding of float32 SDPA; a fully masked query row (a pad)
+    gives finite values and gradients instead of NaN, and float32's -inf-like additive masks
+    survive the cast to bfloat16."""
+    import torch.nn.functional as F
+
+    from alignlab.models.cpu_attention import matmul_attention
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 4, 6, 16, generator=g) for _ in range(3))
+    keep = torch.rand(2, 1, 6, 6, generator=g) > 0.4
+    keep[..., 0] = True
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+    additive = torch.where(keep, 0.0, torch.finfo(torch.float32).min)
+    for mask in (keep, additive):
+        got = matmul_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), attn_mask=mask)
+        assert got.dtype == torch.bfloat16
+        assert torch.allclose(got.float(), want, atol=0.05), (got.float() - want).abs().max()
+    keep[0, 0, 2] = False  # query 2 of row 0 sees nothing
+    qb = q.bfloat16().requires_grad_()
+    out = matmul_attention(qb, k.bfloat16(), v.bfloat16(), attn_mask=keep)
+    out.float().sum().backward()
+    assert torch.isfinite(out.float()).all() and torch.isfinite(qb.grad.float()).all()
+
+
+def test_one_pass_runs_last_layer_mlp_only_where_hidden_states_are_read():
+    """The SDPA group pass runs the decoder once on the real tokens only (no padding work), its
+    last MLP only at the positions that predict a scored token, and the model's modules are
+    restored afterwards."""
+    from alignlab.models.packed_groups import LENGTH_MULTIPLE
+
     model = random_llama(seed=1).float()
-    examples = _examples("paired")
-    last = model.model.layers[-1]
+    examples = _examples("paired", n=12)
+    first, last = model.model.layers[0], model.model.layers[-1]
     mlp, o_proj, q_proj = last.mlp, last.self_attn.o_proj, last.self_attn.q_proj
-    rows_seen = []
-    handle = mlp.register_forward_hook(lambda m, i, o: rows_seen.append(i[0].reshape(-1, i[0].shape[-1]).shape[0]))
+    seen = {"first": [], "last": []}
+    hooks = [m.register_forward_hook(lambda m, i, o, key=key: seen[key].append(i[0].reshape(-1, i[0].shape[-1]).shape[0]))
+             for key, m in (("first", first.mlp), ("last", mlp))]
     batch = collate_groups(examples, pad_token_id=0, layout="shared")
     completion_logprobs(model, batch)
-    handle.remove()
-    assert rows_seen[0] == len(examples)  # prompt pass: one row per prompt
-    assert rows_seen[1] == batch["completion_ids"].numel()  # completion pass: every position
+    for h in hooks:
+        h.remove()
+    real = sum(len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples)
+    predicting = sum(1 + len(e["chosen_ids"]) - 1 + len(e["rejected_ids"]) - 1 for e in examples)
+    # up to LENGTH_MULTIPLE - 1 filler rows round the shapes (packed_groups.LENGTH_MULTIPLE)
+    assert len(seen["first"]) == len(seen["last"]) == 1
+    assert 0 <= seen["first"][0] - real < LENGTH_MULTIPLE
+    assert 0 <= seen["last"][0] - predicting < LENGTH_MULTIPLE
     assert last.mlp is mlp and last.self_attn.o_proj is o_proj and last.self_attn.q_proj is q_proj
+
+
+@pytest.mark.parametrize("kind", ["paired", "listwise"])
+def test_two_pass_fallback_without_sdpa(kind):
+    """A decoder on eager attention takes the two-pass path (prompt pass with KV cache, then
+    the completions): the same values and gradients as the plain path, the last MLP one row per
+    prompt in the prompt pass."""
+    model = random_llama(seed=1).float()
+    model.set_attn_implementation("eager")
+    examples = _examples(kind)
+    rows_seen = []
+    handle = model.model.layers[-1].mlp.register_forward_hook(
+        lambda m, i, o: rows_seen.append(i[0].reshape(-1, i[0].shape[-1]).shape[0]))
+    lp_s, g_s, batch = _values_and_grads(model, examples, "shared")
+    handle.remove()
+    lp_f, g_f, _ = _values_and_grads(model, examples, "flat")
+    assert rows_seen == [len(examples), batch["completion_ids"].numel()]
+    assert torch.allclose(lp_s, lp_f, atol=1e-5, rtol=0)
+    assert torch.allclose(g_s, g_f, atol=1e-5, rtol=0)
+
+
+def test_group_pass_grouped_query_heads_and_bf16():
+    """Grouped-query attention (fewer KV heads) gives the plain path's values and gradients, and
+    under bf16 autocast the one-pass values stay within bf16 rounding of the float32 ones."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from alignlab.utils.runtime import autocast
+
+    torch.manual_seed(4)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
+                      pad_token_id=0)
+    model = LlamaForCausalLM(cfg).float()
+    examples = _examples("listwise")
+    lp_s, g_s, batch = _values_and_grads(model, examples, "shared")
+    lp_f, g_f, _ = _values_and_grads(model, examples, "flat")
+    assert torch.allclose(lp_s, lp_f, atol=1e-5, rtol=0)
+    assert torch.allclose(g_s, g_f, atol=1e-5, rtol=0)
+    with torch.no_grad(), autocast(torch.device("cpu"), "bf16"):
+        lp_b = completion_logprobs(model, batch)
+    assert lp_b.dtype == torch.float32
+    assert torch.allclose(lp_b, lp_f, rtol=0.02, atol=0.1), (lp_b - lp_f).abs().max()

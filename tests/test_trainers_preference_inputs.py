@@ -134,7 +134,7 @@ def test_group_robust_dpo_moves_weight_to_the_worse_group(eval_pairs, world_cach
     # "hard" pairs (0.75 vs 0.25 positivity, some mislabelled) keep a higher DPO loss.
     assert last["group_weight/hard"] > 0.6 > last["group_weight/easy"], last  # measured 0.81
     state = json.loads((tmp_path / "preference_state.json").read_text())
-    assert state["group_weights"] == pytest.approx([last["group_weight/easy"], last["group_weight/hard"]])
+    assert state["group_weights"] == pytest.approx([last["group_weight/easy"], last["group_weight/hard"]], abs=1e-5)  # logged rounded
     assert _accuracy(run, eval_pairs) >= 0.8  # measured 0.95
 
 

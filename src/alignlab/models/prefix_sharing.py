@@ -19,13 +19,14 @@ import contextlib
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 from transformers.cache_utils import DynamicLayer
 
 from alignlab.models.logprobs import (chunked_logprobs, find_backbone_and_head, sequence_logprobs,
                                       token_logprobs)
+from alignlab.models.cpu_attention import CpuAttention
+from alignlab.models.last_layer import last_layer_only_at
+from alignlab.models.packed_groups import group_pass_applies, group_pass_logprobs
 
 
 def prefix_sharing_support(model: nn.Module) -> tuple[bool, str]:
@@ -70,59 +71,11 @@ def _select_batch(cache: Any, index: Tensor) -> None:
             layer.batch_select_indices(index)
 
 
-class _RowSubset(nn.Module):
-    """``inner`` applied to the rows ``index`` of the flattened ``[B, T, H]`` input only; the
-    other rows of the output are zero. ``index`` is set by :func:`_last_layer_only_at`."""
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-        self.index: Tensor | None = None
-
-    def forward(self, x: Tensor) -> Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        y = self.inner(flat.index_select(0, self.index))
-        return y.new_zeros(flat.shape[0], y.shape[-1]).index_copy(0, self.index, y).view(
-            *x.shape[:-1], y.shape[-1])
-
-
-@contextlib.contextmanager
-def _last_layer_only_at(decoder: nn.Module, index: Tensor):
-    """During the prompt pass, run the last decoder layer's query projection, attention output
-    projection and MLP only at the flattened positions ``index`` (each prompt's last real token,
-    the one whose hidden state predicts a completion's first token).
-
-    Every other prompt position needs only its keys and values in the cache; the last layer's
-    K/V come from that layer's *input*, so the skipped outputs feed nothing. On the long shared
-    prompts of chat preference data this removes most of one layer's work per prompt token.
-    Applies to decoders whose layers expose ``mlp`` and ``self_attn.o_proj`` (Llama, Mistral,
-    Qwen, Gemma, Phi-3, ...); others run unchanged."""
-    layers = getattr(decoder, "layers", None)
-    layer = layers[-1] if isinstance(layers, nn.ModuleList) and len(layers) else None
-    attn = getattr(layer, "self_attn", None)
-    if not (isinstance(getattr(layer, "mlp", None), nn.Module)
-            and isinstance(getattr(attn, "o_proj", None), nn.Module)):
-        yield
-        return
-    swaps = [(layer, "mlp"), (attn, "o_proj")]
-    if isinstance(getattr(attn, "q_proj", None), nn.Module):
-        # Queries are needed only where the output is: the zero queries of the other rows give
-        # a uniform (finite) attention whose output o_proj never reads.
-        swaps.append((attn, "q_proj"))
-    for owner, name in swaps:
-        owner._modules[name] = _RowSubset(owner._modules[name])
-        owner._modules[name].index = index
-    # Plain attribute swaps (no hooks): the original modules come back even if the forward raises.
-    try:
-        yield
-    finally:
-        for owner, name in swaps:
-            owner._modules[name] = owner._modules[name].inner
-
-
 def shared_prefix_logprobs(model: nn.Module, batch: dict[str, Any]) -> Tensor:
     """Per-completion log-prob sums ``[N]`` (float32) from a ``shared`` layout batch."""
     decoder, head = find_backbone_and_head(model)
+    if group_pass_applies(model):
+        return group_pass_logprobs(decoder, head, batch)
     prompt_ids, prompt_lengths = batch["prompt_ids"], batch["prompt_lengths"]
     completion_ids, completion_mask = batch["completion_ids"], batch["completion_mask"]
     owner = batch["owner"]
@@ -133,7 +86,7 @@ def shared_prefix_logprobs(model: nn.Module, batch: dict[str, Any]) -> Tensor:
     # never sees a pad, and SDPA takes its is_causal kernel (no dense mask, upper blocks skipped).
     # The pads' keys/values land in the cache and are masked out in the completion pass.
     last_real = torch.arange(n_prompts, device=prompt_ids.device) * width + prompt_lengths - 1
-    with _last_layer_only_at(decoder, last_real):
+    with last_layer_only_at(decoder, last_real):
         out = decoder(input_ids=prompt_ids, use_cache=True)
     cache = out.cache  # transformers 5 renamed past_key_values to cache
     if not torch.equal(owner, torch.arange(n_prompts, device=owner.device)):
@@ -170,56 +123,11 @@ def flat_logprobs(model: nn.Module, batch: dict[str, Any]) -> Tensor:
     return sequence_logprobs(token_logprobs(model, view), view)
 
 
-# Above this many attention scores (batch x heads x queries x keys) the explicit attention below
-# would hold too large a score matrix; SDPA's flash kernel keeps its own blocks small.
-_MATMUL_ATTENTION_MAX_SCORES = 1 << 23
-
-
-def _matmul_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
-                      dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
-                      enable_gqa: bool = False) -> Tensor:
-    """``softmax(q k^T · scale + mask) v`` with the softmax in float32 (as transformers' eager
-    attention); ``is_causal`` is top-left aligned like SDPA's."""
-    if enable_gqa and k.shape[-3] != q.shape[-3]:
-        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
-        v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
-    scores = (q @ k.transpose(-2, -1)).float().mul_(scale if scale is not None else q.shape[-1] ** -0.5)
-    if is_causal:
-        tq, tk = scores.shape[-2:]
-        attn_mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril()
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attn_mask, torch.finfo(torch.float32).min)
-        else:
-            scores = scores + attn_mask
-    return torch.softmax(scores, dim=-1).to(v.dtype) @ v
-
-
-class _CpuTrainingAttention(TorchFunctionMode):
-    """Route differentiable CPU ``scaled_dot_product_attention`` calls to :func:`_matmul_attention`.
-
-    Why: on CPU the flash kernel's backward is slow (measured on [8, 8, 161, 64] bf16, one
-    thread: 47 ms forward+backward vs 21 ms with two batched matmuls and a float32 softmax), and
-    for the short sequences of preference data the score matrix is small. Forward-only calls
-    (the reference pass), dropout, GPUs and long sequences keep SDPA."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention and torch.is_grad_enabled():
-            q, k = args[0], args[1]
-            scores = q.shape[:-1].numel() * k.shape[-2]
-            if (q.device.type == "cpu" and not kwargs.get("dropout_p") and len(args) <= 3
-                    and scores <= _MATMUL_ATTENTION_MAX_SCORES):
-                return _matmul_attention(*args, **kwargs)
-        return func(*args, **kwargs)
-
-
 def completion_logprobs(model: nn.Module, batch: dict[str, Any]) -> Tensor:
     """Dispatch on the layout :func:`collate_groups` chose."""
     ids = batch["prompt_ids"] if "prompt_ids" in batch else batch["input_ids"]
     # The mode sees every torch call of the forward; enter it only where it can act.
-    use_mode = ids.device.type == "cpu" and torch.is_grad_enabled()
-    with _CpuTrainingAttention() if use_mode else contextlib.nullcontext():
+    with CpuAttention() if ids.device.type == "cpu" else contextlib.nullcontext():
         if "prompt_ids" in batch:
             return shared_prefix_logprobs(model, batch)
         return flat_logprobs(model, batch)
