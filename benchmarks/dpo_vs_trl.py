@@ -12,7 +12,8 @@ tokens/s counts every pair's two prompt+completion sequences (the prompt twice, 
 without prefix sharing consumes them), the same count for every variant, so throughput ratios
 compare like with like. Achieved FLOP/s counts the work a trainer must do, on the *unique*
 tokens (prompt once + chosen + rejected): 6·N per token for the policy's forward+backward and
-2·N for the reference forward (N = all parameters; attention score FLOPs are not counted), the
+2·N for the reference forward (N = the parameters that take part in matmuls: all but the input
+embedding table, a lookup; attention score FLOPs are not counted), the
 same count for every variant, so prefix sharing does not inflate it. It is reported as a
 fraction of a matmul peak measured on the spot. The last line is machine-readable:
 ``speedup_vs_trl_default=X speedup_vs_trl_best=Y mem_ratio_vs_trl=Z mfu=W``.
@@ -85,6 +86,9 @@ def worker(variant: str, folder: Path, args: argparse.Namespace) -> dict:
     tok = AutoTokenizer.from_pretrained(folder / "model")
     model = AutoModelForCausalLM.from_pretrained(folder / "model", dtype=torch.float32)
     n_params = sum(p.numel() for p in model.parameters())
+    embedding = model.get_input_embeddings().weight
+    tied = embedding is model.get_output_embeddings().weight
+    n_matmul = n_params - (0 if tied else embedding.numel())  # a lookup is not a matmul
     bf16 = args.precision == "bf16" or (args.precision == "auto" and cpu_supports_bf16())
     tokens, unique_tokens = count_tokens(tok, rows)
     t0 = time.perf_counter()
@@ -115,7 +119,7 @@ def worker(variant: str, folder: Path, args: argparse.Namespace) -> dict:
     if variant == "alignlab":
         seconds = stats["seconds"] + stats.get("reference_seconds", 0.0)
     # policy forward+backward (6N) and one reference forward (2N) per unique token
-    flops = 8 * n_params * unique_tokens
+    flops = 8 * n_matmul * unique_tokens
     return {"variant": variant, "seconds": seconds, "tokens": tokens,
             "unique_tokens": unique_tokens, "pairs": len(rows),
             "tokens_per_s": tokens / seconds, "pairs_per_s": len(rows) / seconds,
