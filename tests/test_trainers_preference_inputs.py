@@ -49,7 +49,7 @@ def _accuracy(run, eval_pairs) -> float:
 
 def test_sparse_po_trains_on_cached_per_token_log_ratios(eval_pairs, world_cache, tmp_path):
     run = run_preference(_cfg(world_cache, tmp_path, "sparse_po"))
-    assert run.layout == "flat"  # per-token log-probs are not kept by the prefix-sharing path
+    assert run.layout == "shared"  # the one-pass prefix sharing keeps per-token log-probs
     ex = run.examples[0]
     n_c, n_r = len(ex["chosen_ids"]), len(ex["rejected_ids"])
     assert len(ex["ref_token_logps"]) == n_c + n_r
@@ -83,6 +83,15 @@ def test_sparse_po_objective_reads_per_token_inputs_and_equals_dpo_with_unit_wei
     on_the_fly = PreferenceObjective(sparse.plan, ref_model).loss(model, bare).loss_sum
     assert on_the_fly.item() == pytest.approx(
         PreferenceObjective(dpo.plan, ref_model).loss(model, bare).loss_sum.item(), abs=1e-5)
+    # The prefix-sharing layout gives the same per-token values and loss.
+    shared = collate_groups(ex, 0, layout="shared")
+    assert PreferenceObjective(sparse.plan, ref_model).loss(model, shared).loss_sum.item() == \
+        pytest.approx(on_the_fly.item(), abs=1e-5)
+    from alignlab.models.completion_tokens import completion_token_logprobs
+
+    with torch.no_grad():
+        assert torch.allclose(completion_token_logprobs(model, shared),
+                              completion_token_logprobs(model, bare), atol=1e-5)
 
 
 def test_mrpo_precomputes_and_stacks_several_references(eval_pairs, tiny_world, world_cache, tmp_path):
@@ -213,8 +222,10 @@ def test_reference_model_settings_are_checked(section, fields):
     assert all(f in str(err.value) for f in fields), str(err.value)
 
 
-def test_token_losses_refuse_prefix_sharing_and_value_baseline_lists_choices(world_cache, tmp_path):
-    with pytest.raises(ConfigError, match="preference.prefix_sharing"):
-        run_preference(_cfg(world_cache, tmp_path, "sparse_po", prefix_sharing=True))
+def test_token_losses_refuse_prefix_sharing_off_sdpa_and_value_baseline_lists_choices(world_cache, tmp_path):
+    cfg = _cfg(world_cache, tmp_path, "sparse_po", prefix_sharing=True)
+    cfg.model.attn_implementation = "eager"  # per-token values share prefixes only on SDPA
+    with pytest.raises(ConfigError, match="preference.prefix_sharing.*SDPA"):
+        run_preference(cfg)
     with pytest.raises(ConfigError, match=r"preference\.value_baseline.*prompt_mean"):
         load_config(PreferenceConfig, None, ["preference.value_baseline=median"])

@@ -191,8 +191,10 @@ def _rounded_rows(index: Tensor, total: int) -> Tensor:
     return index
 
 
-def group_pass_logprobs(decoder: nn.Module, head: nn.Module, batch: dict[str, Any]) -> Tensor:
-    """Per-completion log-prob sums ``[N]`` (float32) of a ``shared`` batch in one packed pass."""
+def group_pass_logprobs(decoder: nn.Module, head: nn.Module, batch: dict[str, Any], *,
+                        per_token: bool = False) -> Tensor:
+    """Per-completion log-prob sums ``[N]`` (float32) of a ``shared`` batch in one packed pass;
+    ``per_token``: ``[N, max length]`` per-token log-probs instead (0 beyond each completion)."""
     lay = group_layout(batch)
     # the last layer runs its query/output projections and MLP only where a hidden state is read
     needed = _rounded_rows(lay.predictors, lay.length)
@@ -207,6 +209,10 @@ def group_pass_logprobs(decoder: nn.Module, head: nn.Module, batch: dict[str, An
     targets = torch.cat([lay.targets, lay.targets[:1].expand(fill)])
     lp = chunked_logprobs(hidden.reshape(-1, h).index_select(0, predictors), head.weight,
                           head.bias, targets)[0][:scored]
+    if per_token:
+        mask = batch["completion_mask"].bool()
+        out = lp.new_zeros(mask.shape).masked_scatter(mask, lp)  # scored tokens are row-major
+        return out[:, :int(batch["completion_lengths"].max())]  # as wide as the longest
     n = batch["completion_ids"].shape[0]
     return lp.new_zeros(n).index_add(0, lay.owners, lp)
 

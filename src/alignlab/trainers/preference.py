@@ -31,6 +31,7 @@ from alignlab.data.tokenize import TokenizedRows, tokenize_rows
 from alignlab.errors import ConfigError
 from alignlab.losses.preference import PREFERENCE_LOSSES, PreferenceInputs, combine_losses, loss_spec
 from alignlab.models.loading import load_reference_model
+from alignlab.models.packed_groups import group_pass_applies
 from alignlab.models.prefix_sharing import completion_logprobs, prefix_sharing_support
 from alignlab.trainers.batches import EpochBatches
 from alignlab.trainers.common import (WORLD_PREFIX, get_world, load_policy, resolve_model_path,
@@ -326,13 +327,11 @@ def load_preference_examples(data: DataSection, world: WorldSection, tokenizer: 
 def choose_layout(section: PreferenceSection, data: DataSection, model: torch.nn.Module,
                   per_token: bool = False) -> str:
     """``shared`` (prefix sharing), ``packed`` (data.packing) or ``flat`` (padded); token-level
-    losses read per-token log-probs, which only the padded and packed paths keep."""
+    losses read per-token log-probs, which prefix sharing keeps only in its one-pass form (SDPA
+    decoders)."""
     ok, why = prefix_sharing_support(model)
-    if per_token:
-        if section.prefix_sharing:
-            raise ConfigError("field 'preference.prefix_sharing': token-level losses (sparse_po) "
-                              "run without prefix sharing; set it to false or leave it unset")
-        ok, why = False, "token-level loss"
+    if per_token and ok and not group_pass_applies(model):
+        ok, why = False, "token-level losses share prefixes only on SDPA attention"
     if section.prefix_sharing and not ok:
         raise ConfigError(f"field 'preference.prefix_sharing': not exact for this model ({why}); "
                           "set it to false")

@@ -43,7 +43,7 @@ def compute_reference_logps(model: nn.Module, examples: list[dict[str, Any]], pa
                             batch_size: int, device: torch.device, precision: str = "fp32",
                             layout: str = "shared", per_token: bool = False) -> list[list[float]]:
     """``log π_ref`` of every completion of every example (one list per example, slot order;
-    ``per_token``: every completion token's, the slots concatenated, on a non-shared layout).
+    ``per_token``: every completion token's, the slots concatenated).
 
     Batches are formed over the examples sorted by length (prompt, then longest completion):
     the values do not depend on batching, and near-equal lengths waste almost nothing on
