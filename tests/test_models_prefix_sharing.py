@@ -198,3 +198,21 @@ def test_group_pass_grouped_query_heads_and_bf16():
         lp_b = completion_logprobs(model, batch)
     assert lp_b.dtype == torch.float32
     assert torch.allclose(lp_b, lp_f, rtol=0.02, atol=0.1), (lp_b - lp_f).abs().max()
+
+
+def test_group_pass_with_attention_dropout():
+    """A model trained with attention dropout runs (through SDPA with the block mask) and, in
+    eval mode, matches the plain path."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(6)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, intermediate_size=64, max_position_embeddings=128,
+                      pad_token_id=0, attention_dropout=0.5)
+    model = LlamaForCausalLM(cfg).float()
+    examples = _examples("paired")
+    completion_logprobs(model.train(), collate_groups(examples, 0, layout="shared")).sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    lp_s, _, _ = _values_and_grads(model.eval(), examples, "shared")
+    lp_f, _, _ = _values_and_grads(model, examples, "flat")
+    assert torch.allclose(lp_s, lp_f, atol=1e-5)

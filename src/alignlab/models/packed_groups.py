@@ -169,13 +169,13 @@ class GroupAttention(TorchFunctionMode):
             v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
         qp, kp, vp = (self.to_padded(t) for t in (q, k, v))
         lay, heads = self.layout, q.shape[-3]
-        if kwargs.get("dropout_p"):
-            raise ValueError("prefix sharing runs without attention dropout")
-        if q.device.type == "cpu" and lay.n_rows * heads * lay.width ** 2 <= MAX_SCORES:
+        dropout = kwargs.get("dropout_p") or 0.0
+        if (q.device.type == "cpu" and not dropout
+                and lay.n_rows * heads * lay.width ** 2 <= MAX_SCORES):
             out = attention_with_bias(qp, kp, vp, self._cpu_bias(heads, qp.dtype), kwargs.get("scale"))
         else:
             out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=lay.keep[:, None],
-                                                 scale=kwargs.get("scale"))
+                                                 dropout_p=dropout, scale=kwargs.get("scale"))
         return self.to_packed(out)
 
 
