@@ -77,6 +77,9 @@ class TrainSection(Section):
     """Resume from the newest checkpoint in ``output_dir`` when one exists."""
     tensorboard: bool = True
     progress: bool = True
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer in backward: less activation memory for about a third more
+    compute; turn it on only when memory needs it."""
 
 
 class EvalSection(Section):

@@ -10,13 +10,12 @@ layouts of :func:`alignlab.data.preference_batches.collate_groups` every complet
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from alignlab.models.cpu_attention import CpuAttention
+from alignlab.models.cpu_attention import cpu_attention
 from alignlab.models.logprobs import find_backbone_and_head, token_logprobs
 from alignlab.models.packed_groups import group_pass_applies, group_pass_logprobs
 
@@ -36,7 +35,7 @@ def completion_token_logprobs(model: nn.Module, batch: dict[str, Any]) -> Tensor
             raise ValueError("completion_token_logprobs reads a prefix-sharing (shared) batch only "
                              "for decoders on SDPA attention; use the flat or packed layout")
         decoder, head = parts
-        with CpuAttention() if batch["prompt_ids"].device.type == "cpu" else contextlib.nullcontext():
+        with cpu_attention(batch["prompt_ids"].device):
             return group_pass_logprobs(decoder, head, batch, per_token=True)
     view = {k: batch.get(k) for k in ("input_ids", "attention_mask", "position_ids", "loss_mask",
                                       "seq_lens")}

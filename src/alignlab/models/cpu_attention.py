@@ -9,6 +9,9 @@ inside it to :func:`matmul_attention`; dropout, GPUs and long sequences keep SDP
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -102,5 +105,18 @@ class CpuAttention(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-__all__ = ["CpuAttention", "MAX_SCORES", "attention_with_bias", "causal_bias", "mask_bias",
+@contextlib.contextmanager
+def cpu_attention(device: torch.device) -> Iterator[None]:
+    """:class:`CpuAttention` on CPU (also around checkpointed layers' recomputation), nothing
+    elsewhere."""
+    if device.type != "cpu":
+        yield
+        return
+    from alignlab.models.checkpointing import recompute_with
+
+    with recompute_with(CpuAttention), CpuAttention():
+        yield
+
+
+__all__ = ["CpuAttention", "cpu_attention", "MAX_SCORES", "attention_with_bias", "causal_bias", "mask_bias",
            "matmul_attention"]

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from alignlab.models.checkpointing import recompute_with
 from alignlab.models.cpu_attention import MAX_SCORES, attention_with_bias, mask_bias
 from alignlab.models.last_layer import last_layer_only_at
 from alignlab.models.logprobs import chunked_logprobs
@@ -199,7 +200,8 @@ def group_pass_logprobs(decoder: nn.Module, head: nn.Module, batch: dict[str, An
     # the last layer runs its query/output projections and MLP only where a hidden state is read
     needed = _rounded_rows(lay.predictors, lay.length)
     dummy = torch.ones((), dtype=torch.bool, device=lay.input_ids.device).expand(1, 1, lay.length, lay.length)
-    with last_layer_only_at(decoder, needed), GroupAttention(lay):
+    contexts = (lambda: last_layer_only_at(decoder, needed), lambda: GroupAttention(lay))
+    with recompute_with(*contexts), contexts[0](), contexts[1]():
         hidden = decoder(input_ids=lay.input_ids, position_ids=lay.position_ids,
                          attention_mask=dummy, use_cache=False).last_hidden_state
     h = hidden.shape[-1]

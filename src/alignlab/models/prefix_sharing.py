@@ -15,7 +15,6 @@ completion in the cache and is masked out by the 2D attention mask, while positi
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
@@ -24,7 +23,8 @@ from transformers.cache_utils import DynamicLayer
 
 from alignlab.models.logprobs import (chunked_logprobs, find_backbone_and_head, sequence_logprobs,
                                       token_logprobs)
-from alignlab.models.cpu_attention import CpuAttention
+from alignlab.models.checkpointing import checkpointing_enabled
+from alignlab.models.cpu_attention import cpu_attention
 from alignlab.models.last_layer import last_layer_only_at
 from alignlab.models.packed_groups import group_pass_applies, group_pass_logprobs
 
@@ -76,6 +76,9 @@ def shared_prefix_logprobs(model: nn.Module, batch: dict[str, Any]) -> Tensor:
     decoder, head = find_backbone_and_head(model)
     if group_pass_applies(model):
         return group_pass_logprobs(decoder, head, batch)
+    if checkpointing_enabled(model) and model.training and torch.is_grad_enabled():
+        raise ValueError("prefix sharing on a non-SDPA decoder needs the KV cache, which "
+                         "activation checkpointing turns off: use the flat or packed layout")
     prompt_ids, prompt_lengths = batch["prompt_ids"], batch["prompt_lengths"]
     completion_ids, completion_mask = batch["completion_ids"], batch["completion_mask"]
     owner = batch["owner"]
@@ -127,7 +130,7 @@ def completion_logprobs(model: nn.Module, batch: dict[str, Any]) -> Tensor:
     """Dispatch on the layout :func:`collate_groups` chose."""
     ids = batch["prompt_ids"] if "prompt_ids" in batch else batch["input_ids"]
     # The mode sees every torch call of the forward; enter it only where it can act.
-    with CpuAttention() if ids.device.type == "cpu" else contextlib.nullcontext():
+    with cpu_attention(ids.device):
         if "prompt_ids" in batch:
             return shared_prefix_logprobs(model, batch)
         return flat_logprobs(model, batch)

@@ -21,6 +21,7 @@ import torch
 
 from alignlab.config import TrainSection
 from alignlab.errors import NonFiniteError
+from alignlab.models.checkpointing import enable_gradient_checkpointing
 from alignlab.trainers.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from alignlab.trainers.metrics import MetricsLogger
 from alignlab.utils.io import atomic_write_text
@@ -124,6 +125,8 @@ def train(model: torch.nn.Module, algorithm: Algorithm, batches: Iterable[dict[s
     seed_everything(cfg.seed)
     model.to(device)
     model.train()
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(model, cfg)
     sched = build_scheduler(opt, cfg)

@@ -19,6 +19,7 @@ import torch
 
 from alignlab.config import TrainSection
 from alignlab.losses.policy import POLICY_LOSSES, aggregate, num_items
+from alignlab.models.checkpointing import enable_gradient_checkpointing
 from alignlab.models.logprobs import token_logprobs
 from alignlab.rollout.engine import SamplingParams, rollout
 from alignlab.trainers.loop import (LossOutput, build_optimizer, build_scheduler, forward_backward,
@@ -162,6 +163,8 @@ class PolicyRole:
         self.device = pick_device(cfg.device)
         self.precision = resolve_precision(cfg.precision, self.device)
         model.to(self.device)
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)

@@ -325,13 +325,16 @@ def load_preference_examples(data: DataSection, world: WorldSection, tokenizer: 
 
 
 def choose_layout(section: PreferenceSection, data: DataSection, model: torch.nn.Module,
-                  per_token: bool = False) -> str:
+                  per_token: bool = False, checkpointing: bool = False) -> str:
     """``shared`` (prefix sharing), ``packed`` (data.packing) or ``flat`` (padded); token-level
     losses read per-token log-probs, which prefix sharing keeps only in its one-pass form (SDPA
     decoders)."""
     ok, why = prefix_sharing_support(model)
     if per_token and ok and not group_pass_applies(model):
         ok, why = False, "token-level losses share prefixes only on SDPA attention"
+    if checkpointing and ok and not group_pass_applies(model):
+        ok, why = False, ("off SDPA attention it needs the KV cache, which "
+                          "train.gradient_checkpointing turns off")
     if section.prefix_sharing and not ok:
         raise ConfigError(f"field 'preference.prefix_sharing': not exact for this model ({why}); "
                           "set it to false")
@@ -355,7 +358,8 @@ def run_preference(cfg: PreferenceConfig) -> PreferenceRun:
     groups = assign_group_ids(examples) if "group" in columns else None
     if plan.kind == "unpaired" and "kl_ref" in set().union(*(loss_spec(n).optional for n in plan.weights)):
         add_kl_completions(examples, seed=cfg.train.seed)
-    layout = choose_layout(cfg.preference, cfg.data, model, per_token=plan.needs.tokens)
+    layout = choose_layout(cfg.preference, cfg.data, model, per_token=plan.needs.tokens,
+                           checkpointing=cfg.train.gradient_checkpointing)
     device = pick_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
     ref_model, hit = None, None

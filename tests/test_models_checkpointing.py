@@ -1,0 +1,77 @@
+"""Activation checkpointing: exact under the one-pass prefix sharing (its attention and last-layer
+contexts are re-entered for the recomputation), refused where it cannot be exact, and wired into
+the trainers through ``train.gradient_checkpointing``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alignlab.data.preference_batches import collate_groups
+from alignlab.errors import ConfigError
+from alignlab.models.checkpointing import checkpointing_enabled, enable_gradient_checkpointing
+from alignlab.models.prefix_sharing import completion_logprobs
+from tests.conftest import random_llama
+from tests.test_models_prefix_sharing import _examples, _values_and_grads
+
+
+@pytest.mark.parametrize("layout", ["shared", "flat"])
+def test_checkpointed_values_and_gradients_equal_plain(layout):
+    examples = _examples("listwise")
+    plain = random_llama(seed=7).float().train()
+    checkpointed = random_llama(seed=7).float().train()
+    enable_gradient_checkpointing(checkpointed)
+    assert checkpointing_enabled(checkpointed) and not checkpointing_enabled(plain)
+    lp_a, g_a, _ = _values_and_grads(plain, examples, layout)
+    lp_b, g_b, _ = _values_and_grads(checkpointed, examples, layout)
+    assert torch.allclose(lp_a, lp_b, atol=1e-6)
+    assert torch.allclose(g_a, g_b, atol=1e-6), (g_a - g_b).abs().max()
+
+
+def test_two_pass_prefix_sharing_refuses_checkpointing_and_unsupported_models_are_named():
+    model = random_llama(seed=7).float().train()
+    model.set_attn_implementation("eager")
+    enable_gradient_checkpointing(model)
+    with pytest.raises(ValueError, match="KV cache"):
+        completion_logprobs(model, collate_groups(_examples("paired"), 0, layout="shared"))
+    with pytest.raises(ConfigError, match="train.gradient_checkpointing.*Linear"):
+        enable_gradient_checkpointing(torch.nn.Linear(2, 2))
+
+
+def _losses(history, key="loss"):
+    return [h[key] for h in history if key in h]
+
+
+def test_trainers_take_gradient_checkpointing(world_cache, tmp_path):
+    """``train.gradient_checkpointing`` reaches the preference trainer (still prefix sharing,
+    the same loss curve as without), SFT and the online policy role."""
+    from alignlab.config import DataSection, TrainSection, WorldSection
+    from alignlab.trainers.online import RLSection, run_online
+    from alignlab.trainers.preference import PreferenceConfig, PreferenceSection, run_preference
+    from alignlab.trainers.sft import SFTConfig, run_sft
+    from tests.conftest import online_config
+
+    def dpo(out, on):
+        return run_preference(PreferenceConfig(
+            data=DataSection(source="world:positive", limit=32, max_length=96),
+            train=TrainSection(output_dir=str(out), max_steps=3, batch_size=8, lr=2e-4, log_every=1,
+                               progress=False, tensorboard=False, precision="fp32",
+                               gradient_checkpointing=on),
+            world=WorldSection(preset="tiny", cache_dir=world_cache),
+            preference=PreferenceSection(loss="dpo")))
+
+    plain, checkpointed = dpo(tmp_path / "a", False), dpo(tmp_path / "b", True)
+    assert checkpointed.layout == "shared" and checkpointing_enabled(checkpointed.model)
+    assert _losses(checkpointed.result.history) == pytest.approx(_losses(plain.result.history), abs=1e-5)
+
+    sft = run_sft(SFTConfig(
+        data=DataSection(source="world:positive", limit=16, max_length=64),
+        train=TrainSection(output_dir=str(tmp_path / "sft"), max_steps=2, batch_size=8, log_every=1,
+                           progress=False, tensorboard=False, gradient_checkpointing=True),
+        world=WorldSection(preset="tiny", cache_dir=world_cache)))
+    assert checkpointing_enabled(sft.model) and len(_losses(sft.result.history)) == 2
+
+    cfg = online_config(world_cache, tmp_path / "grpo", RLSection(), steps=2)
+    cfg.train.gradient_checkpointing = True
+    run = run_online(cfg, "grpo")
+    assert len(run.result.history) == 2 and checkpointing_enabled(run.model)
