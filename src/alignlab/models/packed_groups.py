@@ -192,11 +192,17 @@ def _rounded_rows(index: Tensor, total: int) -> Tensor:
     return index
 
 
-def group_pass_logprobs(decoder: nn.Module, head: nn.Module, batch: dict[str, Any], *,
-                        per_token: bool = False) -> Tensor:
-    """Per-completion log-prob sums ``[N]`` (float32) of a ``shared`` batch in one packed pass;
-    ``per_token``: ``[N, max length]`` per-token log-probs instead (0 beyond each completion)."""
+def scored_logprobs(decoder: nn.Module, head: nn.Module, batch: dict[str, Any], *,
+                    temperature: float = 1.0, with_entropy: bool = False
+                    ) -> tuple[Tensor, Tensor | None, GroupLayout]:
+    """One packed pass over a ``shared`` batch: ``(log p, entropy or None, layout)`` of every
+    completion token, row-major (completion by completion, token by token), float32, under
+    ``softmax(logits / temperature)``."""
     lay = group_layout(batch)
+    scored = lay.predictors.numel()
+    if scored == 0:
+        zero = torch.zeros(0, device=lay.input_ids.device)
+        return zero, (zero if with_entropy else None), lay
     # the last layer runs its query/output projections and MLP only where a hidden state is read
     needed = _rounded_rows(lay.predictors, lay.length)
     dummy = torch.ones((), dtype=torch.bool, device=lay.input_ids.device).expand(1, 1, lay.length, lay.length)
@@ -205,12 +211,19 @@ def group_pass_logprobs(decoder: nn.Module, head: nn.Module, batch: dict[str, An
         hidden = decoder(input_ids=lay.input_ids, position_ids=lay.position_ids,
                          attention_mask=dummy, use_cache=False).last_hidden_state
     h = hidden.shape[-1]
-    scored = lay.predictors.numel()
     fill = _round_up(scored, LENGTH_MULTIPLE) - scored  # repeated rows, dropped below
     predictors = torch.cat([lay.predictors, lay.predictors[:1].expand(fill)])
     targets = torch.cat([lay.targets, lay.targets[:1].expand(fill)])
-    lp = chunked_logprobs(hidden.reshape(-1, h).index_select(0, predictors), head.weight,
-                          head.bias, targets)[0][:scored]
+    lp, ent = chunked_logprobs(hidden.reshape(-1, h).index_select(0, predictors), head.weight,
+                               head.bias, targets, temperature=temperature, with_entropy=with_entropy)
+    return lp[:scored], (ent[:scored] if with_entropy else None), lay
+
+
+def group_pass_logprobs(decoder: nn.Module, head: nn.Module, batch: dict[str, Any], *,
+                        per_token: bool = False) -> Tensor:
+    """Per-completion log-prob sums ``[N]`` (float32) of a ``shared`` batch in one packed pass;
+    ``per_token``: ``[N, max length]`` per-token log-probs instead (0 beyond each completion)."""
+    lp, _, lay = scored_logprobs(decoder, head, batch)
     if per_token:
         mask = batch["completion_mask"].bool()
         out = lp.new_zeros(mask.shape).masked_scatter(mask, lp)  # scored tokens are row-major
@@ -219,5 +232,5 @@ def group_pass_logprobs(decoder: nn.Module, head: nn.Module, batch: dict[str, An
     return lp.new_zeros(n).index_add(0, lay.owners, lp)
 
 
-__all__ = ["GroupAttention", "GroupLayout", "group_layout", "group_pass_applies",
+__all__ = ["GroupAttention", "GroupLayout", "group_layout", "group_pass_applies", "scored_logprobs",
            "group_pass_logprobs"]

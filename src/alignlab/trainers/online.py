@@ -95,6 +95,10 @@ class RLSection(Section):
     """Drop groups whose rewards have zero variance (DAPO); they carry no gradient."""
     entropy: bool = False
     """Log the policy's entropy (one extra softmax per token)."""
+    prefix_sharing: bool = True
+    """Compute the policy's and the reference's log-probs with every distinct prompt once and
+    no padding work (``models/shared_tokens.py``) where the model allows it (an SDPA decoder);
+    the values equal the plain path up to float rounding."""
 
 
 class RLTrainSection(TrainSection):
@@ -216,7 +220,7 @@ def make_objective(alg: RLAlgorithm, cfg: OnlineRLConfig, max_tokens: int,
         rl.loss_aggregation or alg.aggregation, clip_eps_low=rl.clip_eps_low,
         clip_eps_high=rl.clip_eps_high, kl_coef=rl.kl_coef if kl_in == "loss" else 0.0,
         kl_estimator=rl.kl_estimator or alg.kl_estimator, max_tokens=max_tokens,
-        temperature=cfg.rollout.temperature, entropy=rl.entropy)
+        temperature=cfg.rollout.temperature, entropy=rl.entropy, prefix_sharing=rl.prefix_sharing)
 
 
 def compute_advantages(alg: RLAlgorithm, cfg: OnlineRLConfig, exp: dict[str, torch.Tensor],

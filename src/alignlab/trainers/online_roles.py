@@ -20,7 +20,7 @@ import torch
 from alignlab.config import TrainSection
 from alignlab.losses.policy import POLICY_LOSSES, aggregate, num_items
 from alignlab.models.checkpointing import enable_gradient_checkpointing
-from alignlab.models.logprobs import token_logprobs
+from alignlab.models.shared_tokens import grouped_token_logprobs
 from alignlab.rollout.engine import SamplingParams, rollout
 from alignlab.trainers.loop import (LossOutput, build_optimizer, build_scheduler, forward_backward,
                                     optimizer_step, to_device)
@@ -123,12 +123,13 @@ class PolicyObjective:
     def __init__(self, policy_loss: str = "ppo_clip", aggregation: str = "token_mean", *,
                  clip_eps_low: float = 0.2, clip_eps_high: float | None = None,
                  kl_coef: float = 0.0, kl_estimator: str = "k3", max_tokens: int | None = None,
-                 temperature: float = 1.0, entropy: bool = False) -> None:
+                 temperature: float = 1.0, entropy: bool = False, prefix_sharing: bool = True) -> None:
         self.loss_fn = POLICY_LOSSES.get(policy_loss)
         self.aggregation, self.max_tokens = aggregation, max_tokens
         self.clip = dict(clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high)
         self.kl_coef, self.kl_estimator = kl_coef, kl_estimator
         self.temperature, self.entropy = temperature, entropy
+        self.prefix_sharing = prefix_sharing
 
     def num_items(self, batch: dict[str, Any]) -> float:
         return float(num_items(batch["loss_mask"], self.aggregation))
@@ -136,8 +137,9 @@ class PolicyObjective:
     def policy_logprobs(self, model: torch.nn.Module, batch: dict[str, Any],
                         return_entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """log π(y_t) as this objective defines the policy (NLPO's restricts it to an action mask)."""
-        return token_logprobs(model, batch, temperature=self.temperature,
-                              return_entropy=return_entropy)
+        return grouped_token_logprobs(model, batch, temperature=self.temperature,
+                                      return_entropy=return_entropy,
+                                      prefix_sharing=self.prefix_sharing)
 
     def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> LossOutput:
         out = self.policy_logprobs(model, batch, return_entropy=self.entropy)
@@ -181,7 +183,8 @@ class PolicyRole:
         if model is None:
             model, fn = self.model, self.objective.policy_logprobs
         else:
-            fn = functools.partial(token_logprobs, temperature=temperature)
+            fn = functools.partial(grouped_token_logprobs, temperature=temperature,
+                                   prefix_sharing=getattr(self.objective, "prefix_sharing", True))
         was_training = model.training
         model.eval()
         try:

@@ -1,0 +1,71 @@
+"""Per-token log-probs of flat RL batches by prefix sharing equal ``token_logprobs``."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from alignlab.models.logprobs import token_logprobs
+from alignlab.models.shared_tokens import as_groups, grouped_token_logprobs, shared_token_logprobs
+from tests.conftest import random_llama
+
+
+def _rl_batch(seed: int = 0, groups: int = 3, n: int = 4) -> dict[str, torch.Tensor]:
+    """Rows prompt + completion, each prompt ``n`` times (GRPO's groups), right-padded, with
+    position ids and the loss mask on the completions, as ``RolloutRole.to_batch`` builds them."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda lo, hi: int(torch.randint(lo, hi, (1,), generator=g))  # noqa: E731
+    rows, starts = [], []
+    for _ in range(groups):
+        prompt = torch.randint(1, 64, (rand(2, 9),), generator=g).tolist()
+        for _ in range(n):
+            rows.append(prompt + torch.randint(1, 64, (rand(1, 12),), generator=g).tolist())
+            starts.append(len(prompt))
+    width = max(map(len, rows))
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+    pos = torch.arange(width)[None]
+    attn = (pos < torch.tensor([len(r) for r in rows])[:, None]).long()
+    loss_mask = attn * (pos >= torch.tensor(starts)[:, None])
+    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss_mask,
+            "position_ids": (attn.cumsum(-1) - 1).clamp(min=0)}
+
+
+def test_grouping_dedupes_prompts():
+    batch = _rl_batch()
+    groups = as_groups(batch)
+    assert groups["prompt_ids"].shape[0] == 3 and groups["owner"].tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert groups["completion_lengths"].tolist() == batch["loss_mask"].sum(1).tolist()
+    bad = dict(batch, loss_mask=batch["loss_mask"].clone())
+    row = int(torch.nonzero(batch["loss_mask"].sum(1) >= 3)[0])
+    bad["loss_mask"][row, int(batch["attention_mask"][row].sum()) - 2] = 0  # a hole in the block
+    assert as_groups(bad) is None and as_groups({"input_ids": batch["input_ids"]}) is None
+
+
+def test_values_entropy_and_gradients_equal_token_logprobs():
+    batch = _rl_batch(seed=1)
+    model = random_llama(seed=2).float()
+    grads = []
+    shared = functools.partial(shared_token_logprobs, min_skipped_tokens=0)
+    for fn in (token_logprobs, shared):
+        model.zero_grad()
+        lp, ent = fn(model, batch, temperature=0.7, return_entropy=True)
+        ((lp * torch.linspace(-1, 1, lp.numel()).view_as(lp)).sum() + ent.sum()).backward()
+        grads.append((lp.detach(), ent.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    (lp0, e0, g0), (lp1, e1, g1) = grads
+    assert torch.allclose(lp0, lp1, atol=1e-5) and torch.allclose(e0, e1, atol=1e-5)
+    assert torch.allclose(g0, g1, atol=1e-5) and g0.abs().max() > 1e-3
+    assert (lp1[batch["loss_mask"] == 0] == 0).all()
+
+
+def test_falls_back_where_sharing_does_not_apply():
+    batch = _rl_batch(seed=3)
+    model = random_llama(seed=2).float()
+    model.set_attn_implementation("eager")
+    assert shared_token_logprobs(model, batch, min_skipped_tokens=0) is None
+    assert torch.allclose(grouped_token_logprobs(model, batch), token_logprobs(model, batch))
+    model.set_attn_implementation("sdpa")
+    assert shared_token_logprobs(model, batch, min_skipped_tokens=0) is not None
+    assert shared_token_logprobs(model, batch, min_skipped_tokens=batch["input_ids"].numel()) is None
