@@ -20,6 +20,7 @@ the decoder gets a zero-stride dummy 4D mask so that transformers builds none of
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +32,7 @@ from torch.overrides import TorchFunctionMode
 from alignlab.models.checkpointing import recompute_with
 from alignlab.models.cpu_attention import MAX_SCORES, attention_with_bias, mask_bias
 from alignlab.models.last_layer import last_layer_only_at
-from alignlab.models.logprobs import chunked_logprobs
+from alignlab.models.logprobs import chunked_logprobs, find_backbone_and_head
 
 
 # The packed length and the padded row width are rounded up to these multiples. Every batch
@@ -47,8 +48,12 @@ def _round_up(x: int, multiple: int) -> int:
 
 
 def group_pass_applies(model: nn.Module) -> bool:
-    """Whether the decoder's attention calls SDPA, which :class:`GroupAttention` intercepts."""
-    return getattr(getattr(model, "config", None), "_attn_implementation", None) == "sdpa"
+    """Whether the decoder's attention calls SDPA, which :class:`GroupAttention` intercepts, and
+    its positions come from ``position_ids`` (not, as with ALiBi models, from the mask)."""
+    if getattr(getattr(model, "config", None), "_attn_implementation", None) != "sdpa":
+        return False
+    parts = find_backbone_and_head(model)
+    return parts is not None and "position_ids" in inspect.signature(parts[0].forward).parameters
 
 
 @dataclass
