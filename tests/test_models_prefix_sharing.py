@@ -216,3 +216,18 @@ def test_group_pass_with_attention_dropout():
     lp_s, _, _ = _values_and_grads(model.eval(), examples, "shared")
     lp_f, _, _ = _values_and_grads(model, examples, "flat")
     assert torch.allclose(lp_s, lp_f, atol=1e-5)
+
+
+def test_group_pass_sdpa_branch_matches_plain(monkeypatch):
+    """Above ``MAX_SCORES`` (and on GPUs) the group pass hands SDPA the padded batch with its
+    boolean block mask instead of the CPU matmul attention: the same values and gradients."""
+    import alignlab.models.cpu_attention as cpu_attention
+    import alignlab.models.packed_groups as packed_groups
+
+    monkeypatch.setattr(packed_groups, "MAX_SCORES", 0)
+    monkeypatch.setattr(cpu_attention, "MAX_SCORES", 0)  # the kernel itself, not the matmuls
+    model = random_llama(seed=1).float()
+    examples = _examples("unpaired")
+    lp_s, g_s, _ = _values_and_grads(model, examples, "shared")
+    lp_f, g_f, _ = _values_and_grads(model, examples, "flat")
+    assert torch.allclose(lp_s, lp_f, atol=1e-5) and torch.allclose(g_s, g_f, atol=1e-5)
