@@ -69,3 +69,22 @@ def test_falls_back_where_sharing_does_not_apply():
     model.set_attn_implementation("sdpa")
     assert shared_token_logprobs(model, batch, min_skipped_tokens=0) is not None
     assert shared_token_logprobs(model, batch, min_skipped_tokens=batch["input_ids"].numel()) is None
+
+
+def test_critic_values_by_prefix_sharing_equal_the_shifted_flat_values():
+    from alignlab.models.heads import CausalLMWithScalarHead
+    from alignlab.models.shared_tokens import shared_state_values
+    from alignlab.trainers.value_role import state_values
+
+    batch = _rl_batch(seed=4)
+    critic = CausalLMWithScalarHead(random_llama(seed=5).float())
+    out = []
+    for shared in (False, True):
+        critic.zero_grad()
+        v = (shared_state_values(critic, batch, min_skipped_tokens=0) if shared
+             else state_values(critic, batch, prefix_sharing=False))
+        (v * torch.linspace(-1, 1, v.numel()).view_as(v)).sum().backward()
+        out.append((v.detach(), torch.cat([p.grad.flatten() for p in critic.parameters()])))
+    (v0, g0), (v1, g1) = out
+    assert torch.allclose(v0, v1, atol=1e-5) and torch.allclose(g0, g1, atol=1e-5)
+    assert v0.abs().max() > 1e-3 and (v1[batch["loss_mask"] == 0] == 0).all()

@@ -50,10 +50,14 @@ def _round_up(x: int, multiple: int) -> int:
 def group_pass_applies(model: nn.Module) -> bool:
     """Whether the decoder's attention calls SDPA, which :class:`GroupAttention` intercepts, and
     its positions come from ``position_ids`` (not, as with ALiBi models, from the mask)."""
-    if getattr(getattr(model, "config", None), "_attn_implementation", None) != "sdpa":
-        return False
     parts = find_backbone_and_head(model)
-    return parts is not None and "position_ids" in inspect.signature(parts[0].forward).parameters
+    return parts is not None and decoder_takes_group_pass(parts[0])
+
+
+def decoder_takes_group_pass(decoder: nn.Module) -> bool:
+    """:func:`group_pass_applies` for a decoder body (``LlamaModel``, ...)."""
+    return (getattr(getattr(decoder, "config", None), "_attn_implementation", None) == "sdpa"
+            and "position_ids" in inspect.signature(decoder.forward).parameters)
 
 
 @dataclass
@@ -197,17 +201,13 @@ def _rounded_rows(index: Tensor, total: int) -> Tensor:
     return index
 
 
-def scored_logprobs(decoder: nn.Module, head: nn.Module, batch: dict[str, Any], *,
-                    temperature: float = 1.0, with_entropy: bool = False
-                    ) -> tuple[Tensor, Tensor | None, GroupLayout]:
-    """One packed pass over a ``shared`` batch: ``(log p, entropy or None, layout)`` of every
-    completion token, row-major (completion by completion, token by token), float32, under
-    ``softmax(logits / temperature)``."""
+def predictor_hidden(decoder: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, GroupLayout]:
+    """One packed pass over a ``shared`` batch: the decoder's last hidden state at the position
+    that predicts each completion token (row-major), ``[n scored, H]``, and the layout."""
     lay = group_layout(batch)
     scored = lay.predictors.numel()
     if scored == 0:
-        zero = torch.zeros(0, device=lay.input_ids.device)
-        return zero, (zero if with_entropy else None), lay
+        return lay.input_ids.new_zeros((0, 0), dtype=torch.float32), lay
     # the last layer runs its query/output projections and MLP only where a hidden state is read
     needed = _rounded_rows(lay.predictors, lay.length)
     dummy = torch.ones((), dtype=torch.bool, device=lay.input_ids.device).expand(1, 1, lay.length, lay.length)
@@ -215,12 +215,25 @@ def scored_logprobs(decoder: nn.Module, head: nn.Module, batch: dict[str, Any], 
     with recompute_with(*contexts), contexts[0](), contexts[1]():
         hidden = decoder(input_ids=lay.input_ids, position_ids=lay.position_ids,
                          attention_mask=dummy, use_cache=False).last_hidden_state
-    h = hidden.shape[-1]
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, lay.predictors), lay
+
+
+def scored_logprobs(decoder: nn.Module, head: nn.Module, batch: dict[str, Any], *,
+                    temperature: float = 1.0, with_entropy: bool = False
+                    ) -> tuple[Tensor, Tensor | None, GroupLayout]:
+    """``(log p, entropy or None, layout)`` of every completion token of a ``shared`` batch,
+    row-major (completion by completion, token by token), float32, under
+    ``softmax(logits / temperature)``."""
+    hidden, lay = predictor_hidden(decoder, batch)
+    scored = hidden.shape[0]
+    if scored == 0:
+        zero = torch.zeros(0, device=lay.input_ids.device)
+        return zero, (zero if with_entropy else None), lay
     fill = _round_up(scored, LENGTH_MULTIPLE) - scored  # repeated rows, dropped below
-    predictors = torch.cat([lay.predictors, lay.predictors[:1].expand(fill)])
+    rows = torch.cat([hidden, hidden[:1].expand(fill, -1)])
     targets = torch.cat([lay.targets, lay.targets[:1].expand(fill)])
-    lp, ent = chunked_logprobs(hidden.reshape(-1, h).index_select(0, predictors), head.weight,
-                               head.bias, targets, temperature=temperature, with_entropy=with_entropy)
+    lp, ent = chunked_logprobs(rows, head.weight, head.bias, targets, temperature=temperature,
+                               with_entropy=with_entropy)
     return lp[:scored], (ent[:scored] if with_entropy else None), lay
 
 
@@ -238,4 +251,4 @@ def group_pass_logprobs(decoder: nn.Module, head: nn.Module, batch: dict[str, An
 
 
 __all__ = ["GroupAttention", "GroupLayout", "group_layout", "group_pass_applies", "scored_logprobs",
-           "group_pass_logprobs"]
+           "group_pass_logprobs", "decoder_takes_group_pass", "predictor_hidden"]

@@ -37,6 +37,12 @@ def prefix_sharing_support(model: nn.Module) -> tuple[bool, str]:
     KV cache whose layers can be gathered along the batch."""
     if find_backbone_and_head(model) is None:
         return False, "its logits are post-processed or its output embedding is wrapped"
+    return body_supports_prefix_sharing(model)
+
+
+def body_supports_prefix_sharing(model: nn.Module) -> tuple[bool, str]:
+    """The attention and state conditions of :func:`prefix_sharing_support` alone (for a bare
+    decoder, such as a critic's body)."""
     cfg = getattr(model, "config", None)
     cfg = getattr(cfg, "text_config", None) or cfg
     if getattr(cfg, "is_encoder_decoder", False):
@@ -136,5 +142,5 @@ def completion_logprobs(model: nn.Module, batch: dict[str, Any]) -> Tensor:
         return flat_logprobs(model, batch)
 
 
-__all__ = ["completion_logprobs", "flat_logprobs", "prefix_sharing_support",
+__all__ = ["body_supports_prefix_sharing", "completion_logprobs", "flat_logprobs", "prefix_sharing_support",
            "shared_prefix_logprobs"]

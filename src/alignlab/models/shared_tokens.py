@@ -10,7 +10,8 @@ float rounding (tested), so everything downstream (ratios, advantages, KL) is un
 It applies when the model qualifies for the one-pass prefix sharing (an SDPA decoder with a
 plain output head) and every row is right-padded with its ``loss_mask`` one block that ends at
 the row's last real token after a non-empty prompt; otherwise callers fall back to
-``token_logprobs``.
+``token_logprobs``. A scalar-head critic's per-token values come the same way
+(:func:`shared_state_values`).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from torch import Tensor, nn
 
 from alignlab.models.cpu_attention import cpu_attention
 from alignlab.models.logprobs import find_backbone_and_head, token_logprobs
-from alignlab.models.packed_groups import group_pass_applies, scored_logprobs
-from alignlab.models.prefix_sharing import prefix_sharing_support
+from alignlab.models.packed_groups import (decoder_takes_group_pass, group_pass_applies,
+                                           predictor_hidden, scored_logprobs)
+from alignlab.models.prefix_sharing import body_supports_prefix_sharing, prefix_sharing_support
 
 
 def as_groups(batch: dict[str, Any]) -> dict[str, Tensor] | None:
@@ -78,8 +80,7 @@ def shared_token_logprobs(model: nn.Module, batch: dict[str, Any], *, temperatur
     groups = as_groups(batch)
     if groups is None:
         return None
-    packed = int(groups["prompt_lengths"].sum()) + int(groups["completion_lengths"].sum())
-    if batch["input_ids"].numel() - packed < min_skipped_tokens:
+    if _skipped(batch, groups) < min_skipped_tokens:
         return None
     with cpu_attention(batch["input_ids"].device):
         lp, ent, _ = scored_logprobs(*parts, groups, temperature=temperature,
@@ -89,6 +90,30 @@ def shared_token_logprobs(model: nn.Module, batch: dict[str, Any], *, temperatur
     if not return_entropy:
         return out
     return out, ent.new_zeros(scored.shape).masked_scatter(scored, ent)
+
+
+def shared_state_values(critic: nn.Module, batch: dict[str, Any], *,
+                        min_skipped_tokens: int = MIN_SKIPPED_TOKENS) -> Tensor | None:
+    """A scalar-head critic's ``V(s_t)`` at every completion token of ``batch`` (``[B, T]``,
+    0 elsewhere), read from the hidden state that predicts the token, by prefix sharing; None
+    where it does not apply (then compute ``critic(batch)`` and shift it)."""
+    backbone, head = getattr(critic, "backbone", None), getattr(critic, "head", None)
+    if (backbone is None or not isinstance(head, nn.Linear) or head.out_features != 1
+            or not decoder_takes_group_pass(backbone) or not body_supports_prefix_sharing(backbone)[0]):
+        return None
+    groups = as_groups(batch)
+    if groups is None or _skipped(batch, groups) < min_skipped_tokens:
+        return None
+    with cpu_attention(batch["input_ids"].device):
+        hidden, _ = predictor_hidden(backbone, groups)
+    values = head(hidden.float()).squeeze(-1)
+    return values.new_zeros(batch["loss_mask"].shape).masked_scatter(batch["loss_mask"].bool(), values)
+
+
+def _skipped(batch: dict[str, Any], groups: dict[str, Tensor]) -> int:
+    """Positions of the flat batch the shared pass does not compute (repeats and padding)."""
+    packed = int(groups["prompt_lengths"].sum()) + int(groups["completion_lengths"].sum())
+    return batch["input_ids"].numel() - packed
 
 
 def grouped_token_logprobs(model: nn.Module, batch: dict[str, Any], *, temperature: float = 1.0,
@@ -103,4 +128,5 @@ def grouped_token_logprobs(model: nn.Module, batch: dict[str, Any], *, temperatu
     return token_logprobs(model, batch, temperature=temperature, return_entropy=return_entropy)
 
 
-__all__ = ["MIN_SKIPPED_TOKENS", "as_groups", "grouped_token_logprobs", "shared_token_logprobs"]
+__all__ = ["MIN_SKIPPED_TOKENS", "as_groups", "grouped_token_logprobs", "shared_state_values",
+           "shared_token_logprobs"]

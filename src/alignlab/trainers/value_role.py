@@ -22,12 +22,19 @@ from alignlab.config import TrainSection
 from alignlab.losses.policy import aggregate, num_items
 from alignlab.losses.value import VALUE_LOSSES
 from alignlab.models.heads import CausalLMWithScalarHead
+from alignlab.models.shared_tokens import shared_state_values
 from alignlab.trainers.loop import LossOutput, to_device
 from alignlab.trainers.online_roles import PolicyRole
 
 
-def state_values(critic: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-    """``V(s_t)`` at every completion token ``t`` (``[B,T]`` float32, 0 where ``loss_mask`` is 0)."""
+def state_values(critic: torch.nn.Module, batch: dict[str, Any],
+                 prefix_sharing: bool = True) -> torch.Tensor:
+    """``V(s_t)`` at every completion token ``t`` (``[B,T]`` float32, 0 where ``loss_mask`` is 0);
+    by prefix sharing where it applies (``models/shared_tokens.py``, the same values)."""
+    if prefix_sharing:
+        shared = shared_state_values(critic, batch)
+        if shared is not None:
+            return shared
     v = critic(batch)
     out = torch.zeros_like(v)
     out[:, 1:] = v[:, :-1]
