@@ -80,7 +80,9 @@ class PreferenceSection(Section):
     ``mean`` (of all training rows) or ``zero``."""
     precompute_reference: bool = True
     prefix_sharing: bool | None = None
-    """Compute each prompt once for all its completions; None = on when exact for the model."""
+    """Compute each prompt once for all its completions; None = on when exact for the model.
+    SDPA decoders run each prompt with its completions as one row of a packed, padding-free
+    pass (``models/packed_groups.py``); others a prompt pass with KV cache, then the completions."""
     heldout: int = Field(0, ge=0)
     """Rows kept out of training; their loss and reward accuracy go to ``heldout.json``."""
 
