@@ -231,3 +231,28 @@ def test_group_pass_sdpa_branch_matches_plain(monkeypatch):
     lp_s, g_s, _ = _values_and_grads(model, examples, "shared")
     lp_f, g_f, _ = _values_and_grads(model, examples, "flat")
     assert torch.allclose(lp_s, lp_f, atol=1e-5) and torch.allclose(g_s, g_f, atol=1e-5)
+
+
+def test_group_pass_on_a_lora_model():
+    """A PEFT LoRA policy takes the one-pass prefix sharing and gets the plain path's values and
+    adapter gradients."""
+    peft = pytest.importorskip("peft")
+    from alignlab.models.packed_groups import group_pass_applies
+
+    model = peft.get_peft_model(random_llama(seed=9).float(),
+                                peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.1)
+    assert group_pass_applies(model)
+    examples = _examples("paired")
+    out = []
+    for layout in ("shared", "flat"):
+        model.zero_grad()
+        lp = completion_logprobs(model, collate_groups(examples, 0, layout=layout))
+        (lp * torch.linspace(-1, 1, lp.numel())).sum().backward()
+        out.append((lp.detach(), torch.cat([p.grad.flatten() for n, p in model.named_parameters()
+                                            if "lora_" in n])))
+    (lp_s, g_s), (lp_f, g_f) = out
+    assert torch.allclose(lp_s, lp_f, atol=1e-5) and torch.allclose(g_s, g_f, atol=1e-5)
