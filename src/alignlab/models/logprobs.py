@@ -238,6 +238,14 @@ def _backbone_kwargs(batch: dict[str, Any]) -> dict[str, Any]:
             "position_ids": batch.get("position_ids"), "use_cache": False}
 
 
+def scored_hidden_states(decoder: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    """``(hidden [N, H], targets [N])``: the decoder's last hidden state at each position that
+    predicts a scored token (``loss_mask`` 1 at t, hidden at t − 1), row-major, and the tokens."""
+    scored = _scored_positions(batch)
+    hidden = decoder(**_backbone_kwargs(batch)).last_hidden_state
+    return hidden[:, :-1][scored], batch["input_ids"][:, 1:][scored]
+
+
 def token_logprobs(model: nn.Module, batch: dict[str, Any], *, temperature: float = 1.0,
                    chunk_size: int = 4096, return_entropy: bool = False,
                    chunked: bool | None = None) -> Tensor | tuple[Tensor, Tensor]:
@@ -357,4 +365,4 @@ def sequence_logprobs(token_lp: Tensor, batch: dict[str, Any], reduce: str = "su
 
 
 __all__ = ["token_logprobs", "restricted_token_logprobs", "next_token_logits", "sequence_logprobs",
-           "chunked_logprobs", "find_backbone_and_head", "find_decoder"]
+           "chunked_logprobs", "find_backbone_and_head", "find_decoder", "scored_hidden_states"]

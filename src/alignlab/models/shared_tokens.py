@@ -68,23 +68,26 @@ def as_groups(batch: dict[str, Any]) -> dict[str, Tensor] | None:
 MIN_SKIPPED_TOKENS = 512
 
 
+def sharing_worth_it(model: nn.Module, batch: dict[str, Any], groups: dict[str, Tensor],
+                     min_skipped_tokens: int = MIN_SKIPPED_TOKENS) -> bool:
+    """Whether a causal LM takes the one-pass prefix sharing and ``groups`` (from
+    :func:`as_groups`) skips at least ``min_skipped_tokens`` positions of ``batch``."""
+    return (find_backbone_and_head(model) is not None and group_pass_applies(model)
+            and prefix_sharing_support(model)[0] and _skipped(batch, groups) >= min_skipped_tokens)
+
+
 def shared_token_logprobs(model: nn.Module, batch: dict[str, Any], *, temperature: float = 1.0,
                           return_entropy: bool = False, min_skipped_tokens: int = MIN_SKIPPED_TOKENS
                           ) -> Tensor | tuple[Tensor, Tensor] | None:
     """:func:`~alignlab.models.logprobs.token_logprobs` of ``batch`` by prefix sharing, or None
     where it does not apply or would skip fewer than ``min_skipped_tokens`` positions (repeated
     prompts and padding) of the flat batch."""
-    parts = find_backbone_and_head(model)
-    if parts is None or not group_pass_applies(model) or not prefix_sharing_support(model)[0]:
-        return None
     groups = as_groups(batch)
-    if groups is None:
-        return None
-    if _skipped(batch, groups) < min_skipped_tokens:
+    if groups is None or not sharing_worth_it(model, batch, groups, min_skipped_tokens):
         return None
     with cpu_attention(batch["input_ids"].device):
-        lp, ent, _ = scored_logprobs(*parts, groups, temperature=temperature,
-                                     with_entropy=return_entropy)
+        lp, ent, _ = scored_logprobs(*find_backbone_and_head(model), groups,
+                                     temperature=temperature, with_entropy=return_entropy)
     scored = batch["loss_mask"].bool()  # completion tokens, row-major: the order of ``lp``
     out = lp.new_zeros(scored.shape).masked_scatter(scored, lp)
     if not return_entropy:
@@ -129,4 +132,4 @@ def grouped_token_logprobs(model: nn.Module, batch: dict[str, Any], *, temperatu
 
 
 __all__ = ["MIN_SKIPPED_TOKENS", "as_groups", "grouped_token_logprobs", "shared_state_values",
-           "shared_token_logprobs"]
+           "shared_token_logprobs", "sharing_worth_it"]

@@ -209,12 +209,20 @@ class OnlineRun:
 
 
 def make_objective(alg: RLAlgorithm, cfg: OnlineRLConfig, max_tokens: int,
-                   action_mask: ActionMask | None = None) -> PolicyObjective:
-    """The policy's objective; with NLPO's ``action_mask`` its log-probs are those of π^M."""
+                   action_mask: ActionMask | None = None,
+                   value_head: torch.nn.Module | None = None) -> PolicyObjective:
+    """The policy's objective; with NLPO's ``action_mask`` its log-probs are those of π^M; with
+    a shared critic's ``value_head`` it adds the value loss (``shared_critic.py``)."""
     rl = cfg.rl
     kl_in = rl.kl_in or alg.kl_in
-    cls = (functools.partial(MaskedPolicyObjective, action_mask) if action_mask is not None
-           else PolicyObjective)
+    if value_head is not None:
+        from alignlab.trainers.shared_critic import SharedCriticObjective
+
+        cls = functools.partial(SharedCriticObjective, value_head, rl.vf_coef, rl.value_clip_eps)
+    elif action_mask is not None:
+        cls = functools.partial(MaskedPolicyObjective, action_mask)
+    else:
+        cls = PolicyObjective
     return cls(
         "gspo" if rl.importance == "sequence" else "ppo_clip",
         rl.loss_aggregation or alg.aggregation, clip_eps_low=rl.clip_eps_low,
@@ -285,9 +293,13 @@ def run_online(cfg: OnlineRLConfig, algorithm: str) -> OnlineRun:
         ppo = PPOParts(cfg, model, cfg.rl.kl_estimator or alg.kl_estimator, alg.action_mask)
     action_mask = ppo.action_mask if ppo is not None else None
     # +1: the eos is a trained token too
-    objective = make_objective(alg, cfg, max_new + 1, action_mask)
+    value_head = ppo.value_head if ppo is not None else None
+    objective = make_objective(alg, cfg, max_new + 1, action_mask, value_head)
     policy = PolicyRole(model, objective, cfg.train, epochs=cfg.rl.epochs,
-                        minibatch_size=cfg.rl.minibatch_size, seed=cfg.train.seed)
+                        minibatch_size=cfg.rl.minibatch_size, seed=cfg.train.seed,
+                        extra_groups=() if value_head is None else (
+                            {"params": list(value_head.parameters()),
+                             "lr": cfg.rl.critic_lr or cfg.train.lr},))
     if reference is not None:
         reference.to(policy.device)
     rollout_cls = RolloutRole if action_mask is None else masked_rollout_role(action_mask)

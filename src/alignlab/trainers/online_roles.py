@@ -160,7 +160,8 @@ class PolicyRole:
 
     def __init__(self, model: torch.nn.Module, objective: PolicyObjective, cfg: TrainSection, *,
                  epochs: int = 1, minibatch_size: int | None = None,
-                 micro_batch_size: int | None = None, seed: int = 0) -> None:
+                 micro_batch_size: int | None = None, seed: int = 0,
+                 extra_groups: tuple[dict[str, Any], ...] = ()) -> None:
         self.model, self.objective, self.cfg = model, objective, cfg
         self.device = pick_device(cfg.device)
         self.precision = resolve_precision(cfg.precision, self.device)
@@ -169,6 +170,10 @@ class PolicyRole:
             enable_gradient_checkpointing(model)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(model, cfg)
+        # extra_groups (a shared critic's value head, its own lr) train in the same optimizer
+        for group in extra_groups:
+            self.optimizer.add_param_group({"weight_decay": 0.0, **group})
+            self.params += list(group["params"])
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.epochs, self.minibatch_size = epochs, minibatch_size
         self.micro_batch_size = micro_batch_size or cfg.batch_size

@@ -8,7 +8,8 @@ Per iteration, after the rollout and the old/reference log-probs (``trainers/onl
    2019: β ← β(1 + clip(KL/target − 1, ±0.2)·n/horizon)); optionally whitened (scaled only);
 3. A = GAE(γ, λ) (Schulman et al. 2016), R = A + V; A optionally whitened over the batch;
 4. the policy: PPO's clipped surrogate (Schulman et al. 2017), ``rl.epochs`` × minibatches;
-   the critic: clipped value loss on R, the same epochs × minibatches, its own optimizer.
+   the critic: clipped value loss on R, the same epochs × minibatches, its own optimizer
+   (or, with ``rl.critic: shared``, a value head on the policy trained in the same loss).
 
 The critic, the controller's β and NLPO's masking policy are saved in every checkpoint.
 """
@@ -20,11 +21,13 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
+from alignlab.errors import ConfigError
 from alignlab.losses.advantages import (AdaptiveKLController, FixedKLController, gae,
                                         masked_var, scores_to_token_rewards, whiten)
 from alignlab.losses.kl import token_kl
 from alignlab.trainers.nlpo import ActionMask
 from alignlab.trainers.online import OnlineRLConfig, RLSection
+from alignlab.trainers.shared_critic import shared_values, value_head_for
 from alignlab.trainers.value_role import ValueObjective, ValueRole
 from alignlab.utils.runtime import pick_device
 
@@ -42,7 +45,12 @@ class PPORLSection(RLSection):
     vf_coef: float = Field(0.5, gt=0)
     """Weight of the value loss (with the separate critic and Adam it acts through clipping)."""
     critic_lr: float | None = Field(None, gt=0)
-    """Defaults to ``train.lr``."""
+    """Defaults to ``train.lr``: the separate critic's optimizer, or the shared value head's
+    parameter group (a head alone learns slowly at the policy's lr: raise it, e.g. 20×)."""
+    critic: Literal["separate", "shared"] = "separate"
+    """``separate``: a copy of the policy's backbone with a scalar head and its own optimizer;
+    ``shared``: a value head on the policy's own hidden states, trained with the policy on
+    L_clip + vf_coef·L_V (``shared_critic.py``)."""
     kl_controller: Literal["fixed", "adaptive"] = "fixed"
     """``adaptive``: β starts at ``kl_coef`` and tracks ``kl_target`` (KL in the reward only)."""
     kl_target: float = Field(6.0, gt=0)
@@ -103,10 +111,19 @@ class PPOParts:
         self.kl_in_reward = (rl.kl_in or "reward") == "reward"
         self.kl_ctl = (AdaptiveKLController(rl.kl_coef, rl.kl_target, rl.kl_horizon)
                        if rl.kl_controller == "adaptive" else FixedKLController(rl.kl_coef))
-        train = cfg.train.model_copy(update={"lr": rl.critic_lr or cfg.train.lr})
-        self.critic = ValueRole.from_policy(
-            policy, ValueObjective(rl.value_clip_eps, rl.vf_coef), train, epochs=rl.epochs,
-            minibatch_size=rl.minibatch_size, seed=cfg.train.seed + 1)
+        self.policy, self.critic, self.value_head = policy, None, None
+        self.device = pick_device(cfg.train.device)
+        self.micro_batch_size = cfg.train.batch_size
+        if rl.critic == "shared":
+            if action_mask:
+                raise ConfigError("field 'rl.critic': nlpo takes a separate critic (its policy "
+                                  "log-probs are restricted to the action mask); use 'separate'")
+            self.value_head = value_head_for(policy, self.device)
+        else:
+            train = cfg.train.model_copy(update={"lr": rl.critic_lr or cfg.train.lr})
+            self.critic = ValueRole.from_policy(
+                policy, ValueObjective(rl.value_clip_eps, rl.vf_coef), train, epochs=rl.epochs,
+                minibatch_size=rl.minibatch_size, seed=cfg.train.seed + 1)
         self.action_mask = (ActionMask(policy, rl.nlpo_top_p, rl.nlpo_update_every,
                                        pick_device(cfg.train.device))
                             if action_mask else None)
@@ -122,7 +139,10 @@ class PPOParts:
         ``token_rewards [B,T]`` (per-token reward components, already summed into ``scores``)
         are credited where they occur; the rest of each score on its last token."""
         rl, mask = self.rl, exp["loss_mask"]
-        values = self.critic.values(exp)
+        values = (self.critic.values(exp) if self.critic is not None else
+                  shared_values(self.policy, self.value_head, exp, device=self.device,
+                                micro_batch_size=self.micro_batch_size,
+                                prefix_sharing=rl.prefix_sharing))
         kl = None
         if "ref_logprobs" in exp:
             kl = token_kl(exp["old_logprobs"], exp["ref_logprobs"], self.kl_estimator, mask)
@@ -146,16 +166,22 @@ class PPOParts:
         return m
 
     def update_critic(self, exp: dict[str, torch.Tensor]) -> dict[str, float]:
-        return self.critic.update(exp)
+        """The separate critic's update (a shared one trains inside the policy's)."""
+        return self.critic.update(exp) if self.critic is not None else {}
 
     def state_dict(self) -> dict[str, Any]:
-        state = {"critic": self.critic.state_dict(), "kl_controller": self.kl_ctl.state_dict()}
+        critic = (self.critic.state_dict() if self.critic is not None
+                  else {"value_head": self.value_head.state_dict()})
+        state = {"critic": critic, "kl_controller": self.kl_ctl.state_dict()}
         if self.action_mask is not None:
             state["action_mask"] = self.action_mask.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.critic.load_state_dict(state["critic"])
+        if self.critic is not None:
+            self.critic.load_state_dict(state["critic"])
+        else:
+            self.value_head.load_state_dict(state["critic"]["value_head"])
         self.kl_ctl.load_state_dict(state["kl_controller"])
         if self.action_mask is not None:
             self.action_mask.load_state_dict(state["action_mask"])
