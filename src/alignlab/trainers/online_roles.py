@@ -144,6 +144,12 @@ class PolicyObjective:
     def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> LossOutput:
         out = self.policy_logprobs(model, batch, return_entropy=self.entropy)
         lp, ent = out if self.entropy else (out, None)
+        loss_sum, _, metrics = self.policy_loss(lp, ent, batch)
+        return LossOutput(loss_sum, metrics)
+
+    def policy_loss(self, lp: torch.Tensor, ent: torch.Tensor | None, batch: dict[str, Any]
+                    ) -> tuple[torch.Tensor, int, dict[str, float]]:
+        """``(loss sum, num items, metrics)`` of the registered policy loss on log-probs ``lp``."""
         mask = batch["loss_mask"]
         # Absent when the rollout batch gets exactly one optimizer step: the sampling policy is
         # then the current one, so the ratio is exactly 1 and an extra forward pass is saved.
@@ -151,8 +157,8 @@ class PolicyObjective:
         res = self.loss_fn(lp, old, batch["advantages"], mask, **self.clip,
                            ref_logprobs=batch.get("ref_logprobs"), kl_coef=self.kl_coef,
                            kl_estimator=self.kl_estimator, entropy=ent)
-        loss_sum, _ = aggregate(res.per_token_loss, mask, self.aggregation, self.max_tokens)
-        return LossOutput(loss_sum, {k: float(v) for k, v in res.metrics.items()})
+        loss_sum, items = aggregate(res.per_token_loss, mask, self.aggregation, self.max_tokens)
+        return loss_sum, items, {k: float(v) for k, v in res.metrics.items()}
 
 
 class PolicyRole:

@@ -87,15 +87,11 @@ class SharedCriticObjective(PolicyObjective):
                                               with_entropy=self.entropy,
                                               prefix_sharing=self.prefix_sharing)
         mask = batch["loss_mask"]
-        old = batch["old_logprobs"] if "old_logprobs" in batch else lp.detach()
-        res = self.loss_fn(lp, old, batch["advantages"], mask, **self.clip,
-                           ref_logprobs=batch.get("ref_logprobs"), kl_coef=self.kl_coef,
-                           kl_estimator=self.kl_estimator, entropy=ent)
-        policy_sum, items = aggregate(res.per_token_loss, mask, self.aggregation, self.max_tokens)
+        policy_sum, items, metrics = self.policy_loss(lp, ent, batch)
         per_token, value_metrics = VALUE_LOSSES.get(self.value_loss)(
             values, batch["old_values"], batch["returns"], mask, **self.value_kwargs)
         value_sum, tokens = aggregate(per_token, mask, "token_mean")
-        metrics = {k: float(v) for k, v in {**res.metrics, **value_metrics}.items()}
+        metrics.update({k: float(v) for k, v in value_metrics.items()})
         metrics["value_loss"] = float(value_sum.detach()) / max(tokens, 1)
         scale = items / max(tokens, 1)  # the value token mean in the policy loss's units
         return LossOutput(policy_sum + self.vf_coef * scale * value_sum, metrics)
