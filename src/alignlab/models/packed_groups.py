@@ -207,7 +207,8 @@ def predictor_hidden(decoder: nn.Module, batch: dict[str, Any]) -> tuple[Tensor,
     lay = group_layout(batch)
     scored = lay.predictors.numel()
     if scored == 0:
-        return lay.input_ids.new_zeros((0, 0), dtype=torch.float32), lay
+        width = getattr(getattr(decoder, "config", None), "hidden_size", 0)
+        return torch.zeros(0, width, device=lay.input_ids.device), lay
     # the last layer runs its query/output projections and MLP only where a hidden state is read
     needed = _rounded_rows(lay.predictors, lay.length)
     dummy = torch.ones((), dtype=torch.bool, device=lay.input_ids.device).expand(1, 1, lay.length, lay.length)
