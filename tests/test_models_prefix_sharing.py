@@ -256,3 +256,39 @@ def test_group_pass_on_a_lora_model():
                                             if "lora_" in n])))
     (lp_s, g_s), (lp_f, g_f) = out
     assert torch.allclose(lp_s, lp_f, atol=1e-5) and torch.allclose(g_s, g_f, atol=1e-5)
+
+
+def _tiny_config(arch: str):
+    import transformers as T
+
+    common = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=64, max_position_embeddings=128)
+    return {
+        "gpt2": lambda: T.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                                     bos_token_id=1, eos_token_id=2),
+        "qwen2": lambda: T.Qwen2Config(num_key_value_heads=2, **common),
+        "gemma": lambda: T.GemmaConfig(num_key_value_heads=1, head_dim=8, **common),
+        "phi3": lambda: T.Phi3Config(num_key_value_heads=4, pad_token_id=0, bos_token_id=1,
+                                     eos_token_id=2, **common),
+        "gpt_neox": lambda: T.GPTNeoXConfig(bos_token_id=1, eos_token_id=2, **common),
+        "opt": lambda: T.OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                   num_attention_heads=4, ffn_dim=64, max_position_embeddings=128,
+                                   word_embed_proj_dim=32, bos_token_id=1, eos_token_id=2),
+    }[arch]()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2", "gemma", "phi3", "gpt_neox", "opt"])
+def test_group_pass_on_other_architectures(arch):
+    """Learned absolute positions (GPT-2, OPT), rotary variants, grouped KV heads, fused QKV
+    (Phi-3): the one-pass prefix sharing gives the plain path's values and gradients."""
+    from transformers import AutoModelForCausalLM
+
+    from alignlab.models.packed_groups import group_pass_applies
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_tiny_config(arch)).float().eval()  # no dropout
+    assert group_pass_applies(model)
+    examples = _examples("listwise")
+    lp_s, g_s, _ = _values_and_grads(model, examples, "shared")
+    lp_f, g_f, _ = _values_and_grads(model, examples, "flat")
+    assert torch.allclose(lp_s, lp_f, atol=1e-5) and torch.allclose(g_s, g_f, atol=1e-5)
