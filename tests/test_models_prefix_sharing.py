@@ -292,3 +292,25 @@ def test_group_pass_on_other_architectures(arch):
     lp_s, g_s, _ = _values_and_grads(model, examples, "shared")
     lp_f, g_f, _ = _values_and_grads(model, examples, "flat")
     assert torch.allclose(lp_s, lp_f, atol=1e-5) and torch.allclose(g_s, g_f, atol=1e-5)
+
+
+def test_packed_sequences_attend_per_sequence_padded(monkeypatch):
+    """A padding-free packed batch on an SDPA decoder runs its attention per sequence (padded
+    rows, not transformers' dense [S, S] block mask): the padded path's values and gradients,
+    under a sliding window it keeps transformers' mask."""
+    import alignlab.models.packed_groups as packed_groups
+
+    calls = []
+    real = packed_groups.packed_sequences_hidden
+    monkeypatch.setattr(packed_groups, "packed_sequences_hidden",
+                        lambda *a: calls.append(1) or real(*a))
+    model = random_llama(seed=2).float()
+    examples = _examples("listwise")
+    lp_p, g_p, _ = _values_and_grads(model, examples, "packed")
+    assert calls  # the per-sequence attention ran
+    lp_f, g_f, _ = _values_and_grads(model, examples, "flat")
+    assert torch.allclose(lp_p, lp_f, atol=1e-5) and torch.allclose(g_p, g_f, atol=1e-5)
+    calls.clear()
+    model.config.sliding_window = 4
+    _values_and_grads(model, examples, "packed")
+    assert not calls

@@ -238,11 +238,26 @@ def _backbone_kwargs(batch: dict[str, Any]) -> dict[str, Any]:
             "position_ids": batch.get("position_ids"), "use_cache": False}
 
 
+def _decoder_hidden(decoder: nn.Module, batch: dict[str, Any]) -> Tensor:
+    """The decoder's last hidden states; a packed batch on an SDPA decoder without sliding
+    windows attends per sequence (``packed_sequences_hidden``), not through a dense mask."""
+    if (batch.get("attention_mask") is None and batch.get("seq_lens") is not None
+            and batch.get("position_ids") is not None and batch["input_ids"].shape[0] == 1):
+        from alignlab.models.packed_groups import decoder_takes_group_pass, packed_sequences_hidden
+        from alignlab.models.prefix_sharing import body_supports_prefix_sharing
+
+        lengths = torch.as_tensor(batch["seq_lens"])
+        if (decoder_takes_group_pass(decoder) and body_supports_prefix_sharing(decoder)[0]
+                and lengths.numel() and int(lengths.sum()) == batch["input_ids"].shape[1]):
+            return packed_sequences_hidden(decoder, batch)
+    return decoder(**_backbone_kwargs(batch)).last_hidden_state
+
+
 def scored_hidden_states(decoder: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
     """``(hidden [N, H], targets [N])``: the decoder's last hidden state at each position that
     predicts a scored token (``loss_mask`` 1 at t, hidden at t − 1), row-major, and the tokens."""
     scored = _scored_positions(batch)
-    hidden = decoder(**_backbone_kwargs(batch)).last_hidden_state
+    hidden = _decoder_hidden(decoder, batch)
     return hidden[:, :-1][scored], batch["input_ids"][:, 1:][scored]
 
 
@@ -271,7 +286,7 @@ def token_logprobs(model: nn.Module, batch: dict[str, Any], *, temperature: floa
                           "or its output embedding could not be found; use chunked=None")
     if parts is not None:
         decoder, head = parts
-        hidden = decoder(**_backbone_kwargs(batch)).last_hidden_state
+        hidden = _decoder_hidden(decoder, batch)
         lp, ent = chunked_logprobs(hidden[:, :-1][scored], head.weight, head.bias, targets,
                                    temperature=temperature, chunk_size=chunk_size,
                                    with_entropy=return_entropy)

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from alignlab.models.checkpointing import recompute_with
-from alignlab.models.cpu_attention import MAX_SCORES, attention_with_bias, mask_bias
+from alignlab.models.cpu_attention import MAX_SCORES, attention_with_bias, cpu_attention, mask_bias
 from alignlab.models.last_layer import last_layer_only_at
 from alignlab.models.logprobs import chunked_logprobs, find_backbone_and_head
 
@@ -61,25 +61,57 @@ def decoder_takes_group_pass(decoder: nn.Module) -> bool:
 
 
 @dataclass
-class GroupLayout:
-    """Where every token of a ``shared`` batch sits: packed index ``[S]`` ↔ padded slot
-    ``[P·T]``, plus what the log-prob gather needs."""
+class PaddedLayout:
+    """Packed index ``[S']`` ↔ padded slot ``[P·T]`` of a packed decoder input, and which slot
+    may attend which: what :class:`GroupAttention` needs."""
 
-    input_ids: Tensor  # [1, S'] (S real tokens, then S' - S filler tokens)
-    position_ids: Tensor  # [1, S']
-    slots: Tensor  # [S] padded slot of each packed token
+    slots: Tensor  # [S] padded slot of each real packed token
     gather: Tensor  # [S'] padded slot each packed row reads back (fillers: any slot)
     keep: Tensor  # [P, T, T] bool: query slot may attend key slot
     n_rows: int
     width: int
+
+    @property
+    def length(self) -> int:
+        """S', the packed length the decoder sees (real tokens, then fillers)."""
+        return int(self.gather.numel())
+
+
+@dataclass
+class GroupLayout(PaddedLayout):
+    """A ``shared`` batch's :class:`PaddedLayout` (rows prompt | completions), its packed
+    decoder input and what the log-prob gather needs."""
+
+    input_ids: Tensor  # [1, S']
+    position_ids: Tensor  # [1, S']
     predictors: Tensor  # packed index of the hidden state predicting each scored token
     targets: Tensor  # the scored tokens
     owners: Tensor  # the completion each scored token belongs to
 
-    @property
-    def length(self) -> int:
-        """S', the packed length the decoder sees."""
-        return int(self.gather.numel())
+
+def sequence_layout(seq_lens: Tensor) -> PaddedLayout:
+    """The layout of a padding-free packed row ``[1, Σ seq_lens]`` (``pack_collate``): each
+    sequence one padded row, causal attention inside it."""
+    device = seq_lens.device
+    width = _round_up(int(seq_lens.max()), WIDTH_MULTIPLE)
+    col = torch.arange(width, device=device)
+    real = col[None] < seq_lens[:, None]
+    slots = torch.nonzero(real.reshape(-1)).squeeze(1)
+    keep = (col[:, None] >= col[None, :])[None] & real[:, None, :]
+    return PaddedLayout(slots=slots, gather=slots, keep=keep, n_rows=int(seq_lens.numel()), width=width)
+
+
+def packed_sequences_hidden(decoder: nn.Module, batch: dict[str, Any]) -> Tensor:
+    """The decoder's last hidden states ``[1, S, H]`` of a packed batch (``input_ids [1, S]``,
+    ``position_ids`` restarting per sequence, ``seq_lens``), attention padded per sequence
+    instead of transformers' dense ``[S, S]`` block mask (work ``Σ len·max len``, not ``S²``)."""
+    lay = sequence_layout(torch.as_tensor(batch["seq_lens"], device=batch["input_ids"].device))
+    dummy = torch.ones((), dtype=torch.bool, device=batch["input_ids"].device).expand(
+        1, 1, lay.length, lay.length)
+    with recompute_with(lambda: GroupAttention(lay)), cpu_attention(batch["input_ids"].device), \
+            GroupAttention(lay):
+        return decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                       attention_mask=dummy, use_cache=False).last_hidden_state
 
 
 def group_layout(batch: dict[str, Any]) -> GroupLayout:
@@ -128,17 +160,17 @@ def group_layout(batch: dict[str, Any]) -> GroupLayout:
     fill = _round_up(slots.numel(), LENGTH_MULTIPLE) - slots.numel()
     gather = torch.cat([slots, slots[:1].expand(fill)])
     return GroupLayout(
-        input_ids=ids[gather][None], position_ids=pos[gather][None], slots=slots, gather=gather,
-        keep=keep,
-        n_rows=n_rows, width=width, predictors=packed_of[pred_slot[c_keep]],
+        slots=slots, gather=gather, keep=keep, n_rows=n_rows, width=width,
+        input_ids=ids[gather][None], position_ids=pos[gather][None],
+        predictors=packed_of[pred_slot[c_keep]],
         targets=completion_ids[c_keep],
         owners=torch.arange(n, device=device)[:, None].expand(n, c)[c_keep])
 
 
 class GroupAttention(TorchFunctionMode):
-    """Run the decoder's packed SDPA calls as padded attention under the layout's block mask."""
+    """Run the decoder's packed SDPA calls as padded attention under the layout's mask."""
 
-    def __init__(self, layout: GroupLayout) -> None:
+    def __init__(self, layout: PaddedLayout) -> None:
         super().__init__()
         self.layout = layout
         self._bias: dict[tuple, Tensor] = {}  # the same for every layer: built once per pass
@@ -251,5 +283,6 @@ def group_pass_logprobs(decoder: nn.Module, head: nn.Module, batch: dict[str, An
     return lp.new_zeros(n).index_add(0, lay.owners, lp)
 
 
-__all__ = ["GroupAttention", "GroupLayout", "group_layout", "group_pass_applies", "scored_logprobs",
-           "group_pass_logprobs", "decoder_takes_group_pass", "predictor_hidden"]
+__all__ = ["GroupAttention", "GroupLayout", "PaddedLayout", "decoder_takes_group_pass",
+           "group_layout", "group_pass_applies", "group_pass_logprobs", "packed_sequences_hidden",
+           "predictor_hidden", "scored_logprobs", "sequence_layout"]
