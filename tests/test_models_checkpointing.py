@@ -15,7 +15,7 @@ from tests.conftest import random_llama
 from tests.test_models_prefix_sharing import _examples, _values_and_grads
 
 
-@pytest.mark.parametrize("layout", ["shared", "flat"])
+@pytest.mark.parametrize("layout", ["shared", "flat", "packed"])
 def test_checkpointed_values_and_gradients_equal_plain(layout):
     examples = _examples("listwise")
     plain = random_llama(seed=7).float().train()
