@@ -108,7 +108,9 @@ def packed_sequences_hidden(decoder: nn.Module, batch: dict[str, Any]) -> Tensor
     lay = sequence_layout(torch.as_tensor(batch["seq_lens"], device=batch["input_ids"].device))
     dummy = torch.ones((), dtype=torch.bool, device=batch["input_ids"].device).expand(
         1, 1, lay.length, lay.length)
-    with recompute_with(lambda: GroupAttention(lay)), cpu_attention(batch["input_ids"].device), \
+    # entered (and registered for checkpoint recomputation) in this order: the innermost mode
+    # sees SDPA first, so GroupAttention must sit inside CpuAttention
+    with cpu_attention(batch["input_ids"].device), recompute_with(lambda: GroupAttention(lay)), \
             GroupAttention(lay):
         return decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                        attention_mask=dummy, use_cache=False).last_hidden_state
