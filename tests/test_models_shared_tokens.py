@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 
+import pytest
 import torch
 
 from alignlab.models.logprobs import token_logprobs
@@ -88,3 +89,26 @@ def test_critic_values_by_prefix_sharing_equal_the_shifted_flat_values():
     (v0, g0), (v1, g1) = out
     assert torch.allclose(v0, v1, atol=1e-5) and torch.allclose(g0, g1, atol=1e-5)
     assert v0.abs().max() > 1e-3 and (v1[batch["loss_mask"] == 0] == 0).all()
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_reward_model_sequence_values_by_prefix_sharing(heads):
+    """A reward model's value at each sequence's end (pairs sharing their prompt) equals the
+    plain forward's, values and gradients, one head or an ensemble of heads."""
+    from alignlab.data.collate import preference_collate
+    from alignlab.models.heads import CausalLMWithScalarHead, sequence_end_values
+    from alignlab.models.shared_tokens import shared_sequence_values
+    from tests.test_models_prefix_sharing import _examples
+
+    model = CausalLMWithScalarHead(random_llama(seed=7).float(), num_heads=heads)
+    batch = preference_collate(_examples("paired"), 0)
+    out = []
+    for shared in (False, True):
+        model.zero_grad()
+        v = (shared_sequence_values(model, batch, min_skipped_tokens=0) if shared
+             else sequence_end_values(model(batch), batch))
+        (v * torch.linspace(-1, 1, v.numel()).view_as(v)).sum().backward()
+        out.append((v.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    (v0, g0), (v1, g1) = out
+    assert v0.shape == v1.shape == ((10,) if heads == 1 else (10, 2))
+    assert torch.allclose(v0, v1, atol=1e-5) and torch.allclose(g0, g1, atol=1e-5)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from alignlab.errors import ConfigError
 from alignlab.models.loading import model_load_kwargs, freeze, from_pretrained_checked
-from alignlab.models.logprobs import find_decoder
+from alignlab.models.logprobs import decoder_hidden, find_decoder
 
 HEAD_WEIGHTS = "scalar_head.safetensors"
 HEAD_CONFIG = "scalar_head.json"
@@ -109,16 +109,17 @@ class CausalLMWithScalarHead(nn.Module):
 
     def forward(self, batch: dict[str, Any]) -> Tensor:
         """Per-token values: ``[B,T]`` (``[B,T,K]`` when ``num_heads = K > 1``), float32."""
-        hidden = self.backbone(input_ids=batch["input_ids"],
-                               attention_mask=batch.get("attention_mask"),
-                               position_ids=batch.get("position_ids"),
-                               use_cache=False).last_hidden_state
-        values = self.head(hidden.float())
+        values = self.head(decoder_hidden(self.backbone, batch).float())
         return values.squeeze(-1) if self.num_heads == 1 else values
 
     def sequence_values(self, batch: dict[str, Any]) -> Tensor:
-        """The value (reward) at each sequence's last token: ``[S]`` (``[S,K]``)."""
-        return sequence_end_values(self(batch), batch)
+        """The value (reward) at each sequence's last token: ``[S]`` (``[S,K]``); sequences that
+        share a prompt (a pair's chosen and rejected) compute it once where prefix sharing
+        applies (``models/shared_tokens.py``)."""
+        from alignlab.models.shared_tokens import shared_sequence_values
+
+        shared = shared_sequence_values(self, batch)
+        return shared if shared is not None else sequence_end_values(self(batch), batch)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Backbone via ``save_pretrained`` (safetensors) + the head in ``scalar_head.*``."""

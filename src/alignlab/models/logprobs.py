@@ -238,7 +238,7 @@ def _backbone_kwargs(batch: dict[str, Any]) -> dict[str, Any]:
             "position_ids": batch.get("position_ids"), "use_cache": False}
 
 
-def _decoder_hidden(decoder: nn.Module, batch: dict[str, Any]) -> Tensor:
+def decoder_hidden(decoder: nn.Module, batch: dict[str, Any]) -> Tensor:
     """The decoder's last hidden states; a packed batch on an SDPA decoder without sliding
     windows attends per sequence (``packed_sequences_hidden``), not through a dense mask."""
     if (batch.get("attention_mask") is None and batch.get("seq_lens") is not None
@@ -257,7 +257,7 @@ def scored_hidden_states(decoder: nn.Module, batch: dict[str, Any]) -> tuple[Ten
     """``(hidden [N, H], targets [N])``: the decoder's last hidden state at each position that
     predicts a scored token (``loss_mask`` 1 at t, hidden at t − 1), row-major, and the tokens."""
     scored = _scored_positions(batch)
-    hidden = _decoder_hidden(decoder, batch)
+    hidden = decoder_hidden(decoder, batch)
     return hidden[:, :-1][scored], batch["input_ids"][:, 1:][scored]
 
 
@@ -286,7 +286,7 @@ def token_logprobs(model: nn.Module, batch: dict[str, Any], *, temperature: floa
                           "or its output embedding could not be found; use chunked=None")
     if parts is not None:
         decoder, head = parts
-        hidden = _decoder_hidden(decoder, batch)
+        hidden = decoder_hidden(decoder, batch)
         lp, ent = chunked_logprobs(hidden[:, :-1][scored], head.weight, head.bias, targets,
                                    temperature=temperature, chunk_size=chunk_size,
                                    with_entropy=return_entropy)
@@ -380,4 +380,5 @@ def sequence_logprobs(token_lp: Tensor, batch: dict[str, Any], reduce: str = "su
 
 
 __all__ = ["token_logprobs", "restricted_token_logprobs", "next_token_logits", "sequence_logprobs",
-           "chunked_logprobs", "find_backbone_and_head", "find_decoder", "scored_hidden_states"]
+           "chunked_logprobs", "decoder_hidden", "find_backbone_and_head", "find_decoder",
+           "scored_hidden_states"]

@@ -87,6 +87,7 @@ class GroupLayout(PaddedLayout):
     predictors: Tensor  # packed index of the hidden state predicting each scored token
     targets: Tensor  # the scored tokens
     owners: Tensor  # the completion each scored token belongs to
+    ends: Tensor  # packed index of each prompt + completion sequence's last token [N]
 
 
 def sequence_layout(seq_lens: Tensor) -> PaddedLayout:
@@ -159,6 +160,9 @@ def group_layout(batch: dict[str, Any]) -> GroupLayout:
     t_idx = torch.arange(c, device=device)[None]
     pred_slot = owner[:, None] * width + torch.where(
         t_idx == 0, prompt_lengths[owner][:, None] - 1, start_t[:, None] + t_idx - 1)
+    comp_len_t = completion_mask.sum(1)
+    end_slot = owner * width + torch.where(comp_len_t > 0, start_t + comp_len_t - 1,
+                                           prompt_lengths[owner] - 1)
     fill = _round_up(slots.numel(), LENGTH_MULTIPLE) - slots.numel()
     gather = torch.cat([slots, slots[:1].expand(fill)])
     return GroupLayout(
@@ -166,7 +170,8 @@ def group_layout(batch: dict[str, Any]) -> GroupLayout:
         input_ids=ids[gather][None], position_ids=pos[gather][None],
         predictors=packed_of[pred_slot[c_keep]],
         targets=completion_ids[c_keep],
-        owners=torch.arange(n, device=device)[:, None].expand(n, c)[c_keep])
+        owners=torch.arange(n, device=device)[:, None].expand(n, c)[c_keep],
+        ends=packed_of[end_slot])
 
 
 class GroupAttention(TorchFunctionMode):
@@ -235,22 +240,33 @@ def _rounded_rows(index: Tensor, total: int) -> Tensor:
     return index
 
 
-def predictor_hidden(decoder: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, GroupLayout]:
-    """One packed pass over a ``shared`` batch: the decoder's last hidden state at the position
-    that predicts each completion token (row-major), ``[n scored, H]``, and the layout."""
-    lay = group_layout(batch)
-    scored = lay.predictors.numel()
-    if scored == 0:
+def _hidden_at(decoder: nn.Module, lay: GroupLayout, rows: Tensor) -> Tensor:
+    """One packed pass of ``lay``: the decoder's last hidden state at packed ``rows``."""
+    if rows.numel() == 0:
         width = getattr(getattr(decoder, "config", None), "hidden_size", 0)
-        return torch.zeros(0, width, device=lay.input_ids.device), lay
+        return torch.zeros(0, width, device=lay.input_ids.device)
     # the last layer runs its query/output projections and MLP only where a hidden state is read
-    needed = _rounded_rows(lay.predictors, lay.length)
+    needed = _rounded_rows(rows, lay.length)
     dummy = torch.ones((), dtype=torch.bool, device=lay.input_ids.device).expand(1, 1, lay.length, lay.length)
     contexts = (lambda: last_layer_only_at(decoder, needed), lambda: GroupAttention(lay))
     with recompute_with(*contexts), contexts[0](), contexts[1]():
         hidden = decoder(input_ids=lay.input_ids, position_ids=lay.position_ids,
                          attention_mask=dummy, use_cache=False).last_hidden_state
-    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, lay.predictors), lay
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
+
+
+def predictor_hidden(decoder: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, GroupLayout]:
+    """One packed pass over a ``shared`` batch: the decoder's last hidden state at the position
+    that predicts each completion token (row-major), ``[n scored, H]``, and the layout."""
+    lay = group_layout(batch)
+    return _hidden_at(decoder, lay, lay.predictors), lay
+
+
+def sequence_end_hidden(decoder: nn.Module, batch: dict[str, Any]) -> Tensor:
+    """One packed pass over a ``shared`` batch: the hidden state at the last token of each
+    prompt + completion sequence, ``[N, H]`` (a reward model reads its reward there)."""
+    lay = group_layout(batch)
+    return _hidden_at(decoder, lay, lay.ends)
 
 
 def scored_logprobs(decoder: nn.Module, head: nn.Module, batch: dict[str, Any], *,
@@ -287,4 +303,4 @@ def group_pass_logprobs(decoder: nn.Module, head: nn.Module, batch: dict[str, An
 
 __all__ = ["GroupAttention", "GroupLayout", "PaddedLayout", "decoder_takes_group_pass",
            "group_layout", "group_pass_applies", "group_pass_logprobs", "packed_sequences_hidden",
-           "predictor_hidden", "scored_logprobs", "sequence_layout"]
+           "predictor_hidden", "scored_logprobs", "sequence_end_hidden", "sequence_layout"]

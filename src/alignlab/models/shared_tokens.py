@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from alignlab.models.cpu_attention import cpu_attention
 from alignlab.models.logprobs import find_backbone_and_head, token_logprobs
 from alignlab.models.packed_groups import (decoder_takes_group_pass, group_pass_applies,
-                                           predictor_hidden, scored_logprobs)
+                                           predictor_hidden, scored_logprobs, sequence_end_hidden)
 from alignlab.models.prefix_sharing import body_supports_prefix_sharing, prefix_sharing_support
 
 
@@ -113,6 +113,23 @@ def shared_state_values(critic: nn.Module, batch: dict[str, Any], *,
     return values.new_zeros(batch["loss_mask"].shape).masked_scatter(batch["loss_mask"].bool(), values)
 
 
+def shared_sequence_values(model: nn.Module, batch: dict[str, Any], *,
+                           min_skipped_tokens: int = MIN_SKIPPED_TOKENS) -> Tensor | None:
+    """A scalar-head model's value at each row's last token (``[B]``, ``[B, K]`` with K heads),
+    each distinct prompt computed once; None where prefix sharing does not apply."""
+    backbone, head = getattr(model, "backbone", None), getattr(model, "head", None)
+    if (backbone is None or not isinstance(head, nn.Linear) or not decoder_takes_group_pass(backbone)
+            or not body_supports_prefix_sharing(backbone)[0]):
+        return None
+    groups = as_groups(batch)
+    if groups is None or _skipped(batch, groups) < min_skipped_tokens:
+        return None
+    with cpu_attention(batch["input_ids"].device):
+        hidden = sequence_end_hidden(backbone, groups)
+    values = head(hidden.float())
+    return values.squeeze(-1) if head.out_features == 1 else values
+
+
 def _skipped(batch: dict[str, Any], groups: dict[str, Tensor]) -> int:
     """Positions of the flat batch the shared pass does not compute (repeats and padding)."""
     packed = int(groups["prompt_lengths"].sum()) + int(groups["completion_lengths"].sum())
@@ -131,5 +148,5 @@ def grouped_token_logprobs(model: nn.Module, batch: dict[str, Any], *, temperatu
     return token_logprobs(model, batch, temperature=temperature, return_entropy=return_entropy)
 
 
-__all__ = ["MIN_SKIPPED_TOKENS", "as_groups", "grouped_token_logprobs", "shared_state_values",
-           "shared_token_logprobs", "sharing_worth_it"]
+__all__ = ["MIN_SKIPPED_TOKENS", "as_groups", "grouped_token_logprobs", "shared_sequence_values",
+           "shared_state_values", "shared_token_logprobs", "sharing_worth_it"]
