@@ -20,6 +20,8 @@ import torch
 
 
 def rl_batch(args: argparse.Namespace, vocab: int) -> dict[str, torch.Tensor]:
+    from alignlab.data.collate import completion_rows
+
     g = torch.Generator().manual_seed(0)
     rows, starts = [], []
     for _ in range(args.prompts):
@@ -29,15 +31,7 @@ def rl_batch(args: argparse.Namespace, vocab: int) -> dict[str, torch.Tensor]:
             n = int(torch.randint(4, args.completion_tokens + 1, (1,), generator=g))
             rows.append(prompt + torch.randint(3, vocab, (n,), generator=g).tolist())
             starts.append(n_prompt)
-    width = max(map(len, rows))
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r)
-    pos = torch.arange(width)[None]
-    attn = (pos < torch.tensor([len(r) for r in rows])[:, None]).long()
-    return {"input_ids": ids, "attention_mask": attn,
-            "loss_mask": attn * (pos >= torch.tensor(starts)[:, None]),
-            "position_ids": (attn.cumsum(-1) - 1).clamp(min=0)}
+    return completion_rows(rows, starts, 0)
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ import functools
 import pytest
 import torch
 
+from alignlab.data.collate import completion_rows
 from alignlab.models.logprobs import token_logprobs
 from alignlab.models.shared_tokens import as_groups, grouped_token_logprobs, shared_token_logprobs
 from tests.conftest import random_llama
@@ -23,15 +24,7 @@ def _rl_batch(seed: int = 0, groups: int = 3, n: int = 4) -> dict[str, torch.Ten
         for _ in range(n):
             rows.append(prompt + torch.randint(1, 64, (rand(1, 12),), generator=g).tolist())
             starts.append(len(prompt))
-    width = max(map(len, rows))
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r)
-    pos = torch.arange(width)[None]
-    attn = (pos < torch.tensor([len(r) for r in rows])[:, None]).long()
-    loss_mask = attn * (pos >= torch.tensor(starts)[:, None])
-    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss_mask,
-            "position_ids": (attn.cumsum(-1) - 1).clamp(min=0)}
+    return completion_rows(rows, starts, 0)
 
 
 def test_grouping_dedupes_prompts():

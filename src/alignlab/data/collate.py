@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from alignlab.errors import ConfigError
 
@@ -52,6 +53,22 @@ def pad_collate(examples: Sequence[dict[str, Any]], pad_token_id: int, *,
              "position_ids": position_ids, "loss_mask": loss_mask}
     batch.update(_collate_extras(examples))
     return batch
+
+
+def completion_rows(rows: Sequence[Sequence[int]], starts: Sequence[int], pad_token_id: int
+                    ) -> dict[str, Tensor]:
+    """Right-padded prompt + completion rows (``rows[i]``, its completion from ``starts[i]``):
+    ``input_ids``, ``attention_mask``, ``position_ids`` and ``loss_mask`` (1 on completions)
+    ``[B, T]``, the layout of an online-RL rollout batch."""
+    width = max(map(len, rows))
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    for i, x in enumerate(rows):
+        input_ids[i, :len(x)] = torch.tensor(list(x), dtype=torch.long)
+    positions = torch.arange(width)[None]
+    attn = (positions < torch.tensor([len(x) for x in rows])[:, None]).long()
+    loss_mask = attn * (positions >= torch.tensor(list(starts))[:, None])
+    return {"input_ids": input_ids, "attention_mask": attn,
+            "position_ids": (attn.cumsum(-1) - 1).clamp(min=0), "loss_mask": loss_mask}
 
 
 def pack_collate(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:

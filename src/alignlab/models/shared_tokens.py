@@ -100,13 +100,10 @@ def shared_state_values(critic: nn.Module, batch: dict[str, Any], *,
     """A scalar-head critic's ``V(s_t)`` at every completion token of ``batch`` (``[B, T]``,
     0 elsewhere), read from the hidden state that predicts the token, by prefix sharing; None
     where it does not apply (then compute ``critic(batch)`` and shift it)."""
-    backbone, head = getattr(critic, "backbone", None), getattr(critic, "head", None)
-    if (backbone is None or not isinstance(head, nn.Linear) or head.out_features != 1
-            or not decoder_takes_group_pass(backbone) or not body_supports_prefix_sharing(backbone)[0]):
+    found = _scalar_head_groups(critic, batch, min_skipped_tokens)
+    if found is None or found[1].out_features != 1:
         return None
-    groups = as_groups(batch)
-    if groups is None or _skipped(batch, groups) < min_skipped_tokens:
-        return None
+    backbone, head, groups = found
     with cpu_attention(batch["input_ids"].device):
         hidden, _ = predictor_hidden(backbone, groups)
     values = head(hidden.float()).squeeze(-1)
@@ -117,6 +114,20 @@ def shared_sequence_values(model: nn.Module, batch: dict[str, Any], *,
                            min_skipped_tokens: int = MIN_SKIPPED_TOKENS) -> Tensor | None:
     """A scalar-head model's value at each row's last token (``[B]``, ``[B, K]`` with K heads),
     each distinct prompt computed once; None where prefix sharing does not apply."""
+    found = _scalar_head_groups(model, batch, min_skipped_tokens)
+    if found is None:
+        return None
+    backbone, head, groups = found
+    with cpu_attention(batch["input_ids"].device):
+        hidden = sequence_end_hidden(backbone, groups)
+    values = head(hidden.float())
+    return values.squeeze(-1) if head.out_features == 1 else values
+
+
+def _scalar_head_groups(model: nn.Module, batch: dict[str, Any], min_skipped_tokens: int
+                        ) -> tuple[nn.Module, nn.Linear, dict[str, Tensor]] | None:
+    """``(backbone, head, groups)`` of a scalar-head model (``CausalLMWithScalarHead``) whose
+    body takes the one-pass prefix sharing on ``batch`` with enough skipped positions."""
     backbone, head = getattr(model, "backbone", None), getattr(model, "head", None)
     if (backbone is None or not isinstance(head, nn.Linear) or not decoder_takes_group_pass(backbone)
             or not body_supports_prefix_sharing(backbone)[0]):
@@ -124,10 +135,7 @@ def shared_sequence_values(model: nn.Module, batch: dict[str, Any], *,
     groups = as_groups(batch)
     if groups is None or _skipped(batch, groups) < min_skipped_tokens:
         return None
-    with cpu_attention(batch["input_ids"].device):
-        hidden = sequence_end_hidden(backbone, groups)
-    values = head(hidden.float())
-    return values.squeeze(-1) if head.out_features == 1 else values
+    return backbone, head, groups
 
 
 def _skipped(batch: dict[str, Any], groups: dict[str, Tensor]) -> int:

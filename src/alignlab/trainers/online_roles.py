@@ -19,6 +19,7 @@ import torch
 
 from alignlab.config import TrainSection
 from alignlab.losses.policy import POLICY_LOSSES, aggregate, num_items
+from alignlab.data.collate import completion_rows
 from alignlab.models.checkpointing import enable_gradient_checkpointing
 from alignlab.models.shared_tokens import grouped_token_logprobs
 from alignlab.rollout.engine import SamplingParams, rollout
@@ -97,17 +98,7 @@ class RolloutRole:
             # learns to stop.
             rows.append(list(p) + list(ids) + ([self.eos] if why == "eos" else []))
             starts.append(len(p))
-        width = max(map(len, rows))
-        n = len(rows)
-        input_ids = torch.full((n, width), self.pad, dtype=torch.long)
-        for i, x in enumerate(rows):
-            input_ids[i, :len(x)] = torch.tensor(x, dtype=torch.long)
-        positions = torch.arange(width)[None]
-        lengths = torch.tensor([len(x) for x in rows])[:, None]
-        attn = (positions < lengths).long()
-        loss_mask = attn * (positions >= torch.tensor(starts)[:, None])
-        return {"input_ids": input_ids, "attention_mask": attn,
-                "position_ids": (attn.cumsum(-1) - 1).clamp(min=0), "loss_mask": loss_mask}
+        return completion_rows(rows, starts, self.pad)
 
 
 # ---------------------------------------------------------------------------------- policy
