@@ -33,10 +33,10 @@ from alignlab.world.build import ensure_world
 
 # Per preset: step counts and sizes. "full" fits the demo's 10-minute budget on 2 cores.
 DEMO_SETTINGS = {
-    "full": {"sft_steps": 100, "sft_batch": 32, "sft_lr": 3e-4, "n_pairs": 1024, "rm_steps": 80,
+    "full": {"sft_steps": 100, "sft_batch": 32, "sft_lr": 3e-4, "n_pairs": 1024, "rm_steps": 80, "rm_lr": 3e-4,
              "dpo_steps": 80, "dpo_batch": 16, "dpo_lr": 2e-5, "beta": 0.1, "n_prompts": 128, "samples": 2,
              "rl_steps": 20, "rl_lr": 5e-5},
-    "tiny": {"sft_steps": 40, "sft_batch": 16, "sft_lr": 1e-3, "n_pairs": 256, "rm_steps": 30,
+    "tiny": {"sft_steps": 40, "sft_batch": 16, "sft_lr": 1e-3, "n_pairs": 256, "rm_steps": 30, "rm_lr": 1e-3,
              "dpo_steps": 30, "dpo_batch": 16, "dpo_lr": 1e-4, "beta": 0.1, "n_prompts": 64, "samples": 4,
              "rl_steps": 10, "rl_lr": 5e-4},
 }
@@ -95,7 +95,7 @@ def run_demo(preset: str = "full", out: str | Path = "runs/demo", seed: int = 0,
 
     rm = run_reward(RewardConfig(model=ModelSection(name_or_path=str(sft_dir)),
                                  data=DataSection(source=str(prefs_path), format="preference"), world=world_cfg,
-                                 train=_train_section(out, "reward", s["rm_steps"], 16, 3e-4, seed, progress),
+                                 train=_train_section(out, "reward", s["rm_steps"], 16, s["rm_lr"], seed, progress),
                                  reward=RewardSection(eval_fraction=0.2)))
     lap("reward_model")
 
