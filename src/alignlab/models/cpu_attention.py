@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from alignlab.models.checkpointing import recompute_with
+
 # Above this many attention scores (batch x heads x queries x keys) the explicit attention
 # would hold too large a score matrix; SDPA's flash kernel keeps its own blocks small.
 MAX_SCORES = 1 << 23
@@ -112,8 +114,6 @@ def cpu_attention(device: torch.device) -> Iterator[None]:
     if device.type != "cpu":
         yield
         return
-    from alignlab.models.checkpointing import recompute_with
-
     with recompute_with(CpuAttention), CpuAttention():
         yield
 

@@ -20,6 +20,7 @@ the decoder gets a zero-stride dummy 4D mask so that transformers builds none of
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any
@@ -57,7 +58,13 @@ def group_pass_applies(model: nn.Module) -> bool:
 def decoder_takes_group_pass(decoder: nn.Module) -> bool:
     """:func:`group_pass_applies` for a decoder body (``LlamaModel``, ...)."""
     return (getattr(getattr(decoder, "config", None), "_attn_implementation", None) == "sdpa"
-            and "position_ids" in inspect.signature(decoder.forward).parameters)
+            and _takes_position_ids(type(decoder)))
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_position_ids(cls: type) -> bool:
+    """Per decoder class, once: the check runs on every forward."""
+    return "position_ids" in inspect.signature(cls.forward).parameters
 
 
 @dataclass

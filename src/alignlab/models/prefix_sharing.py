@@ -4,7 +4,9 @@
 from :func:`alignlab.data.preference_batches.collate_groups`.
 
 Prefix sharing (Wang et al. 2024, "Accelerating Direct Preference Optimization with Prefix
-Sharing"): the prompts run once with ``use_cache=True``; the KV cache is gathered to the
+Sharing"). On SDPA decoders it runs in one padding-free pass, each prompt with its completions
+in one row (:mod:`alignlab.models.packed_groups`). Other decoders take the two-pass path here:
+the prompts run once with ``use_cache=True``; the KV cache is gathered to the
 completions' rows (``Cache.batch_select_indices``, differentiable) and the completions run on
 top with ``position_ids = prompt_length + t``. Gradients flow back through the cache into the
 prompt's forward, so values and gradients equal the plain path (each completion joined to its

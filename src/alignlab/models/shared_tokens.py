@@ -25,7 +25,7 @@ from alignlab.models.cpu_attention import cpu_attention
 from alignlab.models.logprobs import find_backbone_and_head, token_logprobs
 from alignlab.models.packed_groups import (decoder_takes_group_pass, group_pass_applies,
                                            predictor_hidden, scored_logprobs, sequence_end_hidden)
-from alignlab.models.prefix_sharing import body_supports_prefix_sharing, prefix_sharing_support
+from alignlab.models.prefix_sharing import body_supports_prefix_sharing
 
 
 def as_groups(batch: dict[str, Any]) -> dict[str, Tensor] | None:
@@ -72,8 +72,9 @@ def sharing_worth_it(model: nn.Module, batch: dict[str, Any], groups: dict[str, 
                      min_skipped_tokens: int = MIN_SKIPPED_TOKENS) -> bool:
     """Whether a causal LM takes the one-pass prefix sharing and ``groups`` (from
     :func:`as_groups`) skips at least ``min_skipped_tokens`` positions of ``batch``."""
-    return (find_backbone_and_head(model) is not None and group_pass_applies(model)
-            and prefix_sharing_support(model)[0] and _skipped(batch, groups) >= min_skipped_tokens)
+    # group_pass_applies already requires the decoder + plain head that prefix_sharing_support does
+    return (group_pass_applies(model) and body_supports_prefix_sharing(model)[0]
+            and _skipped(batch, groups) >= min_skipped_tokens)
 
 
 def shared_token_logprobs(model: nn.Module, batch: dict[str, Any], *, temperature: float = 1.0,
