@@ -79,7 +79,7 @@ def worker(variant: str, folder: Path, args: argparse.Namespace) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from alignlab.utils.runtime import cpu_supports_bf16
+    from alignlab.core.runtime import cpu_supports_bf16
 
     torch.manual_seed(0)
     rows = json.loads((folder / "rows.json").read_text())
@@ -93,7 +93,7 @@ def worker(variant: str, folder: Path, args: argparse.Namespace) -> dict:
     tokens, unique_tokens = count_tokens(tok, rows)
     t0 = time.perf_counter()
     if variant == "alignlab":
-        from alignlab.trainers.preference_bench import benchmark_steps
+        from alignlab.eval.preference_bench import benchmark_steps
 
         stats = benchmark_steps(model, tok, rows, steps=args.steps, batch_size=args.batch_size,
                                 loss="dpo", beta=0.1, precision="bf16" if bf16 else "fp32",

@@ -30,7 +30,7 @@ from _harness import add_worker_args, peak_rss_mb, report, run_variant
 def worker(variant: str, folder: Path, args: argparse.Namespace) -> dict:
     import torch
 
-    from alignlab.utils.runtime import cpu_supports_bf16
+    from alignlab.core.runtime import cpu_supports_bf16
     from alignlab.world.build import ensure_world
 
     world = ensure_world("tiny", 0, str(folder / "cache"), progress=False)
@@ -39,14 +39,15 @@ def worker(variant: str, folder: Path, args: argparse.Namespace) -> dict:
     n_completions = args.steps * args.prompts_per_step * args.group_size
     torch.manual_seed(0)
     if variant == "alignlab":
-        from alignlab.config import ModelSection, WorldSection
-        from alignlab.trainers.online import (OnlineRLConfig, RLSection, RLTrainSection,
-                                              RolloutSection, run_online)
+        from alignlab.core.config import ModelSection, WorldSection
+        from alignlab.algorithms.policy_gradient.config import OnlineRLConfig, RLSection
+        from alignlab.core.config import OnlineTrainSection, RolloutSection
+        from alignlab.algorithms.policy_gradient.run import train_policy_gradient
 
         cfg = OnlineRLConfig(
             model=ModelSection(name_or_path=str(world.base_dir)),
             world=WorldSection(preset="tiny", cache_dir=str(folder / "cache")),
-            train=RLTrainSection(output_dir=tempfile.mkdtemp(), max_steps=args.steps, lr=args.lr,
+            train=OnlineTrainSection(output_dir=tempfile.mkdtemp(), max_steps=args.steps, lr=args.lr,
                                  precision="bf16" if bf16 else "fp32", device="cpu",
                                  batch_size=args.prompts_per_step * args.group_size,
                                  progress=False, tensorboard=False),
@@ -54,7 +55,7 @@ def worker(variant: str, folder: Path, args: argparse.Namespace) -> dict:
                                    n=args.group_size, max_new_tokens=args.max_completion_length),
             rl=RLSection(reward="vader_sentiment", kl_coef=0.0, loss_aggregation="dapo",
                          minibatch_size=args.prompts_per_step * args.group_size))
-        seconds = run_online(cfg, "grpo").result.seconds  # the loop, as trainer.train() for TRL
+        seconds = train_policy_gradient(cfg, "grpo").result.seconds  # the loop, as trainer.train() for TRL
     else:
         from datasets import Dataset
         from transformers import AutoModelForCausalLM, AutoTokenizer

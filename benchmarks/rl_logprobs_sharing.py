@@ -49,7 +49,7 @@ def main() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from alignlab.models.shared_tokens import grouped_token_logprobs
-    from alignlab.utils.runtime import autocast, cpu_supports_bf16
+    from alignlab.core.runtime import autocast, cpu_supports_bf16
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,

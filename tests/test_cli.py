@@ -6,7 +6,7 @@ import json
 
 from typer.testing import CliRunner
 
-from alignlab.cli import app, registry_entries
+from alignlab.cli.main import app, registry_entries
 
 runner = CliRunner()
 

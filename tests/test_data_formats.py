@@ -4,7 +4,7 @@ import pytest
 
 from alignlab.data.formats import FORMATS, detect_format, split_implicit_prompt, validate_row
 from alignlab.data.loading import rows_from_list
-from alignlab.errors import ConfigError, DataError
+from alignlab.core.errors import ConfigError, DataError
 
 USER = {"role": "user", "content": "hi"}
 BOT = {"role": "assistant", "content": "hello"}

@@ -8,9 +8,9 @@ import statistics
 import pytest
 from typer.testing import CliRunner
 
-from alignlab.cli_data import data_app
-from alignlab.data import generate as gen
-from alignlab.data.generate import generate_preferences, rso_pairs
+from alignlab.cli.data import data_app
+from alignlab.engine import preference_data as gen
+from alignlab.engine.preference_data import generate_preferences, rso_pairs
 from alignlab.data.loading import load_rows, rows_from_list
 from alignlab.models.loading import load_model, load_tokenizer
 from alignlab.rewards.annotator import SimulatedAnnotator

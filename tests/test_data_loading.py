@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from alignlab.data.loading import load_rows, rows_from_list
-from alignlab.errors import DataError
+from alignlab.core.errors import DataError
 
 USER = {"role": "user", "content": "what color is the sky"}
 SAMPLES = {

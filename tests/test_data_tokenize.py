@@ -6,7 +6,7 @@ from transformers import PreTrainedTokenizerFast
 
 from alignlab.data.loading import rows_from_list
 from alignlab.data.tokenize import tokenize_rows
-from alignlab.errors import ConfigError, DataError
+from alignlab.core.errors import ConfigError, DataError
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 WORDS = ("the sky is blue red green grass what color be brief yes no a b c d e f g h "

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from alignlab.demo import run_demo
+from alignlab.cli.demo import run_demo
 
 
 def test_demo_offline_pipeline_learns_and_writes_table_and_plot(tiny_world, world_cache, tmp_path, capsys):

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from alignlab.errors import ConfigError
+from alignlab.core.errors import ConfigError
 from alignlab.losses.advantages import (
     ADVANTAGE_ESTIMATORS,
     AdaptiveKLController,

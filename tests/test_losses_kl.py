@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from alignlab.errors import ConfigError
+from alignlab.core.errors import ConfigError
 from alignlab.losses.kl import KL_ESTIMATORS, kl_k1, kl_k2, kl_k3, token_kl
 
 P = torch.tensor([0.5, 0.3, 0.2])

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from alignlab.errors import ConfigError
+from alignlab.core.errors import ConfigError
 from alignlab.losses.kl import kl_k3
 from alignlab.losses.policy import (
     LOSS_AGGREGATIONS,

@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from alignlab.errors import ConfigError
+from alignlab.core.errors import ConfigError
 from alignlab.losses.preference import (
     PREFERENCE_LOSSES,
     MissingInputError,

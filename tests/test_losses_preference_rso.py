@@ -2,7 +2,7 @@
 
 import torch
 
-from alignlab.losses.rso import build_pairs, statistical_rejection_sampling
+from alignlab.rewards.rso import build_pairs, statistical_rejection_sampling
 
 
 def test_seeded_and_distinct():

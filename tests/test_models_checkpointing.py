@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from alignlab.data.preference_batches import collate_groups
-from alignlab.errors import ConfigError
+from alignlab.core.errors import ConfigError
 from alignlab.models.checkpointing import checkpointing_enabled, enable_gradient_checkpointing
 from alignlab.models.prefix_sharing import completion_logprobs
 from tests.conftest import random_llama
@@ -45,10 +45,11 @@ def _losses(history, key="loss"):
 def test_trainers_take_gradient_checkpointing(world_cache, tmp_path):
     """``train.gradient_checkpointing`` reaches the preference trainer (still prefix sharing,
     the same loss curve as without), SFT and the online policy role."""
-    from alignlab.config import DataSection, TrainSection, WorldSection
-    from alignlab.trainers.online import RLSection, run_online
-    from alignlab.trainers.preference import PreferenceConfig, PreferenceSection, run_preference
-    from alignlab.trainers.sft import SFTConfig, run_sft
+    from alignlab.core.config import DataSection, TrainSection, WorldSection
+    from alignlab.algorithms.policy_gradient.config import RLSection
+    from alignlab.algorithms.policy_gradient.run import train_policy_gradient
+    from alignlab.algorithms.preference.trainer import PreferenceConfig, PreferenceSection, run_preference
+    from alignlab.algorithms.sft import SFTConfig, run_sft
     from tests.conftest import online_config
 
     def dpo(out, on):
@@ -73,5 +74,5 @@ def test_trainers_take_gradient_checkpointing(world_cache, tmp_path):
 
     cfg = online_config(world_cache, tmp_path / "grpo", RLSection(), steps=2)
     cfg.train.gradient_checkpointing = True
-    run = run_online(cfg, "grpo")
+    run = train_policy_gradient(cfg, "grpo")
     assert len(run.result.history) == 2 and checkpointing_enabled(run.model)

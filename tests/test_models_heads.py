@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-from alignlab.errors import ConfigError
+from alignlab.core.errors import ConfigError
 from alignlab.models.heads import (HEAD_CONFIG, HEAD_WEIGHTS, CausalLMWithScalarHead,
                                    load_reward_model, sequence_end_index)
 

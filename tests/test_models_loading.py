@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from alignlab.errors import ConfigError
+from alignlab.core.errors import ConfigError
 from alignlab.models import loading
 from alignlab.models.loading import (LoraSettings, load_model, load_reference_model,
                                      load_tokenizer)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from alignlab.errors import ConfigError
+from alignlab.core.errors import ConfigError
 from alignlab.models.logprobs import (chunked_logprobs, find_backbone_and_head,
                                       sequence_logprobs, token_logprobs)
 

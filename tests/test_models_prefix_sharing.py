@@ -182,7 +182,7 @@ def test_group_pass_grouped_query_heads_and_bf16():
     under bf16 autocast the one-pass values stay within bf16 rounding of the float32 ones."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from alignlab.utils.runtime import autocast
+    from alignlab.core.runtime import autocast
 
     torch.manual_seed(4)
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

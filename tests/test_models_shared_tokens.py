@@ -68,7 +68,7 @@ def test_falls_back_where_sharing_does_not_apply():
 def test_critic_values_by_prefix_sharing_equal_the_shifted_flat_values():
     from alignlab.models.heads import CausalLMWithScalarHead
     from alignlab.models.shared_tokens import shared_state_values
-    from alignlab.trainers.value_role import state_values
+    from alignlab.algorithms.policy_gradient.critic import state_values
 
     batch = _rl_batch(seed=4)
     critic = CausalLMWithScalarHead(random_llama(seed=5).float())

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from alignlab.errors import ConfigError, RewardError
+from alignlab.core.errors import ConfigError, RewardError
 from alignlab.rewards.registry import REWARDS, check_rewards, completion_text, get_reward, weighted_sum
 
 Q = "question : 12 + 7 = ? answer :"

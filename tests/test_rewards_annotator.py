@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from alignlab.errors import ConfigError
+from alignlab.core.errors import ConfigError
 from alignlab.rewards.annotator import SimulatedAnnotator
 
 

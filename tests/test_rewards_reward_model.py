@@ -9,13 +9,13 @@ import shutil
 import pytest
 import torch
 
-from alignlab.config import DataSection, TrainSection, WorldSection
-from alignlab.errors import ConfigError
+from alignlab.core.config import DataSection, TrainSection, WorldSection
+from alignlab.core.errors import ConfigError
 from alignlab.models.heads import CausalLMWithScalarHead
 from alignlab.rewards.registry import REWARDS, get_reward
 from alignlab.rewards.reward_model import (RewardEnsemble, aggregate_rewards, load_scorer,
                                            scored_completion)
-from alignlab.trainers.reward import RewardConfig, RewardSection, run_reward
+from alignlab.algorithms.reward_model.trainer import RewardConfig, RewardSection, run_reward
 from alignlab.world import language as lang
 from tests.conftest import random_llama
 
@@ -113,8 +113,9 @@ def test_a_trained_ensemble_is_an_rl_reward_aggregated_as_configured(tiny_world,
                                                                       tmp_path):
     from statistics import fmean, pstdev
 
-    from alignlab.trainers.online import RLSection, build_reward
-    from alignlab.trainers.reward import EnsembleSection
+    from alignlab.algorithms.policy_gradient.config import RLSection
+    from alignlab.algorithms.policy_gradient.run import build_reward
+    from alignlab.algorithms.reward_model.trainer import EnsembleSection
 
     cfg = RewardConfig(
         data=DataSection(source="world:positive", limit=64),
@@ -145,7 +146,8 @@ def test_a_trained_ensemble_is_an_rl_reward_aggregated_as_configured(tiny_world,
 
 
 def test_reward_model_params_are_checked_when_the_run_is_built(tmp_path):
-    from alignlab.trainers.online import RLSection, build_reward
+    from alignlab.algorithms.policy_gradient.config import RLSection
+    from alignlab.algorithms.policy_gradient.run import build_reward
 
     def build(**params):
         build_reward(RLSection(reward="reward_model", reward_params={"reward_model": params}), None)

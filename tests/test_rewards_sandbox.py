@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from alignlab.errors import ConfigError, RewardError
+from alignlab.core.errors import ConfigError, RewardError
 from alignlab.rewards.code import extract_program, same_output
 from alignlab.rewards.registry import REWARDS, get_reward
 from alignlab.rewards.sandbox import Limits, run_code
@@ -174,7 +174,7 @@ def test_worker_runs_a_registered_reward_by_name():
 
 
 def test_python_output_params_are_checked_when_the_reward_is_resolved():
-    from alignlab.trainers.reward_role import resolve_reward
+    from alignlab.rewards.scoring import resolve_reward
 
     with pytest.raises(ConfigError, match="rl.reward_params.python_output: sandbox timeout_s"):
         resolve_reward("python_output", params={"timeout_s": -1})

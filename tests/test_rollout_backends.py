@@ -10,7 +10,7 @@ import torch
 from conftest import random_llama
 from transformers import AutoModelForCausalLM
 
-from alignlab.errors import ConfigError
+from alignlab.core.errors import ConfigError
 from alignlab.rollout.backends import BuiltinBackend, RolloutBackend, VLLMBackend
 from alignlab.rollout.engine import SamplingParams, rollout
 from alignlab.rollout.sampling import sample

@@ -139,7 +139,7 @@ def test_model_mode_is_restored(model):
 
 
 def test_bad_inputs_name_the_field(model):
-    from alignlab.errors import ConfigError
+    from alignlab.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="top_p"):
         SamplingParams(top_p=0.0)

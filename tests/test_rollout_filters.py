@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from alignlab.errors import ConfigError
+from alignlab.core.errors import ConfigError
 from alignlab.rollout.engine import SamplingParams, sample_next
 from alignlab.rollout.filters import apply_temperature, min_p_filter, top_k_filter, top_p_filter
 

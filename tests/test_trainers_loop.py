@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 
-from alignlab.config import TrainSection
+from alignlab.core.config import TrainSection
 from alignlab.data.collate import pad_collate
-from alignlab.errors import NonFiniteError
-from alignlab.trainers.batches import EpochBatches
-from alignlab.trainers.checkpoint import latest_checkpoint
-from alignlab.trainers.loop import LossOutput, forward_backward, train
-from alignlab.trainers.sft import SFTObjective
+from alignlab.core.errors import NonFiniteError
+from alignlab.data.batches import EpochBatches
+from alignlab.engine.checkpoint import latest_checkpoint
+from alignlab.engine.loop import LossOutput, forward_backward, train
+from alignlab.engine.objectives import NLLObjective
 from tests.conftest import random_examples, random_llama
 
 CPU = torch.device("cpu")
@@ -27,10 +27,10 @@ def test_grad_accumulation_equals_large_batch():
     examples = random_examples(8, seed=1)
     k, b = 4, 2
     big = random_llama()
-    loss_big, n_big, _ = forward_backward(big, SFTObjective(), [pad_collate(examples, 0)], CPU)
+    loss_big, n_big, _ = forward_backward(big, NLLObjective(), [pad_collate(examples, 0)], CPU)
     small = random_llama()
     micro = [pad_collate(examples[i * b:(i + 1) * b], 0) for i in range(k)]
-    loss_small, n_small, _ = forward_backward(small, SFTObjective(), micro, CPU)
+    loss_small, n_small, _ = forward_backward(small, NLLObjective(), micro, CPU)
     assert n_big == n_small
     assert loss_small == pytest.approx(loss_big, abs=1e-5)
     g_big, g_small = _grads(big), _grads(small)
@@ -43,7 +43,7 @@ def test_averaging_micro_batch_means_would_differ():
     """Guards the test above: with uneven lengths, mean-of-means is not the large-batch loss."""
     examples = random_examples(8, seed=1)
     model = random_llama()
-    obj = SFTObjective()
+    obj = NLLObjective()
     with torch.no_grad():
         means = [obj.loss(model, pad_collate(examples[i:i + 2], 0)).loss_sum
                  / obj.num_items(pad_collate(examples[i:i + 2], 0)) for i in range(0, 8, 2)]
@@ -65,7 +65,7 @@ def _batches(seed=5):
 
 def test_kill_and_resume_gives_identical_weights(tmp_path):
     full = random_llama(seed=7)
-    train(full, SFTObjective(), _batches(), _cfg(tmp_path / "full"))
+    train(full, NLLObjective(), _batches(), _cfg(tmp_path / "full"))
 
     class Killed(Exception):
         pass
@@ -76,11 +76,11 @@ def test_kill_and_resume_gives_identical_weights(tmp_path):
 
     interrupted = random_llama(seed=7)
     with pytest.raises(Killed):
-        train(interrupted, SFTObjective(), _batches(), _cfg(tmp_path / "run"), on_step=kill)
+        train(interrupted, NLLObjective(), _batches(), _cfg(tmp_path / "run"), on_step=kill)
     assert latest_checkpoint(tmp_path / "run").name == "step-0000003"
 
     resumed = random_llama(seed=99)  # different init: every weight must come from the checkpoint
-    result = train(resumed, SFTObjective(), _batches(), _cfg(tmp_path / "run", resume=True))
+    result = train(resumed, NLLObjective(), _batches(), _cfg(tmp_path / "run", resume=True))
     assert result.step == 7
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
@@ -88,7 +88,7 @@ def test_kill_and_resume_gives_identical_weights(tmp_path):
 
 def test_resume_without_checkpoint_starts_fresh_and_logs(tmp_path):
     model = random_llama()
-    result = train(model, SFTObjective(), _batches(), _cfg(tmp_path, max_steps=4, resume=True))
+    result = train(model, NLLObjective(), _batches(), _cfg(tmp_path, max_steps=4, resume=True))
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2, 3, 4]
     assert all({"loss", "grad_norm", "lr"} <= x.keys() for x in lines)
@@ -107,7 +107,7 @@ class _NaNAfter:
 
     def loss(self, model, batch):
         self.calls += 1
-        value = SFTObjective().loss(model, batch).loss_sum
+        value = NLLObjective().loss(model, batch).loss_sum
         return LossOutput(value * float("nan") if self.calls > self.good else value)
 
 
@@ -124,4 +124,4 @@ def test_empty_loss_mask_is_an_error(tmp_path):
     examples = [{"input_ids": [1, 2, 3], "loss_mask": [0, 0, 0]}] * 4
     batches = EpochBatches(examples, 2, lambda ex: pad_collate(ex, 0))
     with pytest.raises(NonFiniteError, match="nothing to train on"):
-        train(random_llama(), SFTObjective(), batches, _cfg(tmp_path))
+        train(random_llama(), NLLObjective(), batches, _cfg(tmp_path))

@@ -10,9 +10,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from alignlab.models.logprobs import next_token_logits
 from alignlab.rollout.engine import SamplingParams, rollout
-from alignlab.trainers.loop import forward_backward
-from alignlab.trainers.nlpo import ActionMask, MaskedPolicyObjective, top_p_set
-from alignlab.trainers.online_roles import PolicyObjective
+from alignlab.engine.loop import forward_backward
+from alignlab.algorithms.policy_gradient.nlpo import ActionMask, MaskedPolicyObjective, top_p_set
+from alignlab.algorithms.policy_gradient.objective import PolicyObjective
 
 V = 64
 PROMPTS = [[5, 9, 3], [7, 2, 11, 4, 8, 30], [21], [14, 6, 40, 2]]

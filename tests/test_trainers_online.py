@@ -6,12 +6,14 @@ import json
 
 import pytest
 
-from alignlab.bench.evaluate import evaluate
-from alignlab.config import EvalSection, load_config
-from alignlab.errors import ConfigError, RewardError
+from alignlab.eval.evaluate import evaluate
+from alignlab.core.config import EvalSection, load_config
+from alignlab.core.errors import ConfigError, RewardError
 from alignlab.models.loading import load_model, load_tokenizer
-from alignlab.trainers.online import OnlineRLConfig, RLSection, RolloutSection, run_online
-from alignlab.trainers.registry import algorithms
+from alignlab.algorithms.policy_gradient.config import OnlineRLConfig, RLSection
+from alignlab.core.config import RolloutSection
+from alignlab.algorithms.policy_gradient.run import train_policy_gradient
+from alignlab.algorithms.registry import ALGORITHMS
 from tests.conftest import online_config
 
 EVAL = EvalSection(task="positive", n_prompts=32, samples_per_prompt=2, seed=11)
@@ -35,7 +37,7 @@ def gold_before(tiny_world):
                                               ("reinforce_pp", 0.15)])
 def test_algorithm_raises_gold_sentiment_on_positive(tiny_world, world_cache, tmp_path, gold_before,
                                                      algorithm, margin):
-    run = run_online(_cfg(world_cache, tmp_path), algorithm)
+    run = train_policy_gradient(_cfg(world_cache, tmp_path), algorithm)
     after = evaluate(run.model, run.tokenizer, tiny_world.task("positive"), EVAL)["metrics"]["gold_mean"]
     assert after > gold_before + margin, (algorithm, gold_before, after)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -49,7 +51,7 @@ def test_algorithm_raises_gold_sentiment_on_positive(tiny_world, world_cache, tm
 
 def test_grpo_variants_kl_loss_gspo_clip_higher_dynamic_sampling_run_and_log(
         world_cache, tmp_path):
-    run = run_online(_cfg(world_cache, tmp_path, steps=3, kl_coef=0.05, loss_aggregation="dr_grpo",
+    run = train_policy_gradient(_cfg(world_cache, tmp_path, steps=3, kl_coef=0.05, loss_aggregation="dr_grpo",
                           importance="sequence", clip_eps_low=3e-4, clip_eps_high=4e-4,
                           dynamic_sampling=True, epochs=2, minibatch_size=16, entropy=True),
                      "grpo")
@@ -63,7 +65,7 @@ def test_grpo_variants_kl_loss_gspo_clip_higher_dynamic_sampling_run_and_log(
 def test_dynamic_sampling_drops_zero_variance_groups_and_counts_them(world_cache, tmp_path):
     cfg = _cfg(world_cache, tmp_path, steps=2, reward="tests.test_trainers_online:constant_reward",
                dynamic_sampling=True)
-    run = run_online(cfg, "grpo")
+    run = train_policy_gradient(cfg, "grpo")
     assert [h["dropped_groups"] for h in run.result.history] == [8, 8]
     assert run.result.history[-1]["dropped_groups_total"] == 16
     assert all(h.get("update_skipped") == 1 for h in run.result.history)
@@ -74,7 +76,7 @@ def constant_reward(prompts, completions, **_):
 
 
 def test_config_errors_name_the_field(world_cache, tmp_path):
-    entry = algorithms().get("grpo")
+    entry = ALGORITHMS.get("grpo")
     yaml_file = tmp_path / "grpo.yaml"
     yaml_file.write_text("rl:\n  kl_coeff: 0.1\n")
     with pytest.raises(ConfigError, match=r"field 'rl.kl_coeff': unknown field; allowed fields: reward"):
@@ -86,14 +88,14 @@ def test_config_errors_name_the_field(world_cache, tmp_path):
     with pytest.raises(ConfigError, match=r"field 'rollout.n'"):
         load_config(entry.config_cls, None, ["rollout.n=0"])
     with pytest.raises(ConfigError, match="rollout.n: grpo compares the completions"):
-        run_online(_cfg(world_cache, tmp_path).model_copy(
+        train_policy_gradient(_cfg(world_cache, tmp_path).model_copy(
             update={"rollout": RolloutSection(n=1)}), "grpo")
     with pytest.raises(ConfigError, match="rl.reward"):
-        run_online(_cfg(world_cache, tmp_path, reward="no_such_reward"), "rloo")
+        train_policy_gradient(_cfg(world_cache, tmp_path, reward="no_such_reward"), "rloo")
 
 
 def test_every_rl_algorithm_is_registered_with_its_own_output_dir():
-    reg = algorithms()
+    reg = ALGORITHMS
     for name in ("grpo", "rloo", "remax", "reinforce_pp"):
         assert reg.get(name).config_cls().train.output_dir == f"runs/{name}"
 
@@ -106,23 +108,23 @@ def test_skip_policy_in_the_loop_counts_skipped_samples_and_still_trains(world_c
     cfg = _cfg(world_cache, tmp_path, steps=2, on_reward_error="skip",
                reward="tests.test_trainers_online:nan_on_first_reward")
     with pytest.warns(UserWarning, match="nan_on_first_reward"):
-        run = run_online(cfg, "rloo")
+        run = train_policy_gradient(cfg, "rloo")
     assert [h["reward_skipped"] for h in run.result.history] == [1, 1]
     assert all(h["optimizer_steps"] == 1 for h in run.result.history)
     cfg.rl.on_reward_error = "stop"
     with pytest.raises(RewardError, match="nan_on_first_reward"):
-        run_online(cfg, "rloo")
+        train_policy_gradient(cfg, "rloo")
 
 
 def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(world_cache, tmp_path):
     import torch
 
-    full = run_online(_cfg(world_cache, tmp_path / "a", steps=4, kl_coef=0.1), "grpo").model
+    full = train_policy_gradient(_cfg(world_cache, tmp_path / "a", steps=4, kl_coef=0.1), "grpo").model
     cfg = _cfg(world_cache, tmp_path / "b", steps=2, kl_coef=0.1)
     cfg.train.save_every = 2
-    run_online(cfg, "grpo")
+    train_policy_gradient(cfg, "grpo")
     cfg.train.max_steps, cfg.train.resume = 4, True
-    resumed = run_online(cfg, "grpo")
+    resumed = train_policy_gradient(cfg, "grpo")
     assert resumed.result.history[0]["step"] == 3
     for (name, a), b in zip(full.state_dict().items(), resumed.model.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)

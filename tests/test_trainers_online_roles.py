@@ -11,10 +11,12 @@ import pytest
 import torch
 from conftest import random_llama
 
-from alignlab.config import TrainSection
-from alignlab.errors import ConfigError, RewardError
-from alignlab.trainers.online_roles import PolicyObjective, PolicyRole, RolloutRole, Rollouts
-from alignlab.trainers.reward_role import RewardRole, resolve_reward
+from alignlab.core.config import TrainSection
+from alignlab.core.errors import ConfigError, RewardError
+from alignlab.algorithms.policy_gradient.objective import PolicyObjective
+from alignlab.engine.learner import Learner, rows_of
+from alignlab.rollout.role import RolloutRole, Rollouts
+from alignlab.rewards.scoring import RewardRole, resolve_reward
 
 PROMPTS = ["p one", "p two", "p three"]
 COMPLETIONS = ["good", "bad completion", "fine"]
@@ -144,11 +146,11 @@ def test_update_is_the_same_for_one_minibatch_of_16_and_four_micro_batches_of_4(
     for micro in (16, 4):
         model = random_llama(seed=3)
         obj = PolicyObjective("ppo_clip", aggregation, max_tokens=12)
-        role = PolicyRole(model, obj, cfg, minibatch_size=16, micro_batch_size=micro)
+        role = Learner(model, obj, cfg, minibatch_size=16, micro_batch_size=micro)
         # Plain SGD: the update is −lr·gradient, so equal updates mean equal gradients (Adam's
         # first step is ≈ lr·sign(g), which amplifies rounding on near-zero gradients).
         role.optimizer = torch.optim.SGD(role.params, lr=1.0)
-        metrics = role.update(copy.deepcopy(exp))
+        metrics = role.update(rows_of(copy.deepcopy(exp)))
         assert metrics["optimizer_steps"] == 1
         params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     changed = (params[0] - torch.cat([p.flatten() for p in random_llama(seed=3).parameters()])).abs().max()
@@ -158,6 +160,6 @@ def test_update_is_the_same_for_one_minibatch_of_16_and_four_micro_batches_of_4(
 
 def test_epochs_and_minibatches_give_one_optimizer_step_each():
     exp = _experience()
-    role = PolicyRole(random_llama(), PolicyObjective(), TrainSection(device="cpu"), epochs=2,
+    role = Learner(random_llama(), PolicyObjective(), TrainSection(device="cpu"), epochs=2,
                       minibatch_size=8, micro_batch_size=4)
-    assert role.update(exp)["optimizer_steps"] == 4 and role.updates == 4
+    assert role.update(rows_of(exp))["optimizer_steps"] == 4 and role.updates == 4

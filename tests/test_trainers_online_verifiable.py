@@ -19,12 +19,14 @@ import json
 
 import pytest
 
-from alignlab.bench.evaluate import evaluate
-from alignlab.config import DataSection, EvalSection, ModelSection, TrainSection, WorldSection
+from alignlab.eval.evaluate import evaluate
+from alignlab.core.config import DataSection, EvalSection, ModelSection, TrainSection, WorldSection
 from alignlab.models.loading import load_model, load_tokenizer
-from alignlab.trainers.online import OnlineRLConfig, RLSection, RolloutSection, run_online
-from alignlab.trainers.ppo import NLPORLSection, PPORLSection
-from alignlab.trainers.sft import SFTConfig, run_sft
+from alignlab.algorithms.policy_gradient.config import OnlineRLConfig, RLSection
+from alignlab.core.config import RolloutSection
+from alignlab.algorithms.policy_gradient.run import train_policy_gradient
+from alignlab.algorithms.policy_gradient.config import NLPORLSection, PPORLSection
+from alignlab.algorithms.sft import SFTConfig, run_sft
 
 POOL = 64
 EVAL = EvalSection(task="arithmetic", n_prompts=POOL, samples_per_prompt=4, seed=11, max_new_tokens=4)
@@ -89,6 +91,6 @@ def test_algorithm_raises_gold_accuracy_on_arithmetic(arith_sft, world_cache, tm
                                                       algorithm, margin):
     _, _, pool_task, before = arith_sft
     assert 0.1 < before < 0.45, before  # a non-trivial start: RL has successes to reinforce
-    run = run_online(_cfg(arith_sft, world_cache, tmp_path, algorithm), algorithm)
+    run = train_policy_gradient(_cfg(arith_sft, world_cache, tmp_path, algorithm), algorithm)
     after = evaluate(run.model, run.tokenizer, pool_task, EVAL)["metrics"]["gold_mean"]
     assert after > before + margin, (algorithm, before, after)

@@ -6,19 +6,21 @@ import pytest
 import torch
 from tests.conftest import online_config, random_examples, random_llama
 
-from alignlab.bench.evaluate import evaluate
-from alignlab.config import EvalSection, load_config
+from alignlab.eval.evaluate import evaluate
+from alignlab.core.config import EvalSection, load_config
 from alignlab.data.collate import pad_collate
-from alignlab.errors import ConfigError
+from alignlab.core.errors import ConfigError
 from alignlab.losses.advantages import whiten
 from alignlab.losses.policy import reinforce
 from alignlab.models.loading import load_model, load_tokenizer
 from alignlab.models.logprobs import token_logprobs
-from alignlab.trainers.loop import forward_backward
-from alignlab.trainers.online import OnlineRLConfig, run_online
-from alignlab.trainers.online_roles import PolicyObjective
-from alignlab.trainers.ppo import NLPORLSection, PPORLSection, ppo_advantages
-from alignlab.trainers.registry import algorithms
+from alignlab.engine.loop import forward_backward
+from alignlab.algorithms.policy_gradient.config import OnlineRLConfig
+from alignlab.algorithms.policy_gradient.run import train_policy_gradient
+from alignlab.algorithms.policy_gradient.objective import PolicyObjective
+from alignlab.algorithms.policy_gradient.config import NLPORLSection, PPORLSection
+from alignlab.algorithms.policy_gradient.ppo import ppo_advantages
+from alignlab.algorithms.registry import ALGORITHMS
 
 EVAL = EvalSection(task="positive", n_prompts=32, samples_per_prompt=2, seed=11)
 
@@ -33,7 +35,7 @@ def _cfg(world_cache, tmp_path, algorithm="ppo", steps=10, **rl) -> OnlineRLConf
 
 
 def test_ppo_and_nlpo_configs_validate_and_errors_name_the_field(tmp_path):
-    reg = algorithms()
+    reg = ALGORITHMS
     ppo, nlpo = reg.get("ppo").config_cls, reg.get("nlpo").config_cls
     cfg = load_config(ppo, None, ["rl.kl_controller=adaptive", "rl.kl_coef=0.1",
                                   "rl.gae_lambda=0.9", "rl.value_clip_eps=null"])
@@ -115,7 +117,7 @@ def gold_before(tiny_world):
 @pytest.mark.parametrize("algorithm", ["ppo", "nlpo"])
 def test_ppo_and_nlpo_raise_gold_sentiment_on_positive(tiny_world, world_cache, tmp_path,
                                                        gold_before, algorithm):
-    run = run_online(_cfg(world_cache, tmp_path, algorithm), algorithm)
+    run = train_policy_gradient(_cfg(world_cache, tmp_path, algorithm), algorithm)
     after = evaluate(run.model, run.tokenizer, tiny_world.task("positive"),
                      EVAL)["metrics"]["gold_mean"]
     assert after > gold_before + 0.4, (algorithm, gold_before, after)
@@ -135,12 +137,12 @@ def test_resume_restores_critic_kl_controller_and_action_mask(world_cache, tmp_p
               nlpo_update_every=2)
     cfg_full = _cfg(world_cache, tmp_path / "a", "nlpo", steps=4, **rl)
     cfg_full.train.save_every = 4
-    full = run_online(cfg_full, "nlpo")
+    full = train_policy_gradient(cfg_full, "nlpo")
     cfg = _cfg(world_cache, tmp_path / "b", "nlpo", steps=2, **rl)
     cfg.train.save_every = 2
-    run_online(cfg, "nlpo")
+    train_policy_gradient(cfg, "nlpo")
     cfg.train.max_steps, cfg.train.resume = 4, True
-    resumed = run_online(cfg, "nlpo")
+    resumed = train_policy_gradient(cfg, "nlpo")
     assert resumed.result.history[0]["step"] == 3
     betas = [h["kl_coef"] for h in full.result.history]
     assert betas[0] == 0.1 and betas[-1] > betas[0]  # KL above target: β grows
@@ -151,7 +153,7 @@ def test_resume_restores_critic_kl_controller_and_action_mask(world_cache, tmp_p
     for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
     a, b = (torch.load(tmp_path / d / "checkpoints" / "step-0000004" / "trainer_state.pt",
-                       weights_only=True)["ppo"] for d in ("a", "b"))
+                       weights_only=True)["algorithm"] for d in ("a", "b"))
     assert a["kl_controller"] == pytest.approx(b["kl_controller"])
     for part in ("critic", "action_mask"):
         for name, tensor in a[part]["weights"].items():
@@ -163,7 +165,7 @@ def test_resume_restores_critic_kl_controller_and_action_mask(world_cache, tmp_p
 def test_ppo_advantages_credit_token_rewards_where_they_occur():
     """γ = λ = 1, zero values: the return at t is the sum of the rewards from t on; a dense
     component (already inside the score) sits at its token, the rest of the score at the last."""
-    from alignlab.trainers.ppo import ppo_advantages
+    from alignlab.algorithms.policy_gradient.ppo import ppo_advantages
 
     mask = torch.tensor([[0, 1, 1, 1]])
     token = torch.tensor([[0.0, 0.5, 0.0, 0.25]])

@@ -7,15 +7,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alignlab.bench.evaluate import evaluate
-from alignlab.config import (DataSection, EvalSection, TrainSection, WorldSection, load_config)
+from alignlab.eval.evaluate import evaluate
+from alignlab.core.config import (DataSection, EvalSection, TrainSection, WorldSection, load_config)
 from alignlab.data.preference_batches import add_kl_completions, collate_groups
-from alignlab.errors import ConfigError
+from alignlab.core.errors import ConfigError
 from alignlab.losses.preference import PREFERENCE_LOSSES, PreferenceInputs
-from alignlab.trainers.preference import (PreferenceConfig, PreferenceObjective, PreferenceSection,
+from alignlab.algorithms.preference.trainer import (PreferenceConfig, PreferenceObjective, PreferenceSection,
                                           plan_losses, run_preference)
-from alignlab.trainers.preference_bench import implicit_reward_accuracy, sample_kl
-from alignlab.trainers.registry import algorithms
+from alignlab.algorithms.preference.heldout import implicit_reward_accuracy
+from alignlab.eval.preference_bench import sample_kl
+from alignlab.algorithms.registry import ALGORITHMS
 from tests.conftest import heldout_pairs, random_llama
 
 EVAL = EvalSection(n_prompts=48, samples_per_prompt=2, seed=11)
@@ -133,7 +134,7 @@ def test_data_format_must_match_the_loss_kind(world_cache, tmp_path):
 
 
 def test_aliases_set_the_loss_and_read_yaml(tmp_path):
-    registry = algorithms()
+    registry = ALGORITHMS
     for name in ("preference", "dpo", "ipo", "simpo", "orpo", "kto"):
         assert name in registry.names()
     assert registry.get("kto").config_cls().preference.loss == "kto"

@@ -11,17 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from alignlab.config import DataSection, TrainSection, WorldSection, load_config
+from alignlab.core.config import DataSection, TrainSection, WorldSection, load_config
 from alignlab.data.preference_batches import collate_groups
-from alignlab.errors import ConfigError, DataError
+from alignlab.core.errors import ConfigError, DataError
 from alignlab.losses.preference import PREFERENCE_LOSSES, PreferenceInputs
 from alignlab.models.loading import load_model
 from alignlab.models.prefix_sharing import completion_logprobs
-from alignlab.trainers.preference import (PreferenceConfig, PreferenceObjective, PreferenceSection,
+from alignlab.algorithms.preference.trainer import (PreferenceConfig, PreferenceObjective, PreferenceSection,
                                           plan_losses, run_preference)
-from alignlab.trainers.preference_bench import implicit_reward_accuracy
-from alignlab.trainers.preference_inputs import GroupWeights
-from alignlab.trainers.reference import CACHE_FILE
+from alignlab.algorithms.preference.heldout import implicit_reward_accuracy
+from alignlab.algorithms.preference.inputs import GroupWeights
+from alignlab.algorithms.preference.reference import CACHE_FILE
 from tests.conftest import heldout_pairs, random_llama
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from safetensors.torch import load_file
 
-from alignlab.config import DataSection, TrainSection, WorldSection
+from alignlab.core.config import DataSection, TrainSection, WorldSection
 from alignlab.data.collate import join_prompt_completion, pad_collate
 from alignlab.models.loading import load_model
 from alignlab.models.logprobs import sequence_logprobs, token_logprobs
-from alignlab.trainers.preference import PreferenceConfig, PreferenceSection, run_preference
-from alignlab.trainers.reference import (CACHE_FILE, attach_reference_logps, compute_reference_logps,
+from alignlab.algorithms.preference.trainer import PreferenceConfig, PreferenceSection, run_preference
+from alignlab.algorithms.preference.reference import (CACHE_FILE, attach_reference_logps, compute_reference_logps,
                                          load_reference_cache)
 from tests.conftest import random_llama
 

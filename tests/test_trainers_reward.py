@@ -7,12 +7,12 @@ import random
 
 import pytest
 
-from alignlab.bench.calibration import evaluate_reward_model
-from alignlab.config import DataSection, TrainSection, WorldSection, load_config
-from alignlab.errors import ConfigError, DataError
+from alignlab.algorithms.reward_model.evaluate import evaluate_reward_model
+from alignlab.core.config import DataSection, TrainSection, WorldSection, load_config
+from alignlab.core.errors import ConfigError, DataError
 from alignlab.rewards.reward_model import RewardEnsemble
-from alignlab.trainers.registry import algorithms
-from alignlab.trainers.reward import (EnsembleSection, RewardConfig, RewardSection, init_model,
+from alignlab.algorithms.registry import ALGORITHMS
+from alignlab.algorithms.reward_model.trainer import (EnsembleSection, RewardConfig, RewardSection, init_model,
                                       load_examples, run_reward, split_examples)
 from alignlab.world import language as lang
 
@@ -46,7 +46,7 @@ def _jsonl(path, rows) -> str:
 def test_bradley_terry_reaches_held_out_accuracy(tiny_world, world_cache, tmp_path):
     cfg = _cfg(world_cache, tmp_path, eval_every=15)
     from alignlab.models.loading import load_tokenizer
-    from alignlab.trainers.common import resolve_model_path
+    from alignlab.world.resolve import resolve_model_path
 
     path = resolve_model_path(cfg.model.name_or_path, cfg.world)
     examples, pad_id, fmt = load_examples(cfg, load_tokenizer(path))
@@ -136,8 +136,9 @@ def test_packed_equals_padded_and_accumulation_is_exact(fmt, loss):
     import torch
 
     from alignlab.models.heads import CausalLMWithScalarHead
-    from alignlab.trainers.loop import forward_backward
-    from alignlab.trainers.reward import RewardObjective, collate
+    from alignlab.engine.loop import forward_backward
+    from alignlab.algorithms.reward_model.batches import collate
+    from alignlab.algorithms.reward_model.trainer import RewardObjective
     from tests.conftest import random_llama
 
     model = CausalLMWithScalarHead(random_llama(), num_heads=2)
@@ -187,4 +188,4 @@ def test_config_rejects_unknown_loss_and_is_registered(tmp_path):
     bad.write_text("reward:\n  loss: hinge\n")
     with pytest.raises(ConfigError, match=r"field 'reward.loss'.*allowed values: bradley_terry"):
         load_config(RewardConfig, bad)
-    assert algorithms().get("reward").config_cls is RewardConfig
+    assert ALGORITHMS.get("reward").config_cls is RewardConfig

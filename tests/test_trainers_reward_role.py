@@ -10,15 +10,17 @@ import time
 import pytest
 import torch
 
-from alignlab.config import TrainSection, WorldSection, load_config
-from alignlab.errors import ConfigError, RewardError
+from alignlab.core.config import TrainSection, WorldSection, load_config
+from alignlab.core.errors import ConfigError, RewardError
 from alignlab.losses.advantages import ADVANTAGE_ESTIMATORS, kl_shaped_rewards
 from alignlab.rewards import RewardValues
-from alignlab.trainers import online
-from alignlab.trainers.online import (OnlineRLConfig, RLSection, RolloutSection, build_reward,
-                                      compute_advantages, run_online)
-from alignlab.trainers.reward_role import RewardRole, resolve_reward, token_reward_tensor
-from alignlab.trainers.rl_algorithms import RL_ALGORITHMS
+from alignlab.algorithms.policy_gradient import algorithm as pg_algorithm
+from alignlab.algorithms.policy_gradient.config import OnlineRLConfig, RLSection
+from alignlab.core.config import RolloutSection
+from alignlab.algorithms.policy_gradient.algorithm import estimator_advantages
+from alignlab.algorithms.policy_gradient.run import build_reward, train_policy_gradient
+from alignlab.rewards.scoring import RewardRole, resolve_reward, token_reward_tensor
+from alignlab.algorithms.policy_gradient.spec import RL_ALGORITHMS
 
 PROMPTS, COMPLETIONS = ["p one", "p two"], ["a b", "c"]
 
@@ -154,6 +156,15 @@ def test_token_rewards_land_on_the_completion_tokens_not_the_prompt_or_the_eos()
         token_reward_tensor([[1.0], [1.0, 2.0]], mask)
 
 
+def compute_advantages(spec, cfg, exp, scores, group_ids, baseline, token_rewards=None):
+    exp = {**exp, "scores": scores, "group_ids": group_ids}
+    if baseline is not None:
+        exp["baseline_scores"] = baseline
+    if token_rewards is not None:
+        exp["token_rewards"] = token_rewards
+    return estimator_advantages(spec, cfg.rl, exp)
+
+
 def _exp() -> dict[str, torch.Tensor]:
     # Row 0: one prompt token, two completion tokens, the eos. Row 1: three completion tokens.
     return {"loss_mask": torch.tensor([[0, 1, 1, 1], [1, 1, 1, 0]])}
@@ -205,13 +216,13 @@ def test_sequence_estimators_see_the_summed_score_and_kl_shaping_keeps_the_token
 def test_a_per_token_reward_reaches_the_estimator_in_a_training_run(world_cache, tmp_path,
                                                                      monkeypatch):
     seen = []
-    real = online.compute_advantages
+    real = pg_algorithm.estimator_advantages
 
-    def spy(alg, cfg, exp, scores, group_ids, baseline, token_rewards=None):
-        seen.append((exp["loss_mask"].clone(), scores.clone(), token_rewards))
-        return real(alg, cfg, exp, scores, group_ids, baseline, token_rewards)
+    def spy(spec, rl, exp):
+        seen.append((exp["loss_mask"].clone(), exp["scores"].clone(), exp.get("token_rewards")))
+        return real(spec, rl, exp)
 
-    monkeypatch.setattr(online, "compute_advantages", spy)
+    monkeypatch.setattr(pg_algorithm, "estimator_advantages", spy)
     cfg = OnlineRLConfig(
         world=WorldSection(preset="tiny", cache_dir=world_cache),
         train=TrainSection(output_dir=str(tmp_path), max_steps=1, batch_size=16, progress=False,
@@ -219,7 +230,7 @@ def test_a_per_token_reward_reaches_the_estimator_in_a_training_run(world_cache,
         rollout=RolloutSection(prompts="world:positive", prompts_per_step=2, n=2,
                                max_new_tokens=8),
         rl=RLSection(reward="tests.test_trainers_reward_role:per_token_len"))
-    run = run_online(cfg, "reinforce_pp")
+    run = train_policy_gradient(cfg, "reinforce_pp")
     (mask, scores, token_rewards), = seen
     # 0.1 on each sampled token (not the prompt, not the appended eos), summed into the score.
     assert (token_rewards[mask == 0] == 0).all()

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alignlab.bench.evaluate import evaluate
-from alignlab.config import DataSection, EvalSection, ModelSection, TrainSection, WorldSection
+from alignlab.eval.evaluate import evaluate
+from alignlab.core.config import DataSection, EvalSection, ModelSection, TrainSection, WorldSection
 from alignlab.models.loading import load_model, load_tokenizer
-from alignlab.trainers.sft import SFTConfig, run_sft
+from alignlab.algorithms.sft import SFTConfig, run_sft
 
 EVAL = EvalSection(n_prompts=48, samples_per_prompt=2, seed=11)
 
@@ -38,7 +38,7 @@ def test_sft_on_positive_demonstrations_raises_gold_sentiment(tiny_world, world_
 
 
 def test_full_sequence_loss_trains_on_prompt_tokens_too(tiny_world, world_cache, tmp_path):
-    from alignlab.trainers.common import load_training_rows
+    from alignlab.algorithms.common import load_training_rows
 
     cfg = _cfg(tiny_world, world_cache, tmp_path, completion_only_loss=False)
     tok = load_tokenizer(str(tiny_world.base_dir))
@@ -50,7 +50,7 @@ def test_full_sequence_loss_trains_on_prompt_tokens_too(tiny_world, world_cache,
 
 
 def test_sft_with_lora_trains_adapters_and_saves_a_merged_model(tiny_world, world_cache, tmp_path):
-    from alignlab.config import LoraSettings
+    from alignlab.core.config import LoraSettings
 
     cfg = _cfg(tiny_world, world_cache, tmp_path)
     cfg.model.lora = LoraSettings(r=4, alpha=8)

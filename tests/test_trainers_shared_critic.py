@@ -8,12 +8,12 @@ from tests.conftest import online_config, random_llama
 from tests.test_models_shared_tokens import _rl_batch
 from tests.test_trainers_ppo import EVAL
 
-from alignlab.bench.evaluate import evaluate
-from alignlab.errors import ConfigError
+from alignlab.eval.evaluate import evaluate
+from alignlab.core.errors import ConfigError
 from alignlab.models.logprobs import token_logprobs
-from alignlab.trainers.online import run_online
-from alignlab.trainers.ppo import NLPORLSection, PPORLSection
-from alignlab.trainers.shared_critic import logprobs_and_values, value_head_for
+from alignlab.algorithms.policy_gradient.run import train_policy_gradient
+from alignlab.algorithms.policy_gradient.config import NLPORLSection, PPORLSection
+from alignlab.algorithms.policy_gradient.shared_critic import logprobs_and_values, value_head_for
 
 
 @pytest.mark.parametrize("prefix_sharing", [False, True])
@@ -48,21 +48,21 @@ def test_shared_critic_ppo_learns_fits_values_and_checkpoints_the_head(tiny_worl
         epochs=2, minibatch_size=16, critic="shared", critic_lr=1e-2), steps=10)
     cfg.train.save_every = 10
     before = 0.057  # the tiny base's gold on these eval samples (test_trainers_ppo.gold_before)
-    run = run_online(cfg, "ppo")
+    run = train_policy_gradient(cfg, "ppo")
     after = evaluate(run.model, run.tokenizer, tiny_world.task("positive"), EVAL)["metrics"]["gold_mean"]
     assert after > before + 0.4, after
     history = run.result.history
     assert "critic_loss" not in history[-1] and history[-1]["optimizer_steps"] == 4
     assert history[-1]["value_loss"] < 0.7 * history[0]["value_loss"]
     state = torch.load(tmp_path / "checkpoints" / "step-0000010" / "trainer_state.pt",
-                       weights_only=True)["ppo"]["critic"]
+                       weights_only=True)["algorithm"]["critic"]
     assert state["value_head"]["weight"].abs().sum() > 0
 
 
 def test_shared_critic_is_refused_for_nlpo(world_cache, tmp_path):
     cfg = online_config(world_cache, tmp_path, NLPORLSection(critic="shared"), steps=1)
     with pytest.raises(ConfigError, match="rl.critic"):
-        run_online(cfg, "nlpo")
+        train_policy_gradient(cfg, "nlpo")
 
 
 def test_shared_critic_resumes_exactly(world_cache, tmp_path):
@@ -73,15 +73,15 @@ def test_shared_critic_resumes_exactly(world_cache, tmp_path):
         c.train.save_every = 2
         return c
 
-    full = run_online(cfg(tmp_path / "a", 4), "ppo")
+    full = train_policy_gradient(cfg(tmp_path / "a", 4), "ppo")
     part = cfg(tmp_path / "b", 2)
-    run_online(part, "ppo")
+    train_policy_gradient(part, "ppo")
     part.train.max_steps, part.train.resume = 4, True
-    resumed = run_online(part, "ppo")
+    resumed = train_policy_gradient(part, "ppo")
     for a, b in zip(full.result.history[2:], resumed.result.history):
         assert a["value_loss"] == pytest.approx(b["value_loss"], rel=1e-5, abs=1e-7)
     for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
     a, b = (torch.load(tmp_path / d / "checkpoints" / "step-0000004" / "trainer_state.pt",
-                       weights_only=True)["ppo"]["critic"]["value_head"] for d in ("a", "b"))
+                       weights_only=True)["algorithm"]["critic"]["value_head"] for d in ("a", "b"))
     torch.testing.assert_close(a["weight"], b["weight"])

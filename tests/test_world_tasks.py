@@ -4,7 +4,7 @@ import statistics
 
 import pytest
 
-from alignlab.errors import ConfigError
+from alignlab.core.errors import ConfigError
 from alignlab.world import language as lang
 from alignlab.world.tasks import TASKS, make_task
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from alignlab.errors import ConfigError
+from alignlab.core.errors import ConfigError
 
 _SEQUENCE_KEYS = ("input_ids", "loss_mask")
 

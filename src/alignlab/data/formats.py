@@ -38,8 +38,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from alignlab.errors import DataError
-from alignlab.registry import Registry
+from alignlab.core.errors import DataError
+from alignlab.core.registry import Registry
 
 ROLES = ("system", "user", "assistant")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from alignlab.data.formats import FORMATS, check_format_columns, detect_format, validate_row
-from alignlab.errors import ConfigError, DataError
+from alignlab.core.errors import ConfigError, DataError
 
 _JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 _PARQUET_SUFFIXES = (".parquet", ".pq")

@@ -12,8 +12,6 @@ then all slot-1, ...), so a paired batch splits with ``[:B]`` / ``[B:]`` as in
 - ``flat``/``packed``: each completion joined to its prompt, padded ``[N, T]`` or packed
   ``[1, ΣT]`` (the plain path through ``token_logprobs``).
 
-:func:`world_preference_rows` builds oracle rows from the world's review grammar (chosen =
-an all-positive completion, rejected = an all-negative one for the same prompt).
 """
 
 from __future__ import annotations
@@ -25,8 +23,8 @@ from typing import Any
 import torch
 
 from alignlab.data.collate import join_prompt_completion, pack_collate, pad_collate
-from alignlab.data.preference_columns import add_column_fields, world_column_rows
-from alignlab.errors import ConfigError
+from alignlab.data.preference_columns import add_column_fields
+from alignlab.core.errors import ConfigError
 
 KIND_FORMATS = {"paired": "preference", "unpaired": "unpaired", "listwise": "ranked"}
 KL_KEY = "kl_completion_ids"
@@ -117,41 +115,3 @@ def _add_row_fields(batch: dict[str, Any], examples: Sequence[dict[str, Any]], k
             scores[b, :len(e["scores"])] = torch.tensor(e["scores"], dtype=torch.float32)
         batch["scores"] = scores
     add_column_fields(batch, examples)
-
-
-def world_preference_rows(task: Any, fmt: str, n: int, seed: int = 0, list_size: int = 4,
-                          columns: set[str] | frozenset[str] = frozenset()) -> list[dict[str, Any]]:
-    """``n`` oracle rows of ``fmt`` on the task's train prompts (review tasks only).
-
-    ``preference``: chosen all-positive (p=1), rejected all-negative (p=0); ``unpaired``: one
-    completion, positive or negative with equal odds, labelled by it; ``ranked``: ``list_size``
-    completions at evenly spaced positivity p, scored by p. ``columns`` (``tie``, ``group``,
-    ``reward``) asks for rows that carry them (:func:`~alignlab.data.preference_columns.world_column_rows`)."""
-    from alignlab.world import language as lang
-
-    by_text = {p.text: p for p in lang.all_review_prefixes()}
-    prefixes = [by_text[t] for t in task.train_prompts if t in by_text]
-    if not prefixes:
-        raise ConfigError(f"data.source world:{task.name}: preference rows can be built only for "
-                          "review tasks (positive, positive_short)")
-    rng = random.Random(seed)
-    if columns:
-        return world_column_rows(task, prefixes, fmt, n, rng, set(columns))
-    rows = []
-    for _ in range(n):
-        prefix = rng.choice(prefixes)
-        if fmt == "preference":
-            rows.append({"prompt": prefix.text, "chosen": lang.complete_review(rng, prefix, 1.0),
-                         "rejected": lang.complete_review(rng, prefix, 0.0)})
-        elif fmt == "unpaired":
-            good = rng.random() < 0.5
-            rows.append({"prompt": prefix.text, "label": good,
-                         "completion": lang.complete_review(rng, prefix, 1.0 if good else 0.0)})
-        elif fmt == "ranked":
-            ps = [1.0 - i / (list_size - 1) for i in range(list_size)]
-            rows.append({"prompt": prefix.text, "scores": ps,
-                         "completions": [lang.complete_review(rng, prefix, p) for p in ps]})
-        else:
-            raise ConfigError(f"data.format: world rows exist for preference, unpaired and "
-                              f"ranked, not {fmt!r}")
-    return rows

@@ -18,7 +18,6 @@ Reference extras set by the trainer (``trainers/preference_inputs.py``), both pe
 
 from __future__ import annotations
 
-import random
 import statistics
 from collections import defaultdict
 from collections.abc import Sequence
@@ -27,7 +26,7 @@ from typing import Any
 import torch
 
 from alignlab.data.loading import RowSet
-from alignlab.errors import ConfigError
+from alignlab.core.errors import ConfigError
 
 # The data column behind each PreferenceInputs field that comes from the rows.
 INPUT_COLUMNS = {"labels": "label", "margin": "margin", "ties": "tie", "groups": "group",
@@ -128,45 +127,5 @@ def add_column_fields(batch: dict[str, Any], examples: Sequence[dict[str, Any]])
         batch["ref_token_logps"] = out
 
 
-def world_column_rows(task: Any, prefixes: list[Any], fmt: str, n: int, rng: random.Random,
-                      columns: set[str]) -> list[dict[str, Any]]:
-    """Oracle rows carrying ``columns`` on the world's review prompts (see
-    :func:`alignlab.data.preference_batches.world_preference_rows`).
-
-    ``group``: a quarter of the pairs form the ``hard`` group (chosen at positivity 0.75,
-    rejected at 0.25, so some pairs are mislabelled), the rest ``easy`` (1 vs 0); ``tie``: a
-    quarter of the pairs are two completions of the same sentiment (both positive or both
-    negative); ``reward`` (unpaired): a completion at positivity 0, ¼, ½, ¾ or 1 with the task's
-    gold reward (and ``label`` = reward > 0)."""
-    from alignlab.world import language as lang
-
-    rows = []
-    for _ in range(n):
-        prefix = rng.choice(prefixes)
-        if fmt == "unpaired":
-            completion = lang.complete_review(rng, prefix, rng.choice([0.0, 0.25, 0.5, 0.75, 1.0]))
-            rows.append({"prompt": prefix.text, "completion": completion})
-            continue
-        row: dict[str, Any] = {"prompt": prefix.text}
-        p_chosen, p_rejected = 1.0, 0.0
-        if "group" in columns:
-            hard = rng.random() < 0.25
-            row["group"] = "hard" if hard else "easy"
-            p_chosen, p_rejected = (0.75, 0.25) if hard else (1.0, 0.0)
-        if "tie" in columns:
-            row["tie"] = rng.random() < 0.25
-            if row["tie"]:
-                p_chosen = p_rejected = rng.choice([0.0, 1.0])
-        row["chosen"] = lang.complete_review(rng, prefix, p_chosen)
-        row["rejected"] = lang.complete_review(rng, prefix, p_rejected)
-        rows.append(row)
-    if fmt == "unpaired":
-        gold = task.gold([r["prompt"] for r in rows], [r["completion"] for r in rows])
-        for row, g in zip(rows, gold):
-            row["reward"], row["label"] = float(g), g > 0
-    return rows
-
-
 __all__ = ["INPUT_COLUMNS", "ROW_DEFAULTS", "VALUE_BASELINES", "add_column_fields",
-           "assign_group_ids", "attach_values", "check_columns", "fill_defaults",
-           "world_column_rows"]
+           "assign_group_ids", "attach_values", "check_columns", "fill_defaults"]

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from alignlab.data.loading import RowSet
-from alignlab.errors import ConfigError
+from alignlab.core.errors import ConfigError
 
 TRUNCATION_POLICIES = ("keep_end_of_prompt", "truncate_completion", "drop")
 

@@ -20,9 +20,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from alignlab.errors import ConfigError
+from alignlab.core.errors import ConfigError
 from alignlab.losses.kl import token_kl
-from alignlab.registry import Registry
+from alignlab.core.registry import Registry
 
 ADVANTAGE_ESTIMATORS: Registry = Registry("advantage estimator")
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from alignlab.registry import Registry
+from alignlab.core.registry import Registry
 
 KL_ESTIMATORS: Registry = Registry("KL estimator")
 

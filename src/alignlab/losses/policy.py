@@ -20,10 +20,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from alignlab.errors import ConfigError
+from alignlab.core.errors import ConfigError
 from alignlab.losses.advantages import masked_mean
 from alignlab.losses.kl import LOG_RATIO_CLAMP, token_kl
-from alignlab.registry import Registry
+from alignlab.core.registry import Registry
 
 POLICY_LOSSES: Registry = Registry("policy loss")
 LOSS_AGGREGATIONS: Registry = Registry("loss aggregation")

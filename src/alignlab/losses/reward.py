@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from alignlab.errors import ConfigError
-from alignlab.registry import Registry
+from alignlab.core.errors import ConfigError
+from alignlab.core.registry import Registry
 
 REWARD_MODEL_LOSSES: Registry = Registry("reward-model loss")
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from alignlab.losses.advantages import masked_mean, masked_var
-from alignlab.registry import Registry
+from alignlab.core.registry import Registry
 
 VALUE_LOSSES: Registry = Registry("value loss")
 

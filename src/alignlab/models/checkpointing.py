@@ -21,7 +21,7 @@ from typing import Any, Callable, ContextManager, Iterator
 
 from torch import nn
 
-from alignlab.errors import ConfigError
+from alignlab.core.errors import ConfigError
 
 Factory = Callable[[], ContextManager[Any]]
 _ACTIVE: ContextVar[tuple[Factory, ...]] = ContextVar("alignlab_recompute_contexts", default=())

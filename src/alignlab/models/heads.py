@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from alignlab.errors import ConfigError
+from alignlab.core.errors import ConfigError
 from alignlab.models.loading import model_load_kwargs, freeze, from_pretrained_checked
 from alignlab.models.logprobs import decoder_hidden, find_decoder
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from alignlab.errors import ConfigError
+from alignlab.core.errors import ConfigError
 
 DTYPES: dict[str, torch.dtype | str] = {
     "auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,

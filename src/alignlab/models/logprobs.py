@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from alignlab.errors import ConfigError
+from alignlab.core.errors import ConfigError
 
 # Config fields that mean the model transforms ``hidden @ W.T`` before the softmax.
 _LOGIT_POSTPROCESSING_FIELDS = (

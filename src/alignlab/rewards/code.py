@@ -8,7 +8,7 @@ import textwrap
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
-from alignlab.errors import ConfigError, RewardError
+from alignlab.core.errors import ConfigError, RewardError
 from alignlab.rewards import RewardValues
 from alignlab.rewards.registry import REWARDS, completion_text
 from alignlab.rewards.sandbox import Limits, SandboxResult, run_code

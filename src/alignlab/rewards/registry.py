@@ -31,20 +31,26 @@ import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 
-from alignlab.errors import ConfigError, RewardError
-from alignlab.registry import Registry
-from alignlab.world.language import END
+from alignlab.core.errors import ConfigError, RewardError
+from alignlab.core.registry import Registry
 
 RewardFn = Callable[..., list[float]]
 
-REWARDS: Registry[RewardFn] = Registry("reward")
+REWARDS: Registry[RewardFn] = Registry("reward", builtins=(
+    "alignlab.rewards.arithmetic", "alignlab.rewards.code", "alignlab.rewards.lexical",
+    "alignlab.rewards.reward_model"))
 
-_MARKER = re.compile(r"<\|[a-z_]+\|>|</s>")
+# End-of-turn markers of common chat templates (the built-in world's and Phi-3's ``<|end|>``,
+# ChatML's, Llama 3's, Gemma's, and plain end-of-text markers). A completion decoded with its
+# special tokens is cut at the first one, so it scores as if decoded without them.
+END_OF_TURN = re.compile(r"<\|end\|>|<\|im_end\|>|<\|eot_id\|>|<end_of_turn>|<\|endoftext\|>|</s>")
+_MARKER = re.compile(r"<\|[a-z_]+\|>|<start_of_turn>|</s>")
 
 
 def completion_text(completion: str) -> str:
-    """The completion up to its first ``END`` marker, other markers removed, whitespace stripped."""
-    return _MARKER.sub(" ", completion.split(END, 1)[0]).strip()
+    """The completion up to its first end-of-turn marker (``END_OF_TURN``), other chat markers
+    removed, whitespace stripped."""
+    return _MARKER.sub(" ", END_OF_TURN.split(completion, 1)[0]).strip()
 
 
 def check_rewards(values: Sequence[float], n: int, name: str) -> list[float]:
@@ -100,10 +106,3 @@ def weighted_sum(weights: Mapping[str, float],
 
     reward.__name__ = " + ".join(f"{w:g}*{name}" for name, w in weights.items())
     return reward
-
-
-# The built-in rewards register themselves on import.
-from alignlab.rewards import arithmetic as _arithmetic  # noqa: E402,F401
-from alignlab.rewards import code as _code  # noqa: E402,F401
-from alignlab.rewards import lexical as _lexical  # noqa: E402,F401
-from alignlab.rewards import reward_model as _reward_model  # noqa: E402,F401

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from alignlab.errors import ConfigError
+from alignlab.core.errors import ConfigError
 from alignlab.rewards.registry import REWARDS, completion_text
 
 AGGREGATIONS = ("mean", "min", "mean_minus_std")
@@ -142,7 +142,7 @@ class RewardModelScorer:
                         std_coef: float | None = None, device: str = "cpu",
                         batch_size: int = 32, max_length: int | None = 512) -> "RewardModelScorer":
         from alignlab.models.loading import load_tokenizer
-        from alignlab.utils.runtime import pick_device
+        from alignlab.core.runtime import pick_device
 
         root = Path(path).expanduser()
         ensemble = RewardEnsemble.from_pretrained(root, aggregate=aggregate, std_coef=std_coef,
@@ -156,7 +156,7 @@ class RewardModelScorer:
         from alignlab.data.collate import pad_collate
         from alignlab.data.loading import RowSet
         from alignlab.data.tokenize import tokenize_rows
-        from alignlab.trainers.loop import to_device
+        from alignlab.core.runtime import to_device
 
         # Rows are built directly (not validated): a generated completion may be empty.
         rows = RowSet("prompt_completion", [{"prompt": p, "completion": scored_completion(c)}

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from alignlab.errors import ConfigError
+from alignlab.core.errors import ConfigError
 
 Status = Literal["ok", "timeout", "memory", "output_limit", "error"]
 

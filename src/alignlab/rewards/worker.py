@@ -26,7 +26,7 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from alignlab.errors import RewardError
+from alignlab.core.errors import RewardError
 from alignlab.rewards import RewardValues
 from alignlab.rewards.sandbox import Limits, run_python
 

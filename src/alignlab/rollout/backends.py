@@ -13,7 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from alignlab.errors import ConfigError
+from alignlab.core.errors import ConfigError
 from alignlab.rollout.engine import RolloutBatch, SamplingParams, length_limit_fraction, rollout
 
 

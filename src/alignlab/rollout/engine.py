@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
 
-from alignlab.errors import ConfigError
+from alignlab.core.errors import ConfigError
 from alignlab.rollout.filters import apply_temperature, truncate
 
 LENGTH_WARNING = ("most completions were cut at max_new_tokens; rewards of truncated completions "

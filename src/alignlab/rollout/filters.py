@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from alignlab.errors import ConfigError
+from alignlab.core.errors import ConfigError
 
 
 def apply_temperature(logits: Tensor, temperature: float) -> Tensor:

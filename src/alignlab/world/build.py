@@ -21,11 +21,15 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from alignlab.config import TrainSection
+from alignlab.core.config import DataSection, TrainSection
+from alignlab.data.batches import make_batches
 from alignlab.data.loading import rows_from_list
 from alignlab.data.tokenize import tokenize_rows
-from alignlab.utils.io import atomic_write_json, replace_dir
-from alignlab.utils.runtime import default_cache_dir, seed_everything
+from alignlab.core.io import atomic_write_json, replace_dir
+from alignlab.engine.loop import train
+from alignlab.engine.objectives import NLLObjective
+from alignlab.engine.scoring import perplexity
+from alignlab.core.runtime import default_cache_dir, seed_everything
 from alignlab.world.language import generate_corpus
 from alignlab.world.presets import WorldPreset, get_preset
 from alignlab.world.tasks import Task, make_task
@@ -113,10 +117,6 @@ def build_corpus_and_tokenizer(folder: Path, preset: WorldPreset, seed: int) -> 
 
 
 def build_world(path: Path, preset: WorldPreset, seed: int, *, progress: bool = True) -> World:
-    from alignlab.bench.evaluate import perplexity
-    from alignlab.trainers.loop import train
-    from alignlab.trainers.sft import SFTObjective, make_batches
-    from alignlab.config import DataSection
 
     t0 = time.time()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -151,7 +151,7 @@ def build_world(path: Path, preset: WorldPreset, seed: int, *, progress: bool = 
             lr_scheduler="cosine", warmup_steps=max(1, preset.pretrain_steps // 20),
             log_every=max(1, preset.pretrain_steps // 20), tensorboard=False, progress=progress)
         batches = make_batches(examples, tokenizer.pad_token_id, data, train_cfg)
-        result = train(model, SFTObjective(), batches, train_cfg, description=f"pretrain {preset.name} world")
+        result = train(model, NLLObjective(), batches, train_cfg, description=f"pretrain {preset.name} world")
         model.eval()
         model.save_pretrained(tmp / "base")
         tokenizer.save_pretrained(tmp / "base")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from alignlab.errors import ConfigError
+from alignlab.core.errors import ConfigError
 
 
 @dataclass(frozen=True)

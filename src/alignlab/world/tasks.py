@@ -20,8 +20,8 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from alignlab.errors import ConfigError
-from alignlab.registry import Registry
+from alignlab.core.errors import ConfigError
+from alignlab.core.registry import Registry
 from alignlab.rewards.registry import get_reward
 from alignlab.world import language as lang
 

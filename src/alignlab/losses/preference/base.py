@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from alignlab.errors import ConfigError
-from alignlab.registry import Registry
+from alignlab.core.errors import ConfigError
+from alignlab.core.registry import Registry
 
 Kind = Literal["paired", "unpaired", "listwise"]
 

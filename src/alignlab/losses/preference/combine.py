@@ -6,7 +6,7 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
-from alignlab.errors import ConfigError
+from alignlab.core.errors import ConfigError
 from alignlab.losses.preference.base import PREFERENCE_LOSSES, LossResult, PreferenceInputs
 
 

@@ -1,0 +1,36 @@
+"""``ALGORITHMS``: every trainer ``alignlab train <name>`` can run, with its config class.
+
+A trainer module registers itself at import (``ALGORITHMS.register("sft")(AlgorithmEntry(...))``)
+and is listed once in the registry's ``builtins``, imported on the first lookup.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+
+from alignlab.core.registry import Registry
+
+
+@dataclass(frozen=True)
+class AlgorithmEntry:
+    """A trainer: its typed config and the function that runs it."""
+
+    config_cls: type[BaseModel]
+    run: Callable[[Any], Any]
+    doc: str
+
+    @property
+    def __doc__(self) -> str:  # shown by ``alignlab list algorithms -v``
+        return self.doc
+
+
+ALGORITHMS: Registry[AlgorithmEntry] = Registry("algorithm", builtins=(
+    "alignlab.algorithms.sft",
+    "alignlab.algorithms.preference.trainer",
+    "alignlab.algorithms.reward_model.trainer",
+    "alignlab.algorithms.policy_gradient.run",
+))

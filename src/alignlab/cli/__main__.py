@@ -1,0 +1,5 @@
+"""``python -m alignlab.cli``."""
+
+from alignlab.cli.main import main
+
+main()

@@ -1,0 +1,73 @@
+"""Named registries: losses, algorithms, rewards, tasks, advantage estimators.
+
+A registry maps an unambiguous name to a callable or class. Adding a method is one
+function plus one ``@REGISTRY.register("name")`` line; ``alignlab list <registry>``
+prints the names. A registry may name ``builtins``: modules that register their entries on
+import, loaded on the first lookup (so the registry's module imports none of them, and a
+built-in module may import the registry without a cycle).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
+
+from alignlab.core.errors import ConfigError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """A name → object table with helpful errors for unknown names."""
+
+    def __init__(self, kind: str, builtins: tuple[str, ...] = ()) -> None:
+        self.kind = kind
+        self._items: dict[str, T] = {}
+        self._builtins = builtins
+        self._loaded = not builtins
+
+    def _load_builtins(self) -> None:
+        if not self._loaded:
+            self._loaded = True
+            for module in self._builtins:
+                importlib.import_module(module)
+
+    def register(self, name: str, *aliases: str) -> Callable[[T], T]:
+        def decorator(obj: T) -> T:
+            for key in (name, *aliases):
+                if key in self._items and self._items[key] is not obj:
+                    raise ValueError(f"{self.kind} {key!r} is registered twice")
+                self._items[key] = obj
+            return obj
+
+        return decorator
+
+    def get(self, name: str) -> T:
+        self._load_builtins()
+        try:
+            return self._items[name]
+        except KeyError:
+            allowed = ", ".join(self.names())
+            raise ConfigError(f"unknown {self.kind} {name!r}; allowed values: {allowed}") from None
+
+    def names(self) -> list[str]:
+        self._load_builtins()
+        return sorted(self._items)
+
+    def summary(self, name: str) -> str:
+        """First line of the registered object's docstring."""
+        doc = inspect.getdoc(self.get(name)) or ""
+        return doc.splitlines()[0] if doc else ""
+
+    def __contains__(self, name: object) -> bool:
+        self._load_builtins()
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        self._load_builtins()
+        return len(self._items)

@@ -1,0 +1,57 @@
+"""Seeding, device and precision choices shared by every trainer."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from typing import Literal
+
+import numpy as np
+import torch
+
+Precision = Literal["auto", "fp32", "bf16"]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def cpu_supports_bf16() -> bool:
+    """True where the CPU has native bf16 matmuls (AVX512-BF16 or AMX), so autocast pays off."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: Precision, device: torch.device) -> Literal["fp32", "bf16"]:
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_supports_bf16() else "fp32"
+
+
+def autocast(device: torch.device, precision: Literal["fp32", "bf16"]):
+    """bf16 autocast context (float32 master weights), or a no-op for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("ALIGNLAB_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "alignlab"))
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch's tensors on ``device`` (other values as they are)."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

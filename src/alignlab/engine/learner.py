@@ -1,0 +1,106 @@
+"""The learner of online training: a model, its optimizer and LR schedule, and ``update``.
+
+``update(units)`` runs ``epochs`` passes over shuffled minibatches of prepared *units* — rows of
+a rollout batch, preference pairs, groups of completions: whatever the algorithm's objective
+takes — with one optimizer step per minibatch. A unit is only an index here: ``units.take``
+builds the micro-batch of any list of indices, so the learner never knows the batch's shape.
+Micro-batches go through the offline loop's ``forward_backward``/``optimizer_step``, so the
+``num_items`` contract holds: the split into micro-batches does not change the update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from alignlab.core.config import TrainSection
+from alignlab.core.runtime import pick_device, resolve_precision
+from alignlab.engine.loop import (Algorithm, build_optimizer, build_scheduler, forward_backward,
+                                  optimizer_step)
+from alignlab.models.checkpointing import enable_gradient_checkpointing
+
+
+@dataclass
+class Units:
+    """``n`` prepared training units and how to make a micro-batch of some of them."""
+
+    n: int
+    take: Callable[[torch.Tensor], dict[str, Any]]
+    """Indices (a 1-D long tensor) → a micro-batch the objective accepts."""
+
+
+def rows_of(batch: dict[str, torch.Tensor]) -> Units:
+    """The rows of a dict of row-aligned tensors (``[B, ...]`` each) as units."""
+    n = next(iter(batch.values())).shape[0]
+    return Units(n, lambda idx: {k: v[idx] for k, v in batch.items()})
+
+
+class Learner:
+    """Owns the trained model, its optimizer and schedule; ``update(units) -> metrics``.
+
+    ``extra_groups`` are parameter groups trained by the same optimizer (a shared critic's
+    value head with its own lr). The LR schedule advances once per ``update``."""
+
+    def __init__(self, model: torch.nn.Module, objective: Algorithm, cfg: TrainSection, *,
+                 epochs: int = 1, minibatch_size: int | None = None,
+                 micro_batch_size: int | None = None, seed: int = 0,
+                 extra_groups: tuple[dict[str, Any], ...] = ()) -> None:
+        self.model, self.objective, self.cfg = model, objective, cfg
+        self.device = pick_device(cfg.device)
+        self.precision = resolve_precision(cfg.precision, self.device)
+        model.to(self.device)
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(model, cfg)
+        for group in extra_groups:
+            self.optimizer.add_param_group({"weight_decay": 0.0, **group})
+            self.params += list(group["params"])
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.epochs, self.minibatch_size = epochs, minibatch_size
+        self.micro_batch_size = micro_batch_size or cfg.batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.updates = 0
+
+    def update(self, units: Units) -> dict[str, float]:
+        """``epochs`` passes over shuffled minibatches, one optimizer step each; one LR step."""
+        self.model.train()
+        n = units.n
+        mb = min(self.minibatch_size or n, n)
+        sums: dict[str, float] = {}
+        count = 0
+        for _ in range(self.epochs):
+            order = torch.randperm(n, generator=self.generator)
+            for start in range(0, n, mb):
+                idx = order[start:start + mb]
+                micro = [units.take(idx[j:j + self.micro_batch_size])
+                         for j in range(0, len(idx), self.micro_batch_size)]
+                micro = [m for m in micro if self.objective.num_items(m) > 0]
+                if not micro:
+                    continue
+                loss, _, metrics = forward_backward(self.model, self.objective, micro, self.device,
+                                                    self.precision, step=self.updates + 1)
+                grad_norm = optimizer_step(self.params, self.optimizer, self.cfg.max_grad_norm,
+                                           step=self.updates + 1)
+                self.updates += 1
+                count += 1
+                for k, v in {"loss": loss, "grad_norm": float(grad_norm), **metrics}.items():
+                    sums[k] = sums.get(k, 0.0) + v
+        self.scheduler.step()
+        out = {k: v / max(count, 1) for k, v in sums.items()}
+        out["lr"] = self.scheduler.get_last_lr()[0]
+        out["optimizer_steps"] = count
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "generator": self.generator.get_state(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        self.updates = int(state["updates"])

@@ -1,0 +1,187 @@
+"""The one training loop under every trainer.
+
+An algorithm supplies two things: ``num_items(batch)`` (how many units its loss sums over:
+tokens, pairs, sequences) and ``loss(model, batch) -> LossOutput`` whose ``loss_sum`` is a
+*sum* over those units. The loop divides every micro-batch's sum by the total ``num_items``
+of the whole accumulation window, so ``grad_accum`` micro-batches of ``b`` give exactly the
+loss and gradient of one batch of ``grad_accum * b``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from alignlab.core.config import TrainSection
+from alignlab.core.errors import NonFiniteError
+from alignlab.models.checkpointing import enable_gradient_checkpointing
+from alignlab.engine.run import TrainingRun
+from alignlab.core.runtime import autocast, pick_device, resolve_precision, seed_everything, to_device
+
+
+@dataclass
+class LossOutput:
+    loss_sum: torch.Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Algorithm(Protocol):
+    def num_items(self, batch: dict[str, Any]) -> float: ...
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> LossOutput: ...
+
+
+@dataclass
+class TrainResult:
+    step: int
+    history: list[dict[str, Any]]
+    output_dir: Path
+    seconds: float
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainSection) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    if not decay and not no_decay:
+        raise ValueError("the model has no trainable parameters")
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    params = decay + no_decay
+    # The fused kernel (CPU and CUDA) updates all tensors in one pass: 13M parameters on one CPU
+    # core take 8 ms per step vs 39 ms for the default per-tensor loop.
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params) and \
+        len({p.device for p in params}) == 1
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, fused=fused or None)
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainSection) -> torch.optim.lr_scheduler.LambdaLR:
+    warm, total = cfg.warmup_steps, cfg.max_steps
+
+    def factor(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(1, total - warm)
+        if cfg.lr_scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        if cfg.lr_scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def train(model: torch.nn.Module, algorithm: Algorithm, batches: Iterable[dict[str, Any]],
+          cfg: TrainSection, *, description: str = "train",
+          on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
+    """Run ``cfg.max_steps`` optimizer steps of ``algorithm`` on ``batches``.
+
+    ``batches`` yields micro-batches; if it has ``state_dict``/``load_state_dict`` its position
+    is checkpointed so a resumed run continues with the exact next micro-batch.
+    """
+    device = pick_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    seed_everything(cfg.seed)
+    model.to(device)
+    model.train()
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = build_optimizer(model, cfg)
+    sched = build_scheduler(opt, cfg)
+
+    run = TrainingRun(cfg, model, description)
+    start_step, state = run.resume()
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        if hasattr(batches, "load_state_dict") and state.get("data") is not None:
+            batches.load_state_dict(state["data"])
+
+    def trainer_state() -> dict[str, Any]:
+        return {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "data": batches.state_dict() if hasattr(batches, "state_dict") else None}
+
+    stream: Iterator[dict[str, Any]] = iter(batches)
+    t0 = time.time()
+    step = start_step
+    with run.open(start_step):
+        while step < cfg.max_steps:
+            micro = [next(stream) for _ in range(cfg.grad_accum)]
+            t_step = time.time()
+            loss_total, denom, sums = forward_backward(model, algorithm, micro, device, precision,
+                                                       step=step + 1, context=_last(run.history))
+            grad_norm = optimizer_step(params, opt, cfg.max_grad_norm, step=step + 1)
+            sched.step()
+            step += 1
+            metrics = {"loss": loss_total, "grad_norm": grad_norm.item(),
+                       "lr": sched.get_last_lr()[0], "step_time": time.time() - t_step,
+                       "num_items": denom, **sums}
+            if on_step is not None:
+                on_step(step, metrics)
+            run.step_done(step, metrics, f"loss {loss_total:.4f}", trainer_state)
+    run.finish(step)
+    return TrainResult(step=step, history=run.history, output_dir=run.output_dir,
+                       seconds=time.time() - t0)
+
+
+def forward_backward(model: torch.nn.Module, algorithm: Algorithm, micro: list[dict[str, Any]],
+                     device: torch.device, precision: str = "fp32", *, step: int = 0,
+                     context: dict[str, Any] | None = None) -> tuple[float, float, dict[str, float]]:
+    """Accumulate the gradient of one optimizer step over ``micro``-batches.
+
+    Each micro-batch's ``loss_sum`` is divided by the ``num_items`` of the whole window, so the
+    result equals one forward/backward over the concatenated batch. Returns (loss, num_items,
+    mean metrics).
+    """
+    denom = float(sum(algorithm.num_items(b) for b in micro))
+    if denom <= 0:
+        raise NonFiniteError(f"step {step}: the batch has nothing to train on "
+                             "(num_items is 0; are all loss masks empty?)")
+    sums: dict[str, float] = defaultdict(float)
+    loss_total = 0.0
+    for i, b in enumerate(micro):
+        b = to_device(b, device)
+        with autocast(device, precision):
+            out = algorithm.loss(model, b)
+        loss = out.loss_sum.float() / denom
+        if not torch.isfinite(loss):
+            raise NonFiniteError(
+                f"step {step}, micro-batch {i + 1}: the loss is {loss.item()}; training stopped. "
+                f"Last logged metrics: {context or {}}. "
+                "Try a lower train.lr, train.precision=fp32, or check the data and rewards.")
+        loss.backward()
+        loss_total += loss.item()
+        for k, v in out.metrics.items():
+            sums[k] += float(v) / len(micro)
+    return loss_total, denom, dict(sums)
+
+
+def optimizer_step(params: list[torch.Tensor], opt: torch.optim.Optimizer,
+                   max_grad_norm: float | None, *, step: int = 0) -> torch.Tensor:
+    """Clip the accumulated gradient, refuse a non-finite one, step and zero it; the grad norm."""
+    grad_norm = (torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                 if max_grad_norm else _grad_norm(params))
+    if not torch.isfinite(grad_norm):
+        raise NonFiniteError(f"step {step}: the gradient norm is {grad_norm.item()}; "
+                             "training stopped before the weights were corrupted.")
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    norms = [p.grad.detach().norm() for p in params if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.tensor(0.0)
+
+
+def _last(history: list[dict[str, Any]]) -> dict[str, Any]:
+    return {k: v for k, v in history[-1].items() if k != "time"} if history else {}
