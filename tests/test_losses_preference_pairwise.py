@@ -78,10 +78,29 @@ def test_hinge_zero_beyond_margin():
     assert loss("hinge", pair(), beta=1.0).item() == 0.0  # βh = 1.5 ≥ 1
 
 
-def test_rdpo_length_penalises_longer_chosen():
+def test_rdpo_length_value():
     inputs = pair(chosen_lengths=torch.tensor([10]), rejected_lengths=torch.tensor([4]))
-    assert loss("rdpo_length", inputs, alpha=0.01).item() == pytest.approx(-ls(0.15 - 0.06))
+    # Park et al. 2024: the logit is βh + α(|y_w| − |y_l|) = 0.15 + 0.01·6
+    assert loss("rdpo_length", inputs, alpha=0.01).item() == pytest.approx(-ls(0.15 + 0.06))
     assert loss("rdpo_length", inputs, alpha=0.0).item() == pytest.approx(-ls(0.15))
+
+
+@pytest.mark.parametrize("chosen_len, rejected_len, smaller", [(10, 4, True), (4, 10, False)])
+def test_rdpo_length_gives_a_longer_chosen_answer_less_gradient_than_dpo(chosen_len, rejected_len,
+                                                                        smaller):
+    """The direction that a flipped sign would reverse: R-DPO exists to stop rewarding length."""
+    def chosen_grad(name, **kw):
+        c = t(-3.0).requires_grad_()
+        inputs = PreferenceInputs(chosen_logps=c, rejected_logps=t(-5.0), ref_chosen_logps=t(-4.0),
+                                  ref_rejected_logps=t(-4.5), chosen_lengths=torch.tensor([chosen_len]),
+                                  rejected_lengths=torch.tensor([rejected_len]))
+        PREFERENCE_LOSSES.get(name)(inputs, **kw).losses.sum().backward()
+        return c.grad.abs().item()
+
+    rdpo, dpo = chosen_grad("rdpo_length", beta=0.1, alpha=0.05), chosen_grad("dpo", beta=0.1)
+    assert (rdpo < dpo) == smaller
+    # |∂/∂π_c| = β·σ(−z): z = 0.15 ± 0.05·6
+    assert rdpo == pytest.approx(0.1 * sig(-(0.15 + 0.05 * (chosen_len - rejected_len))))
 
 
 def test_bco_pair_shift_and_mean_metric():

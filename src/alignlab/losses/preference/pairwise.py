@@ -67,12 +67,14 @@ def rdpo_robust(inputs: PreferenceInputs, *, beta: float = 0.1,
 
 @preference_loss("rdpo_length", kind="paired", requires=(*PAIR, "chosen_lengths", "rejected_lengths"))
 def rdpo_length(inputs: PreferenceInputs, *, beta: float = 0.1, alpha: float = 0.01) -> LossResult:
-    """Length-regularised DPO: −log σ(βh − α·(|y_c| − |y_r|)).
+    """Length-regularised DPO: −log σ(βh + α·(|y_c| − |y_r|)).
 
-    Park et al. 2024, "Disentangling Length from Quality in Direct Preference Optimization":
-    the margin a longer chosen answer must reach grows with its extra length."""
+    Park et al. 2024, "Disentangling Length from Quality in Direct Preference Optimization"
+    (R-DPO, the regulariser enters the logit as +α|y_w| − α|y_l|). A pair whose chosen answer is
+    longer already starts with a larger logit, so it gets *less* gradient than under DPO and a
+    longer-is-better shortcut is not rewarded; a shorter chosen answer gets more."""
     extra = (inputs.chosen_lengths - inputs.rejected_lengths).to(inputs.chosen_logps.dtype)
-    losses = -F.logsigmoid(dpo_logits(inputs, beta) - alpha * extra)
+    losses = -F.logsigmoid(dpo_logits(inputs, beta) + alpha * extra)
     return paired_result(losses, *implicit_rewards(inputs, beta))
 
 
