@@ -121,11 +121,26 @@ def test_discopop_blend():
         -ls(z) * (1 - mix) + math.exp(-z) * mix)
 
 
-def test_aot_pair_matches_sorted_quantiles():
+def test_aot_unpaired_on_pairs_sorts_chosen_and_rejected_log_ratios_apart():
     inputs = PreferenceInputs(chosen_logps=t(1.0, -1.0), rejected_logps=t(0.5, -2.0),
                               ref_chosen_logps=t(0.0, 0.0), ref_rejected_logps=t(0.0, 0.0))
     # sorted a = [−1, 1], sorted b = [−2, 0.5] → deltas [1, 0.5] (pairwise DPO would see [0.5, 1])
+    assert torch.allclose(loss("aot_unpaired_on_pairs", inputs), t(-ls(0.1), -ls(0.05)))
+    # the old name still computes the same formula
     assert torch.allclose(loss("aot_pair", inputs), t(-ls(0.1), -ls(0.05)))
+
+
+def test_aot_paired_compares_sorted_policy_margins_with_sorted_reference_margins():
+    inputs = PreferenceInputs(chosen_logps=t(-1.0, -2.0), rejected_logps=t(-4.0, -2.5),
+                              ref_chosen_logps=t(-3.0, -1.0), ref_rejected_logps=t(-2.0, -3.0))
+    # policy margins π_c − π_r = [3, 0.5] → sorted [0.5, 3]; reference margins [−1, 2] → [−1, 2]
+    # quantile deltas [1.5, 1]; label smoothing ε = 0.2 mixes in the flipped label
+    got = loss("aot_paired", inputs, beta=0.5, label_smoothing=0.2)
+    expected = [-0.8 * ls(0.5 * d) - 0.2 * ls(-0.5 * d) for d in (1.5, 1.0)]
+    assert torch.allclose(got, t(*expected))
+    # pairing matters: the unpaired form reads a = [2, −1], b = [−2, 0.5] → deltas [1, 1.5]
+    assert not torch.allclose(loss("aot_unpaired_on_pairs", inputs, beta=0.5),
+                              loss("aot_paired", inputs, beta=0.5))
 
 
 def test_fdpo_alpha_one_is_forward_kl():

@@ -199,14 +199,32 @@ def discopop(inputs: PreferenceInputs, *, beta: float = 0.05, tau: float = 0.05)
     return paired_result(losses, *implicit_rewards(inputs, beta))
 
 
-@preference_loss("aot_pair", kind="paired", requires=PAIR)
-def aot_pair(inputs: PreferenceInputs, *, beta: float = 0.1,
-             label_smoothing: float = 0.0) -> LossResult:
-    """AOT (paired): DPO loss between the sorted chosen and sorted rejected log-ratios,
-    −log σ(β·(sort(a)_i − sort(b)_i)): the chosen distribution should dominate the rejected one.
+@preference_loss("aot_paired", kind="paired", requires=PAIR)
+def aot_paired(inputs: PreferenceInputs, *, beta: float = 0.1,
+               label_smoothing: float = 0.0) -> LossResult:
+    """AOT, paired: −log σ(β·(sort(π_c − π_r)_i − sort(ref_c − ref_r)_i)) per quantile i.
 
     Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via Optimal Transport"
-    (TRL ``aot_pair``). ``losses[i]`` is the i-th quantile pair, not the i-th input pair."""
+    (paired form; TRL ``aot``): the policy's distribution of chosen-minus-rejected log-prob
+    margins should first-order dominate the reference's, solved by sorting (1-D optimal
+    transport). ``losses[i]`` is the i-th quantile pair, not the i-th input pair."""
+    delta = (torch.sort(inputs.chosen_logps - inputs.rejected_logps).values
+             - torch.sort(inputs.ref_chosen_logps - inputs.ref_rejected_logps).values)
+    losses = smoothed_sigmoid_loss(beta * delta, label_smoothing)
+    return paired_result(losses, *implicit_rewards(inputs, beta))
+
+
+@preference_loss("aot_unpaired_on_pairs", "aot_pair", kind="paired", requires=PAIR)
+def aot_unpaired_on_pairs(inputs: PreferenceInputs, *, beta: float = 0.1,
+                          label_smoothing: float = 0.0) -> LossResult:
+    """AOT, unpaired, on paired data: −log σ(β·(sort(a)_i − sort(b)_i)) per quantile i.
+
+    Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via Optimal Transport"
+    (unpaired form): the chosen log-ratios a = π_c − ref_c are read as one sample and the
+    rejected b = π_r − ref_r as another, the pairing is ignored, and the chosen distribution
+    should dominate the rejected one. TRL 1.16 calls this DPO ``aot_unpaired``; ``aot_pair`` is
+    kept as an alias because TRL < 1.0 (and alignlab before) used that name for this formula.
+    For the paper's paired form use ``aot_paired``; for labelled data ``aot_unpaired``."""
     a, b = logratios(inputs)
     delta = torch.sort(a).values - torch.sort(b).values
     losses = smoothed_sigmoid_loss(beta * delta, label_smoothing)

@@ -73,7 +73,8 @@ def aot_unpaired(inputs: PreferenceInputs, *, beta: float = 0.1,
 
     Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via Optimal Transport".
     With unequal counts both sides are read at the min(n_D, n_U) mid-quantiles (q = (i+½)/n);
-    ``losses`` has one entry per quantile, not per input."""
+    ``losses`` has one entry per quantile, not per input. On paired data the same objective is
+    ``aot_unpaired_on_pairs`` (TRL's DPO ``aot_unpaired``); the paired form is ``aot_paired``."""
     labels = inputs.labels.bool()
     r = inputs.logps - inputs.ref_logps
     good, bad = r[labels], r[~labels]
