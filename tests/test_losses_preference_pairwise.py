@@ -143,6 +143,13 @@ def test_aot_paired_compares_sorted_policy_margins_with_sorted_reference_margins
                               loss("aot_paired", inputs, beta=0.5))
 
 
+def test_fdpo_alpha_is_trls_coefficient_one_minus_alpha():
+    a, b, alpha = 1.0, -0.5, 0.3  # pair()'s log-ratios
+    trl_coef = 1 - alpha  # TRL: f'(u) = (u^(c−1) − 1)/(c − 1)
+    trl_logit = 0.1 * (math.expm1((trl_coef - 1) * a) - math.expm1((trl_coef - 1) * b)) / (trl_coef - 1)
+    assert loss("fdpo_alpha", pair(), alpha=alpha).item() == pytest.approx(-ls(trl_logit), rel=1e-9)
+
+
 def test_fdpo_alpha_one_is_forward_kl():
     assert torch.allclose(loss("fdpo_alpha", pair(), alpha=1.0), loss("fdpo_forward_kl", pair()))
 

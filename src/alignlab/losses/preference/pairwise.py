@@ -44,8 +44,9 @@ def dpo(inputs: PreferenceInputs, *, beta: float = 0.1, label_smoothing: float =
 def cdpo(inputs: PreferenceInputs, *, beta: float = 0.1, label_smoothing: float = 0.1) -> LossResult:
     """Conservative DPO: −(1−ε)·log σ(βh) − ε·log σ(−βh), labels flipped with probability ε.
 
-    Mitchell 2023, "A note on DPO with noisy preferences & relationship to IPO" (TRL's
-    ``sigmoid`` with ``label_smoothing``). ε = 0 is DPO."""
+    Mitchell 2023, "A note on DPO with noisy preferences & relationship to IPO". ε = 0 is DPO.
+    TRL 1.16's DPO ``sigmoid`` ignores ``label_smoothing``, so it has no equivalent there (its
+    ``robust`` is ``rdpo_robust``)."""
     losses = smoothed_sigmoid_loss(dpo_logits(inputs, beta), label_smoothing)
     return paired_result(losses, *implicit_rewards(inputs, beta))
 
@@ -128,10 +129,12 @@ def nca_pair(inputs: PreferenceInputs, *, beta: float = 0.1) -> LossResult:
 @preference_loss("bco_pair", kind="paired", requires=PAIR)
 def bco_pair(inputs: PreferenceInputs, *, beta: float = 0.1,
              reward_shift: float | Tensor = 0.0) -> LossResult:
-    """BCO on pairs: −log σ(βa − δ) − log σ(−(βb − δ)), δ = running mean of the rewards.
+    """BCO on pairs: −log σ(βa − δ) − log σ(−(βb − δ)), δ = mean of the rewards seen so far.
 
     Jung et al. 2024, "Binary Classifier Optimization for Large Language Model Alignment". The
-    trainer keeps δ (an EMA of ``metrics['rewards/mean']``) and passes it as ``reward_shift``."""
+    preference trainer keeps δ as the cumulative mean of every βa and βb of training so far
+    (TRL's ``RunningMoments``; the paper's "moving average" fixes no decay), saves it for resume
+    and passes it as ``reward_shift``. ``metrics['rewards/mean']`` is this batch's mean."""
     a, b = logratios(inputs)
     losses = -F.logsigmoid(beta * a - reward_shift) - F.logsigmoid(-(beta * b - reward_shift))
     chosen, rejected = implicit_rewards(inputs, beta)

@@ -50,7 +50,8 @@ def orpo(inputs: PreferenceInputs, *, beta: float = 0.1) -> LossResult:
     log p = π/|y| the per-token average log-prob.
 
     Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model"
-    (β is the paper's λ; TRL ``ORPOTrainer``)."""
+    (β is the paper's λ). The NLL is over the response tokens only, as in the paper; TRL's
+    ``ORPOTrainer`` takes it over prompt and response, so its values differ."""
     pc = mean_logps(inputs.chosen_logps, inputs.chosen_lengths)
     pr = mean_logps(inputs.rejected_logps, inputs.rejected_lengths)
     # log(1 − p) from log p without cancellation; −1e-6 keeps log1p(−1) finite at p = 1

@@ -52,11 +52,13 @@ def kto(inputs: PreferenceInputs, *, beta: float = 0.1, desirable_weight: float 
 def bco(inputs: PreferenceInputs, *, beta: float = 0.1,
         reward_shift: float | Tensor = 0.0) -> LossResult:
     """BCO: a binary classifier on the implicit reward, −log σ(βr − δ) for desirable and
-    −log σ(−(βr − δ)) for undesirable outputs; δ is the running mean of βr.
+    −log σ(−(βr − δ)) for undesirable outputs; δ is the mean of βr seen so far.
 
     Jung et al. 2024, "Binary Classifier Optimization for Large Language Model Alignment". The
-    trainer updates δ from ``metrics['rewards/mean']`` and passes it as ``reward_shift``. (The
-    paper's density-ratio matching of prompts needs an embedding model and is left out.)"""
+    preference trainer keeps δ as the cumulative mean of every βr of training so far (TRL's
+    ``RunningMoments``; the paper's "moving average" fixes no decay), saves it for resume and
+    passes it as ``reward_shift``. (The paper's density-ratio matching of prompts needs an
+    embedding model and is left out.)"""
     labels = inputs.labels.bool()
     rewards = beta * (inputs.logps - inputs.ref_logps)
     logits = rewards - reward_shift
