@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from alignlab.losses.preference import PREFERENCE_LOSSES, PreferenceInputs, update_group_weights
+from alignlab.losses.preference import (PREFERENCE_LOSSES, MissingInputError, PreferenceInputs,
+                                        update_group_weights)
 
 
 def ls(x: float) -> float:
@@ -72,6 +73,17 @@ def test_ipo_minimum_at_half_inverse_beta():
                             ref_rejected_logps=t(-4.0))
     above = loss("ipo", wide, beta=beta)
     assert above.item() == pytest.approx(1.0)  # (3 − 2)²: IPO also pulls margins *down* to 1/(2β)
+
+
+def test_ipo_length_normalize_divides_each_log_ratio_by_its_length():
+    inputs = pair(chosen_lengths=torch.tensor([4]), rejected_lengths=torch.tensor([2]))
+    # a/|y_c| − b/|y_r| = 1/4 + 0.5/2 = 0.5; 1/(2β) = 5
+    result = PREFERENCE_LOSSES.get("ipo")(inputs, beta=0.1, length_normalize=True)
+    assert result.losses.item() == pytest.approx((0.5 - 5) ** 2)
+    assert result.chosen_rewards.item() == pytest.approx(0.1 * 0.25)
+    assert loss("ipo", inputs, beta=0.1).item() == pytest.approx((1.5 - 5) ** 2)  # default: sums
+    with pytest.raises(MissingInputError, match="length_normalize"):
+        loss("ipo", pair(), length_normalize=True)
 
 
 def test_hinge_zero_beyond_margin():

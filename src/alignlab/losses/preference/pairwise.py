@@ -14,9 +14,11 @@ from torch import Tensor
 
 from alignlab.losses.preference.base import (
     LossResult,
+    MissingInputError,
     PreferenceInputs,
     implicit_rewards,
     logratios,
+    mean_logps,
     paired_result,
     preference_loss,
     smoothed_sigmoid_loss,
@@ -79,16 +81,22 @@ def rdpo_length(inputs: PreferenceInputs, *, beta: float = 0.1, alpha: float = 0
     return paired_result(losses, *implicit_rewards(inputs, beta))
 
 
-@preference_loss("ipo", kind="paired", requires=PAIR)
-def ipo(inputs: PreferenceInputs, *, beta: float = 0.1) -> LossResult:
+@preference_loss("ipo", kind="paired", requires=PAIR, optional=("chosen_lengths", "rejected_lengths"))
+def ipo(inputs: PreferenceInputs, *, beta: float = 0.1, length_normalize: bool = False) -> LossResult:
     """IPO: (h − 1/(2β))², a squared loss whose minimum is the finite margin h = 1/(2β).
 
     Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human
-    Preferences" (ΨPO with Ψ = identity). TRL averages log-probs per token for IPO; pass
-    length-normalised log-probs to reproduce that."""
+    Preferences" (ΨPO with Ψ = identity), on sequence sums as in the paper. ``length_normalize``
+    uses a/|y_c| − b/|y_r| instead, TRL's convention (config ``preference.ipo_length_normalize``);
+    the rewards are then β times those per-token log-ratios."""
     a, b = logratios(inputs)
+    if length_normalize:
+        if inputs.chosen_lengths is None or inputs.rejected_lengths is None:
+            raise MissingInputError("preference loss 'ipo' with length_normalize=True needs "
+                                    "chosen_lengths and rejected_lengths, which are None")
+        a, b = mean_logps(a, inputs.chosen_lengths), mean_logps(b, inputs.rejected_lengths)
     losses = (a - b - 1 / (2 * beta)) ** 2
-    return paired_result(losses, *implicit_rewards(inputs, beta))
+    return paired_result(losses, beta * a.detach(), beta * b.detach())
 
 
 @preference_loss("hinge", kind="paired", requires=PAIR)
