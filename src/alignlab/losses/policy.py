@@ -4,9 +4,14 @@ A policy loss in ``POLICY_LOSSES`` is called with keywords ``logprobs``, ``old_l
 ``advantages``, ``mask`` (all ``[B,T]``, padded, one sequence per row) plus its
 hyper-parameters, and returns ``PolicyLossOutput(per_token_loss [B,T], metrics)``: the loss of
 every completion token (0 outside ``mask``) and detached scalar metrics (masked means over the
-batch it was given). Optional terms shared by all of them: a KL-to-reference loss
-``kl_coef · KL_est(π‖π_ref)`` (GRPO style, estimator from ``alignlab.losses.kl``) and an
-entropy bonus ``−entropy_coef · H_t`` (``entropy [B,T]`` computed by the model side).
+batch it was given). Optional terms shared by all of them:
+
+- a KL-to-reference loss ``kl_coef · KL_est(π‖π_ref)`` (GRPO style, estimator from
+  ``alignlab.losses.kl``);
+- an entropy bonus ``−entropy_coef · H_t`` (``entropy [B,T]`` computed by the model side),
+  added to every token's loss *before* aggregation, so it is averaged exactly like the policy
+  term. TRL's GRPO instead subtracts ``coef ·`` (token-mean entropy) after aggregation: the same
+  under ``token_mean``, weighted differently under ``seq_mean_token_mean`` and ``dr_grpo``.
 
 ``aggregate(per_token_loss, mask, mode) -> (loss_sum, num_items)`` turns it into the training
 loop's contract: the loop divides the *sum* of the micro-batches' ``loss_sum`` by their *total*
@@ -184,8 +189,11 @@ def seq_mean_token_sum_norm(per_token_loss: Tensor, mask: Tensor,
                             max_tokens: int | None = None) -> tuple[Tensor, int]:
     """Dr. GRPO (Liu et al. 2025): 1/G Σ_i Σ_t ℓ_it / L_max, with L_max a constant.
 
-    ``max_tokens`` must be given (the generation budget), not taken from the padded width, which
-    differs between micro-batches and would break the micro-batch invariance.
+    Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical Perspective". ``max_tokens``
+    is L_max, the generation budget (``max_new_tokens``, as in the paper and TRL's
+    ``max_completion_length``; an eos counts inside it, so not budget + 1). It must be given,
+    not taken from the padded width, which differs between micro-batches and would break the
+    micro-batch invariance.
     """
     if max_tokens is None or max_tokens <= 0:
         raise ConfigError("loss aggregation 'seq_mean_token_sum_norm' needs max_tokens (the "
