@@ -225,3 +225,40 @@ def test_group_robust_uniform_is_dpo_and_weights_scale():
     losses = PREFERENCE_LOSSES.get("group_robust_dpo")(inputs).metrics["group/losses"]
     alpha = update_group_weights(t(0.5, 0.5), losses, step_size=1.0)
     assert alpha.sum().item() == pytest.approx(1.0) and alpha[1] > alpha[0]  # group 1 has h = 0
+
+
+def test_sigmoid_norm_compares_per_token_log_ratios():
+    inputs = pair(chosen_lengths=torch.tensor([4]), rejected_lengths=torch.tensor([2]))
+    # a/|y_c| − b/|y_r| = 1/4 − (−0.5)/2 = 0.5
+    result = PREFERENCE_LOSSES.get("sigmoid_norm")(inputs, beta=2.0)
+    assert result.losses.item() == pytest.approx(-ls(2.0 * 0.5))
+    assert result.chosen_rewards.item() == pytest.approx(2.0 * 0.25)
+    assert result.rejected_rewards.item() == pytest.approx(2.0 * -0.25)
+    assert loss("sigmoid_norm", inputs).item() == pytest.approx(-ls(5.0 * 0.5))  # Tülu 3's β
+
+
+def ld_inputs():
+    """Chosen 4 tokens, rejected 2 (padded to 4): l_p = 2, the chosen tail is tokens 3–4."""
+    c = t(-1.0, -2.0, -3.0, -4.0)[None].requires_grad_()
+    r = t(-2.0, -1.0, 0.0, 0.0)[None].requires_grad_()
+    return PreferenceInputs(
+        chosen_token_logps=c, rejected_token_logps=r,
+        ref_chosen_token_logps=t(-1.5, -1.5, -2.0, -2.0)[None],
+        ref_rejected_token_logps=t(-1.0, -1.0, 0.0, 0.0)[None],
+        chosen_mask=torch.tensor([[1, 1, 1, 1]]), rejected_mask=torch.tensor([[1, 1, 0, 0]]))
+
+
+def test_ld_dpo_down_weights_the_longer_answers_tail():
+    inputs = ld_inputs()
+    # chosen per-token log-ratios [0.5, −0.5 | −1, −2]: shared 0, tail −3; rejected [−1, 0]: −1
+    result = PREFERENCE_LOSSES.get("ld_dpo")(inputs, beta=0.5, alpha=0.2)
+    a, b = 0.0 + 0.2 * -3.0, -1.0
+    assert result.losses.item() == pytest.approx(-ls(0.5 * (a - b)))
+    assert result.chosen_rewards.item() == pytest.approx(0.5 * a)
+    result.losses.sum().backward()
+    g = -0.5 * sig(-0.5 * (a - b))  # ∂loss/∂(log-ratio sum)
+    assert inputs.chosen_token_logps.grad[0].tolist() == pytest.approx([g, g, 0.2 * g, 0.2 * g])
+    assert inputs.rejected_token_logps.grad[0].tolist() == pytest.approx([-g, -g, 0.0, 0.0])
+    # the default α = 0.5, and α = 1 is DPO on the sums
+    assert loss("ld_dpo", ld_inputs()).item() == pytest.approx(-ls(0.1 * (0.5 * -3.0 + 1.0)))
+    assert loss("ld_dpo", ld_inputs(), alpha=1.0).item() == pytest.approx(-ls(0.1 * (-3.0 + 1.0)))

@@ -85,7 +85,7 @@ def test_gradient_raises_chosen_and_lowers_rejected(name):
     result = PREFERENCE_LOSSES.get(name)(inputs)
     assert result.losses.shape == (3,) and torch.isfinite(result.losses).all()
     result.losses.sum().backward()
-    if name == "sparse_po":
+    if "chosen_token_logps" in loss_spec(name).requires:  # token-level: sparse_po, ld_dpo
         g_c, g_r = inputs.chosen_token_logps.grad, inputs.rejected_token_logps.grad
     else:
         g_c = inputs.chosen_logps.grad

@@ -42,6 +42,20 @@ def dpo(inputs: PreferenceInputs, *, beta: float = 0.1, label_smoothing: float =
     return paired_result(losses, *implicit_rewards(inputs, beta))
 
 
+@preference_loss("sigmoid_norm", kind="paired", requires=(*PAIR, "chosen_lengths", "rejected_lengths"))
+def sigmoid_norm(inputs: PreferenceInputs, *, beta: float = 5.0) -> LossResult:
+    """Length-normalised DPO: −log σ(β·(a/|y_c| − b/|y_r|)), per-token log-ratios.
+
+    Meng et al. 2024, "SimPO" (appendix ablation "DPO w/ LN"), as trained in Lambert et al.
+    2024, "Tülu 3: Pushing Frontiers in Open Language Model Post-Training" (TRL
+    ``sigmoid_norm``). Per-token log-ratios are |y| times smaller than sums, hence the larger
+    default β (Tülu 3's 5; TRL keeps its usual 0.1). Rewards are β times the per-token ratios."""
+    a, b = logratios(inputs)
+    a, b = mean_logps(a, inputs.chosen_lengths), mean_logps(b, inputs.rejected_lengths)
+    losses = -F.logsigmoid(beta * (a - b))
+    return paired_result(losses, beta * a.detach(), beta * b.detach())
+
+
 @preference_loss("cdpo", kind="paired", requires=PAIR)
 def cdpo(inputs: PreferenceInputs, *, beta: float = 0.1, label_smoothing: float = 0.1) -> LossResult:
     """Conservative DPO: −(1−ε)·log σ(βh) − ε·log σ(−βh), labels flipped with probability ε.
