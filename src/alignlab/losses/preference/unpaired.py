@@ -66,6 +66,22 @@ def bco(inputs: PreferenceInputs, *, beta: float = 0.1,
     return _unpaired_result(losses, rewards, labels)
 
 
+@preference_loss("apo_zero_unpaired", kind="unpaired", requires=UNPAIRED)
+def apo_zero_unpaired(inputs: PreferenceInputs, *, beta: float = 0.1, desirable_weight: float = 1.0,
+                      undesirable_weight: float = 1.0) -> LossResult:
+    """APO-zero, unpaired: λ_D·(1 − σ(βr)) for desirable and λ_U·σ(βr) for undesirable outputs.
+
+    D'Oosterlinck et al. 2024, "Anchored Preference Optimization and Contrastive Revisions:
+    Addressing Underspecification in Alignment" (``apo_zero`` with the pair split into its two
+    labelled halves; TRL's KTOTrainer ``apo_zero_unpaired``): raise desirable and lower
+    undesirable likelihoods, anchored at the reference, with no KL reference point."""
+    labels = inputs.labels.bool()
+    r = inputs.logps - inputs.ref_logps
+    losses = torch.where(labels, desirable_weight * (1 - torch.sigmoid(beta * r)),
+                         undesirable_weight * torch.sigmoid(beta * r))
+    return _unpaired_result(losses, beta * r, labels)
+
+
 @preference_loss("aot_unpaired", kind="unpaired", requires=UNPAIRED)
 def aot_unpaired(inputs: PreferenceInputs, *, beta: float = 0.1,
                  label_smoothing: float = 0.0) -> LossResult:
