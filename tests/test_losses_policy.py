@@ -9,11 +9,14 @@ from alignlab.losses.policy import (
     LOSS_AGGREGATIONS,
     POLICY_LOSSES,
     aggregate,
+    cispo,
     gspo,
     num_items,
     ppo_clip,
     reinforce,
+    sapo,
 )
+from alignlab.losses.rollout_correction import RolloutCorrection
 
 
 def leaf(values):
@@ -105,6 +108,108 @@ def test_gspo_sequence_ratio_value_and_gradient():
     out3.per_token_loss.sum().backward()
     assert torch.equal(lp3.grad[0], torch.zeros(4))
     assert float(out3.per_token_loss[0, 0].detach()) == pytest.approx(-2.0 * (1 + 4e-4))
+
+
+def sig(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def test_cispo_scales_the_gradient_by_the_clipped_weight_and_never_zeroes_it():
+    # ratios 0.5, 1.5, 6: weights with the defaults (no floor, cap 5) are 0.5, 1.5, 5
+    old = torch.tensor([[-1.0, -1.0, -1.0]])
+    lp = (old + torch.log(torch.tensor([[0.5, 1.5, 6.0]]))).requires_grad_(True)
+    adv = torch.tensor([[2.0, 2.0, -1.0]])
+    mask = torch.tensor([[1, 1, 1]])
+    out = cispo(lp, old, adv, mask)
+    weights = torch.tensor([[0.5, 1.5, 5.0]])
+    assert torch.allclose(out.per_token_loss, -weights * adv * lp.detach())
+    out.per_token_loss.sum().backward()
+    assert torch.allclose(lp.grad, -weights * adv)  # PPO would give 0 on the 6× token
+    assert float(out.metrics["clip_fraction"]) == pytest.approx(1 / 3)
+    # both bounds set: clip(ρ, 1 − 0.2, 1 + 0.28) = [0.8, 1.28, 1.28]
+    lp2 = lp.detach().clone().requires_grad_(True)
+    cispo(lp2, old, adv, mask, clip_eps_low=0.2, clip_eps_high=0.28).per_token_loss.sum().backward()
+    assert torch.allclose(lp2.grad, -torch.tensor([[0.8, 1.28, 1.28]]) * adv)
+    # no cap at all
+    lp3 = lp.detach().clone().requires_grad_(True)
+    cispo(lp3, old, adv, mask, clip_eps_high=None).per_token_loss.sum().backward()
+    assert torch.allclose(lp3.grad, -torch.tensor([[0.5, 1.5, 6.0]]) * adv, rtol=1e-5)
+
+
+def test_sapo_soft_gate_value_and_gradient():
+    old = torch.tensor([[-1.0, -1.0]])
+    ratio = [1.5, 0.5]
+    lp = (old + torch.log(torch.tensor([ratio]))).requires_grad_(True)
+    adv = torch.tensor([[2.0, -1.0]])  # τ_pos on the first token, τ_neg on the second
+    out = sapo(lp, old, adv, torch.tensor([[1, 1]]), tau_pos=2.0, tau_neg=3.0)
+    g1, g2 = sig(2.0 * 0.5), sig(3.0 * -0.5)
+    assert out.per_token_loss[0].tolist() == pytest.approx([-2.0 * g1 * 4 / 2.0, 1.0 * g2 * 4 / 3.0])
+    out.per_token_loss.sum().backward()
+    # ∂ℓ/∂log π = −A·4σ(1−σ)·ρ (the gate's slope times dρ/dlog π)
+    assert lp.grad[0].tolist() == pytest.approx([-2.0 * 4 * g1 * (1 - g1) * 1.5,
+                                                 1.0 * 4 * g2 * (1 - g2) * 0.5], rel=1e-5)
+
+
+def test_sapo_on_policy_gradient_is_the_grpo_gradient():
+    lp = leaf([[-1.0, -2.0]])
+    adv = torch.tensor([[1.5, -0.5]])
+    out = sapo(lp, lp.detach(), adv, torch.tensor([[1, 1]]))
+    # value 4/τ·½·(−A): τ_pos = 1 for A > 0, τ_neg = 1.05 for A ≤ 0 (the defaults)
+    assert out.per_token_loss[0].tolist() == pytest.approx([-1.5 * 2.0, 0.5 * 2.0 / 1.05])
+    out.per_token_loss.sum().backward()
+    assert torch.allclose(lp.grad, -adv)
+    with pytest.raises(ConfigError, match="temperatures"):
+        sapo(lp, lp.detach(), adv, torch.tensor([[1, 1]]), tau_neg=0.0)
+
+
+def test_rollout_correction_weights_the_policy_term_not_the_kl():
+    old = torch.tensor([[-1.0, -1.0, -1.0, -1.0]])
+    rollout = old - torch.log(torch.tensor([[0.25, 1.0, 3.0, 1.0]]))  # ρ = old/rollout
+    mask = torch.tensor([[1, 1, 1, 0]])
+    adv = torch.tensor([[1.0, -1.0, 2.0, 5.0]])
+    ref = torch.tensor([[-1.2, -0.8, -1.0, 0.0]])
+    lp = old.clone().requires_grad_(True)
+    out = ppo_clip(lp, old, adv, mask, rollout_logprobs=rollout, ref_logprobs=ref, kl_coef=0.1)
+    w = torch.tensor([[0.25, 1.0, 2.0, 0.0]])  # TIS: min(ρ, 2), 0 on padding
+    assert torch.allclose(out.per_token_loss, (-adv * w + 0.1 * kl_k3(old, ref)) * mask)
+    assert float(out.metrics["rollout_is/truncated_fraction"]) == pytest.approx(1 / 3)
+    assert float(out.metrics["rollout_is/abs_logp_diff_mean"]) == pytest.approx(
+        (math.log(4) + 0 + math.log(3)) / 3)
+    assert float(out.metrics["rollout_is/abs_logp_diff_max"]) == pytest.approx(math.log(4))
+    assert float(out.metrics["rollout_is/ratio_mean"]) == pytest.approx((0.25 + 1 + 3) / 3)
+    assert float(out.metrics["rollout_is/weight_mean"]) == pytest.approx((0.25 + 1 + 2) / 3)
+    # MIS with the band [0.5, 2]: the 0.25× and 3× tokens are dropped, the others keep w = ρ
+    mis = RolloutCorrection(mode="mis", low=0.5, high=2.0)
+    out = reinforce(lp, adv, mask, old_logprobs=old, rollout_logprobs=rollout, rollout_correction=mis)
+    assert torch.allclose(out.per_token_loss, -adv * torch.tensor([[0.0, 1.0, 0.0, 0.0]]) * old)
+    assert float(out.metrics["rollout_is/masked_fraction"]) == pytest.approx(2 / 3)
+    # TIS with a floor: clip(ρ, 0.5, 1.5)
+    floor = RolloutCorrection(low=0.5, high=1.5)
+    out = reinforce(lp, adv, mask, old_logprobs=old, rollout_logprobs=rollout, rollout_correction=floor)
+    assert torch.allclose(out.per_token_loss, -adv * torch.tensor([[0.5, 1.0, 1.5, 0.0]]) * old)
+
+
+def test_rollout_correction_sequence_level_and_on_policy_default():
+    old = torch.tensor([[-1.0, -1.0, -1.0], [-1.0, -1.0, -1.0]])
+    rollout = old - torch.tensor([[0.2, 0.3, 9.0], [-0.5, -0.5, 0.0]])  # third token of row 0: padding
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    adv = torch.ones(2, 3)
+    seq = RolloutCorrection(level="sequence", high=1.5)
+    # row 0: ρ_seq = e^0.5 ≈ 1.65 → truncated at 1.5; row 1: e^−1 ≈ 0.37, kept
+    lp = old.clone().requires_grad_(True)
+    out = ppo_clip(lp, old, adv, mask, rollout_logprobs=rollout, rollout_correction=seq)
+    expected = -torch.tensor([[1.5, 1.5, 0.0], [math.exp(-1), math.exp(-1), 0.0]])
+    assert torch.allclose(out.per_token_loss, expected)
+    assert float(out.metrics["rollout_is/truncated_fraction"]) == pytest.approx(0.5)
+    # reinforce without old_logprobs: π_old is the current policy
+    out = reinforce(lp, adv, mask, rollout_logprobs=rollout)
+    assert torch.allclose(out.per_token_loss[0, :2], -torch.exp(torch.tensor([0.2, 0.3])) * old[0, :2])
+    with pytest.raises(ConfigError, match="low <= high"):
+        reinforce(lp, adv, mask, rollout_logprobs=rollout,
+                  rollout_correction=RolloutCorrection(low=2.0, high=1.0))
+    with pytest.raises(ConfigError, match="mode"):
+        reinforce(lp, adv, mask, rollout_logprobs=rollout,
+                  rollout_correction=RolloutCorrection(mode="clip"))
 
 
 def test_reinforce_kl_and_entropy_terms():
@@ -205,7 +310,8 @@ def test_micro_batches_sum_to_full_batch_loss_and_gradient(mode):
 
 
 def test_policy_registry():
-    assert {"ppo_clip", "ppo", "gspo", "reinforce", "vanilla_pg"} <= set(POLICY_LOSSES.names())
+    assert {"ppo_clip", "ppo", "gspo", "cispo", "sapo", "reinforce", "vanilla_pg"} <= set(
+        POLICY_LOSSES.names())
     assert {"token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm", "bnpo", "dapo",
             "grpo", "dr_grpo"} <= set(LOSS_AGGREGATIONS.names())
     mask = torch.tensor([[1, 1]])

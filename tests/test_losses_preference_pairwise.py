@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from alignlab.losses.preference import PREFERENCE_LOSSES, PreferenceInputs, update_group_weights
+from alignlab.losses.preference import (PREFERENCE_LOSSES, MissingInputError, PreferenceInputs,
+                                        update_group_weights)
 
 
 def ls(x: float) -> float:
@@ -74,14 +75,44 @@ def test_ipo_minimum_at_half_inverse_beta():
     assert above.item() == pytest.approx(1.0)  # (3 − 2)²: IPO also pulls margins *down* to 1/(2β)
 
 
+def test_ipo_length_normalize_divides_each_log_ratio_by_its_length():
+    inputs = pair(chosen_lengths=torch.tensor([4]), rejected_lengths=torch.tensor([2]))
+    # a/|y_c| − b/|y_r| = 1/4 + 0.5/2 = 0.5; 1/(2β) = 5
+    result = PREFERENCE_LOSSES.get("ipo")(inputs, beta=0.1, length_normalize=True)
+    assert result.losses.item() == pytest.approx((0.5 - 5) ** 2)
+    assert result.chosen_rewards.item() == pytest.approx(0.1 * 0.25)
+    assert loss("ipo", inputs, beta=0.1).item() == pytest.approx((1.5 - 5) ** 2)  # default: sums
+    with pytest.raises(MissingInputError, match="length_normalize"):
+        loss("ipo", pair(), length_normalize=True)
+
+
 def test_hinge_zero_beyond_margin():
     assert loss("hinge", pair(), beta=1.0).item() == 0.0  # βh = 1.5 ≥ 1
 
 
-def test_rdpo_length_penalises_longer_chosen():
+def test_rdpo_length_value():
     inputs = pair(chosen_lengths=torch.tensor([10]), rejected_lengths=torch.tensor([4]))
-    assert loss("rdpo_length", inputs, alpha=0.01).item() == pytest.approx(-ls(0.15 - 0.06))
+    # Park et al. 2024: the logit is βh + α(|y_w| − |y_l|) = 0.15 + 0.01·6
+    assert loss("rdpo_length", inputs, alpha=0.01).item() == pytest.approx(-ls(0.15 + 0.06))
     assert loss("rdpo_length", inputs, alpha=0.0).item() == pytest.approx(-ls(0.15))
+
+
+@pytest.mark.parametrize("chosen_len, rejected_len, smaller", [(10, 4, True), (4, 10, False)])
+def test_rdpo_length_gives_a_longer_chosen_answer_less_gradient_than_dpo(chosen_len, rejected_len,
+                                                                        smaller):
+    """The direction that a flipped sign would reverse: R-DPO exists to stop rewarding length."""
+    def chosen_grad(name, **kw):
+        c = t(-3.0).requires_grad_()
+        inputs = PreferenceInputs(chosen_logps=c, rejected_logps=t(-5.0), ref_chosen_logps=t(-4.0),
+                                  ref_rejected_logps=t(-4.5), chosen_lengths=torch.tensor([chosen_len]),
+                                  rejected_lengths=torch.tensor([rejected_len]))
+        PREFERENCE_LOSSES.get(name)(inputs, **kw).losses.sum().backward()
+        return c.grad.abs().item()
+
+    rdpo, dpo = chosen_grad("rdpo_length", beta=0.1, alpha=0.05), chosen_grad("dpo", beta=0.1)
+    assert (rdpo < dpo) == smaller
+    # |∂/∂π_c| = β·σ(−z): z = 0.15 ± 0.05·6
+    assert rdpo == pytest.approx(0.1 * sig(-(0.15 + 0.05 * (chosen_len - rejected_len))))
 
 
 def test_bco_pair_shift_and_mean_metric():
@@ -102,11 +133,33 @@ def test_discopop_blend():
         -ls(z) * (1 - mix) + math.exp(-z) * mix)
 
 
-def test_aot_pair_matches_sorted_quantiles():
+def test_aot_unpaired_on_pairs_sorts_chosen_and_rejected_log_ratios_apart():
     inputs = PreferenceInputs(chosen_logps=t(1.0, -1.0), rejected_logps=t(0.5, -2.0),
                               ref_chosen_logps=t(0.0, 0.0), ref_rejected_logps=t(0.0, 0.0))
     # sorted a = [−1, 1], sorted b = [−2, 0.5] → deltas [1, 0.5] (pairwise DPO would see [0.5, 1])
+    assert torch.allclose(loss("aot_unpaired_on_pairs", inputs), t(-ls(0.1), -ls(0.05)))
+    # the old name still computes the same formula
     assert torch.allclose(loss("aot_pair", inputs), t(-ls(0.1), -ls(0.05)))
+
+
+def test_aot_paired_compares_sorted_policy_margins_with_sorted_reference_margins():
+    inputs = PreferenceInputs(chosen_logps=t(-1.0, -2.0), rejected_logps=t(-4.0, -2.5),
+                              ref_chosen_logps=t(-3.0, -1.0), ref_rejected_logps=t(-2.0, -3.0))
+    # policy margins π_c − π_r = [3, 0.5] → sorted [0.5, 3]; reference margins [−1, 2] → [−1, 2]
+    # quantile deltas [1.5, 1]; label smoothing ε = 0.2 mixes in the flipped label
+    got = loss("aot_paired", inputs, beta=0.5, label_smoothing=0.2)
+    expected = [-0.8 * ls(0.5 * d) - 0.2 * ls(-0.5 * d) for d in (1.5, 1.0)]
+    assert torch.allclose(got, t(*expected))
+    # pairing matters: the unpaired form reads a = [2, −1], b = [−2, 0.5] → deltas [1, 1.5]
+    assert not torch.allclose(loss("aot_unpaired_on_pairs", inputs, beta=0.5),
+                              loss("aot_paired", inputs, beta=0.5))
+
+
+def test_fdpo_alpha_is_trls_coefficient_one_minus_alpha():
+    a, b, alpha = 1.0, -0.5, 0.3  # pair()'s log-ratios
+    trl_coef = 1 - alpha  # TRL: f'(u) = (u^(c−1) − 1)/(c − 1)
+    trl_logit = 0.1 * (math.expm1((trl_coef - 1) * a) - math.expm1((trl_coef - 1) * b)) / (trl_coef - 1)
+    assert loss("fdpo_alpha", pair(), alpha=alpha).item() == pytest.approx(-ls(trl_logit), rel=1e-9)
 
 
 def test_fdpo_alpha_one_is_forward_kl():
@@ -172,3 +225,40 @@ def test_group_robust_uniform_is_dpo_and_weights_scale():
     losses = PREFERENCE_LOSSES.get("group_robust_dpo")(inputs).metrics["group/losses"]
     alpha = update_group_weights(t(0.5, 0.5), losses, step_size=1.0)
     assert alpha.sum().item() == pytest.approx(1.0) and alpha[1] > alpha[0]  # group 1 has h = 0
+
+
+def test_sigmoid_norm_compares_per_token_log_ratios():
+    inputs = pair(chosen_lengths=torch.tensor([4]), rejected_lengths=torch.tensor([2]))
+    # a/|y_c| − b/|y_r| = 1/4 − (−0.5)/2 = 0.5
+    result = PREFERENCE_LOSSES.get("sigmoid_norm")(inputs, beta=2.0)
+    assert result.losses.item() == pytest.approx(-ls(2.0 * 0.5))
+    assert result.chosen_rewards.item() == pytest.approx(2.0 * 0.25)
+    assert result.rejected_rewards.item() == pytest.approx(2.0 * -0.25)
+    assert loss("sigmoid_norm", inputs).item() == pytest.approx(-ls(5.0 * 0.5))  # Tülu 3's β
+
+
+def ld_inputs():
+    """Chosen 4 tokens, rejected 2 (padded to 4): l_p = 2, the chosen tail is tokens 3–4."""
+    c = t(-1.0, -2.0, -3.0, -4.0)[None].requires_grad_()
+    r = t(-2.0, -1.0, 0.0, 0.0)[None].requires_grad_()
+    return PreferenceInputs(
+        chosen_token_logps=c, rejected_token_logps=r,
+        ref_chosen_token_logps=t(-1.5, -1.5, -2.0, -2.0)[None],
+        ref_rejected_token_logps=t(-1.0, -1.0, 0.0, 0.0)[None],
+        chosen_mask=torch.tensor([[1, 1, 1, 1]]), rejected_mask=torch.tensor([[1, 1, 0, 0]]))
+
+
+def test_ld_dpo_down_weights_the_longer_answers_tail():
+    inputs = ld_inputs()
+    # chosen per-token log-ratios [0.5, −0.5 | −1, −2]: shared 0, tail −3; rejected [−1, 0]: −1
+    result = PREFERENCE_LOSSES.get("ld_dpo")(inputs, beta=0.5, alpha=0.2)
+    a, b = 0.0 + 0.2 * -3.0, -1.0
+    assert result.losses.item() == pytest.approx(-ls(0.5 * (a - b)))
+    assert result.chosen_rewards.item() == pytest.approx(0.5 * a)
+    result.losses.sum().backward()
+    g = -0.5 * sig(-0.5 * (a - b))  # ∂loss/∂(log-ratio sum)
+    assert inputs.chosen_token_logps.grad[0].tolist() == pytest.approx([g, g, 0.2 * g, 0.2 * g])
+    assert inputs.rejected_token_logps.grad[0].tolist() == pytest.approx([-g, -g, 0.0, 0.0])
+    # the default α = 0.5, and α = 1 is DPO on the sums
+    assert loss("ld_dpo", ld_inputs()).item() == pytest.approx(-ls(0.1 * (0.5 * -3.0 + 1.0)))
+    assert loss("ld_dpo", ld_inputs(), alpha=1.0).item() == pytest.approx(-ls(0.1 * (-3.0 + 1.0)))

@@ -41,6 +41,20 @@ def test_simpo_value_without_reference_and_length_normalised():
     assert doubled.losses.item() == pytest.approx(result.losses.item())
 
 
+def test_alphapo_reward_shape_value():
+    # per-token log-probs −1.5 and −1.0; r_α = (1 − e^{−α·ℓ})/α
+    r = lambda mean, alpha: -math.expm1(-alpha * mean) / alpha  # noqa: E731
+    result = run("alphapo", policy_only(), beta=2.0, gamma=0.3, alpha=0.5)
+    assert result.losses.item() == pytest.approx(-ls(2.0 * (r(-1.5, 0.5) - r(-1.0, 0.5)) - 0.3))
+    assert result.chosen_rewards.item() == pytest.approx(2.0 * r(-1.5, 0.5))
+    # defaults: Mistral-Instruct's α = 0.25, β = 2.5, γ = 0.1
+    assert run("alphapo", policy_only()).losses.item() == pytest.approx(
+        -ls(2.5 * (r(-1.5, 0.25) - r(-1.0, 0.25)) - 0.1))
+    # α = 0 is SimPO
+    assert run("alphapo", policy_only(), beta=2.0, gamma=0.5, alpha=0.0).losses.item() == \
+        pytest.approx(run("simpo", policy_only(), beta=2.0, gamma=0.5).losses.item())
+
+
 def test_orpo_value_and_odds_ratio_term():
     pc, pr = -1.5, -1.0
     log_odds = (pc - pr) - (math.log1p(-math.exp(pc)) - math.log1p(-math.exp(pr)))

@@ -42,8 +42,8 @@ def test_registry_has_many_unambiguous_losses():
     for required in ("dpo", "cdpo", "rdpo_robust", "rdpo_length", "ipo", "hinge", "slic_hf", "simpo",
                      "orpo", "cpo", "kto", "bco_pair", "bco", "apo_zero", "apo_down", "nca_pair",
                      "exo_pair", "sppo_hard", "dpop", "wpo", "fdpo_reverse_kl", "fdpo_forward_kl",
-                     "fdpo_js", "fdpo_alpha", "discopop", "aot_pair", "aot_unpaired", "spo_degree",
-                     "lipo_lambda", "pro", "mmpo", "margin_matching", "sft", "sigmoid"):
+                     "fdpo_js", "fdpo_alpha", "discopop", "aot_pair", "aot_paired",
+                     "aot_unpaired_on_pairs", "aot_unpaired", "spo_degree", "lipo_lambda", "pro", "mmpo", "margin_matching", "sft", "sigmoid"):
         assert required in PREFERENCE_LOSSES
     for ambiguous in ("rdpo", "rpo", "spo", "apo", "aot", "fdpo"):
         assert ambiguous not in PREFERENCE_LOSSES
@@ -85,7 +85,7 @@ def test_gradient_raises_chosen_and_lowers_rejected(name):
     result = PREFERENCE_LOSSES.get(name)(inputs)
     assert result.losses.shape == (3,) and torch.isfinite(result.losses).all()
     result.losses.sum().backward()
-    if name == "sparse_po":
+    if "chosen_token_logps" in loss_spec(name).requires:  # token-level: sparse_po, ld_dpo
         g_c, g_r = inputs.chosen_token_logps.grad, inputs.rejected_token_logps.grad
     else:
         g_c = inputs.chosen_logps.grad

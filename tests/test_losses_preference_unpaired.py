@@ -64,6 +64,24 @@ def test_bco_value():
     assert result.metrics["rewards/mean"].item() == pytest.approx(0.0)
 
 
+def test_apo_zero_unpaired_value_and_weights():
+    # r = [1, −1, 0], labels [desirable, undesirable, desirable]
+    result = run("apo_zero_unpaired", unpaired(), beta=0.5, desirable_weight=2.0,
+                 undesirable_weight=0.5)
+    assert torch.allclose(result.losses, t(2.0 * (1 - sig(0.5)), 0.5 * sig(-0.5), 2.0 * 0.5))
+    assert torch.allclose(result.chosen_rewards, t(0.5, 0.0))
+    assert torch.allclose(run("apo_zero_unpaired", unpaired()).losses,
+                          t(1 - sig(0.1), sig(-0.1), 0.5))
+
+
+def test_apo_zero_unpaired_raises_desirable_and_lowers_undesirable_likelihoods():
+    inputs = unpaired()
+    inputs.logps.requires_grad_()
+    run("apo_zero_unpaired", inputs).losses.sum().backward()
+    grad = inputs.logps.grad
+    assert grad[0] < 0 and grad[2] < 0 and grad[1] > 0
+
+
 def test_aot_unpaired_quantiles():
     inputs = unpaired(logps=(-3.0, -5.0, -4.0, -6.0), labels=(True, False, True, False))
     # desirable r sorted [0, 1], undesirable [−2, −1] → deltas [2, 2]

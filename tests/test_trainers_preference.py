@@ -126,6 +126,14 @@ def test_config_errors_name_the_field(section, fields):
     assert all(f in str(err.value) for f in fields), str(err.value)
 
 
+def test_ipo_length_normalize_reaches_the_ipo_loss_only():
+    plan = plan_losses(PreferenceSection(loss="ipo", ipo_length_normalize=True))
+    assert plan.per_loss == {"ipo": {"length_normalize": True}}
+    assert plan_losses(PreferenceSection(loss="ipo")).per_loss == {}
+    with pytest.raises(ConfigError, match="preference.ipo_length_normalize"):
+        plan_losses(PreferenceSection(loss="dpo", ipo_length_normalize=True))
+
+
 def test_data_format_must_match_the_loss_kind(world_cache, tmp_path):
     cfg = _cfg(world_cache, tmp_path, "kto")
     cfg.data.format = "preference"

@@ -4,9 +4,17 @@ A policy loss in ``POLICY_LOSSES`` is called with keywords ``logprobs``, ``old_l
 ``advantages``, ``mask`` (all ``[B,T]``, padded, one sequence per row) plus its
 hyper-parameters, and returns ``PolicyLossOutput(per_token_loss [B,T], metrics)``: the loss of
 every completion token (0 outside ``mask``) and detached scalar metrics (masked means over the
-batch it was given). Optional terms shared by all of them: a KL-to-reference loss
-``kl_coef · KL_est(π‖π_ref)`` (GRPO style, estimator from ``alignlab.losses.kl``) and an
-entropy bonus ``−entropy_coef · H_t`` (``entropy [B,T]`` computed by the model side).
+batch it was given). Optional terms shared by all of them:
+
+- ``rollout_logprobs``: the sampler's log-probs of the same tokens; the policy-gradient term is
+  then weighted per token by TIS/MIS weights from exp(old − rollout) (``rollout_correction``,
+  see ``losses/rollout_correction.py``), the mismatch logged as ``rollout_is/*`` metrics;
+- a KL-to-reference loss ``kl_coef · KL_est(π‖π_ref)`` (GRPO style, estimator from
+  ``alignlab.losses.kl``), not importance-weighted;
+- an entropy bonus ``−entropy_coef · H_t`` (``entropy [B,T]`` computed by the model side),
+  added to every token's loss *before* aggregation, so it is averaged exactly like the policy
+  term. TRL's GRPO instead subtracts ``coef ·`` (token-mean entropy) after aggregation: the same
+  under ``token_mean``, weighted differently under ``seq_mean_token_mean`` and ``dr_grpo``.
 
 ``aggregate(per_token_loss, mask, mode) -> (loss_sum, num_items)`` turns it into the training
 loop's contract: the loop divides the *sum* of the micro-batches' ``loss_sum`` by their *total*
@@ -24,9 +32,11 @@ from alignlab.core.errors import ConfigError
 from alignlab.losses.advantages import masked_mean
 from alignlab.losses.kl import LOG_RATIO_CLAMP, token_kl
 from alignlab.core.registry import Registry
+from alignlab.losses.rollout_correction import RolloutCorrection, rollout_correction
 
 POLICY_LOSSES: Registry = Registry("policy loss")
 LOSS_AGGREGATIONS: Registry = Registry("loss aggregation")
+TIS = RolloutCorrection()
 
 
 class PolicyLossOutput(NamedTuple):
@@ -39,9 +49,16 @@ def _masked(x: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask.bool(), x, torch.zeros_like(x))
 
 
-def _regularise(loss: Tensor, metrics: dict[str, Tensor], logprobs: Tensor, mask: Tensor,
-                ref_logprobs: Tensor | None, kl_coef: float, kl_estimator: str,
-                entropy: Tensor | None, entropy_coef: float) -> PolicyLossOutput:
+def _finish(loss: Tensor, metrics: dict[str, Tensor], logprobs: Tensor, old_logprobs: Tensor | None,
+            mask: Tensor, rollout_logprobs: Tensor | None, correction: RolloutCorrection,
+            ref_logprobs: Tensor | None, kl_coef: float, kl_estimator: str,
+            entropy: Tensor | None, entropy_coef: float) -> PolicyLossOutput:
+    """Weight the policy-gradient term by the rollout correction, then add KL and entropy."""
+    if rollout_logprobs is not None:
+        old = logprobs.detach() if old_logprobs is None else old_logprobs
+        weights, is_metrics = rollout_correction(old, rollout_logprobs, mask, correction)
+        loss = loss * weights
+        metrics.update(is_metrics)
     if kl_coef and ref_logprobs is None:
         raise ValueError("kl_coef > 0 needs ref_logprobs (the reference model's log-probs)")
     if ref_logprobs is not None:
@@ -58,26 +75,35 @@ def _regularise(loss: Tensor, metrics: dict[str, Tensor], logprobs: Tensor, mask
     return PolicyLossOutput(_masked(loss, mask), metrics)
 
 
+def _ratio(log_ratio: Tensor, mask: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """ρ = exp(log ρ) (clamped) and its metrics: mean ρ and CleanRL's approx_kl."""
+    log_ratio = log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio)
+    with torch.no_grad():
+        metrics = {
+            "ratio_mean": masked_mean(ratio, mask),
+            # k3 estimate of KL(π_old‖π) from tokens sampled by π_old (CleanRL's approx_kl).
+            "approx_kl": masked_mean((ratio - 1.0) - log_ratio, mask),
+        }
+    return ratio, metrics
+
+
 def _clipped_surrogate(log_ratio: Tensor, advantages: Tensor, mask: Tensor, clip_eps_low: float,
                        clip_eps_high: float | None, dual_clip_c: float | None
                        ) -> tuple[Tensor, dict[str, Tensor]]:
     """max(−A·ρ, −A·clip(ρ, 1−ε_low, 1+ε_high)), capped at −c·A where A < 0 if c is given."""
     eps_high = clip_eps_low if clip_eps_high is None else clip_eps_high
-    log_ratio = log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    ratio = torch.exp(log_ratio)
+    ratio, metrics = _ratio(log_ratio, mask)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_eps_low, 1.0 + eps_high)
     loss = torch.maximum(unclipped, clipped)
     with torch.no_grad():
         is_clipped = clipped > unclipped
-        metrics = {
+        metrics.update({
             "clip_fraction": masked_mean(is_clipped.float(), mask),
             "clip_fraction_low": masked_mean((is_clipped & (ratio < 1)).float(), mask),
             "clip_fraction_high": masked_mean((is_clipped & (ratio > 1)).float(), mask),
-            "ratio_mean": masked_mean(ratio, mask),
-            # k3 estimate of KL(π_old‖π) from tokens sampled by π_old (CleanRL's approx_kl).
-            "approx_kl": masked_mean((ratio - 1.0) - log_ratio, mask),
-        }
+        })
     if dual_clip_c is not None:
         if dual_clip_c <= 1.0:
             raise ConfigError(f"dual_clip_c must be > 1, got {dual_clip_c}")
@@ -92,7 +118,8 @@ def _clipped_surrogate(log_ratio: Tensor, advantages: Tensor, mask: Tensor, clip
 @POLICY_LOSSES.register("ppo_clip", "ppo")
 def ppo_clip(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
              clip_eps_low: float = 0.2, clip_eps_high: float | None = None,
-             dual_clip_c: float | None = None, *, ref_logprobs: Tensor | None = None,
+             dual_clip_c: float | None = None, *, rollout_logprobs: Tensor | None = None,
+             rollout_correction: RolloutCorrection = TIS, ref_logprobs: Tensor | None = None,
              kl_coef: float = 0.0, kl_estimator: str = "k3", entropy: Tensor | None = None,
              entropy_coef: float = 0.0) -> PolicyLossOutput:
     """PPO clipped surrogate: ℓ_t = max(−A_t ρ_t, −A_t clip(ρ_t, 1−ε_low, 1+ε_high)).
@@ -104,14 +131,15 @@ def ppo_clip(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: T
     """
     loss, metrics = _clipped_surrogate(logprobs - old_logprobs, advantages, mask, clip_eps_low,
                                        clip_eps_high, dual_clip_c)
-    return _regularise(loss, metrics, logprobs, mask, ref_logprobs, kl_coef, kl_estimator,
-                       entropy, entropy_coef)
+    return _finish(loss, metrics, logprobs, old_logprobs, mask, rollout_logprobs,
+                   rollout_correction, ref_logprobs, kl_coef, kl_estimator, entropy, entropy_coef)
 
 
 @POLICY_LOSSES.register("gspo")
 def gspo(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
          clip_eps_low: float = 3e-4, clip_eps_high: float | None = 4e-4,
-         dual_clip_c: float | None = None, *, ref_logprobs: Tensor | None = None,
+         dual_clip_c: float | None = None, *, rollout_logprobs: Tensor | None = None,
+         rollout_correction: RolloutCorrection = TIS, ref_logprobs: Tensor | None = None,
          kl_coef: float = 0.0, kl_estimator: str = "k3", entropy: Tensor | None = None,
          entropy_coef: float = 0.0) -> PolicyLossOutput:
     """GSPO: PPO clipping on the sequence ratio s_i = exp(mean_t log ρ_it), applied to all tokens.
@@ -128,22 +156,73 @@ def gspo(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tenso
                                        clip_eps_high, dual_clip_c)
     has_tokens = mask.bool().any(dim=-1)
     metrics["seq_ratio_mean"] = masked_mean(seq_log_ratio.detach().exp(), has_tokens)
-    return _regularise(loss, metrics, logprobs, mask, ref_logprobs, kl_coef, kl_estimator,
-                       entropy, entropy_coef)
+    return _finish(loss, metrics, logprobs, old_logprobs, mask, rollout_logprobs,
+                   rollout_correction, ref_logprobs, kl_coef, kl_estimator, entropy, entropy_coef)
+
+
+@POLICY_LOSSES.register("cispo")
+def cispo(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+          clip_eps_low: float | None = None, clip_eps_high: float | None = 4.0, *,
+          rollout_logprobs: Tensor | None = None, rollout_correction: RolloutCorrection = TIS,
+          ref_logprobs: Tensor | None = None, kl_coef: float = 0.0, kl_estimator: str = "k3",
+          entropy: Tensor | None = None, entropy_coef: float = 0.0) -> PolicyLossOutput:
+    """CISPO: ℓ_t = −sg[clip(ρ_t, 1−ε_low, 1+ε_high)]·A_t·log π(y_t), clipping the IS weight.
+
+    MiniMax 2025, "MiniMax-M1: Scaling Test-Time Compute Efficiently with Lightning Attention".
+    Unlike PPO no token loses its gradient: the clipped weight only scales it. ``None`` leaves
+    that side unbounded; the defaults (no lower bound, cap 1+ε_high = 5) are the paper's
+    one-sided clip with TRL's recommended cap ε_max = 5 (from ScaleRL). Use ``token_mean``
+    aggregation, as the paper does. The value is −w·A·log π, not a surrogate of the return.
+    """
+    ratio, metrics = _ratio(logprobs.detach() - old_logprobs, mask)
+    low = 0.0 if clip_eps_low is None else 1.0 - clip_eps_low
+    high = None if clip_eps_high is None else 1.0 + clip_eps_high
+    weight = ratio.clamp(low, high)
+    with torch.no_grad():
+        metrics["clip_fraction"] = masked_mean((weight != ratio).float(), mask)
+    loss = -weight * advantages * logprobs
+    return _finish(loss, metrics, logprobs, old_logprobs, mask, rollout_logprobs,
+                   rollout_correction, ref_logprobs, kl_coef, kl_estimator, entropy, entropy_coef)
+
+
+@POLICY_LOSSES.register("sapo")
+def sapo(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+         tau_pos: float = 1.0, tau_neg: float = 1.05, *, rollout_logprobs: Tensor | None = None,
+         rollout_correction: RolloutCorrection = TIS, ref_logprobs: Tensor | None = None,
+         kl_coef: float = 0.0, kl_estimator: str = "k3", entropy: Tensor | None = None,
+         entropy_coef: float = 0.0) -> PolicyLossOutput:
+    """SAPO: ℓ_t = −(4/τ)·σ(τ(ρ_t − 1))·A_t, a soft gate instead of PPO's hard clip.
+
+    Gao et al. 2025 (Qwen), "Soft Adaptive Policy Optimization". τ = ``tau_pos`` where A_t > 0,
+    else ``tau_neg`` (larger, so updates that lower a token's probability fade faster off-policy).
+    The gate's slope 4σ(1−σ)·ρ is 1 at ρ = 1, so on-policy it is the GRPO gradient; away from
+    ρ = 1 the gradient decays smoothly instead of dropping to 0. Use ``seq_mean_token_mean``
+    aggregation, as the paper does (TRL, verl).
+    """
+    if tau_pos <= 0 or tau_neg <= 0:
+        raise ConfigError(f"sapo: temperatures must be > 0, got tau_pos={tau_pos}, tau_neg={tau_neg}")
+    ratio, metrics = _ratio(logprobs - old_logprobs, mask)
+    tau = torch.where(advantages > 0, torch.full_like(ratio, tau_pos), torch.full_like(ratio, tau_neg))
+    gate = torch.sigmoid(tau * (ratio - 1.0)) * 4.0 / tau
+    loss = -gate * advantages
+    return _finish(loss, metrics, logprobs, old_logprobs, mask, rollout_logprobs,
+                   rollout_correction, ref_logprobs, kl_coef, kl_estimator, entropy, entropy_coef)
 
 
 @POLICY_LOSSES.register("reinforce", "vanilla_pg")
 def reinforce(logprobs: Tensor, advantages: Tensor, mask: Tensor,
-              old_logprobs: Tensor | None = None, *, ref_logprobs: Tensor | None = None,
+              old_logprobs: Tensor | None = None, *, rollout_logprobs: Tensor | None = None,
+              rollout_correction: RolloutCorrection = TIS, ref_logprobs: Tensor | None = None,
               kl_coef: float = 0.0, kl_estimator: str = "k3", entropy: Tensor | None = None,
               entropy_coef: float = 0.0) -> PolicyLossOutput:
     """Vanilla policy gradient (REINFORCE, Williams 1992): ℓ_t = −A_t · log π(y_t).
 
     On-policy only: ``old_logprobs`` is accepted (so every policy loss takes the same keywords)
-    and ignored. Its gradient equals PPO's at ρ = 1; its value does not (−A·log π, not −A).
+    and ignored, except as π_old of the rollout correction (the current policy if None). Its
+    gradient equals PPO's at ρ = 1; its value does not (−A·log π, not −A).
     """
-    return _regularise(-advantages * logprobs, {}, logprobs, mask, ref_logprobs, kl_coef,
-                       kl_estimator, entropy, entropy_coef)
+    return _finish(-advantages * logprobs, {}, logprobs, old_logprobs, mask, rollout_logprobs,
+                   rollout_correction, ref_logprobs, kl_coef, kl_estimator, entropy, entropy_coef)
 
 
 # ---------------------------------------------------------------------------- aggregation
@@ -184,8 +263,11 @@ def seq_mean_token_sum_norm(per_token_loss: Tensor, mask: Tensor,
                             max_tokens: int | None = None) -> tuple[Tensor, int]:
     """Dr. GRPO (Liu et al. 2025): 1/G Σ_i Σ_t ℓ_it / L_max, with L_max a constant.
 
-    ``max_tokens`` must be given (the generation budget), not taken from the padded width, which
-    differs between micro-batches and would break the micro-batch invariance.
+    Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical Perspective". ``max_tokens``
+    is L_max, the generation budget (``max_new_tokens``, as in the paper and TRL's
+    ``max_completion_length``; an eos counts inside it, so not budget + 1). It must be given,
+    not taken from the padded width, which differs between micro-batches and would break the
+    micro-batch invariance.
     """
     if max_tokens is None or max_tokens <= 0:
         raise ConfigError("loss aggregation 'seq_mean_token_sum_norm' needs max_tokens (the "

@@ -85,6 +85,8 @@ class PreferenceSection(Section):
     pass (``models/packed_groups.py``); others a prompt pass with KV cache, then the completions."""
     heldout: int = Field(0, ge=0)
     """Rows kept out of training; their loss and reward accuracy go to ``heldout.json``."""
+    ipo_length_normalize: bool = False
+    """IPO on per-token (length-normalised) log-ratios, TRL's convention; off = Azar et al.'s sums."""
 
 
 @dataclass(frozen=True)
@@ -147,8 +149,13 @@ def plan_losses(section: PreferenceSection) -> LossPlan:
                        for p in (SHIFT_PARAM, GROUP_WEIGHTS))
     needs = input_needs(specs)
     check_references(section, needs.multi, hp, section.per_loss)
+    per_loss = {k: dict(v) for k, v in section.per_loss.items()}
+    if section.ipo_length_normalize:
+        if "ipo" not in weights:
+            raise ConfigError("field 'preference.ipo_length_normalize': only the ipo loss reads it")
+        per_loss.setdefault("ipo", {})["length_normalize"] = True
     return LossPlan(weights, kind, any(s.needs_reference for s in specs.values()), hp,
-                    {k: dict(v) for k, v in section.per_loss.items()}, shifted, needs, robust)
+                    per_loss, shifted, needs, robust)
 
 
 class PreferenceObjective:

@@ -2,7 +2,9 @@
 
 Wang et al. 2023, "Beyond Reverse KL: Generalizing Direct Preference Optimization with Diverse
 Divergence Constraints". With u = π/ref the implicit reward becomes β·f'(u), so the loss is
-−log σ(β·(f'(u_c) − f'(u_r))). Matches TRL's ``f_divergence_type``.
+−log σ(β·(f'(u_c) − f'(u_r))). Reverse KL, forward KL and JS match TRL's ``f_divergence_type``
+(up to constants that cancel in the difference); the α-divergence follows the paper, whose α is
+TRL's 1 − ``f_alpha_divergence_coef``.
 """
 
 from __future__ import annotations
@@ -63,7 +65,10 @@ def fdpo_js(inputs: PreferenceInputs, *, beta: float = 0.1) -> LossResult:
 def fdpo_alpha(inputs: PreferenceInputs, *, beta: float = 0.1, alpha: float = 0.5) -> LossResult:
     """f-DPO, α-divergence: f'(u) = (1 − u^{−α})/α, logit β·(e^{−αb} − e^{−αa})/α.
 
-    Wang et al. 2023, "Beyond Reverse KL". α → 0 recovers reverse KL, α = 1 is forward KL."""
+    Wang et al. 2023, "Beyond Reverse KL". α → 0 recovers reverse KL, α = 1 is forward KL. TRL
+    writes f'(u) = (u^{α'−1} − 1)/(α' − 1): its ``f_alpha_divergence_coef`` α' = 1 − α gives
+    this loss, and the same number passed to both agrees only at 0.5 (TRL's α' = 1 is reverse
+    KL). alignlab keeps the paper's α."""
     if alpha <= 0:
         raise ValueError(f"fdpo_alpha: alpha must be > 0, got {alpha}")
     return _fdpo(inputs, beta, lambda r: (1 - _capped_exp(-alpha * r)) / alpha)

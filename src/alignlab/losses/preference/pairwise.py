@@ -14,9 +14,11 @@ from torch import Tensor
 
 from alignlab.losses.preference.base import (
     LossResult,
+    MissingInputError,
     PreferenceInputs,
     implicit_rewards,
     logratios,
+    mean_logps,
     paired_result,
     preference_loss,
     smoothed_sigmoid_loss,
@@ -40,12 +42,27 @@ def dpo(inputs: PreferenceInputs, *, beta: float = 0.1, label_smoothing: float =
     return paired_result(losses, *implicit_rewards(inputs, beta))
 
 
+@preference_loss("sigmoid_norm", kind="paired", requires=(*PAIR, "chosen_lengths", "rejected_lengths"))
+def sigmoid_norm(inputs: PreferenceInputs, *, beta: float = 5.0) -> LossResult:
+    """Length-normalised DPO: −log σ(β·(a/|y_c| − b/|y_r|)), per-token log-ratios.
+
+    Meng et al. 2024, "SimPO" (appendix ablation "DPO w/ LN"), as trained in Lambert et al.
+    2024, "Tülu 3: Pushing Frontiers in Open Language Model Post-Training" (TRL
+    ``sigmoid_norm``). Per-token log-ratios are |y| times smaller than sums, hence the larger
+    default β (Tülu 3's 5; TRL keeps its usual 0.1). Rewards are β times the per-token ratios."""
+    a, b = logratios(inputs)
+    a, b = mean_logps(a, inputs.chosen_lengths), mean_logps(b, inputs.rejected_lengths)
+    losses = -F.logsigmoid(beta * (a - b))
+    return paired_result(losses, beta * a.detach(), beta * b.detach())
+
+
 @preference_loss("cdpo", kind="paired", requires=PAIR)
 def cdpo(inputs: PreferenceInputs, *, beta: float = 0.1, label_smoothing: float = 0.1) -> LossResult:
     """Conservative DPO: −(1−ε)·log σ(βh) − ε·log σ(−βh), labels flipped with probability ε.
 
-    Mitchell 2023, "A note on DPO with noisy preferences & relationship to IPO" (TRL's
-    ``sigmoid`` with ``label_smoothing``). ε = 0 is DPO."""
+    Mitchell 2023, "A note on DPO with noisy preferences & relationship to IPO". ε = 0 is DPO.
+    TRL 1.16's DPO ``sigmoid`` ignores ``label_smoothing``, so it has no equivalent there (its
+    ``robust`` is ``rdpo_robust``)."""
     losses = smoothed_sigmoid_loss(dpo_logits(inputs, beta), label_smoothing)
     return paired_result(losses, *implicit_rewards(inputs, beta))
 
@@ -67,25 +84,33 @@ def rdpo_robust(inputs: PreferenceInputs, *, beta: float = 0.1,
 
 @preference_loss("rdpo_length", kind="paired", requires=(*PAIR, "chosen_lengths", "rejected_lengths"))
 def rdpo_length(inputs: PreferenceInputs, *, beta: float = 0.1, alpha: float = 0.01) -> LossResult:
-    """Length-regularised DPO: −log σ(βh − α·(|y_c| − |y_r|)).
+    """Length-regularised DPO: −log σ(βh + α·(|y_c| − |y_r|)).
 
-    Park et al. 2024, "Disentangling Length from Quality in Direct Preference Optimization":
-    the margin a longer chosen answer must reach grows with its extra length."""
+    Park et al. 2024, "Disentangling Length from Quality in Direct Preference Optimization"
+    (R-DPO, the regulariser enters the logit as +α|y_w| − α|y_l|). A pair whose chosen answer is
+    longer already starts with a larger logit, so it gets *less* gradient than under DPO and a
+    longer-is-better shortcut is not rewarded; a shorter chosen answer gets more."""
     extra = (inputs.chosen_lengths - inputs.rejected_lengths).to(inputs.chosen_logps.dtype)
-    losses = -F.logsigmoid(dpo_logits(inputs, beta) - alpha * extra)
+    losses = -F.logsigmoid(dpo_logits(inputs, beta) + alpha * extra)
     return paired_result(losses, *implicit_rewards(inputs, beta))
 
 
-@preference_loss("ipo", kind="paired", requires=PAIR)
-def ipo(inputs: PreferenceInputs, *, beta: float = 0.1) -> LossResult:
+@preference_loss("ipo", kind="paired", requires=PAIR, optional=("chosen_lengths", "rejected_lengths"))
+def ipo(inputs: PreferenceInputs, *, beta: float = 0.1, length_normalize: bool = False) -> LossResult:
     """IPO: (h − 1/(2β))², a squared loss whose minimum is the finite margin h = 1/(2β).
 
     Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human
-    Preferences" (ΨPO with Ψ = identity). TRL averages log-probs per token for IPO; pass
-    length-normalised log-probs to reproduce that."""
+    Preferences" (ΨPO with Ψ = identity), on sequence sums as in the paper. ``length_normalize``
+    uses a/|y_c| − b/|y_r| instead, TRL's convention (config ``preference.ipo_length_normalize``);
+    the rewards are then β times those per-token log-ratios."""
     a, b = logratios(inputs)
+    if length_normalize:
+        if inputs.chosen_lengths is None or inputs.rejected_lengths is None:
+            raise MissingInputError("preference loss 'ipo' with length_normalize=True needs "
+                                    "chosen_lengths and rejected_lengths, which are None")
+        a, b = mean_logps(a, inputs.chosen_lengths), mean_logps(b, inputs.rejected_lengths)
     losses = (a - b - 1 / (2 * beta)) ** 2
-    return paired_result(losses, *implicit_rewards(inputs, beta))
+    return paired_result(losses, beta * a.detach(), beta * b.detach())
 
 
 @preference_loss("hinge", kind="paired", requires=PAIR)
@@ -126,10 +151,12 @@ def nca_pair(inputs: PreferenceInputs, *, beta: float = 0.1) -> LossResult:
 @preference_loss("bco_pair", kind="paired", requires=PAIR)
 def bco_pair(inputs: PreferenceInputs, *, beta: float = 0.1,
              reward_shift: float | Tensor = 0.0) -> LossResult:
-    """BCO on pairs: −log σ(βa − δ) − log σ(−(βb − δ)), δ = running mean of the rewards.
+    """BCO on pairs: −log σ(βa − δ) − log σ(−(βb − δ)), δ = mean of the rewards seen so far.
 
     Jung et al. 2024, "Binary Classifier Optimization for Large Language Model Alignment". The
-    trainer keeps δ (an EMA of ``metrics['rewards/mean']``) and passes it as ``reward_shift``."""
+    preference trainer keeps δ as the cumulative mean of every βa and βb of training so far
+    (TRL's ``RunningMoments``; the paper's "moving average" fixes no decay), saves it for resume
+    and passes it as ``reward_shift``. ``metrics['rewards/mean']`` is this batch's mean."""
     a, b = logratios(inputs)
     losses = -F.logsigmoid(beta * a - reward_shift) - F.logsigmoid(-(beta * b - reward_shift))
     chosen, rejected = implicit_rewards(inputs, beta)
@@ -197,14 +224,32 @@ def discopop(inputs: PreferenceInputs, *, beta: float = 0.05, tau: float = 0.05)
     return paired_result(losses, *implicit_rewards(inputs, beta))
 
 
-@preference_loss("aot_pair", kind="paired", requires=PAIR)
-def aot_pair(inputs: PreferenceInputs, *, beta: float = 0.1,
-             label_smoothing: float = 0.0) -> LossResult:
-    """AOT (paired): DPO loss between the sorted chosen and sorted rejected log-ratios,
-    −log σ(β·(sort(a)_i − sort(b)_i)): the chosen distribution should dominate the rejected one.
+@preference_loss("aot_paired", kind="paired", requires=PAIR)
+def aot_paired(inputs: PreferenceInputs, *, beta: float = 0.1,
+               label_smoothing: float = 0.0) -> LossResult:
+    """AOT, paired: −log σ(β·(sort(π_c − π_r)_i − sort(ref_c − ref_r)_i)) per quantile i.
 
     Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via Optimal Transport"
-    (TRL ``aot_pair``). ``losses[i]`` is the i-th quantile pair, not the i-th input pair."""
+    (paired form; TRL ``aot``): the policy's distribution of chosen-minus-rejected log-prob
+    margins should first-order dominate the reference's, solved by sorting (1-D optimal
+    transport). ``losses[i]`` is the i-th quantile pair, not the i-th input pair."""
+    delta = (torch.sort(inputs.chosen_logps - inputs.rejected_logps).values
+             - torch.sort(inputs.ref_chosen_logps - inputs.ref_rejected_logps).values)
+    losses = smoothed_sigmoid_loss(beta * delta, label_smoothing)
+    return paired_result(losses, *implicit_rewards(inputs, beta))
+
+
+@preference_loss("aot_unpaired_on_pairs", "aot_pair", kind="paired", requires=PAIR)
+def aot_unpaired_on_pairs(inputs: PreferenceInputs, *, beta: float = 0.1,
+                          label_smoothing: float = 0.0) -> LossResult:
+    """AOT, unpaired, on paired data: −log σ(β·(sort(a)_i − sort(b)_i)) per quantile i.
+
+    Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via Optimal Transport"
+    (unpaired form): the chosen log-ratios a = π_c − ref_c are read as one sample and the
+    rejected b = π_r − ref_r as another, the pairing is ignored, and the chosen distribution
+    should dominate the rejected one. TRL 1.16 calls this DPO ``aot_unpaired``; ``aot_pair`` is
+    kept as an alias because TRL < 1.0 (and alignlab before) used that name for this formula.
+    For the paper's paired form use ``aot_paired``; for labelled data ``aot_unpaired``."""
     a, b = logratios(inputs)
     delta = torch.sort(a).values - torch.sort(b).values
     losses = smoothed_sigmoid_loss(beta * delta, label_smoothing)

@@ -44,13 +44,33 @@ def simpo(inputs: PreferenceInputs, *, beta: float = 2.0, gamma: float = 0.5,
     return paired_result(losses, chosen.detach(), rejected.detach())
 
 
+@preference_loss("alphapo", kind="paired", requires=(*POLICY, *LENGTHS))
+def alphapo(inputs: PreferenceInputs, *, beta: float = 2.5, gamma: float = 0.1,
+            alpha: float = 0.25) -> LossResult:
+    """AlphaPO: SimPO with the reward r_α = (1 − π(y)^{−α/|y|})/α, −log σ(β·(r_α(y_c) − r_α(y_r)) − γ).
+
+    Gupta et al. 2025, "AlphaPO: Reward Shape Matters for LLM Alignment". α → 0 is SimPO's
+    per-token log-prob; α > 0 flattens the reward as the likelihood falls, limiting how far the
+    chosen likelihood is pushed down with the rejected one. Defaults: the paper's Mistral-Instruct
+    setting (α = 0.25, β = 2.5, γ = 0.1); TRL's CPOTrainer ``alpha``."""
+    def reward(logps, lengths):
+        mean = mean_logps(logps, lengths)
+        return mean if alpha == 0 else -torch.expm1(-alpha * mean) / alpha
+
+    chosen = beta * reward(inputs.chosen_logps, inputs.chosen_lengths)
+    rejected = beta * reward(inputs.rejected_logps, inputs.rejected_lengths)
+    losses = -F.logsigmoid(chosen - rejected - gamma)
+    return paired_result(losses, chosen.detach(), rejected.detach())
+
+
 @preference_loss("orpo", kind="paired", requires=(*POLICY, *LENGTHS))
 def orpo(inputs: PreferenceInputs, *, beta: float = 0.1) -> LossResult:
     """ORPO: NLL(chosen) − β·log σ(log odds(y_c) − log odds(y_r)), with odds(y) = p/(1−p) and
     log p = π/|y| the per-token average log-prob.
 
     Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model"
-    (β is the paper's λ; TRL ``ORPOTrainer``)."""
+    (β is the paper's λ). The NLL is over the response tokens only, as in the paper; TRL's
+    ``ORPOTrainer`` takes it over prompt and response, so its values differ."""
     pc = mean_logps(inputs.chosen_logps, inputs.chosen_lengths)
     pr = mean_logps(inputs.rejected_logps, inputs.rejected_lengths)
     # log(1 − p) from log p without cancellation; −1e-6 keeps log1p(−1) finite at p = 1

@@ -52,16 +52,34 @@ def kto(inputs: PreferenceInputs, *, beta: float = 0.1, desirable_weight: float 
 def bco(inputs: PreferenceInputs, *, beta: float = 0.1,
         reward_shift: float | Tensor = 0.0) -> LossResult:
     """BCO: a binary classifier on the implicit reward, −log σ(βr − δ) for desirable and
-    −log σ(−(βr − δ)) for undesirable outputs; δ is the running mean of βr.
+    −log σ(−(βr − δ)) for undesirable outputs; δ is the mean of βr seen so far.
 
     Jung et al. 2024, "Binary Classifier Optimization for Large Language Model Alignment". The
-    trainer updates δ from ``metrics['rewards/mean']`` and passes it as ``reward_shift``. (The
-    paper's density-ratio matching of prompts needs an embedding model and is left out.)"""
+    preference trainer keeps δ as the cumulative mean of every βr of training so far (TRL's
+    ``RunningMoments``; the paper's "moving average" fixes no decay), saves it for resume and
+    passes it as ``reward_shift``. (The paper's density-ratio matching of prompts needs an
+    embedding model and is left out.)"""
     labels = inputs.labels.bool()
     rewards = beta * (inputs.logps - inputs.ref_logps)
     logits = rewards - reward_shift
     losses = torch.where(labels, -F.logsigmoid(logits), -F.logsigmoid(-logits))
     return _unpaired_result(losses, rewards, labels)
+
+
+@preference_loss("apo_zero_unpaired", kind="unpaired", requires=UNPAIRED)
+def apo_zero_unpaired(inputs: PreferenceInputs, *, beta: float = 0.1, desirable_weight: float = 1.0,
+                      undesirable_weight: float = 1.0) -> LossResult:
+    """APO-zero, unpaired: λ_D·(1 − σ(βr)) for desirable and λ_U·σ(βr) for undesirable outputs.
+
+    D'Oosterlinck et al. 2024, "Anchored Preference Optimization and Contrastive Revisions:
+    Addressing Underspecification in Alignment" (``apo_zero`` with the pair split into its two
+    labelled halves; TRL's KTOTrainer ``apo_zero_unpaired``): raise desirable and lower
+    undesirable likelihoods, anchored at the reference, with no KL reference point."""
+    labels = inputs.labels.bool()
+    r = inputs.logps - inputs.ref_logps
+    losses = torch.where(labels, desirable_weight * (1 - torch.sigmoid(beta * r)),
+                         undesirable_weight * torch.sigmoid(beta * r))
+    return _unpaired_result(losses, beta * r, labels)
 
 
 @preference_loss("aot_unpaired", kind="unpaired", requires=UNPAIRED)
@@ -73,7 +91,8 @@ def aot_unpaired(inputs: PreferenceInputs, *, beta: float = 0.1,
 
     Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via Optimal Transport".
     With unequal counts both sides are read at the min(n_D, n_U) mid-quantiles (q = (i+½)/n);
-    ``losses`` has one entry per quantile, not per input."""
+    ``losses`` has one entry per quantile, not per input. On paired data the same objective is
+    ``aot_unpaired_on_pairs`` (TRL's DPO ``aot_unpaired``); the paired form is ``aot_paired``."""
     labels = inputs.labels.bool()
     r = inputs.logps - inputs.ref_logps
     good, bad = r[labels], r[~labels]

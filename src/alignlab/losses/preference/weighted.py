@@ -59,6 +59,36 @@ def sparse_po(inputs: PreferenceInputs, *, beta: float = 0.1) -> LossResult:
     return paired_result(losses, beta * a.detach(), beta * b.detach())
 
 
+def _shared_and_tail(logps: Tensor, mask: Tensor, shared_len: Tensor) -> tuple[Tensor, Tensor]:
+    """Sums of ``logps`` over a completion's first ``shared_len`` tokens and over the rest."""
+    m = mask.bool()
+    position = m.long().cumsum(-1)  # 1-based index among completion tokens
+    zero = torch.zeros_like(logps)
+    shared = torch.where(m & (position <= shared_len[:, None]), logps, zero).sum(-1)
+    tail = torch.where(m & (position > shared_len[:, None]), logps, zero).sum(-1)
+    return shared, tail
+
+
+@preference_loss("ld_dpo", kind="paired", requires=TOKENS)
+def ld_dpo(inputs: PreferenceInputs, *, beta: float = 0.1, alpha: float = 0.5) -> LossResult:
+    """LD-DPO: DPO whose log-probs count the longer answer's tail (past the shorter's length) × α.
+
+    Liu et al. 2024, "Length Desensitization in Direct Preference Optimization" (LD-DPO):
+    log π̂(y) = Σ_{t≤l_p} log π(y_t) + α·Σ_{t>l_p} log π(y_t) with l_p = min(|y_c|, |y_r|), for
+    policy and reference alike, so the verbose tail moves the margin less. α ∈ [0, 1]; α = 1 is
+    DPO. TRL's ``ld_alpha``; 0.5 is the paper's suggested start (the best α depends on the model)."""
+    shared_len = torch.minimum(inputs.chosen_mask.bool().sum(-1), inputs.rejected_mask.bool().sum(-1))
+
+    def log_ratio(logps: Tensor, ref: Tensor, mask: Tensor) -> Tensor:
+        shared, tail = _shared_and_tail(logps - ref, mask, shared_len)
+        return shared + alpha * tail
+
+    a = log_ratio(inputs.chosen_token_logps, inputs.ref_chosen_token_logps, inputs.chosen_mask)
+    b = log_ratio(inputs.rejected_token_logps, inputs.ref_rejected_token_logps, inputs.rejected_mask)
+    losses = -F.logsigmoid(beta * (a - b))
+    return paired_result(losses, beta * a.detach(), beta * b.detach())
+
+
 MULTI = ("chosen_logps", "rejected_logps", "ref_chosen_logps_multi", "ref_rejected_logps_multi")
 
 

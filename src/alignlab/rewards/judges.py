@@ -1,0 +1,141 @@
+"""Judges and critics: the feedback interfaces beside pointwise rewards (``registry.py``).
+
+- A **pairwise judge** returns, per prompt, ``P(a ≻ b)`` and its choice (``Verdict``). Adapters
+  make one from any pointwise reward by Bradley-Terry (``RewardJudge``: the world's gold
+  reward, a trained reward model or ensemble, any registered reward) and from a simulated
+  annotator (``AnnotatorJudge``: noisy, length-biased, cached labels).
+- A **text critic** returns written feedback per completion (``TextCritic``); ``ThresholdCritic``
+  writes it from a pointwise reward.
+- ``judge_pairs`` is the one pair-building step shared by offline preference data
+  (``alignlab data preferences``) and online preference learning: a prompt's samples are paired
+  (0, 1), (2, 3), …, identical pairs are dropped (counted), and the judge orders each pair.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from alignlab.rewards.annotator import SimulatedAnnotator
+
+PointwiseReward = Callable[[list[str], list[str]], Sequence[float]]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A judge's view of one pair (a, b)."""
+
+    p_a: float
+    """``P(a ≻ b)`` as the judge estimates it."""
+    a_preferred: bool | None
+    """Its choice; None for a tie."""
+    detail: Any = None
+    """The judge's own record (the annotator's ``PairLabel``, the two rewards)."""
+
+
+@runtime_checkable
+class PairwiseJudge(Protocol):
+    def judge(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> list[Verdict]:
+        """One verdict per (prompt, a, b), batched."""
+        ...
+
+
+@runtime_checkable
+class TextCritic(Protocol):
+    def critique(self, prompts: Sequence[str], completions: Sequence[str]) -> list[str]:
+        """Written feedback on each completion, batched."""
+        ...
+
+
+class RewardJudge:
+    """A pointwise reward as a pairwise judge (Bradley-Terry): P(a ≻ b) = σ((r_a − r_b)/τ); the
+    choice is the higher reward, a tie when the rewards are equal."""
+
+    def __init__(self, reward: PointwiseReward, temperature: float = 1.0) -> None:
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.reward, self.temperature = reward, temperature
+
+    def judge(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> list[Verdict]:
+        if not prompts:
+            return []
+        n = len(prompts)
+        r = [float(x) for x in self.reward(list(prompts) * 2, list(a) + list(b))]
+        out = []
+        for ra, rb in zip(r[:n], r[n:]):
+            p = 1.0 / (1.0 + math.exp(-(ra - rb) / self.temperature))
+            out.append(Verdict(p, None if ra == rb else ra > rb, (ra, rb)))
+        return out
+
+
+class AnnotatorJudge:
+    """A simulated annotator (``annotator.py``) as a pairwise judge: its Bradley-Terry
+    probability (before the flip) and its possibly flipped, possibly tied label."""
+
+    def __init__(self, annotator: SimulatedAnnotator) -> None:
+        self.annotator = annotator
+
+    def judge(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> list[Verdict]:
+        if not prompts:
+            return []
+        return [Verdict(lab.p_a, lab.a_preferred, lab)
+                for lab in self.annotator.label_pairs(prompts, a, b)]
+
+
+class ThresholdCritic:
+    """Feedback from a pointwise reward: ``praise`` at or above ``threshold``, else ``advice``,
+    each followed by the score (e.g. a sentiment scorer's "make it more positive")."""
+
+    def __init__(self, reward: PointwiseReward, threshold: float, *, praise: str,
+                 advice: str) -> None:
+        self.reward, self.threshold = reward, threshold
+        self.praise, self.advice = praise, advice
+
+    def critique(self, prompts: Sequence[str], completions: Sequence[str]) -> list[str]:
+        scores = self.reward(list(prompts), list(completions))
+        return [f"{self.praise if s >= self.threshold else self.advice} (score {s:.2f})"
+                for s in scores]
+
+
+@dataclass(frozen=True)
+class JudgedPair:
+    """One judged pair of a prompt's samples: ``group``/``a``/``b`` index the prompt and two of
+    its samples; ``chosen``/``rejected`` are a/b as the verdict orders them (a first on a tie)."""
+
+    group: int
+    a: int
+    b: int
+    verdict: Verdict
+
+    @property
+    def chosen(self) -> int:
+        return self.b if self.verdict.a_preferred is False else self.a
+
+    @property
+    def rejected(self) -> int:
+        return self.a if self.verdict.a_preferred is False else self.b
+
+
+def judge_pairs(prompts: Sequence[str], groups: Sequence[Sequence[str]], judge: PairwiseJudge,
+                *, limit: int | None = None, counts: Counter | None = None) -> list[JudgedPair]:
+    """Pair each prompt's samples (0, 1), (2, 3), … and judge every pair in one call.
+
+    Pairs of identical samples carry no preference: they are dropped and counted in
+    ``counts["dropped_identical"]``; at most ``limit`` pairs are judged."""
+    counts = counts if counts is not None else Counter()
+    todo: list[tuple[int, int, int]] = []
+    for g, samples in enumerate(groups):
+        for j in range(0, len(samples) - 1, 2):
+            if samples[j] == samples[j + 1]:
+                counts["dropped_identical"] += 1
+            else:
+                todo.append((g, j, j + 1))
+    todo = todo[:limit] if limit is not None else todo
+    if not todo:
+        return []
+    verdicts = judge.judge([prompts[g] for g, _, _ in todo], [groups[g][a] for g, a, _ in todo],
+                           [groups[g][b] for g, _, b in todo])
+    return [JudgedPair(g, a, b, v) for (g, a, b), v in zip(todo, verdicts)]
