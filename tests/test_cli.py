@@ -63,3 +63,17 @@ def test_bad_config_is_rejected_by_field_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "alignlab.cli", "train", "ppo_nope"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "allowed values:" in proc.stderr and "sft" in proc.stderr
+
+
+def test_train_online_dpo_from_the_cli(tiny_world, world_cache, tmp_path):
+    out = tmp_path / "odpo"
+    result = runner.invoke(app, [
+        "train", "online_dpo", "--config", "examples/online_dpo_world.yaml",
+        "--set", "world.preset=tiny", "--set", f"world.cache_dir={world_cache}",
+        "--set", f"train.output_dir={out}", "--set", "train.max_steps=1",
+        "--set", "train.progress=false", "--set", "rollout.prompts_per_step=2",
+        "--set", "rollout.max_new_tokens=8", "--set", "online_dpo.judge.kind=annotator"])
+    assert result.exit_code == 0, result.output
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["step"] == 1 and row["pairs"] + row["ties"] + row["dropped_identical"] == 4
+    assert (out / "final" / "model.safetensors").exists()

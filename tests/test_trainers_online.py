@@ -128,3 +128,28 @@ def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(world_ca
     assert resumed.result.history[0]["step"] == 3
     for (name, a), b in zip(full.state_dict().items(), resumed.model.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
+
+
+def test_cispo_with_a_rollout_correction_logs_the_sampler_mismatch(world_cache, tmp_path):
+    from alignlab.algorithms.policy_gradient.config import RolloutCorrectionSection
+
+    run = train_policy_gradient(_cfg(world_cache, tmp_path, steps=2, policy_loss="cispo",
+                                     epochs=2, minibatch_size=16,
+                                     rollout_correction=RolloutCorrectionSection(mode="mis",
+                                                                                 low=0.5)),
+                                "grpo")
+    last = run.result.history[-1]
+    # The built-in engine samples with the trained weights: the sampler's log-probs are the
+    # trainer's up to kernel rounding, so nothing is masked.
+    assert 0 <= last["rollout_is/abs_logp_diff_mean"] < 1e-2
+    assert last["rollout_is/masked_fraction"] == 0.0
+    assert last["rollout_is/weight_mean"] == pytest.approx(1.0, abs=1e-2)
+
+
+def test_sapo_runs_and_rejects_the_ppo_clip_range(world_cache, tmp_path):
+    run = train_policy_gradient(_cfg(world_cache, tmp_path, steps=1, policy_loss="sapo",
+                                     policy_loss_kwargs={"tau_pos": 0.9}), "grpo")
+    assert run.result.history[-1]["optimizer_steps"] == 1
+    with pytest.raises(ConfigError, match="rl.policy_loss_kwargs"):
+        train_policy_gradient(_cfg(world_cache, tmp_path / "bad", steps=1, policy_loss="sapo",
+                                   policy_loss_kwargs={"clip_eps_low": 0.1}), "grpo")

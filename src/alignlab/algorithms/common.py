@@ -9,10 +9,11 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
-from alignlab.core.config import DataSection, ModelSection, WorldSection, dump_config
+from alignlab.core.config import DataSection, ModelSection, RolloutSection, WorldSection, dump_config
 from alignlab.data.loading import RowSet, load_rows, rows_from_list
 from alignlab.data.tokenize import TokenizedRows, tokenize_rows
 from alignlab.core.errors import ConfigError
+from alignlab.engine.prompts import PromptSource
 from alignlab.models.loading import LoraSettings, load_model, load_tokenizer
 from alignlab.world.resolve import is_world, resolve_model_path, world_task
 from alignlab.core.io import atomic_write_text, replace_dir
@@ -34,6 +35,18 @@ def load_data_rows(data: DataSection, world: WorldSection, *, n_default: int = 2
         rows = task.demonstrations(data.limit or n_default, seed=world.seed)
         return rows_from_list(rows, format="prompt_completion", source=data.source)
     return load_rows(data.source, format=data.format, split=data.split, limit=data.limit)
+
+
+def load_prompt_source(rollout: RolloutSection, world: WorldSection, seed: int
+                       ) -> tuple[PromptSource, Any]:
+    """The prompts of online training and the world task they come from (None for a file of
+    ``prompt_only`` rows, whose extra columns reach rewards as fields)."""
+    src = rollout.prompts
+    if is_world(src):
+        task = world_task(src, world, "rollout.prompts")
+        return PromptSource([{"prompt": p} for p in task.train_prompts], seed), task
+    rows = load_rows(src, format="prompt_only")
+    return PromptSource([dict(r) for r in rows], seed), None
 
 
 def load_training_rows(data: DataSection, world: WorldSection, tokenizer: Any) -> TokenizedRows:

@@ -33,4 +33,5 @@ ALGORITHMS: Registry[AlgorithmEntry] = Registry("algorithm", builtins=(
     "alignlab.algorithms.preference.trainer",
     "alignlab.algorithms.reward_model.trainer",
     "alignlab.algorithms.policy_gradient.run",
+    "alignlab.algorithms.online_preference.online_dpo",
 ))

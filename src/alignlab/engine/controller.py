@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from alignlab.core.config import TrainSection
-from alignlab.core.runtime import seed_everything
 from alignlab.engine.learner import Learner, Units
 from alignlab.engine.loop import TrainResult
 from alignlab.engine.prompts import PromptSource
@@ -79,6 +78,15 @@ class OnlineSetup:
     """The task's gold reward, logged as ``gold_mean`` (never trained on)."""
 
 
+@dataclass
+class OnlineRun:
+    """What an online trainer returns: the loop's result and the trained model."""
+
+    result: TrainResult
+    model: Any
+    tokenizer: Any
+
+
 def run_online(setup: OnlineSetup, cfg: TrainSection, description: str) -> TrainResult:
     """``cfg.max_steps`` iterations of ``setup.algorithm``; the caller saves the final model."""
     learner, algorithm, rollout = setup.learner, setup.algorithm, setup.rollout
@@ -129,4 +137,4 @@ def _rollout_metrics(rolls: Rollouts, m: dict[str, float], it: int, max_new_toke
               f"hit rollout.max_new_tokens={max_new_tokens}; their rewards may be meaningless")
 
 
-__all__ = ["OnlineAlgorithm", "OnlineSetup", "run_online", "seed_everything"]
+__all__ = ["OnlineAlgorithm", "OnlineRun", "OnlineSetup", "run_online"]

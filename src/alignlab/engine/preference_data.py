@@ -31,6 +31,7 @@ from typing import Any, Literal
 from alignlab.core.errors import ConfigError
 from alignlab.rewards.rso import build_pairs, statistical_rejection_sampling
 from alignlab.rewards.annotator import SimulatedAnnotator
+from alignlab.rewards.judges import AnnotatorJudge, judge_pairs
 from alignlab.rollout.sampling import sample
 
 GenFormat = Literal["preference", "unpaired", "ranked"]
@@ -118,20 +119,15 @@ def generate_preferences(model, tokenizer, task, n: int, *, samples_per_prompt: 
     k = samples_per_prompt
     state: dict[str, Any] = {"threshold": threshold}
 
+    judge = AnnotatorJudge(annotator)
+
     def pairs(prompts, groups, need):
-        queries = []
-        for p, comps in zip(prompts, groups):
-            for j in range(0, len(comps) - 1, 2):
-                if comps[j] == comps[j + 1]:
-                    counts["dropped_identical"] += 1
-                else:
-                    queries.append((p, comps[j], comps[j + 1]))
-        queries = queries[:need]
-        labels = annotator.label_pairs(*zip(*queries)) if queries else []
         rows = []
-        for (p, a, b), lab in zip(queries, labels):
-            a_wins = lab.a_preferred is not False
-            row = {"prompt": p, "chosen": a if a_wins else b, "rejected": b if a_wins else a}
+        for pair in judge_pairs(prompts, groups, judge, limit=need, counts=counts):
+            lab, comps = pair.verdict.detail, groups[pair.group]
+            row = {"prompt": prompts[pair.group], "chosen": comps[pair.chosen],
+                   "rejected": comps[pair.rejected]}
+            a_wins = pair.chosen == pair.a
             g_c, g_r = (lab.gold_a, lab.gold_b) if a_wins else (lab.gold_b, lab.gold_a)
             if margin:
                 row["margin"] = g_c - g_r

@@ -32,6 +32,8 @@ class Rollouts:
     """Which of the step's prompts each completion answers (the group id)."""
     prompt_ids: list[list[int]] | None = None
     """The prompt's token ids, one list per completion; None: ``to_batch`` tokenizes ``prompts``."""
+    logprobs: list[list[float]] | None = None
+    """The sampler's log-probs of each completion's tokens (the eos that ended it included)."""
 
 
 class RolloutRole:
@@ -78,8 +80,9 @@ class RolloutRole:
         comp = [c[:-1] if why == "eos" else list(c)
                 for c, why in zip(rb.completion_ids, rb.finish_reasons)]
         index = [i for i in range(len(prompts)) for _ in range(n)]
+        logprobs = [rb.logprobs[i, :len(c)].tolist() for i, c in enumerate(rb.completion_ids)]
         return Rollouts([prompts[i] for i in index], rb.texts, comp, rb.finish_reasons, index,
-                        [ids[i] for i in index])
+                        [ids[i] for i in index], logprobs)
 
     def to_batch(self, r: Rollouts) -> dict[str, torch.Tensor]:
         """Right-padded prompt+completion(+eos when it stopped) ids; ``loss_mask`` on the completion."""
@@ -90,4 +93,9 @@ class RolloutRole:
             # learns to stop.
             rows.append(list(p) + list(ids) + ([self.eos] if why == "eos" else []))
             starts.append(len(p))
-        return completion_rows(rows, starts, self.pad)
+        batch = completion_rows(rows, starts, self.pad)
+        if r.logprobs is not None:  # the sampler's view of the same tokens, for IS corrections
+            batch["rollout_logprobs"] = torch.zeros(batch["loss_mask"].shape)
+            for b, (start, lps) in enumerate(zip(starts, r.logprobs)):
+                batch["rollout_logprobs"][b, start:start + len(lps)] = torch.tensor(lps)
+        return batch

@@ -19,6 +19,15 @@ class RewardSandboxSection(Section):
     """Address-space (virtual memory) limit of the worker in MiB (null: none)."""
 
 
+class RolloutCorrectionSection(Section):
+    """Importance weights from the sampler's to the trainer's log-probs (``losses/rollout_correction.py``)."""
+
+    mode: Literal["tis", "mis"] = "tis"
+    level: Literal["token", "sequence"] = "token"
+    low: float | None = Field(None, gt=0)
+    high: float | None = Field(2.0, gt=0)
+
+
 class RLSection(Section):
     reward: str | dict[str, float] = "gold"
     """``gold``, a registered reward, ``module:function``, or ``{name: weight, ...}``."""
@@ -41,6 +50,14 @@ class RLSection(Section):
     """Completions per optimizer step; default: the whole rollout batch (one step per epoch)."""
     clip_eps_low: float = Field(0.2, gt=0)
     clip_eps_high: float | None = Field(None, gt=0)
+    policy_loss: Literal["ppo_clip", "gspo", "cispo", "sapo"] | None = None
+    """The registered policy loss; None: ``gspo`` when ``importance`` is ``sequence``, else
+    ``ppo_clip`` (``clip_eps_*`` apply to these two only)."""
+    policy_loss_kwargs: dict[str, float] = {}
+    """Hyper-parameters of the policy loss (e.g. SAPO's ``tau_pos``, CISPO's ``clip_eps_high``)."""
+    rollout_correction: RolloutCorrectionSection | None = None
+    """Weight the policy gradient by TIS/MIS weights exp(old − rollout) against the sampler's
+    log-probs; the mismatch is logged as ``rollout_is/*``."""
     importance: Literal["token", "sequence"] = "token"
     """``sequence``: GSPO's sequence-level ratio (grpo)."""
     loss_aggregation: Literal["grpo", "dr_grpo", "dapo", "bnpo", "token_mean",

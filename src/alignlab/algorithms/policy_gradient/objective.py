@@ -3,11 +3,14 @@ aggregation, on log-probs of the policy as the algorithm defines it."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 
+from alignlab.core.errors import ConfigError
 from alignlab.losses.policy import POLICY_LOSSES, aggregate, num_items
+from alignlab.losses.rollout_correction import RolloutCorrection
 from alignlab.models.shared_tokens import grouped_token_logprobs
 from alignlab.engine.loop import LossOutput
 
@@ -21,10 +24,22 @@ class PolicyObjective:
     def __init__(self, policy_loss: str = "ppo_clip", aggregation: str = "token_mean", *,
                  clip_eps_low: float = 0.2, clip_eps_high: float | None = None,
                  kl_coef: float = 0.0, kl_estimator: str = "k3", max_tokens: int | None = None,
-                 temperature: float = 1.0, entropy: bool = False, prefix_sharing: bool = True) -> None:
+                 temperature: float = 1.0, entropy: bool = False, prefix_sharing: bool = True,
+                 loss_kwargs: dict[str, Any] | None = None,
+                 rollout_correction: RolloutCorrection | None = None) -> None:
         self.loss_fn = POLICY_LOSSES.get(policy_loss)
         self.aggregation, self.max_tokens = aggregation, max_tokens
-        self.clip = dict(clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high)
+        accepted = inspect.signature(self.loss_fn).parameters
+        # PPO's clip range goes only to losses that clip the same ratio (not SAPO's soft gate,
+        # nor CISPO, whose own defaults bound the IS weight, not the ratio).
+        clip = ({"clip_eps_low": clip_eps_low, "clip_eps_high": clip_eps_high}
+                if policy_loss in ("ppo_clip", "ppo", "gspo") else {})
+        self.clip = {**clip, **(loss_kwargs or {})}
+        unknown = sorted(set(self.clip) - set(accepted))
+        if unknown:
+            raise ConfigError(f"field 'rl.policy_loss_kwargs': {unknown} are not hyper-parameters "
+                              f"of {policy_loss!r}; accepted: {sorted(accepted)}")
+        self.rollout_correction = rollout_correction
         self.kl_coef, self.kl_estimator = kl_coef, kl_estimator
         self.temperature, self.entropy = temperature, entropy
         self.prefix_sharing = prefix_sharing
@@ -52,7 +67,11 @@ class PolicyObjective:
         # Absent when the rollout batch gets exactly one optimizer step: the sampling policy is
         # then the current one, so the ratio is exactly 1 and an extra forward pass is saved.
         old = batch["old_logprobs"] if "old_logprobs" in batch else lp.detach()
-        res = self.loss_fn(lp, old, batch["advantages"], mask, **self.clip,
+        extra: dict[str, Any] = {}
+        if self.rollout_correction is not None:
+            extra = {"rollout_logprobs": batch["rollout_logprobs"],
+                     "rollout_correction": self.rollout_correction}
+        res = self.loss_fn(lp, old, batch["advantages"], mask, **self.clip, **extra,
                            ref_logprobs=batch.get("ref_logprobs"), kl_coef=self.kl_coef,
                            kl_estimator=self.kl_estimator, entropy=ent)
         loss_sum, items = aggregate(res.per_token_loss, mask, self.aggregation, self.max_tokens)

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import copy
 import functools
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from alignlab.algorithms.common import load_policy, save_final
+from alignlab.algorithms.common import load_policy, load_prompt_source, save_final
 from alignlab.algorithms.policy_gradient.algorithm import PolicyGradient
 from alignlab.algorithms.policy_gradient.config import RL_SECTIONS, OnlineRLConfig, RLSection, config_for
 from alignlab.algorithms.policy_gradient.nlpo import NLPO, ActionMask, MaskedPolicyObjective
@@ -25,36 +24,15 @@ from alignlab.algorithms.policy_gradient.spec import RL_ALGORITHMS, RLAlgorithm
 from alignlab.algorithms.registry import ALGORITHMS, AlgorithmEntry
 from alignlab.core.errors import ConfigError
 from alignlab.core.runtime import pick_device, seed_everything
-from alignlab.engine.controller import OnlineSetup, run_online
+from alignlab.engine.controller import OnlineRun, OnlineSetup, run_online
 from alignlab.engine.learner import Learner
-from alignlab.engine.loop import TrainResult
-from alignlab.engine.prompts import PromptSource
+from alignlab.losses.rollout_correction import RolloutCorrection
 from alignlab.rewards.sandbox import Limits
 from alignlab.rewards.scoring import RewardRole, build_reward_role
 from alignlab.rollout.role import RolloutRole
-from alignlab.world.resolve import is_world, world_task
 
 ALGORITHM_CLASSES: dict[str, type[PolicyGradient]] = {"ppo": PPO, "nlpo": NLPO}
 """Algorithms with their own hooks; every other name is a ``PolicyGradient`` of its spec."""
-
-
-@dataclass
-class OnlineRun:
-    result: TrainResult
-    model: torch.nn.Module
-    tokenizer: Any
-
-
-def load_prompts(cfg: OnlineRLConfig) -> tuple[PromptSource, Any]:
-    """(the prompt source, the world task or None)."""
-    src = cfg.rollout.prompts
-    if is_world(src):
-        task = world_task(src, cfg.world, "rollout.prompts")
-        return PromptSource([{"prompt": p} for p in task.train_prompts], cfg.train.seed), task
-    from alignlab.data.loading import load_rows
-
-    rows = load_rows(src, format="prompt_only")
-    return PromptSource([dict(r) for r in rows], cfg.train.seed), None
 
 
 def build_reward(cfg: RLSection, task: Any) -> RewardRole:
@@ -78,12 +56,15 @@ def make_objective(spec: RLAlgorithm, cfg: OnlineRLConfig, max_tokens: int, *,
         cls = functools.partial(MaskedPolicyObjective, action_mask)
     else:
         cls = PolicyObjective
+    correction = (RolloutCorrection(**rl.rollout_correction.model_dump())
+                  if rl.rollout_correction is not None else None)
     return cls(
-        "gspo" if rl.importance == "sequence" else "ppo_clip",
+        rl.policy_loss or ("gspo" if rl.importance == "sequence" else "ppo_clip"),
         rl.loss_aggregation or spec.aggregation, clip_eps_low=rl.clip_eps_low,
         clip_eps_high=rl.clip_eps_high, kl_coef=rl.kl_coef if kl_in == "loss" else 0.0,
         kl_estimator=rl.kl_estimator or spec.kl_estimator, max_tokens=max_tokens,
-        temperature=cfg.rollout.temperature, entropy=rl.entropy, prefix_sharing=rl.prefix_sharing)
+        temperature=cfg.rollout.temperature, entropy=rl.entropy, prefix_sharing=rl.prefix_sharing,
+        loss_kwargs=rl.policy_loss_kwargs, rollout_correction=correction)
 
 
 def train_policy_gradient(cfg: OnlineRLConfig, algorithm: str) -> OnlineRun:
@@ -97,7 +78,7 @@ def train_policy_gradient(cfg: OnlineRLConfig, algorithm: str) -> OnlineRun:
         raise ConfigError("field 'rl.critic': nlpo takes a separate critic (its policy "
                           "log-probs are restricted to the action mask); use 'separate'")
     seed_everything(cfg.train.seed)
-    prompts, task = load_prompts(cfg)
+    prompts, task = load_prompt_source(cfg.rollout, cfg.world, cfg.train.seed)
     rewards = build_reward(cfg.rl, task)
     model, tokenizer = load_policy(cfg.model, cfg.world)
     max_new = cfg.rollout.max_new_tokens or (task.max_new_tokens if task is not None else 64)
