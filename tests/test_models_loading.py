@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from alignlab.core.errors import ConfigError
 from alignlab.models import loading
-from alignlab.models.loading import (LoraSettings, load_model, load_reference_model,
+from alignlab.core.config import LoraSettings
+from alignlab.models.loading import (load_model, load_reference_model,
                                      load_tokenizer)
 
 
@@ -81,7 +83,7 @@ def test_lora_only_adapters_trainable(saved_model):
     model = load_model(path, dtype="float32", lora=LoraSettings(r=4, alpha=8))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
-    with pytest.raises(ConfigError, match="lora.r"):
+    with pytest.raises(ValidationError, match="r"):
         LoraSettings(r=0)
 
 

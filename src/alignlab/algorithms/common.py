@@ -14,16 +14,15 @@ from alignlab.data.loading import RowSet, load_rows, rows_from_list
 from alignlab.data.tokenize import TokenizedRows, tokenize_rows
 from alignlab.core.errors import ConfigError
 from alignlab.engine.prompts import PromptSource
-from alignlab.models.loading import LoraSettings, load_model, load_tokenizer
+from alignlab.models.loading import load_model, load_tokenizer
 from alignlab.world.resolve import is_world, resolve_model_path, world_task
 from alignlab.core.io import atomic_write_text, replace_dir
 
 
 def load_policy(model_cfg: ModelSection, world: WorldSection) -> tuple[torch.nn.Module, Any]:
     path = resolve_model_path(model_cfg.name_or_path, world)
-    lora = LoraSettings(**model_cfg.lora.model_dump()) if model_cfg.lora else None
     model = load_model(path, dtype=model_cfg.dtype, trust_remote_code=model_cfg.trust_remote_code,
-                       lora=lora, attn_implementation=model_cfg.attn_implementation)
+                       lora=model_cfg.lora, attn_implementation=model_cfg.attn_implementation)
     tokenizer = load_tokenizer(path, trust_remote_code=model_cfg.trust_remote_code)
     return model, tokenizer
 

@@ -20,10 +20,16 @@ class Section(BaseModel):
 
 
 class LoraSettings(Section):
+    """LoRA adapter (Hu et al. 2021, "LoRA"): ``W + (alpha / r) B A`` on ``target_modules``.
+
+    ``target_modules="all-linear"`` is PEFT's shorthand for every linear layer except the output
+    embedding (which keeps ``token_logprobs`` on its chunked path)."""
+
     r: int = Field(8, gt=0)
-    alpha: int = Field(16, gt=0)
+    alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: str | list[str] = "all-linear"
+    modules_to_save: list[str] | None = None
 
 
 class ModelSection(Section):

@@ -8,42 +8,19 @@ not exist locally and cannot be fetched raises ``ConfigError`` naming it, not a 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from alignlab.core.config import LoraSettings
 from alignlab.core.errors import ConfigError
 
 DTYPES: dict[str, torch.dtype | str] = {
     "auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
-
-
-@dataclass
-class LoraSettings:
-    """LoRA adapter (Hu et al. 2021, "LoRA"): ``W + (alpha / r) B A`` on ``target_modules``.
-
-    ``target_modules="all-linear"`` is PEFT's shorthand for every linear layer except the output
-    embedding (which keeps ``token_logprobs`` on its chunked path).
-    """
-
-    r: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.0
-    target_modules: str | list[str] = "all-linear"
-    modules_to_save: list[str] | None = field(default=None)
-
-    def __post_init__(self) -> None:
-        if self.r < 1:
-            raise ConfigError(f"lora.r must be >= 1, got {self.r}")
-        if self.alpha <= 0:
-            raise ConfigError(f"lora.alpha must be > 0, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
@@ -154,5 +131,5 @@ def load_tokenizer(name_or_path: str | os.PathLike, trust_remote_code: bool = Fa
     return tokenizer
 
 
-__all__ = ["LoraSettings", "load_model", "load_reference_model", "load_tokenizer", "freeze",
+__all__ = ["load_model", "load_reference_model", "load_tokenizer", "freeze",
            "apply_lora", "resolve_dtype", "from_pretrained_checked", "model_load_kwargs"]
