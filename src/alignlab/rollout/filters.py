@@ -23,8 +23,8 @@ def apply_temperature(logits: Tensor, temperature: float) -> Tensor:
 
 
 def _sorted_desc(values: Tensor) -> Tensor:
-    """Each row sorted in descending order, values only. On CPU numpy's value sort is ~30x faster
-    than ``torch.sort`` (which always builds indices); this was most of a small model's step."""
+    """Each row sorted in descending order, values only. On CPU numpy's value sort is much faster
+    than ``torch.sort``, which always builds indices (figures: ``benchmarks/README.md``)."""
     if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64):
         return torch.from_numpy(np.ascontiguousarray(np.sort(values.numpy(), axis=-1)[..., ::-1]))
     return torch.sort(values, dim=-1, descending=True).values
