@@ -69,4 +69,6 @@ def save_final(model: torch.nn.Module, tokenizer: Any, cfg: BaseModel, output_di
     tokenizer.save_pretrained(tmp)
     atomic_write_text(tmp / "alignlab_config.yaml", dump_config(cfg))
     replace_dir(tmp, final)
+    # Only now is the run finished: a run that died before its final model never looks done.
+    atomic_write_text(Path(output_dir) / "DONE", "final\n")
     return final

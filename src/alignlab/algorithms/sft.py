@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from alignlab.engine.run import prepare_output_dir
 from alignlab.core.config import DataSection, EvalSection, ModelSection, Section, TrainSection, WorldSection
 from alignlab.data.batches import make_batches
 from alignlab.engine.objectives import NLLObjective
@@ -34,6 +35,7 @@ class SFTRun:
 
 def run_sft(cfg: SFTConfig) -> SFTRun:
     """Load model and data as the config says, train, and save the final model."""
+    prepare_output_dir(cfg.train)  # before anything slow is loaded
     from alignlab.algorithms.common import load_policy, load_training_rows, save_final
 
     model, tokenizer = load_policy(cfg.model, cfg.world)

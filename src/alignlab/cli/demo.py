@@ -46,7 +46,8 @@ DEMO_SETTINGS = {
 
 def _train_section(out: Path, name: str, steps: int, batch: int, lr: float, seed: int, progress: bool) -> TrainSection:
     return TrainSection(output_dir=str(out / name), max_steps=steps, batch_size=batch, lr=lr,
-                        warmup_steps=min(10, steps // 5), log_every=5, seed=seed, progress=progress)
+                        warmup_steps=min(10, steps // 5), log_every=5, seed=seed, progress=progress,
+                        overwrite=True)  # the demo is re-run in place: each run replaces the last
 
 
 def run_demo(preset: str = "full", out: str | Path = "runs/demo", seed: int = 0,
@@ -112,7 +113,7 @@ def run_demo(preset: str = "full", out: str | Path = "runs/demo", seed: int = 0,
     grpo = train_policy_gradient(OnlineRLConfig(
         model=ModelSection(name_or_path=str(sft_dir)), world=world_cfg,
         train=OnlineTrainSection(output_dir=str(out / "grpo"), max_steps=s["rl_steps"], lr=s["rl_lr"],
-                             batch_size=32, seed=seed, progress=progress),
+                             batch_size=32, seed=seed, progress=progress, overwrite=True),
         rollout=RolloutSection(prompts=f"world:{task}", prompts_per_step=8, n=4),
         rl=RLSection(reward="gold", kl_coef=0.04, kl_estimator="k3", kl_in="loss",
                      loss_aggregation="dapo", clip_eps_high=0.28, dynamic_sampling=True)), "grpo")

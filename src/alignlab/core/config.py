@@ -81,6 +81,9 @@ class TrainSection(Section):
     save_total_limit: int = Field(2, gt=0)
     resume: bool = False
     """Resume from the newest checkpoint in ``output_dir`` when one exists."""
+    overwrite: bool = False
+    """Replace an earlier run in ``output_dir`` (its checkpoints, metrics, final model, DONE);
+    without it (or ``resume``) a non-empty run directory is refused."""
     tensorboard: bool = True
     progress: bool = True
     gradient_checkpointing: bool = False

@@ -31,3 +31,7 @@ class NonFiniteError(AlignlabError):
 
 class RewardError(AlignlabError):
     """A reward function raised, timed out, or returned a non-finite value."""
+
+
+class TrainingError(AlignlabError):
+    """Training ran but produced no update (every step was skipped)."""

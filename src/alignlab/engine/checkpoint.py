@@ -9,6 +9,7 @@ temporary name and renamed into place; ``latest`` names the newest complete one.
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -16,8 +17,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
+from alignlab.core.errors import AlignlabError
 from alignlab.core.io import atomic_write_text, replace_dir
 
 
@@ -44,38 +47,74 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class CheckpointError(AlignlabError):
+    """A checkpoint could not be written or read."""
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.split("-", 1)[1])
+
+
 def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module,
                     trainer_state: dict[str, Any], keep: int = 2) -> Path:
+    """Write ``checkpoints/step-N`` atomically, point ``latest`` at it, keep the newest ``keep``.
+
+    A failed write (a full disk) removes the partial copy and leaves the previous checkpoint
+    and ``latest`` as they were."""
     ckpt_root = Path(output_dir) / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:07d}"
     tmp = ckpt_root / f".tmp-{name}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
-    torch.save({**trainer_state, "rng": rng_state(), "step": step}, tmp / "trainer_state.pt")
-    (tmp / "meta.json").write_text(json.dumps({"step": step}) + "\n")
-    replace_dir(tmp, ckpt_root / name)
-    atomic_write_text(ckpt_root / "latest", name + "\n")
-    for old in sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())[:-keep]:
+    try:
+        tmp.mkdir()
+        save_model(model, str(tmp / "model.safetensors"))
+        torch.save({**trainer_state, "rng": rng_state(), "step": step}, tmp / "trainer_state.pt")
+        (tmp / "meta.json").write_text(json.dumps({"step": step}) + "\n")
+        replace_dir(tmp, ckpt_root / name)
+        atomic_write_text(ckpt_root / "latest", name + "\n")
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = (ckpt_root / "latest").read_text().strip() if (ckpt_root / "latest").exists() else None
+        raise CheckpointError(f"could not write checkpoint {ckpt_root / name}: {exc.strerror or exc}; "
+                              f"the previous checkpoint ({previous or 'none'}) is kept") from None
+    older = sorted((p for p in ckpt_root.glob("step-*") if p.is_dir() and p.name != name),
+                   key=_step_of)
+    for old in older[:max(0, len(older) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
     return ckpt_root / name
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The checkpoint ``latest`` names; None when there is no pointer (a fresh run). A pointer
+    to a missing checkpoint is an error, not a silent restart from step 0."""
     ckpt_root = Path(output_dir) / "checkpoints"
     pointer = ckpt_root / "latest"
     if not pointer.exists():
         return None
     path = ckpt_root / pointer.read_text().strip()
-    return path if (path / "trainer_state.pt").exists() else None
+    if not (path / "trainer_state.pt").exists():
+        raise CheckpointError(f"{pointer} names {path.name}, which is missing or incomplete; "
+                              "remove the pointer to start over, or point it at a complete "
+                              "checkpoint")
+    return path
+
+
+def earlier_checkpoints(path: Path) -> list[Path]:
+    """Complete checkpoints older than ``path``, newest first (fallbacks for a damaged one)."""
+    return sorted((p for p in path.parent.glob("step-*")
+                   if p.is_dir() and _step_of(p) < _step_of(path)
+                   and (p / "trainer_state.pt").exists()), key=_step_of, reverse=True)
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module) -> dict[str, Any]:
     path = Path(path)
-    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    try:
+        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+        state = torch.load(path / "trainer_state.pt", weights_only=True, map_location="cpu")
+    except (OSError, RuntimeError, EOFError, SafetensorError, pickle.UnpicklingError) as exc:
+        raise CheckpointError(f"checkpoint {path} is damaged: {exc}") from None
     if unexpected:
-        raise RuntimeError(f"checkpoint {path} has weights the model lacks: {unexpected[:5]}")
-    state = torch.load(path / "trainer_state.pt", weights_only=True, map_location="cpu")
+        raise CheckpointError(f"checkpoint {path} has weights the model lacks: {unexpected[:5]}")
     set_rng_state(state.pop("rng"))
     return state

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from alignlab.core.config import TrainSection
+from alignlab.core.errors import TrainingError
 from alignlab.engine.learner import Learner, Units
 from alignlab.engine.loop import TrainResult
 from alignlab.engine.prompts import PromptSource
@@ -100,6 +101,7 @@ def run_online(setup: OnlineSetup, cfg: TrainSection, description: str) -> Train
         return {"learner": learner.state_dict(), "algorithm": algorithm.state_dict()}
 
     t_run = time.time()
+    updated = 0
     with run.open(start):
         for it in range(start, cfg.max_steps):
             rows = setup.prompts.batch(it, setup.prompts_per_step)
@@ -121,11 +123,17 @@ def run_online(setup: OnlineSetup, cfg: TrainSection, description: str) -> Train
             else:
                 m.update(learner.update(units))
                 algorithm.after_update(units, m)
+                updated += 1
             m.update({"time_rollout": t1 - t0, "time_reward": t2 - t1,
                       "time_update": time.time() - t2})
             run.step_done(it + 1, m, algorithm.progress_info(m), trainer_state)
     seconds = time.time() - t_run  # the training loop; loading and the final save excluded
-    run.finish(cfg.max_steps)
+    if updated == 0 and cfg.max_steps > start:
+        # A run that never learned must not end like one that did (with a "final" model that
+        # is the starting one): the causes are in the metrics (reward_skipped, pairs, ...).
+        raise TrainingError(f"no iteration updated the model: all {cfg.max_steps - start} "
+                            f"iterations were skipped (nothing scored or judged to learn from); "
+                            f"see {run.output_dir / 'metrics.jsonl'}")
     return TrainResult(cfg.max_steps, run.history, run.output_dir, seconds)
 
 

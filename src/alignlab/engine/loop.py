@@ -128,7 +128,6 @@ def train(model: torch.nn.Module, algorithm: Algorithm, batches: Iterable[dict[s
             if on_step is not None:
                 on_step(step, metrics)
             run.step_done(step, metrics, f"loss {loss_total:.4f}", trainer_state)
-    run.finish(step)
     return TrainResult(step=step, history=run.history, output_dir=run.output_dir,
                        seconds=time.time() - t0)
 

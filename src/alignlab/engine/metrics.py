@@ -10,7 +10,10 @@ from typing import Any
 
 
 class MetricsLogger:
-    def __init__(self, output_dir: str | Path, *, tensorboard: bool = True) -> None:
+    def __init__(self, output_dir: str | Path, *, tensorboard: bool = True,
+                 purge_step: int | None = None) -> None:
+        """``purge_step``: a resumed run's first step; TensorBoard drops the earlier run's events
+        from that step on (they were logged after the checkpoint the run resumed from)."""
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(self.dir / "metrics.jsonl", "a", encoding="utf-8")
@@ -18,7 +21,7 @@ class MetricsLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(self.dir / "tensorboard"))
+            self._tb = SummaryWriter(log_dir=str(self.dir / "tensorboard"), purge_step=purge_step)
         self.history: list[dict[str, Any]] = []
 
     def log(self, step: int, metrics: dict[str, float]) -> None:

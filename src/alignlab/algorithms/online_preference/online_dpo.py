@@ -27,6 +27,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
+from alignlab.engine.run import prepare_output_dir
 from alignlab.algorithms.common import load_policy, load_prompt_source, save_final
 from alignlab.algorithms.preference.reference import compute_reference_logps
 from alignlab.algorithms.preference.trainer import (PreferenceObjective, PreferenceSection,
@@ -157,6 +158,7 @@ class OnlineDPO(OnlineAlgorithm):
 
 def train_online_dpo(cfg: OnlineDPOConfig) -> OnlineRun:
     """Train ``cfg.train.max_steps`` online DPO iterations and save the final policy."""
+    prepare_output_dir(cfg.train)  # before anything slow is loaded
     section = cfg.online_dpo
     plan = plan_losses(section)
     offline_only = [f for f in ("reference", "reference_models", "heldout", "prefix_sharing")

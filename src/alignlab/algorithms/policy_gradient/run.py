@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from alignlab.engine.run import prepare_output_dir
 from alignlab.algorithms.common import load_policy, load_prompt_source, save_final
 from alignlab.algorithms.policy_gradient.algorithm import PolicyGradient
 from alignlab.algorithms.policy_gradient.config import RL_SECTIONS, OnlineRLConfig, RLSection, config_for
@@ -69,6 +70,7 @@ def make_objective(spec: RLAlgorithm, cfg: OnlineRLConfig, max_tokens: int, *,
 
 def train_policy_gradient(cfg: OnlineRLConfig, algorithm: str) -> OnlineRun:
     """Train ``cfg.train.max_steps`` RL iterations of ``algorithm`` and save the final policy."""
+    prepare_output_dir(cfg.train)  # before anything slow is loaded
     spec = RL_ALGORITHMS[algorithm]
     cls = ALGORITHM_CLASSES.get(algorithm, PolicyGradient)
     if spec.grouped and cfg.rollout.n < 2:

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
+from alignlab.engine.run import prepare_output_dir
 from alignlab.core.config import DataSection, EvalSection, ModelSection, Section, TrainSection, WorldSection
 from alignlab.data.loading import load_rows, rows_from_list
 from alignlab.data.preference_batches import KIND_FORMATS, add_kl_completions, collate_groups
@@ -358,6 +359,7 @@ def choose_layout(section: PreferenceSection, data: DataSection, model: torch.nn
 def run_preference(cfg: PreferenceConfig) -> PreferenceRun:
     """Load policy and data, precompute the reference log-probs (if any loss needs them), train
     and save the final model."""
+    prepare_output_dir(cfg.train)  # before anything slow is loaded
     plan = plan_losses(cfg.preference)
     model, tokenizer = load_policy(cfg.model, cfg.world)
     columns = plan.needs.column_map()

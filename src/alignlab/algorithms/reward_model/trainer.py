@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator
 
+from alignlab.engine.run import prepare_output_dir
 from alignlab.core.config import DataSection, ModelSection, Section, TrainSection, WorldSection, dump_config
 from alignlab.algorithms.reward_model.batches import collate, example_rewards
 from alignlab.core.errors import ConfigError
@@ -249,6 +250,7 @@ def save_reward_model(ensemble: Any, tokenizer: Any, cfg: RewardConfig, output_d
         tokenizer.save_pretrained(d)
     atomic_write_text(tmp / "alignlab_config.yaml", dump_config(cfg))
     replace_dir(tmp, final)
+    atomic_write_text(Path(output_dir) / "DONE", "final\n")
     return final
 
 
@@ -264,6 +266,7 @@ class RewardRun:
 
 def run_reward(cfg: RewardConfig) -> RewardRun:
     """Load, train every ensemble member, evaluate on the held-out split, save ``final``."""
+    prepare_output_dir(cfg.train)  # before anything slow is loaded
     from alignlab.algorithms.reward_model.evaluate import evaluate_reward_model as evaluate_rewards
     from alignlab.models.loading import load_tokenizer
     from alignlab.rewards.reward_model import RewardEnsemble
