@@ -153,3 +153,28 @@ def test_sapo_runs_and_rejects_the_ppo_clip_range(world_cache, tmp_path):
     with pytest.raises(ConfigError, match="rl.policy_loss_kwargs"):
         train_policy_gradient(_cfg(world_cache, tmp_path / "bad", steps=1, policy_loss="sapo",
                                    policy_loss_kwargs={"clip_eps_low": 0.1}), "grpo")
+
+
+SEEN_PROMPTS: list[str] = []
+
+
+def remember_prompts(prompts, completions, **fields):
+    SEEN_PROMPTS.extend(prompts)
+    return [0.0 if i % 2 else 1.0 for i in range(len(completions))]
+
+
+def test_conversational_prompts_go_through_the_chat_template(world_cache, tmp_path):
+    rows = [{"prompt": [{"role": "user", "content": f"write a review of the museum {i}"}]}
+            for i in range(4)]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = _cfg(world_cache, tmp_path / "run", steps=1,
+               reward="tests.test_trainers_online:remember_prompts")
+    cfg.rollout.prompts, cfg.rollout.prompts_per_step, cfg.rollout.max_new_tokens = str(path), 2, 6
+    import importlib
+
+    seen = importlib.import_module("tests.test_trainers_online").SEEN_PROMPTS  # the reward's module
+    seen.clear()
+    train_policy_gradient(cfg, "grpo")
+    assert seen and all(p.startswith("<|user|> write a review of the museum")
+                        and p.rstrip().endswith("<|assistant|>") for p in seen), seen[:2]

@@ -28,7 +28,8 @@ import torch
 from pydantic import Field
 
 from alignlab.engine.run import prepare_output_dir
-from alignlab.algorithms.common import load_policy, load_prompt_source, save_final
+from alignlab.algorithms.common import (load_policy, load_prompt_source, render_chat_prompts,
+                                       save_final)
 from alignlab.algorithms.preference.reference import compute_reference_logps
 from alignlab.algorithms.preference.trainer import (PreferenceObjective, PreferenceSection,
                                                     choose_layout, plan_losses)
@@ -176,6 +177,7 @@ def train_online_dpo(cfg: OnlineDPOConfig) -> OnlineRun:
     prompts, task = load_prompt_source(cfg.rollout, cfg.world, cfg.train.seed)
     judge = make_judge(section.judge, task, cfg.train.seed)
     model, tokenizer = load_policy(cfg.model, cfg.world)
+    render_chat_prompts(prompts, tokenizer)
     device = pick_device(cfg.train.device)
     # The initial policy, copied before a checkpoint is loaded into the model.
     reference = copy.deepcopy(model).requires_grad_(False).eval().to(device)

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from alignlab.engine.run import prepare_output_dir
-from alignlab.algorithms.common import load_policy, load_prompt_source, save_final
+from alignlab.algorithms.common import (load_policy, load_prompt_source, render_chat_prompts,
+                                       save_final)
 from alignlab.algorithms.policy_gradient.algorithm import PolicyGradient
 from alignlab.algorithms.policy_gradient.config import RL_SECTIONS, OnlineRLConfig, RLSection, config_for
 from alignlab.algorithms.policy_gradient.nlpo import NLPO, ActionMask, MaskedPolicyObjective
@@ -83,6 +84,7 @@ def train_policy_gradient(cfg: OnlineRLConfig, algorithm: str) -> OnlineRun:
     prompts, task = load_prompt_source(cfg.rollout, cfg.world, cfg.train.seed)
     rewards = build_reward(cfg.rl, task)
     model, tokenizer = load_policy(cfg.model, cfg.world)
+    render_chat_prompts(prompts, tokenizer)
     max_new = cfg.rollout.max_new_tokens or (task.max_new_tokens if task is not None else 64)
     device = pick_device(cfg.train.device)
     # Copies of the initial policy, made before any checkpoint is loaded into it.
