@@ -15,6 +15,7 @@ from alignlab.data.tokenize import TokenizedRows, tokenize_rows
 from alignlab.errors import ConfigError
 from alignlab.models.loading import LoraSettings, load_model, load_tokenizer
 from alignlab.utils.io import atomic_write_text, replace_dir
+from alignlab.utils.runtime import seed_everything
 
 WORLD_PREFIX = "world:"
 
@@ -35,8 +36,13 @@ def resolve_model_path(name_or_path: str, world: WorldSection) -> str:
     return str(get_world(world).base_dir)
 
 
-def load_policy(model_cfg: ModelSection, world: WorldSection) -> tuple[torch.nn.Module, Any]:
+def load_policy(model_cfg: ModelSection, world: WorldSection,
+                seed: int | None = None) -> tuple[torch.nn.Module, Any]:
+    """The policy and its tokenizer; ``seed`` seeds every RNG first, so randomly initialised
+    parts (LoRA adapters) are the same in every run and in a resumed one."""
     path = resolve_model_path(model_cfg.name_or_path, world)
+    if seed is not None:
+        seed_everything(seed)
     lora = LoraSettings(**model_cfg.lora.model_dump()) if model_cfg.lora else None
     model = load_model(path, dtype=model_cfg.dtype, trust_remote_code=model_cfg.trust_remote_code,
                        lora=lora, attn_implementation=model_cfg.attn_implementation)

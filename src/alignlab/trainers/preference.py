@@ -352,7 +352,7 @@ def run_preference(cfg: PreferenceConfig) -> PreferenceRun:
     """Load policy and data, precompute the reference log-probs (if any loss needs them), train
     and save the final model."""
     plan = plan_losses(cfg.preference)
-    model, tokenizer = load_policy(cfg.model, cfg.world)
+    model, tokenizer = load_policy(cfg.model, cfg.world, seed=cfg.train.seed)
     columns = plan.needs.column_map()
     tokenized = load_preference_examples(cfg.data, cfg.world, tokenizer, plan.kind, columns)
     examples, pad = tokenized.examples, tokenized.pad_token_id

@@ -261,12 +261,13 @@ def init_model(path: str, cfg: RewardConfig, seed: int) -> torch.nn.Module:
     to keep training."""
     from alignlab.models.heads import HEAD_CONFIG, CausalLMWithScalarHead, load_reward_model
     from alignlab.models.loading import from_pretrained_checked
+    from alignlab.utils.runtime import seed_everything
     from transformers import AutoConfig
 
     m = cfg.model
     if m.lora is not None:
         raise ConfigError("model.lora: the reward trainer trains the full backbone; remove lora")
-    torch.manual_seed(seed)  # the head's initialisation differs per ensemble member
+    seed_everything(seed)  # before any model is built; the head's init differs per member
     config = None if (Path(path) / HEAD_CONFIG).is_file() else from_pretrained_checked(
         AutoConfig, path, trust_remote_code=m.trust_remote_code)
     archs = list(getattr(config, "architectures", None) or [])
