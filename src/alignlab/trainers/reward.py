@@ -26,7 +26,7 @@ from pydantic import Field, field_validator
 from alignlab.config import DataSection, ModelSection, Section, TrainSection, WorldSection, dump_config
 from alignlab.data.collate import join_prompt_completion, pack_collate, pad_collate, preference_collate
 from alignlab.errors import ConfigError
-from alignlab.losses.reward import REWARD_MODEL_LOSSES, centering_penalty
+from alignlab.losses.reward import REWARD_MODEL_LOSSES, centering_penalty, loss_format
 from alignlab.trainers.batches import EpochBatches
 from alignlab.trainers.loop import LossOutput, TrainResult, train
 from alignlab.trainers.metrics import MetricsLogger
@@ -278,8 +278,11 @@ def init_model(path: str, cfg: RewardConfig, seed: int) -> torch.nn.Module:
             raise ConfigError(f"reward.ensemble.num_heads is {cfg.reward.ensemble.num_heads} but "
                               f"the reward model at {path} has {model.num_heads} heads")
         return model
+    # Comparisons are blind to a constant shift: a bias is learnt only from score regression or
+    # centering. Without one, AutoModelForSequenceClassification scores the saved model exactly.
+    bias = loss_format(cfg.reward.loss) == "prompt_completion" or cfg.reward.center_coef > 0
     return CausalLMWithScalarHead.from_causal_lm(
-        path, num_heads=cfg.reward.ensemble.num_heads, dtype=m.dtype,
+        path, num_heads=cfg.reward.ensemble.num_heads, bias=bias, dtype=m.dtype,
         trust_remote_code=m.trust_remote_code, attn_implementation=m.attn_implementation)
 
 
@@ -288,7 +291,7 @@ def save_reward_model(ensemble: Any, tokenizer: Any, cfg: RewardConfig, output_d
     final = Path(output_dir) / "final"
     tmp = final.with_name(".tmp-final")
     shutil.rmtree(tmp, ignore_errors=True)
-    ensemble.save_pretrained(tmp)
+    ensemble.save_pretrained(tmp, pad_token_id=tokenizer.pad_token_id)
     for d in [tmp, *sorted(tmp.glob("member_*"))]:
         tokenizer.save_pretrained(d)
     atomic_write_text(tmp / "alignlab_config.yaml", dump_config(cfg))
