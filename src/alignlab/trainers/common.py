@@ -10,6 +10,7 @@ import torch
 from pydantic import BaseModel
 
 from alignlab.config import DataSection, ModelSection, WorldSection, dump_config
+from alignlab.data.formats import SFT_FORMATS, check_trainer_format
 from alignlab.data.loading import RowSet, load_rows, rows_from_list
 from alignlab.data.tokenize import TokenizedRows, tokenize_rows
 from alignlab.errors import ConfigError
@@ -61,6 +62,7 @@ def load_data_rows(data: DataSection, world: WorldSection, *, n_default: int = 2
 
 def load_training_rows(data: DataSection, world: WorldSection, tokenizer: Any) -> TokenizedRows:
     rows = load_data_rows(data, world)
+    check_trainer_format(rows.format, SFT_FORMATS, trainer="sft", source=rows.source)
     tokenized = tokenize_rows(rows, tokenizer, max_length=data.max_length, truncation=data.truncation,
                               completion_only_loss=data.completion_only_loss)
     print(f"data {rows.source}: {tokenized.summary()}")
