@@ -176,3 +176,51 @@ def test_bad_options_are_config_errors(tok):
         tokenize_rows(rows, tok, truncation="left")
     with pytest.raises(ConfigError, match="max_length"):
         tokenize_rows(rows, tok, max_length=1)
+
+
+# ---- truncation never leaves a row with nothing to train on (issue 15) -----------------------
+
+LONG_CHAT = [{"role": "system", "content": "be brief " * 6},
+             {"role": "user", "content": "what color is the sky"},
+             {"role": "assistant", "content": "blue"}]
+
+
+def test_truncated_messages_keep_the_assistant_turn(tok):
+    rows = rows_from_list([{"messages": LONG_CHAT}] * 3)
+    out = tokenize_rows(rows, tok, max_length=10)
+    assert (out.kept, out.truncated, out.dropped) == (3, 3, 0)
+    for example in out.examples:
+        assert len(example["input_ids"]) == 10 and example["input_ids"][0] == tok.bos_token_id
+        assert trained_text(tok, example) == "blue <|end|>"
+    assert "3 rows kept their last 10 tokens" in out.summary()
+
+
+@pytest.mark.parametrize("policy", ["truncate_completion", "drop"])
+def test_messages_without_an_assistant_token_in_reach_are_dropped_and_counted(tok, policy):
+    short = [{"role": "user", "content": "the sky ?"}, {"role": "assistant", "content": "blue"}]
+    rows = rows_from_list([{"messages": LONG_CHAT}, {"messages": short}])
+    out = tokenize_rows(rows, tok, max_length=10, truncation=policy)
+    assert (out.kept, out.dropped) == (1, 1)
+    assert trained_text(tok, out.examples[0]) == "blue <|end|>"
+    if policy == "truncate_completion":
+        assert "1 of the dropped rows had no assistant token" in out.summary()
+
+
+def test_messages_with_no_assistant_turn_is_a_data_error(tok):
+    rows = rows_from_list([{"messages": LONG_CHAT[:2]}])
+    with pytest.raises(DataError, match=r"<memory>:0: field 'messages': has no assistant message"):
+        tokenize_rows(rows, tok)
+    assert tokenize_rows(rows, tok, assistant_only_loss=False).kept == 1
+
+
+def test_sft_on_a_preference_file_names_both_formats(tmp_path):
+    from alignlab.data.formats import SFT_FORMATS, check_trainer_format
+    from alignlab.data.loading import load_rows
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"prompt": "a", "chosen": " b", "rejected": " c"}\n')
+    rows = load_rows(path)
+    with pytest.raises(ConfigError, match=r"pairs.jsonl: has 'preference' rows \(prompt, chosen, "
+                       r"rejected\), but sft trains on 'text' \(text\), 'prompt_completion'.*"
+                       r"'preference' rows are for dpo"):
+        check_trainer_format(rows.format, SFT_FORMATS, trainer="sft", source=rows.source)

@@ -82,7 +82,7 @@ def test_save_load_round_trip(value_model, tmp_path):
     with torch.no_grad():
         expected = value_model(padded)
     value_model.save_pretrained(tmp_path)
-    assert (tmp_path / HEAD_WEIGHTS).is_file() and (tmp_path / HEAD_CONFIG).is_file()
+    assert not (tmp_path / HEAD_WEIGHTS).is_file() and not (tmp_path / HEAD_CONFIG).is_file()
     assert not list(tmp_path.glob("*.bin")) and not list(tmp_path.glob("*.pt"))
     restored = CausalLMWithScalarHead.from_pretrained(tmp_path, dtype="float32").eval()
     with torch.no_grad():
@@ -131,3 +131,66 @@ def test_reward_model_rejects_other_checkpoints(tmp_path):
         load_reward_model(tmp_path / "cls3")
     with pytest.raises(ConfigError, match="not a local directory"):
         load_reward_model(tmp_path / "missing")
+
+
+# ---- portable reward models (issue 15): the standard sequence-classification layout ------------
+
+def _tiny_lms():
+    from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(1)
+    return {"llama": LlamaForCausalLM(tiny_config(pad_token_id=0)),
+            "gpt2": GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4,
+                                               n_positions=32)),
+            "qwen2": Qwen2ForCausalLM(Qwen2Config(vocab_size=VOCAB, hidden_size=32,
+                                                  intermediate_size=64, num_hidden_layers=2,
+                                                  num_attention_heads=4, num_key_value_heads=2))}
+
+
+@pytest.mark.parametrize("num_heads,bias", [(1, False), (3, False), (1, True), (2, True)])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_saved_reward_model_loads_with_auto_sequence_classification(arch, num_heads, bias, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    model = CausalLMWithScalarHead(_tiny_lms()[arch].float(), num_heads, bias=bias).eval()
+    if bias:
+        with torch.no_grad():
+            model.head.bias.copy_(torch.linspace(-0.7, 0.3, num_heads))
+    _, padded, packed = batches()
+    with torch.no_grad():
+        expected = model.sequence_values(padded)
+    model.save_pretrained(tmp_path, pad_token_id=0)
+    classifier, info = AutoModelForSequenceClassification.from_pretrained(
+        tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert classifier.config.num_labels == num_heads and classifier.config.pad_token_id == 0
+    with torch.no_grad():
+        logits = classifier.eval()(input_ids=padded["input_ids"],
+                                   attention_mask=padded["attention_mask"]).logits
+    shift = model.head.bias.detach() if bias else torch.zeros(num_heads)
+    # HF's score has no bias: the same scores, each head shifted by its (stored) bias.
+    torch.testing.assert_close(logits, expected.view(3, num_heads) - shift, atol=1e-5, rtol=1e-5)
+    restored = load_reward_model(tmp_path, dtype="float32")
+    assert restored.num_heads == num_heads and (restored.head.bias is not None) == bias
+    with torch.no_grad():
+        torch.testing.assert_close(restored.sequence_values(padded), expected, atol=0, rtol=0)
+        torch.testing.assert_close(restored.sequence_values(packed), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_old_scalar_head_layout_still_loads(value_model, tmp_path):
+    """Directories written before the sequence-classification layout: backbone + scalar_head.*."""
+    from safetensors.torch import save_file
+
+    _, padded, _ = batches()
+    value_model.eval()
+    with torch.no_grad():
+        value_model.head.bias.fill_(0.25)
+        expected = value_model.sequence_values(padded)
+    value_model.backbone.save_pretrained(tmp_path)
+    save_file({k: v.contiguous() for k, v in value_model.head.state_dict().items()},
+              str(tmp_path / HEAD_WEIGHTS))
+    (tmp_path / HEAD_CONFIG).write_text('{"format": "alignlab.scalar_head", "version": 1, '
+                                        '"num_heads": 1, "hidden_size": 32, "bias": true}')
+    reward = load_reward_model(tmp_path, dtype="float32")
+    with torch.no_grad():
+        torch.testing.assert_close(reward.sequence_values(padded), expected, atol=0, rtol=0)

@@ -108,3 +108,57 @@ def test_hub_id_without_network_is_config_error(monkeypatch):
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", offline)
     with pytest.raises(ConfigError, match="some-org/some-model"):
         loading.load_model("some-org/some-model")
+
+
+# ---- broken model directories are one-line errors (issue 15) -------------------------------
+
+def _copy(path, dst):
+    import shutil
+
+    shutil.copytree(path, dst)
+    return dst
+
+
+def test_directory_without_config_json_names_the_directory(tmp_path, saved_model):
+    _, path = saved_model
+    bad = _copy(path, tmp_path / "m")
+    (bad / "config.json").unlink()
+    with pytest.raises(ConfigError, match="has no config.json") as info:
+        load_model(bad)
+    assert str(bad) in str(info.value) and "\n" not in str(info.value)
+    (bad / "adapter_config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="LoRA adapter"):
+        load_model(bad)
+
+
+def test_directory_without_tokenizer_is_a_config_error(tmp_path, saved_model):
+    _, path = saved_model  # a model saved without its tokenizer
+    with pytest.raises(ConfigError, match="has no tokenizer"):
+        load_tokenizer(path)
+    (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}')
+    with pytest.raises(ConfigError, match="could not load"):
+        load_tokenizer(tmp_path)  # config only: no vocabulary to build it from
+
+
+@pytest.mark.parametrize("keep", [lambda n: n // 2, lambda n: n - 1, lambda n: 20, lambda n: 0],
+                         ids=["half", "last-byte", "in-header", "empty"])
+def test_truncated_safetensors_is_a_config_error(tmp_path, saved_model, keep):
+    _, path = saved_model
+    bad = _copy(path, tmp_path / "m")
+    file = bad / "model.safetensors"
+    with open(file, "r+b") as f:
+        f.truncate(keep(file.stat().st_size))
+    with pytest.raises(ConfigError, match="safetensors") as info:
+        load_model(bad)
+    assert str(file) in str(info.value)
+
+
+def test_safetensors_with_a_garbage_header_is_a_config_error(tmp_path, saved_model):
+    _, path = saved_model
+    bad = _copy(path, tmp_path / "m")
+    file = bad / "model.safetensors"
+    data = bytearray(file.read_bytes())
+    data[8:16] = b"\xff\xfe{{{{{{"
+    file.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match="not a readable safetensors file"):
+        load_model(bad)

@@ -43,16 +43,44 @@ def test_reference_values_equal_direct_computation_and_are_cached(tmp_path):
         calls.append(1)
         return model
 
+    ref_a, ref_b = str(tmp_path / "ref-a"), str(tmp_path / "ref-b")
+    model.save_pretrained(ref_a)
+    random_llama(seed=5).save_pretrained(ref_b)
     kw = dict(output_dir=tmp_path, batch_size=4, device=torch.device("cpu"), precision="fp32")
-    assert not attach_reference_logps(examples, load, "ref-a", 0, **kw)
-    assert attach_reference_logps(examples, load, "ref-a", 0, **kw)  # reused: no model load
+    assert not attach_reference_logps(examples, load, ref_a, 0, **kw)
+    assert attach_reference_logps(examples, load, ref_a, 0, **kw)  # reused: no model load
     assert len(calls) == 1
     assert all(abs(a - b) < 1e-9 for e, v in zip(examples, got) for a, b in zip(e["ref_logps"], v))
     # Another reference model or other data invalidate the cache.
-    assert not attach_reference_logps(examples, load, "ref-b", 0, **kw)
+    assert not attach_reference_logps(examples, load, ref_b, 0, **kw)
     examples[0]["chosen_ids"] = examples[0]["chosen_ids"] + [5]
-    assert not attach_reference_logps(examples, load, "ref-b", 0, **kw)
+    assert not attach_reference_logps(examples, load, ref_b, 0, **kw)
     assert len(calls) == 3
+
+
+def test_new_weights_at_the_same_path_recompute_the_reference(tmp_path):
+    """The cache is keyed on the reference's bytes, not its path (issue 15)."""
+    examples, ref = _pairs(), tmp_path / "ref"
+    kw = dict(output_dir=tmp_path / "run", batch_size=4, device=torch.device("cpu"), precision="fp32")
+    model_a, model_b = random_llama(seed=4).float(), random_llama(seed=5).float()
+    model_a.save_pretrained(ref)
+    assert not attach_reference_logps(examples, lambda: model_a, str(ref), 0, **kw)
+    values_a = [list(e["ref_logps"]) for e in examples]
+    model_b.save_pretrained(ref)  # same path, same file sizes, new weights
+    assert not attach_reference_logps(examples, lambda: model_b, str(ref), 0, **kw)
+    assert [e["ref_logps"] for e in examples] == compute_reference_logps(
+        model_b, examples, 0, batch_size=4, device=torch.device("cpu"))
+    assert [e["ref_logps"] for e in examples] != values_a
+    assert attach_reference_logps(examples, lambda: model_b, str(ref), 0, **kw)
+
+
+def test_reference_without_a_directory_is_keyed_on_its_tensors(tmp_path):
+    examples = _pairs()
+    kw = dict(output_dir=tmp_path, batch_size=4, device=torch.device("cpu"), precision="fp32")
+    model_a, model_b = random_llama(seed=4).float(), random_llama(seed=5).float()
+    assert not attach_reference_logps(examples, lambda: model_a, "org/ref", 0, **kw)
+    assert attach_reference_logps(examples, lambda: model_a, "org/ref", 0, **kw)
+    assert not attach_reference_logps(examples, lambda: model_b, "org/ref", 0, **kw)
 
 
 def test_per_token_reference_values_sum_to_the_sequence_values(tmp_path):
@@ -106,3 +134,29 @@ def test_reference_free_loss_skips_the_reference_model(tiny_world, world_cache, 
     assert not (tmp_path / CACHE_FILE).exists()
     assert "ref_logps" not in run.examples[0]
     assert load_reference_cache(tmp_path / CACHE_FILE, "x") is None
+
+
+def test_dpo_on_new_weights_at_the_same_path_starts_at_ln2(tiny_world, world_cache, tmp_path):
+    """Issue 15: a model re-saved at the same path, same output_dir, must not reuse the old
+    reference log-probs (step 1 of DPO with policy == reference has loss ln 2)."""
+    import math
+    import shutil
+
+    from alignlab.models.loading import load_tokenizer
+
+    path = tmp_path / "model"
+    shutil.copytree(tiny_world.base_dir, path)
+    cfg = _cfg(world_cache, tmp_path / "run", steps=1)
+    cfg.model.name_or_path = str(path)
+    first = run_preference(cfg)
+    assert first.reference_cache_hit is False
+    assert abs(first.result.history[0]["loss"] - math.log(2)) < 1e-5
+    other = load_model(str(path), dtype="float32")
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    other.save_pretrained(path)
+    load_tokenizer(str(tiny_world.base_dir)).save_pretrained(path)
+    second = run_preference(cfg)
+    assert second.reference_cache_hit is False
+    assert abs(second.result.history[0]["loss"] - math.log(2)) < 1e-5

@@ -62,7 +62,8 @@ def test_bradley_terry_reaches_held_out_accuracy(tiny_world, world_cache, tmp_pa
     assert saved["metrics"]["accuracy"] == run.metrics["accuracy"] and saved["eval_examples"] == 64
     logged = [json.loads(line) for line in (tmp_path / "eval" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged] == [15, 30, 30] and all("ece" in r for r in logged)
-    assert (tmp_path / "final" / "scalar_head.safetensors").exists()
+    assert not (tmp_path / "final" / "scalar_head.safetensors").exists()
+    assert (tmp_path / "final" / "model.safetensors").exists()  # a sequence-classification checkpoint
     assert (tmp_path / "final" / "alignlab_config.yaml").exists()
 
 
@@ -73,10 +74,11 @@ def test_margin_loss_with_centering_keeps_rewards_centred(tiny_world, world_cach
     plain = run_reward(_cfg(world_cache, tmp_path / "plain", loss="bradley_terry_margin")).metrics
     centred = run_reward(_cfg(world_cache, tmp_path / "centred", loss="bradley_terry_margin",
                               center_coef=0.1)).metrics
-    # measured (world v2): accuracy 0.95 plain, 0.89 centred; the free offset drifts without
-    # centering and stays near 0 with it
+    # measured (world v2): accuracy 0.98 plain, 0.89 centred; mean reward 0.12 from 0 in both.
+    # Without centering the head has no bias (a pairwise loss cannot identify one; with a bias,
+    # Adam random-walked it), so neither offset drifts.
     assert plain["accuracy"] >= 0.85 and centred["accuracy"] >= 0.85, (plain, centred)
-    assert centre(centred) < 0.5 * centre(plain), (plain, centred)
+    assert centre(centred) < 0.25 and centre(plain) < 0.25, (plain, centred)
 
 
 def test_plackett_luce_on_ranked_lists(tiny_world, world_cache, tmp_path):
@@ -189,3 +191,34 @@ def test_config_rejects_unknown_loss_and_is_registered(tmp_path):
     with pytest.raises(ConfigError, match=r"field 'reward.loss'.*allowed values: bradley_terry"):
         load_config(RewardConfig, bad)
     assert ALGORITHMS.get("reward").config_cls is RewardConfig
+
+
+def test_trained_reward_model_is_a_portable_sequence_classifier(tiny_world, world_cache, tmp_path):
+    """Issue 15: ``final/`` loads with AutoModelForSequenceClassification, nothing missing, and
+    scores exactly what alignlab's scorer does (an ensemble of 2 heads: one label per head)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from alignlab.data.collate import pad_collate
+    from alignlab.data.loading import RowSet
+    from alignlab.data.tokenize import tokenize_rows
+    from alignlab.rewards.reward_model import RewardModelScorer, scored_completion
+
+    run = run_reward(_cfg(world_cache, tmp_path, limit=64, steps=3,
+                          ensemble=EnsembleSection(num_heads=2)))
+    classifier, info = AutoModelForSequenceClassification.from_pretrained(
+        run.final_dir, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert classifier.config.num_labels == 2
+    assert classifier.config.pad_token_id == run.tokenizer.pad_token_id
+    scorer = RewardModelScorer.from_pretrained(run.final_dir)
+    prompts, completions = ["The film was", "The food was"], [" great. END", " awful and cold. END"]
+    ours = torch.tensor(scorer.score(prompts, completions).members)
+    rows = RowSet("prompt_completion", [{"prompt": p, "completion": scored_completion(c)}
+                                        for p, c in zip(prompts, completions)], "<t>")
+    tok = tokenize_rows(rows, scorer.tokenizer, max_length=512, truncation="keep_end_of_prompt")
+    batch = pad_collate(tok.examples, tok.pad_token_id)
+    with torch.no_grad():
+        hf = classifier.eval()(input_ids=batch["input_ids"],
+                               attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(hf, ours, atol=1e-5, rtol=1e-5)

@@ -10,6 +10,7 @@ import torch
 from pydantic import BaseModel
 
 from alignlab.core.config import DataSection, ModelSection, RolloutSection, WorldSection, dump_config
+from alignlab.data.formats import SFT_FORMATS, check_trainer_format
 from alignlab.data.loading import RowSet, load_rows, rows_from_list
 from alignlab.data.tokenize import TokenizedRows, tokenize_rows
 from alignlab.core.errors import ConfigError
@@ -17,10 +18,16 @@ from alignlab.engine.prompts import PromptSource
 from alignlab.models.loading import load_model, load_tokenizer
 from alignlab.world.resolve import is_world, resolve_model_path, world_task
 from alignlab.core.io import atomic_write_text, replace_dir
+from alignlab.core.runtime import seed_everything
 
 
-def load_policy(model_cfg: ModelSection, world: WorldSection) -> tuple[torch.nn.Module, Any]:
+def load_policy(model_cfg: ModelSection, world: WorldSection,
+                seed: int | None = None) -> tuple[torch.nn.Module, Any]:
+    """The policy and its tokenizer; ``seed`` seeds every RNG first, so randomly initialised
+    parts (LoRA adapters) are the same in every run and in a resumed one."""
     path = resolve_model_path(model_cfg.name_or_path, world)
+    if seed is not None:
+        seed_everything(seed)
     model = load_model(path, dtype=model_cfg.dtype, trust_remote_code=model_cfg.trust_remote_code,
                        lora=model_cfg.lora, attn_implementation=model_cfg.attn_implementation)
     tokenizer = load_tokenizer(path, trust_remote_code=model_cfg.trust_remote_code)
@@ -64,6 +71,7 @@ def render_chat_prompts(source: PromptSource, tokenizer: Any) -> None:
 
 def load_training_rows(data: DataSection, world: WorldSection, tokenizer: Any) -> TokenizedRows:
     rows = load_data_rows(data, world)
+    check_trainer_format(rows.format, SFT_FORMATS, trainer="sft", source=rows.source)
     tokenized = tokenize_rows(rows, tokenizer, max_length=data.max_length, truncation=data.truncation,
                               completion_only_loss=data.completion_only_loss)
     print(f"data {rows.source}: {tokenized.summary()}")

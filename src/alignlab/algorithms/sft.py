@@ -38,7 +38,7 @@ def run_sft(cfg: SFTConfig) -> SFTRun:
     prepare_output_dir(cfg.train)  # before anything slow is loaded
     from alignlab.algorithms.common import load_policy, load_training_rows, save_final
 
-    model, tokenizer = load_policy(cfg.model, cfg.world)
+    model, tokenizer = load_policy(cfg.model, cfg.world, seed=cfg.train.seed)
     tokenized = load_training_rows(cfg.data, cfg.world, tokenizer)
     batches = make_batches(tokenized.examples, tokenized.pad_token_id, cfg.data, cfg.train)
     result = train(model, NLLObjective(), batches, cfg.train, description="sft")

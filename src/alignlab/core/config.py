@@ -148,8 +148,19 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if not isinstance(child, dict):
                 raise ConfigError(f"--set {key}: '{p}' is a value, not a section")
             node = child
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        node[parts[-1]] = _parse_override(raw)
     return data
+
+
+def _parse_override(raw: str) -> Any:
+    """A ``--set`` value as YAML (``1e-4``, ``true``, ``[1,2]``); text YAML cannot parse (``!x``,
+    control characters, an open quote) stays the plain string, which validation then judges."""
+    if not raw.strip():
+        return ""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
 
 
 def _describe(cls: type[BaseModel], loc: tuple[Any, ...]) -> str:
@@ -193,6 +204,8 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not valid UTF-8 (byte {exc.start})") from None
         try:
             loaded = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:

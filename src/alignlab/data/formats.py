@@ -38,7 +38,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from alignlab.core.errors import DataError
+from alignlab.core.errors import ConfigError, DataError
 from alignlab.core.registry import Registry
 
 ROLES = ("system", "user", "assistant")
@@ -106,6 +106,30 @@ def detect_format(columns: Mapping[str, Any] | list[str], *, source: str | None 
     known = "; ".join(f"{n}: {_needs(FORMATS.get(n))}" for n in FORMATS.names())
     raise DataError(f"cannot tell the data format from the columns {sorted(present)}; "
                     f"expected one of: {known}", source=source, line=line)
+
+
+SFT_FORMATS = ("text", "prompt_completion", "messages")
+
+# Which trainers read each format, for "wrong file" messages.
+FORMAT_TRAINERS = {
+    "text": "sft", "prompt_completion": "sft, reward (mse)", "messages": "sft",
+    "preference": "dpo and the other preference losses, reward",
+    "unpaired": "kto, bco (unpaired preference losses)",
+    "ranked": "reward (plackett_luce), lipo_lambda",
+    "prompt_only": "online RL (grpo, ppo, ...)", "language_feedback": "language-feedback methods",
+}
+
+
+def check_trainer_format(fmt: str, allowed: tuple[str, ...], *, trainer: str, source: str) -> None:
+    """ConfigError unless rows of ``fmt`` are what ``trainer`` trains on: names the file's
+    format, the formats the trainer needs and which trainers read the file's format."""
+    if fmt in allowed:
+        return
+    each = [f"'{f}' ({_needs(FORMATS.get(f))})" for f in allowed]
+    needs = " or ".join([", ".join(each[:-1]), each[-1]] if len(each) > 1 else each)
+    raise ConfigError(f"data.source {source}: has '{fmt}' rows ({_needs(FORMATS.get(fmt))}), but "
+                      f"{trainer} trains on {needs} rows; '{fmt}' rows are for "
+                      f"{FORMAT_TRAINERS.get(fmt, 'other trainers')}")
 
 
 def check_format_columns(fmt: str, row: Mapping[str, Any], *, source: str | None = None,

@@ -108,18 +108,27 @@ def _validate(numbered: Iterable[tuple[int, Any]], fmt: str | None, source: str,
 
 def _read_json(path: Path, name: str) -> Iterator[tuple[int, Any]]:
     """JSON lines (1-based line numbers), or a single top-level JSON array (row indices)."""
-    with path.open("r", encoding="utf-8") as f:
+    with path.open("rb") as f:
         head = f.read(4096).lstrip()
-    if head.startswith("["):
+    if head.startswith(b"["):
+        raw = path.read_bytes()
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise DataError(f"not valid UTF-8 (byte {e.start})", source=name,
+                            line=raw[:e.start].count(b"\n") + 1) from None
         except json.JSONDecodeError as e:
             raise DataError(f"invalid JSON: {e.msg} (column {e.colno})", source=name,
                             line=e.lineno) from None
         yield from enumerate(data)
         return
-    with path.open("r", encoding="utf-8") as f:
-        for lineno, text in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw_line in enumerate(f, start=1):
+            try:
+                text = raw_line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"not valid UTF-8 (column {e.start + 1})", source=name,
+                                line=lineno) from None
             if not text.strip():
                 continue
             try:

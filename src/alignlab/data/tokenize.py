@@ -27,8 +27,10 @@ Truncation to ``max_length`` (prompt + longest completion) follows one stated po
   if it alone leaves no room for one completion token.
 - ``drop``: drop the row.
 
-Single sequences (``text``, ``messages``) are cut on the right; prompt-only rows are cut on the
-left. :class:`TokenizedRows` counts kept, truncated and dropped rows so the caller logs them.
+Single sequences (``text``, ``messages``) are cut on the right; when that leaves no trained
+token (every assistant turn lay past ``max_length``), ``keep_end_of_prompt`` keeps the end of
+the conversation instead (bos kept) and the other policies drop the row, counted. Prompt-only
+rows are cut on the left. :class:`TokenizedRows` counts kept, truncated and dropped rows so the caller logs them.
 """
 
 from __future__ import annotations
@@ -110,9 +112,15 @@ def tokenize_rows(rows: RowSet, tokenizer: Any, *, max_length: int | None = None
                 raise rows.error(i, "is missing (asked for by keep_columns)", col)
             example[col] = row[col]
         examples.append(example)
+    notes = [note] if note else []
+    if fit.kept_end:
+        notes.append(f"{fit.kept_end} rows kept their last {max_length} tokens: the first "
+                     f"{max_length} held no assistant token")
+    if fit.no_target:
+        notes.append(f"{fit.no_target} of the dropped rows had no assistant token within "
+                     f"max_length {max_length}")
     return TokenizedRows(rows.format, examples, kept=len(examples), truncated=fit.truncated,
-                         dropped=fit.dropped, pad_token_id=pad_id,
-                         notes=[note] if note else [])
+                         dropped=fit.dropped, pad_token_id=pad_id, notes=notes)
 
 
 class _RowProblem(Exception):
@@ -204,6 +212,7 @@ class _Fitter:
     def __init__(self, max_length: int | None, policy: str, bos: int | None) -> None:
         self.max_length, self.policy, self.bos = max_length, policy, bos
         self.truncated = self.dropped = 0
+        self.no_target = self.kept_end = 0  # sequences whose right cut left no trained token
 
     def left(self, ids: list[int], n: int) -> list[int]:
         if len(ids) <= n:
@@ -231,13 +240,31 @@ class _Fitter:
         return prompt, [c[:room] for c in completions]
 
     def sequence(self, ids: list[int], mask: list[int]) -> tuple[list[int], list[int]] | None:
-        if self.max_length is None or len(ids) <= self.max_length:
+        """Cut on the right. A cut that leaves no trained token (every assistant turn lay past
+        ``max_length``) keeps the end instead under ``keep_end_of_prompt`` (the leading bos
+        kept), else drops the row and counts it in ``no_target``."""
+        limit = self.max_length
+        if limit is None or len(ids) <= limit:
             return ids, mask
         if self.policy == "drop":
             self.dropped += 1
             return None
+        cut = ids[:limit], mask[:limit]
+        if any(mask[1:]) and not any(cut[1][1:]):
+            cut = self.left(ids, limit), self.left_mask(ids, mask, limit)
+            if self.policy != "keep_end_of_prompt" or not any(cut[1][1:]):
+                self.dropped += 1
+                self.no_target += 1
+                return None
+            self.kept_end += 1
         self.truncated += 1
-        return ids[:self.max_length], mask[:self.max_length]
+        return cut
+
+    def left_mask(self, ids: list[int], mask: list[int], n: int) -> list[int]:
+        """The mask of the tokens :meth:`left` keeps."""
+        if self.bos is not None and ids and ids[0] == self.bos and n >= 2:
+            return mask[:1] + mask[len(mask) - n + 1:]
+        return mask[len(mask) - n:]
 
     def prompt_only(self, ids: list[int]) -> list[int] | None:
         if self.max_length is None or len(ids) <= self.max_length:
@@ -286,6 +313,9 @@ def _build_prompt_completion(row, enc, fit, *, completion_only_loss, **_):
 
 
 def _build_messages(row, enc, fit, *, assistant_only_loss, **_):
+    if assistant_only_loss and not any(m["role"] == "assistant" for m in row["messages"]):
+        raise _RowProblem("has no assistant message, so nothing to train on (the loss is on "
+                          "assistant turns)", "messages")
     fitted = fit.sequence(*enc.messages(row["messages"], assistant_only_loss))
     return fitted and _sequence_example(*fitted)
 

@@ -4,14 +4,16 @@
 (``num_heads > 1`` for an ensemble of heads sharing one backbone). A reward is read at each
 sequence's last token (``sequence_values``); a value model uses every token (``forward``).
 
-On disk: the backbone as ``save_pretrained`` writes it (config.json + safetensors, loadable with
-``AutoModel``), ``scalar_head.safetensors`` and ``scalar_head.json``. ``load_reward_model`` also
-accepts an ``AutoModelForSequenceClassification`` checkpoint with ``num_labels=1``; its ``score``
-layer becomes the head, so both kinds share this interface and work on packed batches.
+On disk: the standard ``XForSequenceClassification`` checkpoint (``score`` weights,
+``num_labels`` = number of heads, ``pad_token_id`` set), loadable with
+``AutoModelForSequenceClassification`` as TRL's reward models are. Loading also accepts any such
+checkpoint with ``num_labels=1`` and alignlab's older layout (backbone + ``scalar_head.*``); all
+share this interface and work on packed batches.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -121,15 +123,48 @@ class CausalLMWithScalarHead(nn.Module):
         shared = shared_sequence_values(self, batch)
         return shared if shared is not None else sequence_end_values(self(batch), batch)
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Backbone via ``save_pretrained`` (safetensors) + the head in ``scalar_head.*``."""
-        from safetensors.torch import save_file
-
+    def save_pretrained(self, directory: str | os.PathLike, *, pad_token_id: int | None = None) -> None:
+        """The standard ``XForSequenceClassification`` layout (what TRL's RewardTrainer writes):
+        the body under the class's prefix, ``score.weight`` (float32) with ``num_labels`` =
+        ``num_heads``, ``pad_token_id`` in config.json, so ``AutoModelForSequenceClassification``
+        loads it with nothing missing. HF's ``score`` has no bias: a head's bias is kept in
+        config.json (``alignlab_score_bias``), which alignlab's loader re-applies exactly and HF
+        ignores (its scores are then ``r − b``, a shift per head that leaves every comparison
+        unchanged; zero for heads trained without a bias). Architectures without a
+        sequence-classification class keep the older layout (backbone + ``scalar_head.*``)."""
         if any(hasattr(m, "lora_A") for m in self.backbone.modules()):
             raise ConfigError("the backbone holds LoRA layers: merge them (merge_and_unload) "
                               "before saving a scalar-head model")
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
+        name = _classifier_class_name(self.config)
+        if name is None:
+            self._save_scalar_head_layout(out)
+            return
+        import transformers
+
+        cls = getattr(transformers, name)
+        config = copy.deepcopy(self.backbone.config)
+        config.architectures, config.num_labels = [name], self.num_heads
+        config.alignlab_reward_heads = self.num_heads
+        if pad_token_id is not None:
+            config.pad_token_id = pad_token_id
+        elif getattr(config, "pad_token_id", None) is None:
+            eos = getattr(config, "eos_token_id", None)
+            config.pad_token_id = eos[0] if isinstance(eos, list) else eos
+        if self.head.bias is not None:
+            config.alignlab_score_bias = [float(b) for b in self.head.bias.detach().cpu().tolist()]
+        with torch.device("meta"):  # only the wrapper is built; body and score are ours
+            classifier = cls(config)
+        setattr(classifier, cls.base_model_prefix, self.backbone)
+        score = nn.Linear(self.head.in_features, self.num_heads, bias=False)
+        score.weight = nn.Parameter(self.head.weight.detach().to("cpu", torch.float32).clone())
+        classifier.score = score
+        classifier.save_pretrained(out)
+
+    def _save_scalar_head_layout(self, out: Path) -> None:
+        from safetensors.torch import save_file
+
         self.backbone.save_pretrained(out)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}
         save_file(tensors, str(out / HEAD_WEIGHTS))
@@ -141,11 +176,25 @@ class CausalLMWithScalarHead(nn.Module):
     def from_pretrained(cls, directory: str | os.PathLike, *, dtype: str | torch.dtype = "auto",
                         device: str | torch.device = "cpu", trust_remote_code: bool = False,
                         attn_implementation: str | None = None) -> "CausalLMWithScalarHead":
-        """Restore a directory written by ``save_pretrained`` (no pickle anywhere)."""
+        """Restore what ``save_pretrained`` wrote, in either layout: a sequence-classification
+        checkpoint (any ``AutoModelForSequenceClassification`` reward model with
+        ``num_labels=1``, or alignlab's with one label per head) or the older backbone +
+        ``scalar_head.*`` directory. No pickle anywhere."""
+        root = Path(directory).expanduser()
+        if (root / HEAD_CONFIG).is_file() or (root / HEAD_WEIGHTS).is_file():
+            model = cls._from_scalar_head_layout(root, dtype, trust_remote_code, attn_implementation)
+        else:
+            model = cls._from_classifier(directory, dtype, trust_remote_code, attn_implementation)
+        model.to(device)
+        model.train()
+        return model
+
+    @classmethod
+    def _from_scalar_head_layout(cls, root: Path, dtype: str | torch.dtype, trust_remote_code: bool,
+                                 attn_implementation: str | None) -> "CausalLMWithScalarHead":
         from safetensors.torch import load_file
         from transformers import AutoModel
 
-        root = Path(directory)
         if not (root / HEAD_CONFIG).is_file() or not (root / HEAD_WEIGHTS).is_file():
             raise ConfigError(f"'{root}' is not a scalar-head checkpoint: {HEAD_CONFIG} and "
                               f"{HEAD_WEIGHTS} are required")
@@ -154,13 +203,49 @@ class CausalLMWithScalarHead(nn.Module):
             raise ConfigError(f"{root / HEAD_CONFIG}: unknown format {meta.get('format')!r}")
         backbone = from_pretrained_checked(
             AutoModel, root, **model_load_kwargs(dtype, trust_remote_code, attn_implementation))
-        backbone.to(device)
         head = nn.Linear(int(meta["hidden_size"]), int(meta["num_heads"]),
                          bias=bool(meta["bias"]))
         head.load_state_dict(load_file(str(root / HEAD_WEIGHTS)), strict=True)
-        model = cls(backbone, head=head)
-        model.train()
-        return model
+        return cls(backbone, head=head)
+
+    @classmethod
+    def _from_classifier(cls, name_or_path: str | os.PathLike, dtype: str | torch.dtype,
+                         trust_remote_code: bool, attn_implementation: str | None
+                         ) -> "CausalLMWithScalarHead":
+        from transformers import AutoConfig, AutoModelForSequenceClassification
+
+        config = from_pretrained_checked(AutoConfig, name_or_path,
+                                         trust_remote_code=bool(trust_remote_code))
+        architectures = list(getattr(config, "architectures", None) or [])
+        if not any(a.endswith("ForSequenceClassification") for a in architectures):
+            raise ConfigError(f"'{name_or_path}' is not a reward model: no {HEAD_CONFIG} and its "
+                              f"architectures {architectures} are not *ForSequenceClassification")
+        heads = int(getattr(config, "alignlab_reward_heads", 1))
+        if config.num_labels != heads:
+            raise ConfigError(f"reward model '{name_or_path}' has num_labels={config.num_labels}; "
+                              "a scalar reward needs num_labels=1")
+        classifier = from_pretrained_checked(
+            AutoModelForSequenceClassification, name_or_path,
+            **model_load_kwargs(dtype, trust_remote_code, attn_implementation))
+        score = getattr(classifier, "score", None)
+        if type(score) is not nn.Linear:
+            raise ConfigError(f"reward model '{name_or_path}' ({type(classifier).__name__}) has "
+                              "no linear 'score' head on its hidden states")
+        bias = getattr(config, "alignlab_score_bias", None)
+        head = score
+        if bias is not None or score.weight.dtype != torch.float32:
+            # The head computes in float32: read the stored weight, not a down-cast copy.
+            weight = _stored_tensor(Path(name_or_path).expanduser(), "score.weight")
+            head = nn.Linear(score.in_features, score.out_features,
+                             bias=bias is not None or score.bias is not None)
+            with torch.no_grad():
+                head.weight.copy_(weight if weight is not None else score.weight.float())
+                if bias is not None:
+                    head.bias.copy_(torch.tensor(bias, dtype=torch.float32))
+                elif score.bias is not None:
+                    head.bias.copy_(score.bias.float())
+        body = getattr(classifier, classifier.base_model_prefix)
+        return cls(body, head=head)
 
     @classmethod
     def from_causal_lm(cls, name_or_path: str | os.PathLike, *, num_heads: int = 1,
@@ -184,38 +269,39 @@ def load_reward_model(name_or_path: str | os.PathLike, *, dtype: str | torch.dty
                       device: str | torch.device = "cpu", trust_remote_code: bool = False,
                       attn_implementation: str | None = None,
                       trainable: bool = False) -> CausalLMWithScalarHead:
-    """A reward model behind the scalar-head interface, whichever kind is on disk:
-    an alignlab scalar-head directory, or an ``AutoModelForSequenceClassification`` checkpoint
-    with ``num_labels=1`` (its ``score`` layer becomes the head). Frozen unless ``trainable``.
+    """A reward model behind the scalar-head interface, whichever kind is on disk: an
+    ``AutoModelForSequenceClassification`` checkpoint (``num_labels=1``, or alignlab's with one
+    label per ensemble head; its ``score`` layer becomes the head) or alignlab's older
+    backbone + ``scalar_head.*`` directory. Frozen unless ``trainable``.
     """
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    root = Path(name_or_path).expanduser()
-    if (root / HEAD_CONFIG).is_file():
-        model = CausalLMWithScalarHead.from_pretrained(
-            root, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
-            attn_implementation=attn_implementation)
-    else:
-        config = from_pretrained_checked(AutoConfig, name_or_path,
-                                         trust_remote_code=bool(trust_remote_code))
-        architectures = list(getattr(config, "architectures", None) or [])
-        if not any(a.endswith("ForSequenceClassification") for a in architectures):
-            raise ConfigError(f"'{name_or_path}' is not a reward model: no {HEAD_CONFIG} and its "
-                              f"architectures {architectures} are not *ForSequenceClassification")
-        if config.num_labels != 1:
-            raise ConfigError(f"reward model '{name_or_path}' has num_labels={config.num_labels}; "
-                              "a scalar reward needs num_labels=1")
-        classifier = from_pretrained_checked(
-            AutoModelForSequenceClassification, name_or_path,
-            **model_load_kwargs(dtype, trust_remote_code, attn_implementation))
-        score = getattr(classifier, "score", None)
-        if type(score) is not nn.Linear:
-            raise ConfigError(f"reward model '{name_or_path}' ({type(classifier).__name__}) has "
-                              "no linear 'score' head on its hidden states")
-        body = getattr(classifier, classifier.base_model_prefix)
-        model = CausalLMWithScalarHead(body, head=score).to(device)
-        model.train()
+    model = CausalLMWithScalarHead.from_pretrained(
+        name_or_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+        attn_implementation=attn_implementation)
     return freeze(model) if not trainable else model
+
+
+def _classifier_class_name(config: Any) -> str | None:
+    """The ``XForSequenceClassification`` class transformers has for this config, if any."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+    name = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.get(getattr(config, "model_type", None))
+    return name if name and hasattr(transformers, name) else None
+
+
+def _stored_tensor(root: Path, name: str) -> Tensor | None:
+    """Tensor ``name`` as stored in a local safetensors checkpoint (single file or sharded)."""
+    from safetensors import safe_open
+
+    file = root / "model.safetensors"
+    index = root / "model.safetensors.index.json"
+    if not file.is_file() and index.is_file():
+        shard = json.loads(index.read_text()).get("weight_map", {}).get(name)
+        file = root / shard if shard else file
+    if not file.is_file():
+        return None
+    with safe_open(str(file), framework="pt") as f:
+        return f.get_tensor(name).float() if name in f.keys() else None
 
 
 __all__ = ["CausalLMWithScalarHead", "load_reward_model", "sequence_end_index",

@@ -2,11 +2,14 @@
 
 Everything goes through ``from_pretrained`` with ``use_safetensors=True`` so no pickle is ever
 unpickled, and ``trust_remote_code`` stays False unless the caller asks for it. A path that does
-not exist locally and cannot be fetched raises ``ConfigError`` naming it, not a hub traceback.
+not exist locally and cannot be fetched raises ``ConfigError`` naming it, not a hub traceback;
+so does a local directory without config.json or tokenizer files, or with a truncated
+safetensors file.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -47,20 +50,71 @@ def _missing(name: str, cause: Exception | None = None) -> ConfigError:
     return ConfigError(msg)
 
 
+# Files a tokenizer can be built from (fast, BPE, WordPiece, SentencePiece, tiktoken).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt",
+                   "tokenizer.model", "spiece.model", "tokenizer.tiktoken")
+
+
+def check_safetensors_file(path: Path) -> None:
+    """ConfigError unless ``path`` is a whole safetensors file: its header parses and the
+    tensors it lists end exactly at the end of the file (reads the header only)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        raw = f.read(n) if 0 <= n <= size - 8 else b""
+    try:
+        header = json.loads(raw) if raw else None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        header = None
+    if not isinstance(header, dict):
+        raise ConfigError(f"{path}: not a readable safetensors file ({size} bytes; its header is "
+                          "cut off or corrupt). Copy or save the model again.")
+    end = max((int(v["data_offsets"][1]) for k, v in header.items()
+               if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v), default=0)
+    if 8 + n + end != size:
+        raise ConfigError(f"{path}: truncated or corrupt safetensors file: its header lists "
+                          f"{8 + n + end} bytes but the file has {size} (an interrupted copy or "
+                          "download?). Copy or save the model again.")
+
+
+def check_model_dir(root: Path, what: str) -> None:
+    """Problems ``from_pretrained`` would report as a traceback, as one ConfigError naming the
+    directory: no config.json, no tokenizer files, a truncated safetensors file."""
+    if what == "tokenizer":
+        if not any((root / f).is_file() for f in TOKENIZER_FILES):
+            raise ConfigError(f"'{root}' has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+                              "save the tokenizer next to the model (tokenizer.save_pretrained)")
+        return
+    if not (root / "config.json").is_file():
+        hint = (" It holds a LoRA adapter (adapter_config.json): merge it into its base model "
+                "(merge_and_unload) and save that." if (root / "adapter_config.json").is_file()
+                else " Point it at a directory written by save_pretrained.")
+        raise ConfigError(f"model directory '{root}' has no config.json.{hint}")
+    if what == "model":
+        for file in sorted(root.glob("*.safetensors")):
+            check_safetensors_file(file)
+
+
 def from_pretrained_checked(auto_cls: Any, name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
     """``auto_cls.from_pretrained(name_or_path, **kwargs)`` with user-facing errors."""
     name = str(name_or_path)
     local = Path(name).expanduser()
     if local.is_dir():
         name = str(local)
+        kind = getattr(auto_cls, "__name__", "")
+        check_model_dir(local, "tokenizer" if "Tokenizer" in kind else
+                        "config" if kind.endswith("Config") else "model")
     elif _looks_like_local_path(name):
         raise _missing(name)
     try:
         return auto_cls.from_pretrained(name, **kwargs)
-    except OSError as err:
+    except (OSError, ValueError) as err:
         if local.is_dir():
             raise ConfigError(f"could not load '{name}': {str(err).splitlines()[0][:300]} "
                               "(only safetensors checkpoints are loaded)") from err
+        if isinstance(err, ValueError):
+            raise
         raise _missing(name, err) from err
 
 

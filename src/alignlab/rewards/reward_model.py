@@ -72,15 +72,15 @@ class RewardEnsemble(nn.Module):
         """The aggregated reward ``[S]``."""
         return aggregate_rewards(self.member_rewards(batch), self.aggregate, self.std_coef)
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
+    def save_pretrained(self, directory: str | os.PathLike, *, pad_token_id: int | None = None) -> None:
         """One member: its own layout; several: ``member_i/`` each. Plus ``reward_model.json``."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         if len(self.members) == 1:
-            self.members[0].save_pretrained(out)
+            self.members[0].save_pretrained(out, pad_token_id=pad_token_id)
         else:
             for i, member in enumerate(self.members):
-                member.save_pretrained(out / f"member_{i}")
+                member.save_pretrained(out / f"member_{i}", pad_token_id=pad_token_id)
         meta = {"members": len(self.members), "num_heads": [m.num_heads for m in self.members],
                 "aggregate": self.aggregate, "std_coef": self.std_coef}
         (out / ENSEMBLE_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
@@ -183,7 +183,8 @@ class RewardModelScorer:
 
 
 def _stamp(path: Path) -> float:
-    files = [path / ENSEMBLE_CONFIG, path / "config.json", path / "scalar_head.safetensors"]
+    files = [path / ENSEMBLE_CONFIG, path / "config.json", path / "model.safetensors",
+             path / "scalar_head.safetensors"]
     return max((f.stat().st_mtime for f in files if f.exists()), default=0.0)
 
 

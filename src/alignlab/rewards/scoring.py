@@ -27,7 +27,6 @@ sum per row and ``scores`` includes its total.
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 import math
 import threading
@@ -58,7 +57,8 @@ def is_per_token(fn: Any) -> bool:
 
 def resolve_reward(name: str, task: Any = None, params: Mapping[str, Any] | None = None,
                    *, field: str = "rl.reward", sandbox: Limits | None = None) -> RawReward:
-    """``gold`` (the world task's gold reward), ``module:function``, or a ``REWARDS`` name.
+    """``gold`` (the world task's gold reward), ``module:function``, ``path/to/file.py:function``
+    (``rewards/resolve.py``), or a ``REWARDS`` name.
 
     With ``sandbox`` limits the function is still resolved here (so a bad name fails now), but
     every call runs in a subprocess worker under those limits (``rewards/worker.py``).
@@ -72,13 +72,9 @@ def resolve_reward(name: str, task: Any = None, params: Mapping[str, Any] | None
                               "(rollout.prompts: world:<task>)")
         return lambda prompts, completions, **_: task.gold(prompts, completions)
     if ":" in name:
-        module, _, attr = name.partition(":")
-        try:
-            fn = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as exc:
-            raise ConfigError(f"{field}: cannot load user reward {name!r}: {exc}") from None
-        if not callable(fn):
-            raise ConfigError(f"{field}: {name!r} is not callable")
+        from alignlab.rewards.resolve import canonical_target, load_user_function
+
+        fn, name = load_user_function(name, field), canonical_target(name)
     else:
         from alignlab.rewards.registry import REWARDS
 

@@ -19,7 +19,6 @@ torch, about 1 s), but a killed call leaves no half-updated state behind.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import sys
@@ -53,8 +52,9 @@ _result.flush()
 def load_target(target: str) -> Callable[..., Any]:
     """``module:function`` or a ``REWARDS`` name → the callable."""
     if ":" in target:
-        module, _, attr = target.partition(":")
-        return getattr(importlib.import_module(module), attr)
+        from alignlab.rewards.resolve import load_user_function
+
+        return load_user_function(target)
     from alignlab.rewards.registry import REWARDS
 
     return REWARDS.get(target)

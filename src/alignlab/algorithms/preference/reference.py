@@ -5,7 +5,8 @@ computed once per example with the reference model (never the policy being train
 in each example as ``ref_logps`` (one float per completion slot, see
 :func:`alignlab.data.preference_batches.group_completions`). They are cached in
 ``<output_dir>/reference_logps.safetensors`` under a key hashing the token ids and the
-reference model, so a resumed run (or a second run on the same data) reuses them and a change
+reference model's content (its weight, config and tokenizer files' bytes, see
+``models/fingerprint.py``), so a resumed run (or a second run on the same data) reuses them and a change
 of data or reference recomputes them. Token-level losses get the per-token values instead
 (``per_token=True``: one list per example, the slots' tokens concatenated) and MRPO's extra
 references their own cache files (``cache_file``).
@@ -23,6 +24,7 @@ from torch import nn
 
 from alignlab.data.preference_batches import collate_groups, group_completions
 from alignlab.models.completion_tokens import completion_token_logprobs
+from alignlab.models.fingerprint import directory_fingerprint, module_fingerprint
 from alignlab.models.prefix_sharing import completion_logprobs, prefix_sharing_support
 from alignlab.core.runtime import to_device
 from alignlab.core.runtime import autocast
@@ -31,7 +33,7 @@ CACHE_FILE = "reference_logps.safetensors"
 
 
 def reference_key(examples: list[dict[str, Any]], reference: str, precision: str) -> str:
-    """sha256 over the reference model's name, the precision and every example's token ids."""
+    """sha256 over the reference model's fingerprint, the precision and every example's token ids."""
     h = hashlib.sha256(json.dumps([reference, precision]).encode())
     for e in examples:
         h.update(json.dumps([e["prompt_ids"], group_completions(e)]).encode())
@@ -105,16 +107,22 @@ def attach_reference_logps(examples: list[dict[str, Any]], load_model: Any, refe
                            field: str = "ref_logps", cache_file: str = CACHE_FILE,
                            per_token: bool = False) -> bool:
     """Set ``example[field]`` for every example, from the cache or by computing them with
-    the model ``load_model()`` returns (called only on a cache miss). Returns True on a hit.
+    the model ``load_model()`` returns (called on a cache miss, and to fingerprint a reference
+    that is not a local directory). Returns True on a hit.
 
     ``layout`` None: prefix sharing when it is exact for the reference model, else padded
     (always padded or packed when ``per_token``)."""
     path = Path(output_dir) / cache_file
-    key = reference_key(examples, reference + ("#per_token" if per_token else ""), precision)
+    # Keyed on the reference's content, not its path: new weights saved at the same path recompute.
+    fingerprint, model = directory_fingerprint(reference), None
+    if fingerprint is None:
+        model = load_model()
+        fingerprint = module_fingerprint(model)
+    key = reference_key(examples, fingerprint + ("#per_token" if per_token else ""), precision)
     values = load_reference_cache(path, key)
     hit = values is not None
     if not hit:
-        model = load_model().to(device)
+        model = (model if model is not None else load_model()).to(device)
         if layout is None or (per_token and layout == "shared"):
             layout = "shared" if prefix_sharing_support(model)[0] and not per_token else "flat"
         values = compute_reference_logps(model, examples, pad_token_id, batch_size=batch_size,

@@ -361,7 +361,7 @@ def run_preference(cfg: PreferenceConfig) -> PreferenceRun:
     and save the final model."""
     prepare_output_dir(cfg.train)  # before anything slow is loaded
     plan = plan_losses(cfg.preference)
-    model, tokenizer = load_policy(cfg.model, cfg.world)
+    model, tokenizer = load_policy(cfg.model, cfg.world, seed=cfg.train.seed)
     columns = plan.needs.column_map()
     tokenized = load_preference_examples(cfg.data, cfg.world, tokenizer, plan.kind, columns)
     examples, pad = tokenized.examples, tokenized.pad_token_id

@@ -27,7 +27,7 @@ from alignlab.engine.run import prepare_output_dir
 from alignlab.core.config import DataSection, ModelSection, Section, TrainSection, WorldSection, dump_config
 from alignlab.algorithms.reward_model.batches import collate, example_rewards
 from alignlab.core.errors import ConfigError
-from alignlab.losses.reward import REWARD_MODEL_LOSSES, centering_penalty
+from alignlab.losses.reward import REWARD_MODEL_LOSSES, centering_penalty, loss_format
 from alignlab.data.batches import EpochBatches
 from alignlab.engine.loop import LossOutput, TrainResult, train
 from alignlab.engine.metrics import MetricsLogger
@@ -219,12 +219,13 @@ def init_model(path: str, cfg: RewardConfig, seed: int) -> torch.nn.Module:
     to keep training."""
     from alignlab.models.heads import HEAD_CONFIG, CausalLMWithScalarHead, load_reward_model
     from alignlab.models.loading import from_pretrained_checked
+    from alignlab.core.runtime import seed_everything
     from transformers import AutoConfig
 
     m = cfg.model
     if m.lora is not None:
         raise ConfigError("model.lora: the reward trainer trains the full backbone; remove lora")
-    torch.manual_seed(seed)  # the head's initialisation differs per ensemble member
+    seed_everything(seed)  # before any model is built; the head's init differs per member
     config = None if (Path(path) / HEAD_CONFIG).is_file() else from_pretrained_checked(
         AutoConfig, path, trust_remote_code=m.trust_remote_code)
     archs = list(getattr(config, "architectures", None) or [])
@@ -235,8 +236,11 @@ def init_model(path: str, cfg: RewardConfig, seed: int) -> torch.nn.Module:
             raise ConfigError(f"reward.ensemble.num_heads is {cfg.reward.ensemble.num_heads} but "
                               f"the reward model at {path} has {model.num_heads} heads")
         return model
+    # Comparisons are blind to a constant shift: a bias is learnt only from score regression or
+    # centering. Without one, AutoModelForSequenceClassification scores the saved model exactly.
+    bias = loss_format(cfg.reward.loss) == "prompt_completion" or cfg.reward.center_coef > 0
     return CausalLMWithScalarHead.from_causal_lm(
-        path, num_heads=cfg.reward.ensemble.num_heads, dtype=m.dtype,
+        path, num_heads=cfg.reward.ensemble.num_heads, bias=bias, dtype=m.dtype,
         trust_remote_code=m.trust_remote_code, attn_implementation=m.attn_implementation)
 
 
@@ -245,7 +249,7 @@ def save_reward_model(ensemble: Any, tokenizer: Any, cfg: RewardConfig, output_d
     final = Path(output_dir) / "final"
     tmp = final.with_name(".tmp-final")
     shutil.rmtree(tmp, ignore_errors=True)
-    ensemble.save_pretrained(tmp)
+    ensemble.save_pretrained(tmp, pad_token_id=tokenizer.pad_token_id)
     for d in [tmp, *sorted(tmp.glob("member_*"))]:
         tokenizer.save_pretrained(d)
     atomic_write_text(tmp / "alignlab_config.yaml", dump_config(cfg))
