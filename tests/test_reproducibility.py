@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from alignlab.core.config import DataSection, LoraSettings, ModelSection, TrainSection, WorldSection
-from alignlab.trainers import preference, sft
+from alignlab.algorithms import sft
+from alignlab.algorithms.preference import trainer as preference
 from alignlab.algorithms.preference.trainer import PreferenceConfig, PreferenceSection, run_preference
 from alignlab.algorithms.sft import SFTConfig, run_sft
 

@@ -110,8 +110,9 @@ def test_mrpo_precomputes_and_stacks_several_references(eval_pairs, tiny_world, 
     assert (tmp_path / "run" / CACHE_FILE).exists()
     assert (tmp_path / "run" / "reference_logps.1.safetensors").exists()
     assert _accuracy(run, eval_pairs) >= 0.8  # measured 0.88
-    again = run_preference(_cfg(world_cache, tmp_path / "run", "mrpo", steps=1,
-                                reference_models=refs))
+    again_cfg = _cfg(world_cache, tmp_path / "run", "mrpo", steps=1, reference_models=refs)
+    again_cfg.train.overwrite = True  # a new run in the same directory: its caches are kept
+    again = run_preference(again_cfg)
     assert again.reference_cache_hit is True  # both references read back from their caches
 
 

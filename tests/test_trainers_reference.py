@@ -157,6 +157,7 @@ def test_dpo_on_new_weights_at_the_same_path_starts_at_ln2(tiny_world, world_cac
             p.add_(0.05 * torch.randn_like(p))
     other.save_pretrained(path)
     load_tokenizer(str(tiny_world.base_dir)).save_pretrained(path)
+    cfg.train.overwrite = True  # a new run in the same directory (its caches kept)
     second = run_preference(cfg)
     assert second.reference_cache_hit is False
     assert abs(second.result.history[0]["loss"] - math.log(2)) < 1e-5

@@ -104,7 +104,7 @@ def test_ensemble_members_and_heads_train_on_their_own_subsets(tiny_world, world
     run = run_reward(cfg)
     assert run.model.size == 4 and run.metrics["pairs"] == 32
     assert {f"member_{k}_accuracy" for k in range(4)} <= set(run.metrics)
-    assert (tmp_path / "member_1" / "DONE").exists()
+    assert (tmp_path / "member_1" / "metrics.jsonl").exists() and (tmp_path / "DONE").exists()
     loaded = RewardEnsemble.from_pretrained(tmp_path / "final")
     assert loaded.size == 4 and loaded.aggregate == "min"
     train, _ = split_examples([{"i": i} for i in range(400)], cfg)
