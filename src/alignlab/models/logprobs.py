@@ -353,8 +353,9 @@ def restricted_token_logprobs(model: nn.Module, batch: dict[str, Any], allowed: 
     ``lp[b,t] = z[y_t] − logsumexp_{v allowed at t} z[v]`` with ``z = logits[b,t-1] / T``.
 
     ``allowed`` is a bool ``[N, V]``, one row per scored position in row-major order (the rows of
-    ``next_token_logits``). NLPO's action mask uses it (``algorithms/policy_gradient/nlpo.py``). It always takes the
-    full-logits path: the ``[N, V]`` float32 rows of the scored positions are held at once.
+    ``next_token_logits``). NLPO's action mask uses it (``algorithms/policy_gradient/nlpo.py``).
+    It always takes the full-logits path: the ``[N, V]`` float32 rows of the scored positions
+    are held at once.
     """
     logits, targets, scored = next_token_logits(model, batch)
     if allowed.shape != logits.shape:
@@ -434,7 +435,8 @@ def _flat_view(batch: dict[str, Any]) -> dict[str, Any]:
     lengths = prompt_lengths[:, 0] + batch["completion_mask"].sum(1)
     col = torch.arange(int(lengths.max()), device=prompt_ids.device)[None]
     in_prompt = col < prompt_lengths
-    from_prompt = prompt_ids[owner].gather(1, col.clamp(max=prompt_ids.shape[1] - 1).expand(len(owner), -1))
+    from_prompt = prompt_ids[owner].gather(
+        1, col.clamp(max=prompt_ids.shape[1] - 1).expand(len(owner), -1))
     from_completion = completion_ids.gather(
         1, (col - prompt_lengths).clamp(0, completion_ids.shape[1] - 1))
     attention_mask = (col < lengths[:, None]).long()
@@ -534,7 +536,8 @@ def logprobs_and_values(model: nn.Module, value_head: nn.Linear, batch: dict[str
             _scatter_scored(ent, scored, shape) if with_entropy else None)
 
 
-def state_values(critic: nn.Module, batch: dict[str, Any], *, prefix_sharing: bool = True) -> Tensor:
+def state_values(critic: nn.Module, batch: dict[str, Any], *,
+                 prefix_sharing: bool = True) -> Tensor:
     """A scalar-head critic's ``V(s_t)`` at every completion token ``t`` (``[B,T]`` float32, 0
     where ``loss_mask`` is 0), read from the hidden state at ``t − 1`` — the position whose
     logits gave ``log π(y_t)``; by prefix sharing where :func:`fast_path` takes it."""

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from alignlab.data.preference_batches import collate_groups, group_completions
-from alignlab.models.logprobs import completion_logprobs, completion_token_logprobs, preferred_layout
+from alignlab.models.logprobs import (completion_logprobs, completion_token_logprobs,
+                                      preferred_layout)
 from alignlab.core.runtime import to_device
 from alignlab.core.runtime import autocast
 

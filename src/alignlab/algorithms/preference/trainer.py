@@ -81,7 +81,8 @@ class PreferenceSection(Section):
     prefix_sharing: bool | None = None
     """Compute each prompt once for all its completions; None = on when exact for the model.
     SDPA decoders run each prompt with its completions as one row of a packed, padding-free
-    pass; others a prompt pass with KV cache, then the completions (``models.logprobs.fast_path``)."""
+    pass; others a prompt pass with KV cache, then the completions
+    (:func:`alignlab.models.logprobs.fast_path` decides)."""
     heldout: int = Field(0, ge=0)
     """Rows kept out of training; their loss and reward accuracy go to ``heldout.json``."""
 
@@ -378,7 +379,8 @@ def run_preference(cfg: PreferenceConfig) -> PreferenceRun:
             print(f"reference log-probs: {'reused' if hit else 'computed'} ({', '.join(refs)})")
         else:
             ref_model = load(refs[0]).to(device)
-            if layout == "shared" and preferred_layout(ref_model, per_token=plan.needs.tokens)[0] != "shared":
+            ref_layout, _ = preferred_layout(ref_model, per_token=plan.needs.tokens)
+            if layout == "shared" and ref_layout != "shared":
                 raise ConfigError("field 'preference.prefix_sharing': the reference model does not "
                                   "support it; set it to false or precompute_reference to true")
     objective = PreferenceObjective(plan, ref_model, groups=groups,

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from alignlab.models._fast.cpu_attention import MAX_SCORES, attention_with_bias, cpu_attention, mask_bias
+from alignlab.models._fast.cpu_attention import (MAX_SCORES, attention_with_bias, cpu_attention,
+                                                 mask_bias)
 from alignlab.models._fast.last_layer import last_layer_only_at
 from alignlab.models.backbone import chunked_logprobs
 from alignlab.models.checkpointing import recompute_with
