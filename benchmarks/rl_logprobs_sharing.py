@@ -6,7 +6,7 @@ A GRPO-shaped batch (``--prompts`` prompts of about ``--prompt-tokens`` tokens, 
 sampled completions each, of uneven length up to ``--completion-tokens``), laid out as
 ``RolloutRole.to_batch`` does (one right-padded row per completion), on a random-init Llama
 (``--hidden``, ``--layers``). It times the policy's forward+backward of the token log-probs
-(``grouped_token_logprobs`` with and without sharing) under bf16 autocast where supported,
+(``token_logprobs`` with and without ``prefix_sharing``) under bf16 autocast where supported,
 best of ``--repeats`` after a warm-up, and checks that the values agree. Last line:
 ``speedup_vs_plain=X``.
 """
@@ -48,7 +48,7 @@ def main() -> None:
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from alignlab.models.shared_tokens import grouped_token_logprobs
+    from alignlab.models.logprobs import token_logprobs
     from alignlab.core.runtime import autocast, cpu_supports_bf16
 
     torch.manual_seed(0)
@@ -67,7 +67,7 @@ def main() -> None:
             model.zero_grad(set_to_none=True)
             t = time.perf_counter()
             with autocast(device, precision):
-                lp = grouped_token_logprobs(model, batch, prefix_sharing=sharing)
+                lp = token_logprobs(model, batch, prefix_sharing=sharing)
             (lp.sum() / batch["loss_mask"].sum()).backward()
             if i:  # the first run warms up
                 best = min(best, time.perf_counter() - t)

@@ -10,7 +10,7 @@ import torch
 from alignlab.data.preference_batches import collate_groups
 from alignlab.core.errors import ConfigError
 from alignlab.models.checkpointing import checkpointing_enabled, enable_gradient_checkpointing
-from alignlab.models.prefix_sharing import completion_logprobs
+from alignlab.models.logprobs import completion_logprobs
 from tests.conftest import random_llama
 from tests.test_models_prefix_sharing import _examples, _values_and_grads
 

@@ -7,8 +7,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
 from alignlab.core.errors import ConfigError
+from alignlab.models.backbone import sequence_end_index
 from alignlab.models.heads import (HEAD_CONFIG, HEAD_WEIGHTS, CausalLMWithScalarHead,
-                                   load_reward_model, sequence_end_index)
+                                   load_reward_model)
 
 VOCAB = 80
 

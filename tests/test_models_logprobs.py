@@ -7,8 +7,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from alignlab.core.errors import ConfigError
-from alignlab.models.logprobs import (chunked_logprobs, find_backbone_and_head,
-                                      sequence_logprobs, token_logprobs)
+from alignlab.models.backbone import chunked_logprobs, find_backbone_and_head
+from alignlab.models.logprobs import sequence_logprobs, token_logprobs
 
 VOCAB = 97
 

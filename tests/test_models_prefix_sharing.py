@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from alignlab.data.preference_batches import add_kl_completions, collate_groups
-from alignlab.models.prefix_sharing import completion_logprobs, prefix_sharing_support
+from alignlab.models.logprobs import completion_logprobs, fast_path, preferred_layout
 from tests.conftest import random_llama
 
 
@@ -75,10 +75,12 @@ def test_slot_major_order_and_direct_value():
 
 def test_support_refuses_sliding_window_models():
     model = random_llama()
-    assert prefix_sharing_support(model) == (True, "")
+    assert preferred_layout(model)[0] == "shared"
     model.config.sliding_window = 8
-    ok, why = prefix_sharing_support(model)
-    assert not ok and "sliding_window" in why
+    layout, why = preferred_layout(model)
+    assert layout == "flat" and "sliding_window" in why
+    batch = collate_groups(_examples("paired"), 0, layout="shared")
+    assert fast_path(model, batch).name == "plain" and "sliding_window" in fast_path(model, batch).reason
 
 
 def test_cpu_training_attention_matches_sdpa_values_and_gradients():
@@ -86,7 +88,7 @@ def test_cpu_training_attention_matches_sdpa_values_and_gradients():
     grouped KV heads), and dropout calls are left to SDPA."""
     import torch.nn.functional as F
 
-    from alignlab.models.cpu_attention import CpuAttention
+    from alignlab.models._fast.cpu_attention import CpuAttention
 
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 4, 5, 8, generator=g, requires_grad=True)
@@ -113,7 +115,7 @@ def test_cpu_training_attention_bf16_and_fully_masked_rows():
     survive the cast to bfloat16."""
     import torch.nn.functional as F
 
-    from alignlab.models.cpu_attention import matmul_attention
+    from alignlab.models._fast.cpu_attention import matmul_attention
 
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(2, 4, 6, 16, generator=g) for _ in range(3))
@@ -136,7 +138,7 @@ def test_one_pass_runs_last_layer_mlp_only_where_hidden_states_are_read():
     """The SDPA group pass runs the decoder once on the real tokens only (no padding work), its
     last MLP only at the positions that predict a scored token, and the model's modules are
     restored afterwards."""
-    from alignlab.models.packed_groups import LENGTH_MULTIPLE
+    from alignlab.models._fast.packed_groups import LENGTH_MULTIPLE
 
     model = random_llama(seed=1).float()
     examples = _examples("paired", n=12)
@@ -166,6 +168,7 @@ def test_two_pass_fallback_without_sdpa(kind):
     model = random_llama(seed=1).float()
     model.set_attn_implementation("eager")
     examples = _examples(kind)
+    assert fast_path(model, collate_groups(examples, 0, layout="shared")).name == "two_pass"
     rows_seen = []
     handle = model.model.layers[-1].mlp.register_forward_hook(
         lambda m, i, o: rows_seen.append(i[0].reshape(-1, i[0].shape[-1]).shape[0]))
@@ -221,8 +224,8 @@ def test_group_pass_with_attention_dropout():
 def test_group_pass_sdpa_branch_matches_plain(monkeypatch):
     """Above ``MAX_SCORES`` (and on GPUs) the group pass hands SDPA the padded batch with its
     boolean block mask instead of the CPU matmul attention: the same values and gradients."""
-    import alignlab.models.cpu_attention as cpu_attention
-    import alignlab.models.packed_groups as packed_groups
+    import alignlab.models._fast.cpu_attention as cpu_attention
+    import alignlab.models._fast.packed_groups as packed_groups
 
     monkeypatch.setattr(packed_groups, "MAX_SCORES", 0)
     monkeypatch.setattr(cpu_attention, "MAX_SCORES", 0)  # the kernel itself, not the matmuls
@@ -237,7 +240,6 @@ def test_group_pass_on_a_lora_model():
     """A PEFT LoRA policy takes the one-pass prefix sharing and gets the plain path's values and
     adapter gradients."""
     peft = pytest.importorskip("peft")
-    from alignlab.models.packed_groups import group_pass_applies
 
     model = peft.get_peft_model(random_llama(seed=9).float(),
                                 peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
@@ -245,8 +247,8 @@ def test_group_pass_on_a_lora_model():
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(std=0.1)
-    assert group_pass_applies(model)
     examples = _examples("paired")
+    assert fast_path(model, collate_groups(examples, 0, layout="shared")).name == "group_pass"
     out = []
     for layout in ("shared", "flat"):
         model.zero_grad()
@@ -283,12 +285,10 @@ def test_group_pass_on_other_architectures(arch):
     (Phi-3): the one-pass prefix sharing gives the plain path's values and gradients."""
     from transformers import AutoModelForCausalLM
 
-    from alignlab.models.packed_groups import group_pass_applies
-
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(_tiny_config(arch)).float().eval()  # no dropout
-    assert group_pass_applies(model)
     examples = _examples("listwise")
+    assert fast_path(model, collate_groups(examples, 0, layout="shared")).name == "group_pass"
     lp_s, g_s, _ = _values_and_grads(model, examples, "shared")
     lp_f, g_f, _ = _values_and_grads(model, examples, "flat")
     assert torch.allclose(lp_s, lp_f, atol=1e-5) and torch.allclose(g_s, g_f, atol=1e-5)
@@ -298,7 +298,7 @@ def test_packed_sequences_attend_per_sequence_padded(monkeypatch):
     """A padding-free packed batch on an SDPA decoder runs its attention per sequence (padded
     rows, not transformers' dense [S, S] block mask): the padded path's values and gradients,
     under a sliding window it keeps transformers' mask."""
-    import alignlab.models.packed_groups as packed_groups
+    import alignlab.models._fast.packed_groups as packed_groups
 
     calls = []
     real = packed_groups.packed_sequences_hidden

@@ -1,15 +1,15 @@
-"""Per-token log-probs of flat RL batches by prefix sharing equal ``token_logprobs``."""
+"""Per-token log-probs and values of flat RL batches by prefix sharing equal the plain path's."""
 
 from __future__ import annotations
-
-import functools
 
 import pytest
 import torch
 
+import alignlab.models._fast.shared_tokens as shared_tokens
+import alignlab.models.logprobs as logprobs
 from alignlab.data.collate import completion_rows
-from alignlab.models.logprobs import token_logprobs
-from alignlab.models.shared_tokens import as_groups, grouped_token_logprobs, shared_token_logprobs
+from alignlab.models._fast.shared_tokens import as_groups
+from alignlab.models.logprobs import fast_path, token_logprobs
 from tests.conftest import random_llama
 
 
@@ -27,6 +27,18 @@ def _rl_batch(seed: int = 0, groups: int = 3, n: int = 4) -> dict[str, torch.Ten
     return completion_rows(rows, starts, 0)
 
 
+@pytest.fixture
+def share_small_batches(monkeypatch):
+    """Share even these small test batches (they skip far fewer than MIN_SKIPPED_TOKENS)."""
+    monkeypatch.setattr(logprobs, "MIN_SKIPPED_TOKENS", 0)
+
+
+def _spy(monkeypatch, module, name):
+    calls, real = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(name) or real(*a, **k))
+    return calls
+
+
 def test_grouping_dedupes_prompts():
     batch = _rl_batch()
     groups = as_groups(batch)
@@ -38,45 +50,54 @@ def test_grouping_dedupes_prompts():
     assert as_groups(bad) is None and as_groups({"input_ids": batch["input_ids"]}) is None
 
 
-def test_values_entropy_and_gradients_equal_token_logprobs():
+def test_values_entropy_and_gradients_equal_token_logprobs(share_small_batches, monkeypatch):
     batch = _rl_batch(seed=1)
     model = random_llama(seed=2).float()
+    calls = _spy(monkeypatch, shared_tokens, "group_token_logprobs")
     grads = []
-    shared = functools.partial(shared_token_logprobs, min_skipped_tokens=0)
-    for fn in (token_logprobs, shared):
+    for sharing in (False, True):
         model.zero_grad()
-        lp, ent = fn(model, batch, temperature=0.7, return_entropy=True)
+        lp, ent = token_logprobs(model, batch, temperature=0.7, return_entropy=True,
+                                 prefix_sharing=sharing)
         ((lp * torch.linspace(-1, 1, lp.numel()).view_as(lp)).sum() + ent.sum()).backward()
         grads.append((lp.detach(), ent.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    assert calls == ["group_token_logprobs"]  # the plain path, then the shared one
     (lp0, e0, g0), (lp1, e1, g1) = grads
     assert torch.allclose(lp0, lp1, atol=1e-5) and torch.allclose(e0, e1, atol=1e-5)
     assert torch.allclose(g0, g1, atol=1e-5) and g0.abs().max() > 1e-3
     assert (lp1[batch["loss_mask"] == 0] == 0).all()
 
 
-def test_falls_back_where_sharing_does_not_apply():
+def test_falls_back_where_sharing_does_not_apply(monkeypatch):
+    """The decision: sharing where the model and the batch allow it, plain elsewhere, each with
+    its reason; and the shared values equal the plain path's (not the same path twice)."""
     batch = _rl_batch(seed=3)
     model = random_llama(seed=2).float()
+    plain = token_logprobs(model, batch)  # prefix_sharing off: the plain path
+    assert fast_path(model, batch).name == "plain"
+    assert "skip only" in fast_path(model, batch, prefix_sharing=True).reason  # too small to pay
+    monkeypatch.setattr(logprobs, "MIN_SKIPPED_TOKENS", 0)
+    assert fast_path(model, batch, prefix_sharing=True).name == "group_pass"
+    assert torch.allclose(token_logprobs(model, batch, prefix_sharing=True), plain, atol=1e-5)
     model.set_attn_implementation("eager")
-    assert shared_token_logprobs(model, batch, min_skipped_tokens=0) is None
-    assert torch.allclose(grouped_token_logprobs(model, batch), token_logprobs(model, batch))
-    model.set_attn_implementation("sdpa")
-    assert shared_token_logprobs(model, batch, min_skipped_tokens=0) is not None
-    assert shared_token_logprobs(model, batch, min_skipped_tokens=batch["input_ids"].numel()) is None
+    path = fast_path(model, batch, prefix_sharing=True)
+    assert path.name == "plain" and "SDPA" in path.reason
+    calls = _spy(monkeypatch, shared_tokens, "group_token_logprobs")
+    assert torch.allclose(token_logprobs(model, batch, prefix_sharing=True), plain, atol=1e-5)
+    assert not calls
 
 
-def test_critic_values_by_prefix_sharing_equal_the_shifted_flat_values():
+def test_critic_values_by_prefix_sharing_equal_the_shifted_flat_values(share_small_batches):
     from alignlab.models.heads import CausalLMWithScalarHead
-    from alignlab.models.shared_tokens import shared_state_values
-    from alignlab.algorithms.policy_gradient.critic import state_values
+    from alignlab.models.logprobs import state_values
 
     batch = _rl_batch(seed=4)
     critic = CausalLMWithScalarHead(random_llama(seed=5).float())
+    assert fast_path(critic, batch, prefix_sharing=True).name == "group_pass"
     out = []
-    for shared in (False, True):
+    for sharing in (False, True):
         critic.zero_grad()
-        v = (shared_state_values(critic, batch, min_skipped_tokens=0) if shared
-             else state_values(critic, batch, prefix_sharing=False))
+        v = state_values(critic, batch, prefix_sharing=sharing)
         (v * torch.linspace(-1, 1, v.numel()).view_as(v)).sum().backward()
         out.append((v.detach(), torch.cat([p.grad.flatten() for p in critic.parameters()])))
     (v0, g0), (v1, g1) = out
@@ -85,21 +106,22 @@ def test_critic_values_by_prefix_sharing_equal_the_shifted_flat_values():
 
 
 @pytest.mark.parametrize("heads", [1, 2])
-def test_reward_model_sequence_values_by_prefix_sharing(heads):
+def test_reward_model_sequence_values_by_prefix_sharing(heads, share_small_batches):
     """A reward model's value at each sequence's end (pairs sharing their prompt) equals the
     plain forward's, values and gradients, one head or an ensemble of heads."""
     from alignlab.data.collate import preference_collate
-    from alignlab.models.heads import CausalLMWithScalarHead, sequence_end_values
-    from alignlab.models.shared_tokens import shared_sequence_values
+    from alignlab.models.backbone import sequence_end_values
+    from alignlab.models.heads import CausalLMWithScalarHead
+    from alignlab.models.logprobs import sequence_values
     from tests.test_models_prefix_sharing import _examples
 
     model = CausalLMWithScalarHead(random_llama(seed=7).float(), num_heads=heads)
     batch = preference_collate(_examples("paired"), 0)
+    assert fast_path(model, batch, prefix_sharing=True).name == "group_pass"
     out = []
     for shared in (False, True):
         model.zero_grad()
-        v = (shared_sequence_values(model, batch, min_skipped_tokens=0) if shared
-             else sequence_end_values(model(batch), batch))
+        v = sequence_values(model, batch) if shared else sequence_end_values(model(batch), batch)
         (v * torch.linspace(-1, 1, v.numel()).view_as(v)).sum().backward()
         out.append((v.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])))
     (v0, g0), (v1, g1) = out

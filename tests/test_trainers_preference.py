@@ -92,7 +92,7 @@ def test_objective_returns_the_sum_of_per_pair_dpo_losses():
     out = obj.loss(model, batch)
     assert obj.num_items(batch) == 3
     with torch.no_grad():
-        from alignlab.models.prefix_sharing import completion_logprobs
+        from alignlab.models.logprobs import completion_logprobs
         lp, ref = completion_logprobs(model, batch), batch["ref_logps"]
     logits = 0.5 * ((lp[:3] - ref[:3]) - (lp[3:] - ref[3:]))
     assert out.loss_sum.item() == pytest.approx(-torch.nn.functional.logsigmoid(logits).sum().item(), abs=1e-5)
@@ -104,7 +104,7 @@ def test_kto_reference_point_is_the_mismatched_log_ratio_without_gradient():
     obj = PreferenceObjective(plan_losses(PreferenceSection(loss="kto")))
     out = obj.loss(model, batch)
     with torch.no_grad():
-        from alignlab.models.prefix_sharing import completion_logprobs
+        from alignlab.models.logprobs import completion_logprobs
         lp, ref = completion_logprobs(model, batch), batch["ref_logps"]
     z0 = max(float((lp[3:] - ref[3:]).mean()), 0.0)
     assert out.metrics["kl_ref"] == pytest.approx(z0, abs=1e-5)

@@ -16,7 +16,7 @@ from alignlab.data.preference_batches import collate_groups
 from alignlab.core.errors import ConfigError, DataError
 from alignlab.losses.preference import PREFERENCE_LOSSES, PreferenceInputs
 from alignlab.models.loading import load_model
-from alignlab.models.prefix_sharing import completion_logprobs
+from alignlab.models.logprobs import completion_logprobs
 from alignlab.algorithms.preference.trainer import (PreferenceConfig, PreferenceObjective, PreferenceSection,
                                           plan_losses, run_preference)
 from alignlab.algorithms.preference.heldout import implicit_reward_accuracy
@@ -87,7 +87,7 @@ def test_sparse_po_objective_reads_per_token_inputs_and_equals_dpo_with_unit_wei
     shared = collate_groups(ex, 0, layout="shared")
     assert PreferenceObjective(sparse.plan, ref_model).loss(model, shared).loss_sum.item() == \
         pytest.approx(on_the_fly.item(), abs=1e-5)
-    from alignlab.models.completion_tokens import completion_token_logprobs
+    from alignlab.models.logprobs import completion_token_logprobs
 
     with torch.no_grad():
         assert torch.allclose(completion_token_logprobs(model, shared),

@@ -10,17 +10,17 @@ from tests.test_trainers_ppo import EVAL
 
 from alignlab.eval.evaluate import evaluate
 from alignlab.core.errors import ConfigError
-from alignlab.models.logprobs import token_logprobs
+from alignlab.models.logprobs import logprobs_and_values, token_logprobs
 from alignlab.algorithms.policy_gradient.run import train_policy_gradient
 from alignlab.algorithms.policy_gradient.config import NLPORLSection, PPORLSection
-from alignlab.algorithms.policy_gradient.shared_critic import logprobs_and_values, value_head_for
+from alignlab.algorithms.policy_gradient.shared_critic import value_head_for
 
 
 @pytest.mark.parametrize("prefix_sharing", [False, True])
 def test_one_forward_gives_token_logprobs_and_the_heads_values(prefix_sharing, monkeypatch):
-    import alignlab.models.shared_tokens as shared_tokens
+    import alignlab.models.logprobs as logprobs
 
-    monkeypatch.setattr(shared_tokens, "MIN_SKIPPED_TOKENS", 0)  # share even this small batch
+    monkeypatch.setattr(logprobs, "MIN_SKIPPED_TOKENS", 0)  # share even this small batch
     batch = _rl_batch(seed=6)
     model = random_llama(seed=3).float()
     head = value_head_for(model, torch.device("cpu"))

@@ -9,7 +9,8 @@ from conftest import random_examples, random_llama
 
 from alignlab.core.config import TrainSection
 from alignlab.data.collate import pad_collate
-from alignlab.algorithms.policy_gradient.critic import ValueObjective, new_critic, state_values
+from alignlab.algorithms.policy_gradient.critic import ValueObjective, new_critic
+from alignlab.models.logprobs import state_values
 from alignlab.engine.learner import Learner, rows_of
 from alignlab.engine.scoring import score_units
 

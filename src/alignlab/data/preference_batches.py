@@ -8,7 +8,7 @@ then all slot-1, ...), so a paired batch splits with ``[:B]`` / ``[B:]`` as in
 ``preference_collate``. Two layouts:
 
 - ``shared``: prompts once ``[B, P]`` + completions ``[N, C]`` (+ ``owner [N]``) for
-  prompt-prefix sharing (:mod:`alignlab.models.prefix_sharing`);
+  prompt-prefix sharing (:func:`alignlab.models.logprobs.completion_logprobs`);
 - ``flat``/``packed``: each completion joined to its prompt, padded ``[N, T]`` or packed
   ``[1, ΣT]`` (the plain path through ``token_logprobs``).
 

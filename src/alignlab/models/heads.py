@@ -25,7 +25,8 @@ from torch import Tensor, nn
 
 from alignlab.core.errors import ConfigError
 from alignlab.models.loading import model_load_kwargs, freeze, from_pretrained_checked
-from alignlab.models.logprobs import decoder_hidden, find_decoder
+from alignlab.models.backbone import find_decoder
+from alignlab.models.logprobs import hidden_states, sequence_values
 
 HEAD_WEIGHTS = "scalar_head.safetensors"
 HEAD_CONFIG = "scalar_head.json"
@@ -46,38 +47,6 @@ def _as_backbone(model: nn.Module) -> nn.Module:
     if hasattr(model, "config"):
         return model  # already a base model such as LlamaModel (get_decoder returns itself)
     raise ConfigError(f"cannot find the transformer body of {type(model).__name__}")
-
-
-def sequence_end_index(batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-    """``(row, col)`` of each sequence's last token.
-
-    Padded: the rightmost position with ``attention_mask`` 1 in each row. Packed
-    (``attention_mask`` None, ``seq_lens`` given): ``cumsum(seq_lens) - 1`` in row 0.
-    Neither: the last column of each row.
-    """
-    input_ids = batch["input_ids"]
-    device = input_ids.device
-    attention_mask = batch.get("attention_mask")
-    if attention_mask is not None:
-        positions = torch.arange(input_ids.shape[1], device=device)
-        col = (positions * attention_mask.bool().long()).argmax(-1)
-        return torch.arange(input_ids.shape[0], device=device), col
-    if batch.get("seq_lens") is not None:
-        if input_ids.shape[0] != 1:
-            raise ConfigError(f"packed batch must have one row, got {input_ids.shape[0]}")
-        ends = torch.as_tensor(batch["seq_lens"], device=device).long().cumsum(0) - 1
-        if len(ends) and int(ends[-1]) != input_ids.shape[1] - 1:
-            raise ConfigError(f"packed batch: seq_lens sum to {int(ends[-1]) + 1} but the row "
-                              f"has {input_ids.shape[1]} tokens")
-        return torch.zeros_like(ends), ends
-    rows = torch.arange(input_ids.shape[0], device=device)
-    return rows, torch.full_like(rows, input_ids.shape[1] - 1)
-
-
-def sequence_end_values(values: Tensor, batch: dict[str, Any]) -> Tensor:
-    """``values [B,T(,K)]`` at each sequence's last token → ``[S(,K)]``."""
-    row, col = sequence_end_index(batch)
-    return values[row, col]
 
 
 class CausalLMWithScalarHead(nn.Module):
@@ -111,17 +80,14 @@ class CausalLMWithScalarHead(nn.Module):
 
     def forward(self, batch: dict[str, Any]) -> Tensor:
         """Per-token values: ``[B,T]`` (``[B,T,K]`` when ``num_heads = K > 1``), float32."""
-        values = self.head(decoder_hidden(self.backbone, batch).float())
+        values = self.head(hidden_states(self.backbone, batch).float())
         return values.squeeze(-1) if self.num_heads == 1 else values
 
     def sequence_values(self, batch: dict[str, Any]) -> Tensor:
         """The value (reward) at each sequence's last token: ``[S]`` (``[S,K]``); sequences that
         share a prompt (a pair's chosen and rejected) compute it once where prefix sharing
-        applies (``models/shared_tokens.py``)."""
-        from alignlab.models.shared_tokens import shared_sequence_values
-
-        shared = shared_sequence_values(self, batch)
-        return shared if shared is not None else sequence_end_values(self(batch), batch)
+        applies (:func:`alignlab.models.logprobs.sequence_values`)."""
+        return sequence_values(self, batch)
 
     def save_pretrained(self, directory: str | os.PathLike, *, pad_token_id: int | None = None) -> None:
         """The standard ``XForSequenceClassification`` layout (what TRL's RewardTrainer writes):
@@ -304,5 +270,4 @@ def _stored_tensor(root: Path, name: str) -> Tensor | None:
         return f.get_tensor(name).float() if name in f.keys() else None
 
 
-__all__ = ["CausalLMWithScalarHead", "load_reward_model", "sequence_end_index",
-           "sequence_end_values", "HEAD_WEIGHTS", "HEAD_CONFIG"]
+__all__ = ["CausalLMWithScalarHead", "load_reward_model", "HEAD_WEIGHTS", "HEAD_CONFIG"]

@@ -1,297 +1,313 @@
-"""Per-token log-probabilities of a causal LM, the hot path of every trainer.
+"""One interface for log-probs and for the hidden states a value head reads.
 
-``token_logprobs`` returns, for each token t of a batch, ``log p(x_t | x_<t)`` where the
-batch's ``loss_mask`` is 1 and 0 elsewhere (see docs/ARCHITECTURE.md, "Log-probs").
+Entry points (docs/ARCHITECTURE.md, "Log-probs"):
 
-Why chunked: the full-vocabulary float32 log-softmax of a batch is ``B*T*V*4`` bytes (8 x 4096
-tokens x 150k vocab = 20 GB) and autograd would keep it for backward. We run the backbone only,
-keep the hidden states of the positions that predict a scored token (prompt and padding rows are
-never projected), and apply the output embedding ``chunk_size`` rows at a time inside
-``_ChunkedLogProb``, which saves only those hidden rows and recomputes each chunk's logits in
-backward. Peak extra memory is two ``chunk_size x V`` float32 blocks.
+- :func:`token_logprobs` ``[B, T]`` and :func:`sequence_logprobs` (one value per sequence) of
+  padded or packed batches;
+- :func:`completion_logprobs` ``[N]`` and :func:`completion_token_logprobs` ``[N, C]`` of the
+  grouped batches of :func:`alignlab.data.preference_batches.collate_groups`;
+- :func:`restricted_token_logprobs` and :func:`next_token_logits` (NLPO's action mask);
+- value heads: :func:`hidden_states` ``[B, T, H]``, :func:`logprobs_and_values` (a policy's
+  log-probs and a head's values from one forward), :func:`state_values` (a scalar-head critic's
+  ``V(s_t)``) and :func:`sequence_values` (a scalar-head model's value at each sequence's end).
 
-Why a fallback: the chunked path assumes ``logits = hidden @ W.T (+ b)``. Models that
-post-process logits (Gemma-2 soft-capping, Cohere ``logit_scale``, Granite ``logits_scaling``,
-...), LoRA on the output embedding, prompt-learning PEFT methods, and wrappers whose output
-embedding cannot be found go through ``model(...)`` instead; it gives the same numbers with
-the full logits tensor in memory. ``chunked=False`` forces it (use it also when the top-level
-module is FSDP- or DDP-wrapped: the chunked path calls the inner decoder directly, bypassing the
-wrapper's forward; such wrappers have no ``get_output_embeddings`` so ``chunked=None`` already
-falls back for them).
+Every entry point asks :func:`fast_path` which path a batch takes, and gets the same values and
+gradients on each (tested):
+
+- ``group_pass``: prefix sharing in one padding-free pass, each prompt once with all its
+  completions in one row, attention padded under a block mask (SDPA decoders whose positions
+  come from ``position_ids``): ``shared`` batches, and flat RL batches that repeat their prompts
+  when the caller asks for ``prefix_sharing`` and enough positions are skipped;
+- ``two_pass``: ``shared`` batches on other decoders (the prompts with a KV cache, then the
+  completions);
+- ``per_sequence``: packed batches on SDPA decoders, each sequence attending in its own padded
+  row instead of a dense ``[S, S]`` mask;
+- ``plain``: one ordinary forward.
+
+The speed-ups live in the private package ``alignlab.models._fast`` (with CPU attention as
+matmuls and last-layer row skipping inside those passes); no module outside ``alignlab.models``
+imports it. :func:`set_fast_paths` (or :func:`fast_paths_off`) turns every one of them off —
+what FSDP, DeepSpeed and ``torch.compile`` need, whose wrappers and graphs the passes'
+attention interception would bypass — and the first call that takes the plain path because of it
+logs one line with the reason.
+
+Why chunked (:func:`alignlab.models.backbone.chunked_logprobs`): the full-vocabulary log-softmax
+of a batch is never materialised; models whose logits are post-processed go through
+``model(...)`` instead (``chunked=False`` forces that; see :mod:`alignlab.models.backbone`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import functools
+import inspect
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from alignlab.core.errors import ConfigError
+from alignlab.models._fast import cpu_attention as _cpu
+from alignlab.models._fast import packed_groups as _groups
+from alignlab.models._fast import shared_tokens as _shared
+from alignlab.models._fast import two_pass as _two
+from alignlab.models.backbone import (backbone_kwargs, chunked_logprobs, decoder_hidden,
+                                      find_backbone_and_head, find_decoder, scored_positions,
+                                      sequence_end_values)
 
-# Config fields that mean the model transforms ``hidden @ W.T`` before the softmax.
-_LOGIT_POSTPROCESSING_FIELDS = (
-    "final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier",
-    "lm_head_multiplier", "scale_width", "dim_model_base", "mup_width_multiplier",
-)
-_LOGIT_POSTPROCESSING_MODULE_ATTRS = ("final_logits_bias", "logit_scale", "softcap")
+log = logging.getLogger(__name__)
+
+# Sharing the prompts of a flat batch pays for its fixed per-pass cost (grouping, scatter and
+# gather per layer) only when it skips enough token positions (repeated prompts and padding):
+# small arithmetic micro-batches ran slower shared, the GRPO benchmark's ran faster
+# (benchmarks/README.md).
+MIN_SKIPPED_TOKENS = 512
 
 
 # ----------------------------------------------------------------------------------------------
-# Finding the backbone and output embedding
+# The switch
 # ----------------------------------------------------------------------------------------------
 
-def _unwrap_peft(model: nn.Module) -> tuple[nn.Module, bool]:
-    """The underlying transformers model of a PEFT wrapper; flag True if PEFT changes forward."""
+_SWITCH = {"enabled": True, "reason": ""}
+_LOGGED: set[str] = set()
+
+
+def set_fast_paths(enabled: bool, reason: str = "") -> None:
+    """Turn every fast path on or off for this process; off needs a ``reason`` (logged once, at
+    the first call that takes the plain path because of it)."""
+    if not enabled and not reason:
+        raise ConfigError("set_fast_paths(False, reason): say why the fast paths are off")
+    _SWITCH.update(enabled=bool(enabled), reason="" if enabled else reason)
+
+
+def fast_paths_enabled() -> bool:
+    """Whether the fast paths may be taken (see :func:`set_fast_paths`)."""
+    return bool(_SWITCH["enabled"])
+
+
+@contextlib.contextmanager
+def fast_paths_off(reason: str) -> Iterator[None]:
+    """Inside, every entry point takes the plain path (as :func:`set_fast_paths`)."""
+    before = dict(_SWITCH)
+    set_fast_paths(False, reason)
     try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return model, False
-    if isinstance(model, PeftModel):
-        prompt_learning = bool(getattr(model.active_peft_config, "is_prompt_learning", False))
-        return model.get_base_model(), prompt_learning
-    return model, False
+        yield
+    finally:
+        _SWITCH.update(before)
 
 
-def _has_logit_postprocessing(lm: nn.Module) -> bool:
-    configs = [getattr(lm, "config", None)]
-    text_config = getattr(configs[0], "text_config", None)
-    if text_config is not None:
-        configs.append(text_config)
-    for cfg in configs:
-        for field in _LOGIT_POSTPROCESSING_FIELDS:
-            value = getattr(cfg, field, None)
-            if value is not None and value is not False:
-                return True
-    return any(getattr(lm, a, None) is not None for a in _LOGIT_POSTPROCESSING_MODULE_ATTRS)
+def _switched_off() -> FastPath:
+    reason = str(_SWITCH["reason"])
+    if reason not in _LOGGED:
+        _LOGGED.add(reason)
+        log.warning("alignlab: fast log-prob paths are off (%s); every log-prob and value entry "
+                    "point takes the plain path", reason)
+    return FastPath("plain", f"fast paths are off: {reason}")
 
 
-def find_decoder(model: nn.Module) -> nn.Module | None:
-    """The transformer body of a causal LM (PEFT wrappers unwrapped; LoRA layers stay inside).
-
-    ``get_decoder()`` first (transformers 5 resolves it through ``base_model``), else the
-    attribute named by ``base_model_prefix``. None if neither gives a module other than ``model``.
-    """
-    lm, _ = _unwrap_peft(model)
-    decoder = None
-    get_decoder = getattr(lm, "get_decoder", None)
-    if callable(get_decoder):
-        try:
-            decoder = get_decoder()
-        except (AttributeError, NotImplementedError, ValueError):
-            decoder = None
-    if decoder is None or decoder is lm:
-        decoder = getattr(lm, getattr(lm, "base_model_prefix", ""), None)
-    if not isinstance(decoder, nn.Module) or decoder is lm:
-        return None
-    return decoder
-
-
-def find_backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
-    """``(decoder, output_embedding)`` such that ``logits = head(decoder(...).last_hidden_state)``.
-
-    Works for plain transformers causal LMs and LoRA-wrapped PEFT models. Returns None when that
-    identity cannot be trusted (logit post-processing, a wrapped output embedding, prompt-learning
-    PEFT); callers then use ``model(...)``.
-    """
-    lm, peft_changes_forward = _unwrap_peft(model)
-    if peft_changes_forward or _has_logit_postprocessing(lm):
-        return None
-    get_head = getattr(lm, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    # Exactly nn.Linear: a LoRA / modules_to_save wrapper has a .weight that is not the whole map.
-    if type(head) is not nn.Linear:
-        return None
-    decoder = find_decoder(lm)
-    return None if decoder is None else (decoder, head)
+def _cpu_attention(device: torch.device) -> contextlib.AbstractContextManager:
+    return _cpu.cpu_attention(device) if fast_paths_enabled() else contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------------------------
-# The chunked projection + log-softmax
+# The decision
 # ----------------------------------------------------------------------------------------------
 
-def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
-    device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return torch.promote_types(hidden.dtype, weight.dtype)
+@dataclass(frozen=True)
+class FastPath:
+    """The path a batch takes through the log-prob interface, and why."""
+
+    name: str  # "group_pass" | "two_pass" | "per_sequence" | "plain"
+    reason: str
 
 
-def _chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None, temperature: float) -> Tensor:
-    """``(h @ W.T + b) / temperature`` in float32 (matmul in ``weight``'s compute dtype)."""
-    logits = (h.to(weight.dtype) @ weight.t()).float()  # a fresh buffer: in-place is safe
-    if bias is not None:
-        logits.add_(bias.float())
-    if temperature != 1.0:
-        logits.div_(temperature)
-    return logits
+def _parts(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None, str]:
+    """``(body, head, why not)``: a causal LM's decoder and plain output embedding, a scalar-head
+    model's backbone and head, or a bare decoder body and no head."""
+    found = find_backbone_and_head(model)
+    if found is not None:
+        return found[0], found[1], ""
+    backbone, head = getattr(model, "backbone", None), getattr(model, "head", None)
+    if isinstance(backbone, nn.Module) and isinstance(head, nn.Linear):
+        return backbone, head, ""
+    if find_decoder(model) is None and hasattr(model, "config"):
+        return model, None, ""
+    return None, None, "its logits are post-processed or its output embedding is wrapped"
 
 
-class _ChunkedLogProb(torch.autograd.Function):
-    """``logp_i = z_i[y_i] - logsumexp(z_i)``, ``H_i = logsumexp(z_i) - sum_v p_iv z_iv`` with
-    ``z = (h W^T + b) / T``, computed ``chunk_size`` rows at a time.
-
-    Backward recomputes each chunk's logits: ``dz = g_lp (onehot - p) - g_H p (z - E_p[z])``,
-    ``grad_h = (dz/T) W``, ``grad_W = (dz/T)^T h``, ``grad_b = sum_rows dz/T``.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
-                temperature: float, chunk_size: int, with_entropy: bool) -> tuple[Tensor, Tensor]:
-        dtype = _compute_dtype(hidden, weight)
-        n = hidden.shape[0]
-        logp = hidden.new_empty(n, dtype=torch.float32)
-        entropy = hidden.new_zeros(n if with_entropy else 0, dtype=torch.float32)
-        with torch.autocast(hidden.device.type, enabled=False):
-            w = weight.to(dtype)
-            for start in range(0, n, chunk_size):
-                rows = slice(start, start + chunk_size)
-                z = _chunk_logits(hidden[rows], w, bias, temperature)
-                lse = torch.logsumexp(z, dim=-1)
-                logp[rows] = z.gather(-1, targets[rows, None]).squeeze(-1) - lse
-                if with_entropy:
-                    entropy[rows] = lse - (torch.softmax(z, dim=-1) * z).sum(-1)
-        ctx.save_for_backward(hidden, weight, bias, targets)
-        ctx.temperature, ctx.chunk_size, ctx.dtype = temperature, chunk_size, dtype
-        ctx.set_materialize_grads(False)
-        return logp, entropy
-
-    @staticmethod
-    def backward(ctx: Any, grad_logp: Tensor | None, grad_entropy: Tensor | None):
-        hidden, weight, bias, targets = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        temperature, chunk_size, dtype = ctx.temperature, ctx.chunk_size, ctx.dtype
-        grad_h = torch.empty_like(hidden) if need_h else None
-        f32 = torch.float32
-        grad_w = torch.zeros(weight.shape, dtype=f32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=f32, device=bias.device) if need_b else None
-        with torch.autocast(hidden.device.type, enabled=False):
-            w = weight.to(dtype)
-            for start in range(0, hidden.shape[0], chunk_size):
-                rows = slice(start, start + chunk_size)
-                h = hidden[rows]
-                z = _chunk_logits(h, w, bias, temperature)
-                p = torch.softmax(z, dim=-1)
-                # In place, so at most two chunk x V buffers (z and p) are alive at once.
-                if grad_entropy is not None and grad_entropy.numel():
-                    expected_z = (p * z).sum(-1, keepdim=True)
-                    z.sub_(expected_z).mul_(p).mul_(-grad_entropy[rows].float()[:, None])
-                    ent_dz = z
-                else:
-                    ent_dz = None
-                del z
-                if grad_logp is not None:
-                    g = grad_logp[rows].float()[:, None]
-                    dz = p.mul_(-g).scatter_add_(-1, targets[rows, None], g)
-                    if ent_dz is not None:
-                        dz.add_(ent_dz)
-                else:
-                    dz = ent_dz if ent_dz is not None else p.zero_()
-                del ent_dz
-                if temperature != 1.0:
-                    dz.div_(temperature)
-                dz_c = dz.to(dtype)
-                if need_h:
-                    grad_h[rows] = (dz_c @ w).to(hidden.dtype)
-                if need_w:
-                    grad_w += (dz_c.t() @ h.to(dtype)).float()
-                if need_b:
-                    grad_b += dz.sum(0)
-        return (grad_h, grad_w.to(weight.dtype) if need_w else None,
-                grad_b.to(bias.dtype) if need_b else None, None, None, None, None)
+@functools.lru_cache(maxsize=None)
+def _takes_position_ids(cls: type) -> bool:
+    """Per decoder class, once: the check runs on every forward."""
+    return "position_ids" in inspect.signature(cls.forward).parameters
 
 
-def chunked_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, *,
-                     temperature: float = 1.0, chunk_size: int = 4096,
-                     with_entropy: bool = False) -> tuple[Tensor, Tensor]:
-    """``(log p(targets), entropy)`` per row of ``hidden [N,H]`` under ``softmax((hW^T+b)/T)``.
+def _attends_in_groups(decoder: nn.Module) -> bool:
+    """Whether the decoder's attention calls SDPA (which the group pass intercepts) and its
+    positions come from ``position_ids`` (not, as with ALiBi models, from the mask)."""
+    return (getattr(getattr(decoder, "config", None), "_attn_implementation", None) == "sdpa"
+            and _takes_position_ids(type(decoder)))
 
-    The entropy tensor is empty unless ``with_entropy`` (it costs one extra softmax per chunk).
-    """
-    return _ChunkedLogProb.apply(hidden, weight, bias, targets, float(temperature),
-                                 int(chunk_size), bool(with_entropy))
+
+def _sharing_blocker(*modules: nn.Module) -> str:
+    """Why a shared pass would not be exact for these modules, or "": it needs full causal
+    attention (a sliding window or chunked attention would see padded slots as distance) and
+    no recurrent state."""
+    for module in modules:
+        cfg = getattr(module, "config", None)
+        cfg = getattr(cfg, "text_config", None) or cfg
+        if getattr(cfg, "is_encoder_decoder", False):
+            return "it is an encoder-decoder"
+        for field in ("sliding_window", "attention_chunk_size"):
+            if getattr(cfg, field, None) and getattr(cfg, "use_sliding_window", True):
+                return f"it uses {field}={getattr(cfg, field)}"
+        if getattr(module, "_is_stateful", False):
+            return "it is a stateful (recurrent) model"
+    return ""
+
+
+def _shared_path(model: nn.Module) -> FastPath:
+    """The path of a ``shared`` batch (prompts and completions apart) for ``model``."""
+    body, head, why = _parts(model)
+    if head is None:
+        return FastPath("plain", why or "it has no output head")
+    blocker = _sharing_blocker(model, body)
+    if blocker:
+        return FastPath("plain", f"prefix sharing is not exact for this model: {blocker}")
+    if _attends_in_groups(body):
+        return FastPath("group_pass", "SDPA attention with positions from position_ids: each "
+                                      "prompt and its completions in one padding-free pass")
+    return FastPath("two_pass", "attention is not SDPA (or positions do not come from "
+                                "position_ids): the prompts once with a KV cache, then the "
+                                "completions")
+
+
+def _is_packed(batch: dict[str, Any]) -> bool:
+    return (batch.get("attention_mask") is None and batch.get("seq_lens") is not None
+            and batch.get("position_ids") is not None and batch["input_ids"].shape[0] == 1)
+
+
+def _packed_path(model: nn.Module, batch: dict[str, Any]) -> FastPath:
+    body, _, why = _parts(model)
+    if body is None:
+        return FastPath("plain", why)
+    lengths = torch.as_tensor(batch["seq_lens"])
+    if not (lengths.numel() and int(lengths.sum()) == batch["input_ids"].shape[1]):
+        return FastPath("plain", "its seq_lens do not cover the packed row")
+    blocker = "" if _attends_in_groups(body) else "attention is not SDPA"
+    blocker = blocker or _sharing_blocker(body)
+    if blocker:
+        return FastPath("plain", f"{blocker}: transformers' block-causal mask from position_ids")
+    return FastPath("per_sequence", "SDPA attention: each packed sequence attends in its own "
+                                    "padded row, not through a dense [S, S] mask")
+
+
+def _flat_path(model: nn.Module, batch: dict[str, Any], prefix_sharing: bool
+               ) -> tuple[FastPath, dict[str, Tensor] | None]:
+    if not prefix_sharing:
+        return FastPath("plain", "a padded batch, prefix sharing not asked for"), None
+    shared = _shared_path(model)
+    if shared.name == "plain":
+        return shared, None
+    if shared.name != "group_pass":
+        return FastPath("plain", "flat batches share prompts only in one pass, on SDPA "
+                                 "attention with positions from position_ids"), None
+    groups = _shared.as_groups(batch)
+    if groups is None:
+        return FastPath("plain", "its rows are not prompt + completion, right-padded, with the "
+                                 "loss on the completion"), None
+    skipped = _shared.skipped_positions(batch, groups)
+    if skipped < MIN_SKIPPED_TOKENS:
+        return FastPath("plain", f"sharing would skip only {skipped} positions (< "
+                                 f"{MIN_SKIPPED_TOKENS}), too few to pay for the pass"), None
+    return FastPath("group_pass", f"each distinct prompt once, {skipped} repeated or padded "
+                                  "positions skipped"), groups
+
+
+def _route(model: nn.Module, batch: dict[str, Any], prefix_sharing: bool
+           ) -> tuple[FastPath, dict[str, Tensor] | None]:
+    """:func:`fast_path` and, for a flat batch taking the group pass, its groups."""
+    if not fast_paths_enabled():
+        return _switched_off(), None
+    if "prompt_ids" in batch:
+        return _shared_path(model), None
+    if _is_packed(batch):
+        return _packed_path(model, batch), None
+    return _flat_path(model, batch, prefix_sharing)
+
+
+def fast_path(model: nn.Module, batch: dict[str, Any], *, prefix_sharing: bool = False) -> FastPath:
+    """The path the entry points take for ``batch`` on ``model``, and the reason.
+
+    ``model``: a causal LM, a scalar-head model (``CausalLMWithScalarHead``) or a bare decoder
+    body. ``shared`` batches (``collate_groups(layout="shared")``) take ``group_pass`` or
+    ``two_pass``; packed batches ``per_sequence``; a flat padded batch takes ``group_pass`` only
+    with ``prefix_sharing`` (the ``rl.prefix_sharing`` of a caller) when its rows repeat their
+    prompts enough to skip :data:`MIN_SKIPPED_TOKENS` positions; anything else, and everything
+    while :func:`set_fast_paths` has them off, ``plain``."""
+    return _route(model, batch, prefix_sharing)[0]
+
+
+def preferred_layout(model: nn.Module, *, per_token: bool = False,
+                     checkpointing: bool = False) -> tuple[str, str]:
+    """``("shared", why)`` when grouped batches for ``model`` should keep each prompt once
+    (a ``shared`` batch takes a fast path), else ``("flat", why not)``: the same decision as
+    :func:`fast_path`, made before the batches are collated.
+
+    ``per_token``: token-level losses read per-token log-probs, which only the one-pass form
+    gives; ``checkpointing``: the two-pass form needs the KV cache, which activation
+    checkpointing turns off."""
+    path = _switched_off() if not fast_paths_enabled() else _shared_path(model)
+    if path.name == "plain":
+        return "flat", path.reason
+    if path.name == "two_pass" and per_token:
+        return "flat", "token-level losses share prefixes only on SDPA attention"
+    if path.name == "two_pass" and checkpointing:
+        return "flat", ("off SDPA attention it needs the KV cache, which "
+                        "train.gradient_checkpointing turns off")
+    return "shared", path.reason
 
 
 # ----------------------------------------------------------------------------------------------
-# Public API
+# Token and sequence log-probs
 # ----------------------------------------------------------------------------------------------
 
-def _scored_positions(batch: dict[str, Any]) -> Tensor:
-    """Bool [B,T-1]: position t-1 predicts a scored token t (loss_mask[t]=1, t has context)."""
-    input_ids = batch["input_ids"]
-    loss_mask = batch.get("loss_mask")
-    if loss_mask is None:
-        raise ConfigError("token_logprobs: the batch has no 'loss_mask'; the collator must set it")
-    if loss_mask.shape != input_ids.shape:
-        raise ConfigError(f"token_logprobs: loss_mask shape {tuple(loss_mask.shape)} != "
-                          f"input_ids shape {tuple(input_ids.shape)}")
-    scored = loss_mask[:, 1:].bool()
-    position_ids = batch.get("position_ids")
-    if position_ids is not None and batch.get("attention_mask") is None:
-        # In a packed row a token at position 0 starts a new sequence: it has no context.
-        scored = scored & (position_ids[:, 1:] != 0)
-    return scored
+def _hidden(body: nn.Module, batch: dict[str, Any], path: FastPath) -> Tensor:
+    if path.name == "per_sequence":
+        return _groups.packed_sequences_hidden(body, batch)
+    return decoder_hidden(body, batch)
 
 
-def _backbone_kwargs(batch: dict[str, Any]) -> dict[str, Any]:
-    return {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"),
-            "position_ids": batch.get("position_ids"), "use_cache": False}
+def _scatter_scored(values: Tensor, scored: Tensor, shape: torch.Size) -> Tensor:
+    """Row-major values of the scored positions ``[B, T-1]`` into ``[B, T]`` (0 elsewhere)."""
+    out = values.new_zeros(shape)
+    out[:, 1:] = out[:, 1:].masked_scatter(scored, values)
+    return out
 
 
-def decoder_hidden(decoder: nn.Module, batch: dict[str, Any]) -> Tensor:
-    """The decoder's last hidden states; a packed batch on an SDPA decoder without sliding
-    windows attends per sequence (``packed_sequences_hidden``), not through a dense mask."""
-    if (batch.get("attention_mask") is None and batch.get("seq_lens") is not None
-            and batch.get("position_ids") is not None and batch["input_ids"].shape[0] == 1):
-        from alignlab.models.packed_groups import decoder_takes_group_pass, packed_sequences_hidden
-        from alignlab.models.prefix_sharing import body_supports_prefix_sharing
-
-        lengths = torch.as_tensor(batch["seq_lens"])
-        if (decoder_takes_group_pass(decoder) and body_supports_prefix_sharing(decoder)[0]
-                and lengths.numel() and int(lengths.sum()) == batch["input_ids"].shape[1]):
-            return packed_sequences_hidden(decoder, batch)
-    return decoder(**_backbone_kwargs(batch)).last_hidden_state
-
-
-def scored_hidden_states(decoder: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-    """``(hidden [N, H], targets [N])``: the decoder's last hidden state at each position that
-    predicts a scored token (``loss_mask`` 1 at t, hidden at t − 1), row-major, and the tokens."""
-    scored = _scored_positions(batch)
-    hidden = decoder_hidden(decoder, batch)
-    return hidden[:, :-1][scored], batch["input_ids"][:, 1:][scored]
-
-
-def token_logprobs(model: nn.Module, batch: dict[str, Any], *, temperature: float = 1.0,
-                   chunk_size: int = 4096, return_entropy: bool = False,
-                   chunked: bool | None = None) -> Tensor | tuple[Tensor, Tensor]:
-    """``lp[b,t] = log softmax(logits[b,t-1] / temperature)[input_ids[b,t]]`` where loss_mask is 1.
-
-    Returns a float32 tensor shaped like ``batch["input_ids"]``, exactly 0 where ``loss_mask`` is
-    0 and at t=0 (and at every packed sequence start). With ``return_entropy=True`` also returns
-    the entropy of the same (temperature-scaled) next-token distribution at those positions,
-    differentiable. ``chunked=None`` picks the chunked path when it is exact for this model,
-    ``False`` forces the full-logits fallback, ``True`` requires the chunked path.
-    """
-    if temperature <= 0:
-        raise ConfigError(f"token_logprobs: temperature must be > 0, got {temperature}")
-    if chunk_size < 1:
-        raise ConfigError(f"token_logprobs: chunk_size must be >= 1, got {chunk_size}")
-    input_ids = batch["input_ids"]
-    scored = _scored_positions(batch)
-    targets = input_ids[:, 1:][scored]
-
+def _token_logprobs(model: nn.Module, batch: dict[str, Any], path: FastPath,
+                    groups: dict[str, Tensor] | None, *, temperature: float = 1.0,
+                    chunk_size: int = 4096, return_entropy: bool = False,
+                    chunked: bool | None = None) -> Tensor | tuple[Tensor, Tensor]:
     parts = find_backbone_and_head(model) if chunked is not False else None
     if chunked and parts is None:
         raise ConfigError("token_logprobs: chunked=True but this model post-processes its logits "
                           "or its output embedding could not be found; use chunked=None")
+    if parts is not None and path.name == "group_pass":
+        return _shared.group_token_logprobs(*parts, batch, groups, temperature=temperature,
+                                            return_entropy=return_entropy)
+    input_ids = batch["input_ids"]
+    scored = scored_positions(batch)
+    targets = input_ids[:, 1:][scored]
     if parts is not None:
         decoder, head = parts
-        hidden = decoder_hidden(decoder, batch)
+        hidden = _hidden(decoder, batch, path)
         lp, ent = chunked_logprobs(hidden[:, :-1][scored], head.weight, head.bias, targets,
                                    temperature=temperature, chunk_size=chunk_size,
                                    with_entropy=return_entropy)
     else:
-        logits = model(**_backbone_kwargs(batch)).logits
+        logits = model(**backbone_kwargs(batch)).logits
         rows = logits[:, :-1][scored]
         # The model already built the full logits; the float32 copy is kept to scored rows only.
         with torch.autocast(rows.device.type, enabled=False):
@@ -299,14 +315,35 @@ def token_logprobs(model: nn.Module, batch: dict[str, Any], *, temperature: floa
             logz = torch.log_softmax(z, dim=-1)
             lp = logz.gather(-1, targets[:, None]).squeeze(-1)
             ent = -(logz.exp() * logz).sum(-1) if return_entropy else None
+    out = _scatter_scored(lp, scored, input_ids.shape)
+    return (out, _scatter_scored(ent, scored, input_ids.shape)) if return_entropy else out
 
-    out = lp.new_zeros(input_ids.shape)
-    out[:, 1:] = out[:, 1:].masked_scatter(scored, lp)
-    if not return_entropy:
-        return out
-    out_ent = ent.new_zeros(input_ids.shape)
-    out_ent[:, 1:] = out_ent[:, 1:].masked_scatter(scored, ent)
-    return out, out_ent
+
+def token_logprobs(model: nn.Module, batch: dict[str, Any], *, temperature: float = 1.0,
+                   return_entropy: bool = False, prefix_sharing: bool = False,
+                   chunk_size: int = 4096, chunked: bool | None = None
+                   ) -> Tensor | tuple[Tensor, Tensor]:
+    """``lp[b,t] = log softmax(logits[b,t-1] / temperature)[input_ids[b,t]]`` where loss_mask is 1.
+
+    Returns a float32 tensor shaped like ``batch["input_ids"]``, exactly 0 where ``loss_mask`` is
+    0 and at t=0 (and at every packed sequence start). With ``return_entropy=True`` also returns
+    the entropy of the same (temperature-scaled) next-token distribution at those positions,
+    differentiable. Packed batches attend per sequence where :func:`fast_path` allows;
+    ``prefix_sharing`` (``rl.prefix_sharing``) lets a flat batch whose rows repeat their prompts
+    (online RL's groups) run each prompt once. ``chunked=None`` picks the chunked projection
+    when it is exact for this model, ``False`` forces the full-logits ``model(...)`` forward (no
+    fast path; also for FSDP/DDP-wrapped modules), ``True`` requires the chunked projection.
+    """
+    if temperature <= 0:
+        raise ConfigError(f"token_logprobs: temperature must be > 0, got {temperature}")
+    if chunk_size < 1:
+        raise ConfigError(f"token_logprobs: chunk_size must be >= 1, got {chunk_size}")
+    if chunked is False:
+        path, groups = FastPath("plain", "chunked=False: the full-logits forward"), None
+    else:
+        path, groups = _route(model, batch, prefix_sharing)
+    return _token_logprobs(model, batch, path, groups, temperature=temperature,
+                           chunk_size=chunk_size, return_entropy=return_entropy, chunked=chunked)
 
 
 def restricted_token_logprobs(model: nn.Module, batch: dict[str, Any], allowed: Tensor, *,
@@ -316,8 +353,9 @@ def restricted_token_logprobs(model: nn.Module, batch: dict[str, Any], allowed: 
     ``lp[b,t] = z[y_t] − logsumexp_{v allowed at t} z[v]`` with ``z = logits[b,t-1] / T``.
 
     ``allowed`` is a bool ``[N, V]``, one row per scored position in row-major order (the rows of
-    ``next_token_logits``). NLPO's action mask uses it (``trainers/nlpo.py``). It always takes the
-    full-logits path: the ``[N, V]`` float32 rows of the scored positions are held at once.
+    ``next_token_logits``). NLPO's action mask uses it (``algorithms/policy_gradient/nlpo.py``).
+    It always takes the full-logits path: the ``[N, V]`` float32 rows of the scored positions
+    are held at once.
     """
     logits, targets, scored = next_token_logits(model, batch)
     if allowed.shape != logits.shape:
@@ -341,8 +379,8 @@ def restricted_token_logprobs(model: nn.Module, batch: dict[str, Any], allowed: 
 def next_token_logits(model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
     """``(logits [N, V] float32, targets [N], scored [B, T-1])``: the untempered next-token logits
     at the ``N`` positions whose next token is scored (``loss_mask``), row-major, and those tokens."""
-    scored = _scored_positions(batch)
-    logits = model(**_backbone_kwargs(batch)).logits[:, :-1][scored].float()
+    scored = scored_positions(batch)
+    logits = model(**backbone_kwargs(batch)).logits[:, :-1][scored].float()
     return logits, batch["input_ids"][:, 1:][scored], scored
 
 
@@ -379,6 +417,153 @@ def sequence_logprobs(token_lp: Tensor, batch: dict[str, Any], reduce: str = "su
     return total if reduce == "sum" else total / count.clamp(min=1)
 
 
-__all__ = ["token_logprobs", "restricted_token_logprobs", "next_token_logits", "sequence_logprobs",
-           "chunked_logprobs", "decoder_hidden", "find_backbone_and_head", "find_decoder",
-           "scored_hidden_states"]
+# ----------------------------------------------------------------------------------------------
+# Completion log-probs of grouped batches (collate_groups)
+# ----------------------------------------------------------------------------------------------
+
+_FLAT_KEYS = ("input_ids", "attention_mask", "position_ids", "loss_mask", "seq_lens")
+
+
+def _flat_view(batch: dict[str, Any]) -> dict[str, Any]:
+    """The ``flat``/``packed`` tensors of a grouped batch; a ``shared`` batch's completions
+    joined to their prompts as right-padded rows (the ``flat`` layout's)."""
+    if "prompt_ids" not in batch:
+        return {k: batch.get(k) for k in _FLAT_KEYS}
+    prompt_ids, owner = batch["prompt_ids"], batch["owner"]
+    completion_ids = batch["completion_ids"]
+    prompt_lengths = batch["prompt_lengths"][owner][:, None]
+    lengths = prompt_lengths[:, 0] + batch["completion_mask"].sum(1)
+    col = torch.arange(int(lengths.max()), device=prompt_ids.device)[None]
+    in_prompt = col < prompt_lengths
+    from_prompt = prompt_ids[owner].gather(
+        1, col.clamp(max=prompt_ids.shape[1] - 1).expand(len(owner), -1))
+    from_completion = completion_ids.gather(
+        1, (col - prompt_lengths).clamp(0, completion_ids.shape[1] - 1))
+    attention_mask = (col < lengths[:, None]).long()
+    return {"input_ids": torch.where(in_prompt, from_prompt, from_completion) * attention_mask,
+            "attention_mask": attention_mask,
+            "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0),
+            "loss_mask": attention_mask * ~in_prompt, "seq_lens": None}
+
+
+def completion_logprobs(model: nn.Module, batch: dict[str, Any]) -> Tensor:
+    """``log π(y_n | x_owner(n)) = Σ_t log p(y_n,t | x, y_n,<t)``, float32 ``[N]``, for every
+    completion of a ``collate_groups`` batch (layouts ``shared``, ``flat``, ``packed``).
+
+    A ``shared`` batch keeps each prompt once (prefix sharing, Wang et al. 2024, "Accelerating
+    Direct Preference Optimization with Prefix Sharing") on the path :func:`fast_path` picks."""
+    path, _ = _route(model, batch, prefix_sharing=False)
+    device = (batch["prompt_ids"] if "prompt_ids" in batch else batch["input_ids"]).device
+    # The CPU attention mode sees every torch call of the forward; enter it only where it can act.
+    with _cpu_attention(device):
+        if path.name in ("group_pass", "two_pass"):
+            decoder, head = find_backbone_and_head(model)
+            if path.name == "group_pass":
+                return _groups.group_pass_logprobs(decoder, head, batch)
+            return _two.two_pass_logprobs(model, decoder, head, batch)
+        view = _flat_view(batch)
+        return sequence_logprobs(_token_logprobs(model, view, path, None), view)
+
+
+def _spread_tokens(values: Tensor, lengths: Tensor) -> Tensor:
+    """The concatenated per-completion values ``[Σ lengths]`` as ``[N, max length]`` rows."""
+    width = int(lengths.max()) if lengths.numel() else 0
+    mask = torch.arange(width, device=lengths.device)[None] < lengths[:, None]
+    return values.new_zeros(mask.shape).masked_scatter(mask, values)
+
+
+def completion_token_logprobs(model: nn.Module, batch: dict[str, Any]) -> Tensor:
+    """Per-token log-probs ``[N, C]`` (float32) of a ``collate_groups`` batch, for token-level
+    losses: ``lp[n, t] = log π(y_n,t | x_owner(n), y_n,<t)`` for ``t < |y_n|``, 0 beyond; the
+    row sums equal :func:`completion_logprobs`. A ``shared`` batch needs the one-pass form."""
+    path, _ = _route(model, batch, prefix_sharing=False)
+    if path.name == "group_pass":
+        decoder, head = find_backbone_and_head(model)
+        with _cpu_attention(batch["prompt_ids"].device):
+            return _groups.group_pass_logprobs(decoder, head, batch, per_token=True)
+    if path.name == "two_pass":
+        raise ValueError("completion_token_logprobs reads a prefix-sharing (shared) batch only "
+                         "for decoders on SDPA attention; use the flat or packed layout")
+    # In the flat and packed layouts every completion token has loss_mask 1, so the scored
+    # tokens, in order, are the completions' tokens in order.
+    view = _flat_view(batch)
+    lp = _token_logprobs(model, view, path, None)
+    scored = lp[view["loss_mask"].bool()]
+    lengths = batch["completion_lengths"].to(lp.device)
+    if scored.numel() != int(lengths.sum()):
+        raise ValueError(f"{scored.numel()} scored tokens for completions of total length "
+                         f"{int(lengths.sum())}; every completion needs a non-empty prompt")
+    return _spread_tokens(scored, lengths)
+
+
+# ----------------------------------------------------------------------------------------------
+# The hidden states a value head reads
+# ----------------------------------------------------------------------------------------------
+
+def hidden_states(model: nn.Module, batch: dict[str, Any]) -> Tensor:
+    """The last hidden states ``[B, T, H]`` of ``model``'s decoder body (``model`` may be the
+    body itself): what a value head reads. Packed batches attend per sequence where
+    :func:`fast_path` allows."""
+    path, _ = _route(model, batch, prefix_sharing=False)
+    body = _parts(model)[0] or find_decoder(model) or model
+    return _hidden(body, batch, path)
+
+
+def logprobs_and_values(model: nn.Module, value_head: nn.Linear, batch: dict[str, Any], *,
+                        temperature: float = 1.0, with_entropy: bool = False,
+                        prefix_sharing: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
+    """From one forward: ``(log π(y_t) [B,T], V(s_t) [B,T], entropy [B,T] or None)`` at the
+    scored positions (0 elsewhere), as :func:`token_logprobs` and :func:`state_values` give
+    them: ``V(s_t) = value_head(h_{t-1})``, read from the hidden state that predicts token t
+    (a value head on the policy's own backbone, PPO's ``rl.critic: shared``)."""
+    parts = find_backbone_and_head(model)
+    if parts is None:
+        raise ConfigError("logprobs_and_values needs a policy with a plain output embedding "
+                          "(its hidden states feed the value head)")
+    decoder, head = parts
+    path, groups = _route(model, batch, prefix_sharing)
+    scored = scored_positions(batch)
+    if path.name == "group_pass":
+        rows, targets = _shared.group_predictor_hidden(decoder, batch, groups)
+    else:
+        rows = _hidden(decoder, batch, path)[:, :-1][scored]
+        targets = batch["input_ids"][:, 1:][scored]
+    lp, ent = chunked_logprobs(rows, head.weight, head.bias, targets, temperature=temperature,
+                               with_entropy=with_entropy)
+    values = value_head(rows.float()).squeeze(-1)
+    shape = batch["input_ids"].shape
+    return (_scatter_scored(lp, scored, shape), _scatter_scored(values, scored, shape),
+            _scatter_scored(ent, scored, shape) if with_entropy else None)
+
+
+def state_values(critic: nn.Module, batch: dict[str, Any], *,
+                 prefix_sharing: bool = True) -> Tensor:
+    """A scalar-head critic's ``V(s_t)`` at every completion token ``t`` (``[B,T]`` float32, 0
+    where ``loss_mask`` is 0), read from the hidden state at ``t − 1`` — the position whose
+    logits gave ``log π(y_t)``; by prefix sharing where :func:`fast_path` takes it."""
+    path, groups = _route(critic, batch, prefix_sharing)
+    body, head, _ = _parts(critic)
+    if path.name == "group_pass" and head is not None and head.out_features == 1:
+        return _shared.group_state_values(body, head, batch, groups)
+    v = critic(batch)
+    out = torch.zeros_like(v)
+    out[:, 1:] = v[:, :-1]
+    return torch.where(batch["loss_mask"].bool(), out, torch.zeros_like(out))
+
+
+def sequence_values(model: nn.Module, batch: dict[str, Any]) -> Tensor:
+    """A scalar-head model's value at each sequence's last token (``[S]``, ``[S, K]`` with K
+    heads): a reward model's reward. Rows that repeat their prompt (a pair's chosen and
+    rejected) compute it once where :func:`fast_path` takes prefix sharing."""
+    path, groups = _route(model, batch, prefix_sharing=True)
+    if path.name == "group_pass":
+        body, head, _ = _parts(model)
+        return _shared.group_sequence_values(body, head, batch, groups)
+    return sequence_end_values(model(batch), batch)
+
+
+__all__ = ["FastPath", "MIN_SKIPPED_TOKENS", "completion_logprobs", "completion_token_logprobs",
+           "fast_path", "fast_paths_enabled", "fast_paths_off", "hidden_states",
+           "logprobs_and_values", "next_token_logits", "preferred_layout",
+           "restricted_token_logprobs", "sequence_logprobs", "sequence_values", "set_fast_paths",
+           "state_values", "token_logprobs"]

@@ -31,7 +31,7 @@ from alignlab.engine.scoring import score_units
 from alignlab.losses.advantages import (ADVANTAGE_ESTIMATORS, kl_shaped_rewards,
                                         scores_to_token_rewards)
 from alignlab.losses.kl import token_kl
-from alignlab.models.shared_tokens import grouped_token_logprobs
+from alignlab.models.logprobs import token_logprobs
 from alignlab.rewards.scoring import RewardRole, RewardScores, token_reward_tensor
 from alignlab.rollout.role import RolloutRole, Rollouts
 
@@ -154,8 +154,7 @@ class PolicyGradient(OnlineAlgorithm):
 def token_logprobs_plain(temperature: float, prefix_sharing: bool) -> Any:
     """The plain softmax's per-token log-probs (a reference model's), as a scoring function."""
     def fn(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        return grouped_token_logprobs(model, batch, temperature=temperature,
-                                      prefix_sharing=prefix_sharing)
+        return token_logprobs(model, batch, temperature=temperature, prefix_sharing=prefix_sharing)
     return fn
 
 

@@ -69,7 +69,7 @@ class RLSection(Section):
     """Log the policy's entropy (one extra softmax per token)."""
     prefix_sharing: bool = True
     """Compute the policy's and the reference's log-probs with every distinct prompt once and
-    no padding work (``models/shared_tokens.py``) where the model allows it (an SDPA decoder);
+    no padding work where the model allows it (an SDPA decoder; ``models.logprobs.fast_path``);
     the values equal the plain path up to float rounding."""
 
 

@@ -7,7 +7,8 @@ passes over shuffled minibatches, micro-batches under the loop's ``num_items`` c
 
 Alignment: the value of the state in which completion token ``y_t`` is chosen is read from the
 hidden state at ``t − 1`` — the position whose logits gave ``log π(y_t)`` — so ``values[b, t]``
-lines up with ``old_logprobs[b, t]`` and ``loss_mask[b, t]``.
+lines up with ``old_logprobs[b, t]`` and ``loss_mask[b, t]``
+(:func:`alignlab.models.logprobs.state_values`).
 """
 
 from __future__ import annotations
@@ -20,22 +21,8 @@ import torch
 from alignlab.losses.policy import aggregate, num_items
 from alignlab.losses.value import VALUE_LOSSES
 from alignlab.models.heads import CausalLMWithScalarHead
-from alignlab.models.shared_tokens import shared_state_values
+from alignlab.models.logprobs import state_values
 from alignlab.engine.loop import LossOutput
-
-
-def state_values(critic: torch.nn.Module, batch: dict[str, Any],
-                 prefix_sharing: bool = True) -> torch.Tensor:
-    """``V(s_t)`` at every completion token ``t`` (``[B,T]`` float32, 0 where ``loss_mask`` is 0);
-    by prefix sharing where it applies (``models/shared_tokens.py``, the same values)."""
-    if prefix_sharing:
-        shared = shared_state_values(critic, batch)
-        if shared is not None:
-            return shared
-    v = critic(batch)
-    out = torch.zeros_like(v)
-    out[:, 1:] = v[:, :-1]
-    return torch.where(batch["loss_mask"].bool(), out, torch.zeros_like(out))
 
 
 class ValueObjective:

@@ -11,7 +11,7 @@ import torch
 from alignlab.core.errors import ConfigError
 from alignlab.losses.policy import POLICY_LOSSES, aggregate, num_items
 from alignlab.losses.rollout_correction import RolloutCorrection
-from alignlab.models.shared_tokens import grouped_token_logprobs
+from alignlab.models.logprobs import token_logprobs
 from alignlab.engine.loop import LossOutput
 
 class PolicyObjective:
@@ -50,9 +50,8 @@ class PolicyObjective:
     def policy_logprobs(self, model: torch.nn.Module, batch: dict[str, Any],
                         return_entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """log π(y_t) as this objective defines the policy (NLPO's restricts it to an action mask)."""
-        return grouped_token_logprobs(model, batch, temperature=self.temperature,
-                                      return_entropy=return_entropy,
-                                      prefix_sharing=self.prefix_sharing)
+        return token_logprobs(model, batch, temperature=self.temperature,
+                              return_entropy=return_entropy, prefix_sharing=self.prefix_sharing)
 
     def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> LossOutput:
         out = self.policy_logprobs(model, batch, return_entropy=self.entropy)

@@ -18,15 +18,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from alignlab.core.errors import ConfigError
 from alignlab.losses.policy import aggregate
 from alignlab.losses.value import VALUE_LOSSES
-from alignlab.models.cpu_attention import cpu_attention
-from alignlab.models.logprobs import chunked_logprobs, find_backbone_and_head, scored_hidden_states
-from alignlab.models.packed_groups import predictor_hidden
-from alignlab.models.shared_tokens import as_groups, sharing_worth_it
+from alignlab.models.backbone import find_backbone_and_head
+from alignlab.models.logprobs import logprobs_and_values
 from alignlab.engine.loop import LossOutput
 from alignlab.algorithms.policy_gradient.objective import PolicyObjective
 
@@ -42,33 +40,6 @@ def value_head_for(policy: nn.Module, device: torch.device) -> nn.Linear:
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
     return head
-
-
-def logprobs_and_values(model: nn.Module, value_head: nn.Linear, batch: dict[str, Any], *,
-                        temperature: float = 1.0, with_entropy: bool = False,
-                        prefix_sharing: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
-    """From one forward: ``(log π(y_t) [B,T], V(s_t) [B,T], entropy [B,T] or None)`` at the
-    scored positions (0 elsewhere), as ``token_logprobs`` and a critic's ``state_values`` give
-    them (the value of token t's state is read from the hidden state that predicts it)."""
-    decoder, head = find_backbone_and_head(model)
-    groups = as_groups(batch) if prefix_sharing else None
-    if groups is not None and sharing_worth_it(model, batch, groups):
-        with cpu_attention(batch["input_ids"].device):
-            rows, lay = predictor_hidden(decoder, groups)
-        targets = lay.targets
-    else:
-        rows, targets = scored_hidden_states(decoder, batch)
-    lp, ent = chunked_logprobs(rows, head.weight, head.bias, targets, temperature=temperature,
-                               with_entropy=with_entropy)
-    values = value_head(rows.float()).squeeze(-1)
-    where = batch["loss_mask"][:, 1:].bool()  # row-major scored positions, both paths
-
-    def spread(x: Tensor) -> Tensor:
-        out = x.new_zeros(batch["input_ids"].shape)
-        out[:, 1:] = out[:, 1:].masked_scatter(where, x)
-        return out
-
-    return spread(lp), spread(values), (spread(ent) if with_entropy else None)
 
 
 class SharedCriticObjective(PolicyObjective):
@@ -97,4 +68,4 @@ class SharedCriticObjective(PolicyObjective):
         return LossOutput(policy_sum + self.vf_coef * scale * value_sum, metrics)
 
 
-__all__ = ["SharedCriticObjective", "logprobs_and_values", "value_head_for"]
+__all__ = ["SharedCriticObjective", "value_head_for"]

@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from alignlab.data.preference_batches import collate_groups, group_completions
-from alignlab.models.completion_tokens import completion_token_logprobs
 from alignlab.models.fingerprint import directory_fingerprint, module_fingerprint
-from alignlab.models.prefix_sharing import completion_logprobs, prefix_sharing_support
+from alignlab.models.logprobs import (completion_logprobs, completion_token_logprobs,
+                                      preferred_layout)
 from alignlab.core.runtime import to_device
 from alignlab.core.runtime import autocast
 
@@ -124,7 +124,7 @@ def attach_reference_logps(examples: list[dict[str, Any]], load_model: Any, refe
     if not hit:
         model = (model if model is not None else load_model()).to(device)
         if layout is None or (per_token and layout == "shared"):
-            layout = "shared" if prefix_sharing_support(model)[0] and not per_token else "flat"
+            layout = "flat" if per_token else preferred_layout(model)[0]
         values = compute_reference_logps(model, examples, pad_token_id, batch_size=batch_size,
                                          device=device, precision=precision, layout=layout,
                                          per_token=per_token)

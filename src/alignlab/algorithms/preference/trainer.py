@@ -31,8 +31,7 @@ from alignlab.data.tokenize import TokenizedRows, tokenize_rows
 from alignlab.core.errors import ConfigError
 from alignlab.losses.preference import PREFERENCE_LOSSES, PreferenceInputs, combine_losses, loss_spec
 from alignlab.models.loading import load_reference_model
-from alignlab.models.packed_groups import group_pass_applies
-from alignlab.models.prefix_sharing import completion_logprobs, prefix_sharing_support
+from alignlab.models.logprobs import completion_logprobs, preferred_layout
 from alignlab.data.batches import EpochBatches
 from alignlab.algorithms.common import load_policy, save_final
 from alignlab.engine.loop import LossOutput, TrainResult, train
@@ -83,7 +82,8 @@ class PreferenceSection(Section):
     prefix_sharing: bool | None = None
     """Compute each prompt once for all its completions; None = on when exact for the model.
     SDPA decoders run each prompt with its completions as one row of a packed, padding-free
-    pass (``models/packed_groups.py``); others a prompt pass with KV cache, then the completions."""
+    pass; others a prompt pass with KV cache, then the completions
+    (:func:`alignlab.models.logprobs.fast_path` decides)."""
     heldout: int = Field(0, ge=0)
     """Rows kept out of training; their loss and reward accuracy go to ``heldout.json``."""
     ipo_length_normalize: bool = False
@@ -339,12 +339,8 @@ def choose_layout(section: PreferenceSection, data: DataSection, model: torch.nn
     """``shared`` (prefix sharing), ``packed`` (data.packing) or ``flat`` (padded); token-level
     losses read per-token log-probs, which prefix sharing keeps only in its one-pass form (SDPA
     decoders)."""
-    ok, why = prefix_sharing_support(model)
-    if per_token and ok and not group_pass_applies(model):
-        ok, why = False, "token-level losses share prefixes only on SDPA attention"
-    if checkpointing and ok and not group_pass_applies(model):
-        ok, why = False, ("off SDPA attention it needs the KV cache, which "
-                          "train.gradient_checkpointing turns off")
+    preferred, why = preferred_layout(model, per_token=per_token, checkpointing=checkpointing)
+    ok = preferred == "shared"
     if section.prefix_sharing and not ok:
         raise ConfigError(f"field 'preference.prefix_sharing': not exact for this model ({why}); "
                           "set it to false")
@@ -392,7 +388,8 @@ def run_preference(cfg: PreferenceConfig) -> PreferenceRun:
             print(f"reference log-probs: {'reused' if hit else 'computed'} ({', '.join(refs)})")
         else:
             ref_model = load(refs[0]).to(device)
-            if layout == "shared" and not prefix_sharing_support(ref_model)[0]:
+            ref_layout, _ = preferred_layout(ref_model, per_token=plan.needs.tokens)
+            if layout == "shared" and ref_layout != "shared":
                 raise ConfigError("field 'preference.prefix_sharing': the reference model does not "
                                   "support it; set it to false or precompute_reference to true")
     objective = PreferenceObjective(plan, ref_model, groups=groups,

@@ -14,14 +14,13 @@ keys and values to it, applies the block mask above and gathers the output back.
 KV cache, no repeat of the prompt's keys per completion and no second pass. Scatter and gather
 are differentiable, so values and gradients equal the plain path.
 
-Only for decoders whose attention goes through SDPA (``_attn_implementation == "sdpa"``);
-the decoder gets a zero-stride dummy 4D mask so that transformers builds none of its own.
+Only for decoders whose attention goes through SDPA (``_attn_implementation == "sdpa"``) and
+whose positions come from ``position_ids``; :func:`alignlab.models.logprobs.fast_path` decides.
+The decoder gets a zero-stride dummy 4D mask so that transformers builds none of its own.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,41 +29,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from alignlab.models._fast.cpu_attention import (MAX_SCORES, attention_with_bias, cpu_attention,
+                                                 mask_bias)
+from alignlab.models._fast.last_layer import last_layer_only_at
+from alignlab.models.backbone import chunked_logprobs
 from alignlab.models.checkpointing import recompute_with
-from alignlab.models.cpu_attention import MAX_SCORES, attention_with_bias, cpu_attention, mask_bias
-from alignlab.models.last_layer import last_layer_only_at
-from alignlab.models.logprobs import chunked_logprobs, find_backbone_and_head
 
 
 # The packed length and the padded row width are rounded up to these multiples. Every batch
 # otherwise has its own matmul shapes, and the CPU BLAS (oneDNN) keeps kernels and buffers per
-# shape: measured, peak RSS grew ~15 MB per step over 20 steps of distinct shapes; rounded, it
-# settles. The filler rows cost ≤ 31 tokens of a ~1000-token batch; filler columns only attention.
+# shape, so peak memory grows step after step (benchmarks/README.md); rounded, it settles. The
+# filler rows cost ≤ 31 tokens of a ~1000-token batch; filler columns only attention.
 LENGTH_MULTIPLE = 32
 WIDTH_MULTIPLE = 16
 
 
 def _round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
-
-
-def group_pass_applies(model: nn.Module) -> bool:
-    """Whether the decoder's attention calls SDPA, which :class:`GroupAttention` intercepts, and
-    its positions come from ``position_ids`` (not, as with ALiBi models, from the mask)."""
-    parts = find_backbone_and_head(model)
-    return parts is not None and decoder_takes_group_pass(parts[0])
-
-
-def decoder_takes_group_pass(decoder: nn.Module) -> bool:
-    """:func:`group_pass_applies` for a decoder body (``LlamaModel``, ...)."""
-    return (getattr(getattr(decoder, "config", None), "_attn_implementation", None) == "sdpa"
-            and _takes_position_ids(type(decoder)))
-
-
-@functools.lru_cache(maxsize=None)
-def _takes_position_ids(cls: type) -> bool:
-    """Per decoder class, once: the check runs on every forward."""
-    return "position_ids" in inspect.signature(cls.forward).parameters
 
 
 @dataclass
@@ -308,6 +289,6 @@ def group_pass_logprobs(decoder: nn.Module, head: nn.Module, batch: dict[str, An
     return lp.new_zeros(n).index_add(0, lay.owners, lp)
 
 
-__all__ = ["GroupAttention", "GroupLayout", "PaddedLayout", "decoder_takes_group_pass",
-           "group_layout", "group_pass_applies", "group_pass_logprobs", "packed_sequences_hidden",
-           "predictor_hidden", "scored_logprobs", "sequence_end_hidden", "sequence_layout"]
+__all__ = ["GroupAttention", "GroupLayout", "PaddedLayout", "group_layout", "group_pass_logprobs",
+           "packed_sequences_hidden", "predictor_hidden", "scored_logprobs", "sequence_end_hidden",
+           "sequence_layout"]

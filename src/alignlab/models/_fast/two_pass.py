@@ -1,14 +1,13 @@
-"""Completion log-probs of grouped batches, with the shared prompt computed once.
+"""Prefix sharing in two passes, for decoders the one-pass group layout cannot take.
 
-``log π(y_n | x_owner(n)) = Σ_t log p(y_n,t | x, y_n,<t)`` for every completion n of a batch
-from :func:`alignlab.data.preference_batches.collate_groups`.
-
-Prefix sharing (Wang et al. 2024, "Accelerating Direct Preference Optimization with Prefix
-Sharing"). On SDPA decoders it runs in one padding-free pass, each prompt with its completions
-in one row (:mod:`alignlab.models.packed_groups`). Other decoders take the two-pass path here:
-the prompts run once with ``use_cache=True``; the KV cache is gathered to the
-completions' rows (``Cache.batch_select_indices``, differentiable) and the completions run on
-top with ``position_ids = prompt_length + t``. Gradients flow back through the cache into the
+``log π(y_n | x_owner(n)) = Σ_t log p(y_n,t | x, y_n,<t)`` for every completion n of a
+``shared`` batch from :func:`alignlab.data.preference_batches.collate_groups`, the shared prompt
+computed once (Wang et al. 2024, "Accelerating Direct Preference Optimization with Prefix
+Sharing"). SDPA decoders take the one-pass form (:mod:`alignlab.models._fast.packed_groups`);
+:func:`alignlab.models.logprobs.fast_path` decides. Here the prompts run once with
+``use_cache=True``; the KV cache is gathered to the completions' rows
+(``Cache.batch_select_indices``, differentiable) and the completions run on top with
+``position_ids = prompt_length + t``. Gradients flow back through the cache into the
 prompt's forward, so values and gradients equal the plain path (each completion joined to its
 prompt) up to float rounding. Prompts are right-padded: a padded slot sits *between* prompt and
 completion in the cache and is masked out by the 2D attention mask, while positions come from
@@ -23,38 +22,9 @@ import torch
 from torch import Tensor, nn
 from transformers.cache_utils import DynamicLayer
 
-from alignlab.models.logprobs import (chunked_logprobs, find_backbone_and_head, sequence_logprobs,
-                                      token_logprobs)
+from alignlab.models._fast.last_layer import last_layer_only_at
+from alignlab.models.backbone import chunked_logprobs
 from alignlab.models.checkpointing import checkpointing_enabled
-from alignlab.models.cpu_attention import cpu_attention
-from alignlab.models.last_layer import last_layer_only_at
-from alignlab.models.packed_groups import group_pass_applies, group_pass_logprobs
-
-
-def prefix_sharing_support(model: nn.Module) -> tuple[bool, str]:
-    """``(True, "")`` when prefix sharing is exact for ``model``, else ``(False, why)``.
-
-    Exact needs a decoder + plain output embedding (the chunked head), full causal attention
-    (a sliding window or chunked attention would see the padded cache slots as distance), and a
-    KV cache whose layers can be gathered along the batch."""
-    if find_backbone_and_head(model) is None:
-        return False, "its logits are post-processed or its output embedding is wrapped"
-    return body_supports_prefix_sharing(model)
-
-
-def body_supports_prefix_sharing(model: nn.Module) -> tuple[bool, str]:
-    """The attention and state conditions of :func:`prefix_sharing_support` alone (for a bare
-    decoder, such as a critic's body)."""
-    cfg = getattr(model, "config", None)
-    cfg = getattr(cfg, "text_config", None) or cfg
-    if getattr(cfg, "is_encoder_decoder", False):
-        return False, "it is an encoder-decoder"
-    for field in ("sliding_window", "attention_chunk_size"):
-        if getattr(cfg, field, None) and getattr(cfg, "use_sliding_window", True):
-            return False, f"it uses {field}={getattr(cfg, field)}"
-    if getattr(model, "_is_stateful", False):
-        return False, "it is a stateful (recurrent) model"
-    return True, ""
 
 
 def _select_batch(cache: Any, index: Tensor) -> None:
@@ -62,7 +32,7 @@ def _select_batch(cache: Any, index: Tensor) -> None:
 
     When every group has the same number of completions (pairs), slot-major order makes
     ``index`` the prompts repeated, so ``repeat`` (backward: a sum) replaces the gather, whose
-    backward is a scatter-add (3 ms per [16, 8, 180, 64] bf16 tensor on one core)."""
+    backward is a scatter-add, slow on CPU (benchmarks/README.md)."""
     n_prompts = int(index.max()) + 1
     repeats = index.numel() // n_prompts
     tiled = (repeats * n_prompts == index.numel()
@@ -79,11 +49,11 @@ def _select_batch(cache: Any, index: Tensor) -> None:
             layer.batch_select_indices(index)
 
 
-def shared_prefix_logprobs(model: nn.Module, batch: dict[str, Any]) -> Tensor:
-    """Per-completion log-prob sums ``[N]`` (float32) from a ``shared`` layout batch."""
-    decoder, head = find_backbone_and_head(model)
-    if group_pass_applies(model):
-        return group_pass_logprobs(decoder, head, batch)
+def two_pass_logprobs(model: nn.Module, decoder: nn.Module, head: nn.Module,
+                      batch: dict[str, Any]) -> Tensor:
+    """Per-completion log-prob sums ``[N]`` (float32) of a ``shared`` batch: the prompts with a
+    KV cache, then the completions on it (``decoder``, ``head``: ``model``'s body and output
+    embedding)."""
     if checkpointing_enabled(model) and model.training and torch.is_grad_enabled():
         raise ValueError("prefix sharing on a non-SDPA decoder needs the KV cache, which "
                          "activation checkpointing turns off: use the flat or packed layout")
@@ -127,22 +97,4 @@ def shared_prefix_logprobs(model: nn.Module, batch: dict[str, Any]) -> Tensor:
     return lp.new_zeros(n).index_add(0, rows, lp)
 
 
-def flat_logprobs(model: nn.Module, batch: dict[str, Any]) -> Tensor:
-    """Per-completion log-prob sums ``[N]`` from a ``flat`` (padded) or ``packed`` batch."""
-    view = {k: batch.get(k) for k in ("input_ids", "attention_mask", "position_ids", "loss_mask",
-                                      "seq_lens")}
-    return sequence_logprobs(token_logprobs(model, view), view)
-
-
-def completion_logprobs(model: nn.Module, batch: dict[str, Any]) -> Tensor:
-    """Dispatch on the layout :func:`collate_groups` chose."""
-    ids = batch["prompt_ids"] if "prompt_ids" in batch else batch["input_ids"]
-    # The mode sees every torch call of the forward; enter it only where it can act.
-    with cpu_attention(ids.device):
-        if "prompt_ids" in batch:
-            return shared_prefix_logprobs(model, batch)
-        return flat_logprobs(model, batch)
-
-
-__all__ = ["body_supports_prefix_sharing", "completion_logprobs", "flat_logprobs", "prefix_sharing_support",
-           "shared_prefix_logprobs"]
+__all__ = ["two_pass_logprobs"]

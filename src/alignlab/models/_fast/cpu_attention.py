@@ -1,10 +1,10 @@
 """Attention for the short sequences of preference data on CPU, as plain batched matmuls.
 
-On CPU, PyTorch's fused SDPA kernel is slow at these sizes (measured with bf16 on this 2-core
-machine: [8, 8, 176, 176] forward+backward 20 ms → 9 ms, forward-only [16, 8, 176, 176]
-15 ms → 6 ms, [32, 8, 20, 196] 4.7 ms → 2.2 ms), and the score matrix of a few hundred
+On CPU, PyTorch's fused SDPA kernel is slower than two batched matmuls at these sizes (a few
+hundred tokens; figures in ``benchmarks/README.md``), and the score matrix of a few hundred
 tokens is small. :class:`CpuAttention` routes ``scaled_dot_product_attention`` calls made
-inside it to :func:`matmul_attention`; dropout, GPUs and long sequences keep SDPA.
+inside it to :func:`matmul_attention`; dropout, GPUs and long sequences keep SDPA. Private:
+entered only by :mod:`alignlab.models.logprobs`.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from alignlab.models.checkpointing import recompute_with
 # Above this many attention scores (batch x heads x queries x keys) the explicit attention
 # would hold too large a score matrix; SDPA's flash kernel keeps its own blocks small.
 MAX_SCORES = 1 << 23
-# Forward-only calls run in slices of at most this many scores, which stay in cache (measured:
-# [16, 8, 176, 176] bf16 in one piece 10.8 ms, in two 5.6 ms). With autograd the pieces' extra
-# ops cost more than the cache saves, so training calls run whole.
+# Forward-only calls run in slices of at most this many scores, which stay in cache (faster than
+# one piece; benchmarks/README.md). With autograd the pieces' extra ops cost more than the cache
+# saves, so training calls run whole.
 NO_GRAD_SLICE_SCORES = 1 << 21
 
 
@@ -39,7 +39,7 @@ def matmul_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None =
     uniform distribution rather than NaN. The scores stay in the inputs' dtype: the matmul has
     already rounded them to it, and CPU softmax accumulates reduced-precision inputs in float32,
     so an explicit float32 upcast would change nothing but cost two copies of the score matrix
-    (measured on [8, 8, 176, 176] bf16, forward+backward: 20 ms with the upcast, 9 ms without)."""
+    (about twice the time; benchmarks/README.md)."""
     if dropout_p:
         raise ValueError("matmul_attention has no dropout")
     if enable_gqa and k.shape[-3] != q.shape[-3]:
