@@ -39,10 +39,14 @@ def worker(variant: str, folder: Path, args: argparse.Namespace) -> dict:
     n_completions = args.steps * args.prompts_per_step * args.group_size
     torch.manual_seed(0)
     if variant == "alignlab":
-        from alignlab.core.config import ModelSection, WorldSection
         from alignlab.algorithms.policy_gradient.config import OnlineRLConfig, RLSection
-        from alignlab.core.config import OnlineTrainSection, RolloutSection
         from alignlab.algorithms.policy_gradient.run import train_policy_gradient
+        from alignlab.core.config import (
+            ModelSection,
+            OnlineTrainSection,
+            RolloutSection,
+            WorldSection,
+        )
 
         cfg = OnlineRLConfig(
             model=ModelSection(name_or_path=str(world.base_dir)),

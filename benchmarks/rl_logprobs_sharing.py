@@ -48,8 +48,8 @@ def main() -> None:
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from alignlab.models.logprobs import token_logprobs
     from alignlab.core.runtime import autocast, cpu_supports_bf16
+    from alignlab.models.logprobs import token_logprobs
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,

@@ -66,9 +66,8 @@ def heldout_pairs(world, n: int = 64):
 
 def online_config(world_cache: str, output_dir, rl, steps: int = 10):
     """A tiny-world online-RL config on ``positive`` (8 prompts × 4 per iteration) around ``rl``."""
-    from alignlab.core.config import TrainSection, WorldSection
     from alignlab.algorithms.policy_gradient.config import OnlineRLConfig
-    from alignlab.core.config import RolloutSection
+    from alignlab.core.config import RolloutSection, TrainSection, WorldSection
 
     return OnlineRLConfig(
         world=WorldSection(preset="tiny", cache_dir=world_cache),

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from alignlab.algorithms.sft import SFTConfig
 from alignlab.core.config import apply_overrides, load_config
 from alignlab.core.errors import ConfigError
-from alignlab.algorithms.sft import SFTConfig
 
 
 def test_yaml_and_overrides(tmp_path):

@@ -4,9 +4,15 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from alignlab.data.collate import (join_prompt_completion, pack_collate, pack_into_bins,
-                                   packed_batches, pad_collate, preference_collate)
 from alignlab.core.errors import ConfigError
+from alignlab.data.collate import (
+    join_prompt_completion,
+    pack_collate,
+    pack_into_bins,
+    packed_batches,
+    pad_collate,
+    preference_collate,
+)
 
 EXAMPLES = [
     {"input_ids": [5, 6, 7], "loss_mask": [0, 1, 1], "label": True, "margin": 0.5},

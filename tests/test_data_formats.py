@@ -2,9 +2,9 @@
 
 import pytest
 
+from alignlab.core.errors import ConfigError, DataError
 from alignlab.data.formats import FORMATS, detect_format, split_implicit_prompt, validate_row
 from alignlab.data.loading import rows_from_list
-from alignlab.core.errors import ConfigError, DataError
 
 USER = {"role": "user", "content": "hi"}
 BOT = {"role": "assistant", "content": "hello"}

@@ -9,9 +9,9 @@ import pytest
 from typer.testing import CliRunner
 
 from alignlab.cli.data import data_app
+from alignlab.data.loading import load_rows, rows_from_list
 from alignlab.engine import preference_data as gen
 from alignlab.engine.preference_data import generate_preferences, rso_pairs
-from alignlab.data.loading import load_rows, rows_from_list
 from alignlab.models.loading import load_model, load_tokenizer
 from alignlab.rewards.annotator import SimulatedAnnotator
 from alignlab.rollout.sampling import Samples

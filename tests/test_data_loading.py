@@ -7,8 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from alignlab.data.loading import load_rows, rows_from_list
 from alignlab.core.errors import DataError
+from alignlab.data.loading import load_rows, rows_from_list
 
 USER = {"role": "user", "content": "what color is the sky"}
 SAMPLES = {

@@ -4,9 +4,9 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
+from alignlab.core.errors import ConfigError, DataError
 from alignlab.data.loading import rows_from_list
 from alignlab.data.tokenize import tokenize_rows
-from alignlab.core.errors import ConfigError, DataError
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 WORDS = ("the sky is blue red green grass what color be brief yes no a b c d e f g h "

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from alignlab.core.registry import Registry
 from alignlab.losses.policy import LOSS_AGGREGATIONS, POLICY_LOSSES
 from alignlab.losses.preference import PREFERENCE_LOSSES, loss_spec
 from alignlab.losses.reward import REWARD_MODEL_LOSSES
 from alignlab.losses.value import VALUE_LOSSES
-from alignlab.core.registry import Registry
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "losses.md"
 SECTIONS = {"Preference losses": PREFERENCE_LOSSES, "Policy-gradient losses": POLICY_LOSSES,

@@ -21,6 +21,7 @@ from alignlab.engine.checkpoint import CheckpointError, latest_checkpoint
 from alignlab.engine.loop import train
 from alignlab.engine.objectives import NLLObjective
 from alignlab.engine.run import Interrupted, prepare_output_dir
+
 from tests.conftest import random_examples, random_llama
 
 
@@ -166,6 +167,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeyp
 def test_an_online_run_that_never_updated_fails_without_a_final_model(world_cache, tmp_path):
     from alignlab.algorithms.policy_gradient.config import RLSection
     from alignlab.algorithms.policy_gradient.run import train_policy_gradient
+
     from tests.conftest import online_config
 
     cfg = online_config(world_cache, tmp_path, RLSection(

@@ -5,8 +5,12 @@ import math
 import pytest
 import torch
 
-from alignlab.losses.preference import (PREFERENCE_LOSSES, MissingInputError, PreferenceInputs,
-                                        update_group_weights)
+from alignlab.losses.preference import (
+    PREFERENCE_LOSSES,
+    MissingInputError,
+    PreferenceInputs,
+    update_group_weights,
+)
 
 
 def ls(x: float) -> float:

@@ -7,12 +7,23 @@ import math
 import pytest
 import torch
 
-from alignlab.rewards.calibration import (expected_calibration_error, pairwise_accuracy,
-                                        preference_ece, preference_metrics, score_pairs)
 from alignlab.core.errors import ConfigError
-from alignlab.losses.reward import (REWARD_MODEL_LOSSES, bradley_terry_loss,
-                                    bradley_terry_margin_loss, centering_penalty, loss_format,
-                                    mse_loss, plackett_luce_loss)
+from alignlab.losses.reward import (
+    REWARD_MODEL_LOSSES,
+    bradley_terry_loss,
+    bradley_terry_margin_loss,
+    centering_penalty,
+    loss_format,
+    mse_loss,
+    plackett_luce_loss,
+)
+from alignlab.rewards.calibration import (
+    expected_calibration_error,
+    pairwise_accuracy,
+    preference_ece,
+    preference_metrics,
+    score_pairs,
+)
 
 
 def test_registry_names_and_formats():

@@ -7,10 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alignlab.data.preference_batches import collate_groups
 from alignlab.core.errors import ConfigError
+from alignlab.data.preference_batches import collate_groups
 from alignlab.models.checkpointing import checkpointing_enabled, enable_gradient_checkpointing
 from alignlab.models.logprobs import completion_logprobs
+
 from tests.conftest import random_llama
 from tests.test_models_prefix_sharing import _examples, _values_and_grads
 
@@ -45,11 +46,16 @@ def _losses(history, key="loss"):
 def test_trainers_take_gradient_checkpointing(world_cache, tmp_path):
     """``train.gradient_checkpointing`` reaches the preference trainer (still prefix sharing,
     the same loss curve as without), SFT and the online policy role."""
-    from alignlab.core.config import DataSection, TrainSection, WorldSection
     from alignlab.algorithms.policy_gradient.config import RLSection
     from alignlab.algorithms.policy_gradient.run import train_policy_gradient
-    from alignlab.algorithms.preference.trainer import PreferenceConfig, PreferenceSection, run_preference
+    from alignlab.algorithms.preference.trainer import (
+        PreferenceConfig,
+        PreferenceSection,
+        run_preference,
+    )
     from alignlab.algorithms.sft import SFTConfig, run_sft
+    from alignlab.core.config import DataSection, TrainSection, WorldSection
+
     from tests.conftest import online_config
 
     def dpo(out, on):

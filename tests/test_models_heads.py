@@ -8,8 +8,12 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 
 from alignlab.core.errors import ConfigError
 from alignlab.models.backbone import sequence_end_index
-from alignlab.models.heads import (HEAD_CONFIG, HEAD_WEIGHTS, CausalLMWithScalarHead,
-                                   load_reward_model)
+from alignlab.models.heads import (
+    HEAD_CONFIG,
+    HEAD_WEIGHTS,
+    CausalLMWithScalarHead,
+    load_reward_model,
+)
 
 VOCAB = 80
 

@@ -12,13 +12,22 @@ import pytest
 import torch
 
 import alignlab.models.logprobs as logprobs
-from alignlab.data.collate import pack_collate, join_prompt_completion
+from alignlab.data.collate import join_prompt_completion, pack_collate
 from alignlab.data.preference_batches import collate_groups
 from alignlab.models.heads import CausalLMWithScalarHead
-from alignlab.models.logprobs import (completion_logprobs, completion_token_logprobs, fast_path,
-                                      fast_paths_off, hidden_states, logprobs_and_values,
-                                      preferred_layout, sequence_values, state_values,
-                                      token_logprobs)
+from alignlab.models.logprobs import (
+    completion_logprobs,
+    completion_token_logprobs,
+    fast_path,
+    fast_paths_off,
+    hidden_states,
+    logprobs_and_values,
+    preferred_layout,
+    sequence_values,
+    state_values,
+    token_logprobs,
+)
+
 from tests.conftest import random_llama
 from tests.test_models_prefix_sharing import _examples
 from tests.test_models_shared_tokens import _rl_batch

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from pydantic import ValidationError
 import torch
+from pydantic import ValidationError
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from alignlab.core.config import LoraSettings
 from alignlab.core.errors import ConfigError
 from alignlab.models import loading
-from alignlab.core.config import LoraSettings
-from alignlab.models.loading import (load_model, load_reference_model,
-                                     load_tokenizer)
+from alignlab.models.loading import load_model, load_reference_model, load_tokenizer
 
 
 @pytest.fixture(scope="module")

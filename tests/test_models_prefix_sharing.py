@@ -9,6 +9,7 @@ import torch
 
 from alignlab.data.preference_batches import add_kl_completions, collate_groups
 from alignlab.models.logprobs import completion_logprobs, fast_path, preferred_layout
+
 from tests.conftest import random_llama
 
 

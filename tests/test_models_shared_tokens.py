@@ -10,6 +10,7 @@ import alignlab.models.logprobs as logprobs
 from alignlab.data.collate import completion_rows
 from alignlab.models._fast.shared_tokens import as_groups
 from alignlab.models.logprobs import fast_path, token_logprobs
+
 from tests.conftest import random_llama
 
 
@@ -113,6 +114,7 @@ def test_reward_model_sequence_values_by_prefix_sharing(heads, share_small_batch
     from alignlab.models.backbone import sequence_end_values
     from alignlab.models.heads import CausalLMWithScalarHead
     from alignlab.models.logprobs import sequence_values
+
     from tests.test_models_prefix_sharing import _examples
 
     model = CausalLMWithScalarHead(random_llama(seed=7).float(), num_heads=heads)

@@ -9,8 +9,12 @@ import pytest
 import torch
 
 from alignlab.algorithms.online_preference import online_dpo
-from alignlab.algorithms.online_preference.online_dpo import (JudgeSection, OnlineDPOConfig,
-                                                              OnlineDPOSection, train_online_dpo)
+from alignlab.algorithms.online_preference.online_dpo import (
+    JudgeSection,
+    OnlineDPOConfig,
+    OnlineDPOSection,
+    train_online_dpo,
+)
 from alignlab.core.config import EvalSection, OnlineTrainSection, RolloutSection, WorldSection
 from alignlab.core.errors import ConfigError
 from alignlab.eval.evaluate import evaluate

@@ -7,11 +7,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alignlab.core.config import DataSection, LoraSettings, ModelSection, TrainSection, WorldSection
 from alignlab.algorithms import sft
 from alignlab.algorithms.preference import trainer as preference
-from alignlab.algorithms.preference.trainer import PreferenceConfig, PreferenceSection, run_preference
+from alignlab.algorithms.preference.trainer import (
+    PreferenceConfig,
+    PreferenceSection,
+    run_preference,
+)
 from alignlab.algorithms.sft import SFTConfig, run_sft
+from alignlab.core.config import DataSection, LoraSettings, ModelSection, TrainSection, WorldSection
 
 LORA = LoraSettings(r=4, alpha=8, dropout=0.1)  # dropout: the RNG state must resume too
 

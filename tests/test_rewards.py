@@ -5,7 +5,13 @@ import sys
 import pytest
 
 from alignlab.core.errors import ConfigError, RewardError
-from alignlab.rewards.registry import REWARDS, check_rewards, completion_text, get_reward, weighted_sum
+from alignlab.rewards.registry import (
+    REWARDS,
+    check_rewards,
+    completion_text,
+    get_reward,
+    weighted_sum,
+)
 
 Q = "question : 12 + 7 = ? answer :"
 

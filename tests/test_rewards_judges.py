@@ -8,8 +8,16 @@ from collections import Counter
 import pytest
 
 from alignlab.rewards.annotator import SimulatedAnnotator
-from alignlab.rewards.judges import (AnnotatorJudge, JudgedPair, PairwiseJudge, RewardJudge,
-                                     TextCritic, ThresholdCritic, Verdict, judge_pairs)
+from alignlab.rewards.judges import (
+    AnnotatorJudge,
+    JudgedPair,
+    PairwiseJudge,
+    RewardJudge,
+    TextCritic,
+    ThresholdCritic,
+    Verdict,
+    judge_pairs,
+)
 
 
 def length_reward(prompts, completions):

@@ -9,14 +9,19 @@ import shutil
 import pytest
 import torch
 
+from alignlab.algorithms.reward_model.trainer import RewardConfig, RewardSection, run_reward
 from alignlab.core.config import DataSection, TrainSection, WorldSection
 from alignlab.core.errors import ConfigError
 from alignlab.models.heads import CausalLMWithScalarHead
 from alignlab.rewards.registry import REWARDS, get_reward
-from alignlab.rewards.reward_model import (RewardEnsemble, aggregate_rewards, load_scorer,
-                                           scored_completion)
-from alignlab.algorithms.reward_model.trainer import RewardConfig, RewardSection, run_reward
+from alignlab.rewards.reward_model import (
+    RewardEnsemble,
+    aggregate_rewards,
+    load_scorer,
+    scored_completion,
+)
 from alignlab.world import language as lang
+
 from tests.conftest import random_llama
 
 

@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from alignlab.core.config import TrainSection
-from alignlab.data.collate import pad_collate
 from alignlab.core.errors import NonFiniteError
 from alignlab.data.batches import EpochBatches
+from alignlab.data.collate import pad_collate
 from alignlab.engine.checkpoint import latest_checkpoint
 from alignlab.engine.loop import LossOutput, forward_backward, train
 from alignlab.engine.objectives import NLLObjective
+
 from tests.conftest import random_examples, random_llama
 
 CPU = torch.device("cpu")

@@ -5,14 +5,15 @@ from __future__ import annotations
 import warnings
 
 import torch
-from conftest import random_llama
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from alignlab.models.logprobs import next_token_logits
-from alignlab.rollout.engine import SamplingParams, rollout
-from alignlab.engine.loop import forward_backward
 from alignlab.algorithms.policy_gradient.nlpo import ActionMask, MaskedPolicyObjective, top_p_set
 from alignlab.algorithms.policy_gradient.objective import PolicyObjective
+from alignlab.engine.loop import forward_backward
+from alignlab.models.logprobs import next_token_logits
+from alignlab.rollout.engine import SamplingParams, rollout
+
+from conftest import random_llama
 
 V = 64
 PROMPTS = [[5, 9, 3], [7, 2, 11, 4, 8, 30], [21], [14, 6, 40, 2]]

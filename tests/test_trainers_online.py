@@ -6,14 +6,14 @@ import json
 
 import pytest
 
-from alignlab.eval.evaluate import evaluate
-from alignlab.core.config import EvalSection, load_config
-from alignlab.core.errors import ConfigError, RewardError
-from alignlab.models.loading import load_model, load_tokenizer
 from alignlab.algorithms.policy_gradient.config import OnlineRLConfig, RLSection
-from alignlab.core.config import RolloutSection
 from alignlab.algorithms.policy_gradient.run import train_policy_gradient
 from alignlab.algorithms.registry import ALGORITHMS
+from alignlab.core.config import EvalSection, RolloutSection, load_config
+from alignlab.core.errors import ConfigError, RewardError
+from alignlab.eval.evaluate import evaluate
+from alignlab.models.loading import load_model, load_tokenizer
+
 from tests.conftest import online_config
 
 EVAL = EvalSection(task="positive", n_prompts=32, samples_per_prompt=2, seed=11)

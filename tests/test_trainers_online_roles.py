@@ -9,14 +9,15 @@ import textwrap
 
 import pytest
 import torch
-from conftest import random_llama
 
+from alignlab.algorithms.policy_gradient.objective import PolicyObjective
 from alignlab.core.config import TrainSection
 from alignlab.core.errors import ConfigError, RewardError
-from alignlab.algorithms.policy_gradient.objective import PolicyObjective
 from alignlab.engine.learner import Learner, rows_of
-from alignlab.rollout.role import RolloutRole, Rollouts
 from alignlab.rewards.scoring import RewardRole, resolve_reward
+from alignlab.rollout.role import RolloutRole, Rollouts
+
+from conftest import random_llama
 
 PROMPTS = ["p one", "p two", "p three"]
 COMPLETIONS = ["good", "bad completion", "fine"]

@@ -19,14 +19,24 @@ import json
 
 import pytest
 
-from alignlab.eval.evaluate import evaluate
-from alignlab.core.config import DataSection, EvalSection, ModelSection, TrainSection, WorldSection
-from alignlab.models.loading import load_model, load_tokenizer
-from alignlab.algorithms.policy_gradient.config import OnlineRLConfig, RLSection
-from alignlab.core.config import RolloutSection
+from alignlab.algorithms.policy_gradient.config import (
+    NLPORLSection,
+    OnlineRLConfig,
+    PPORLSection,
+    RLSection,
+)
 from alignlab.algorithms.policy_gradient.run import train_policy_gradient
-from alignlab.algorithms.policy_gradient.config import NLPORLSection, PPORLSection
 from alignlab.algorithms.sft import SFTConfig, run_sft
+from alignlab.core.config import (
+    DataSection,
+    EvalSection,
+    ModelSection,
+    RolloutSection,
+    TrainSection,
+    WorldSection,
+)
+from alignlab.eval.evaluate import evaluate
+from alignlab.models.loading import load_model, load_tokenizer
 
 POOL = 64
 EVAL = EvalSection(task="arithmetic", n_prompts=POOL, samples_per_prompt=4, seed=11, max_new_tokens=4)

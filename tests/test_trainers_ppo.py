@@ -4,23 +4,23 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.conftest import online_config, random_examples, random_llama
 
-from alignlab.eval.evaluate import evaluate
+from alignlab.algorithms.policy_gradient.config import NLPORLSection, OnlineRLConfig, PPORLSection
+from alignlab.algorithms.policy_gradient.objective import PolicyObjective
+from alignlab.algorithms.policy_gradient.ppo import ppo_advantages
+from alignlab.algorithms.policy_gradient.run import train_policy_gradient
+from alignlab.algorithms.registry import ALGORITHMS
 from alignlab.core.config import EvalSection, load_config
-from alignlab.data.collate import pad_collate
 from alignlab.core.errors import ConfigError
+from alignlab.data.collate import pad_collate
+from alignlab.engine.loop import forward_backward
+from alignlab.eval.evaluate import evaluate
 from alignlab.losses.advantages import whiten
 from alignlab.losses.policy import reinforce
 from alignlab.models.loading import load_model, load_tokenizer
 from alignlab.models.logprobs import token_logprobs
-from alignlab.engine.loop import forward_backward
-from alignlab.algorithms.policy_gradient.config import OnlineRLConfig
-from alignlab.algorithms.policy_gradient.run import train_policy_gradient
-from alignlab.algorithms.policy_gradient.objective import PolicyObjective
-from alignlab.algorithms.policy_gradient.config import NLPORLSection, PPORLSection
-from alignlab.algorithms.policy_gradient.ppo import ppo_advantages
-from alignlab.algorithms.registry import ALGORITHMS
+
+from tests.conftest import online_config, random_examples, random_llama
 
 EVAL = EvalSection(task="positive", n_prompts=32, samples_per_prompt=2, seed=11)
 

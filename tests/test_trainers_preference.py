@@ -3,20 +3,25 @@ tiny world; mixtures run; the objective sums per-example losses; config errors n
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
-from alignlab.eval.evaluate import evaluate
-from alignlab.core.config import (DataSection, EvalSection, TrainSection, WorldSection, load_config)
-from alignlab.data.preference_batches import add_kl_completions, collate_groups
-from alignlab.core.errors import ConfigError
-from alignlab.losses.preference import PREFERENCE_LOSSES, PreferenceInputs
-from alignlab.algorithms.preference.trainer import (PreferenceConfig, PreferenceObjective, PreferenceSection,
-                                          plan_losses, run_preference)
 from alignlab.algorithms.preference.heldout import implicit_reward_accuracy
-from alignlab.eval.preference_bench import sample_kl
+from alignlab.algorithms.preference.trainer import (
+    PreferenceConfig,
+    PreferenceObjective,
+    PreferenceSection,
+    plan_losses,
+    run_preference,
+)
 from alignlab.algorithms.registry import ALGORITHMS
+from alignlab.core.config import DataSection, EvalSection, TrainSection, WorldSection, load_config
+from alignlab.core.errors import ConfigError
+from alignlab.data.preference_batches import add_kl_completions, collate_groups
+from alignlab.eval.evaluate import evaluate
+from alignlab.eval.preference_bench import sample_kl
+from alignlab.losses.preference import PREFERENCE_LOSSES, PreferenceInputs
+
 from tests.conftest import heldout_pairs, random_llama
 
 EVAL = EvalSection(n_prompts=48, samples_per_prompt=2, seed=11)

@@ -7,9 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from alignlab.algorithms.preference.trainer import (
+    PreferenceObjective,
+    PreferenceSection,
+    plan_losses,
+)
 from alignlab.data.preference_batches import add_kl_completions, collate_groups
 from alignlab.losses.preference import PREFERENCE_LOSSES, loss_spec
-from alignlab.algorithms.preference.trainer import PreferenceObjective, PreferenceSection, plan_losses
+
 from tests.conftest import random_llama
 
 DISTINCT = sorted({loss_spec(n).name for n in PREFERENCE_LOSSES.names()})

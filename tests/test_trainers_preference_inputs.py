@@ -11,17 +11,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from alignlab.core.config import DataSection, TrainSection, WorldSection, load_config
-from alignlab.data.preference_batches import collate_groups
-from alignlab.core.errors import ConfigError, DataError
-from alignlab.losses.preference import PREFERENCE_LOSSES, PreferenceInputs
-from alignlab.models.loading import load_model
-from alignlab.models.logprobs import completion_logprobs
-from alignlab.algorithms.preference.trainer import (PreferenceConfig, PreferenceObjective, PreferenceSection,
-                                          plan_losses, run_preference)
 from alignlab.algorithms.preference.heldout import implicit_reward_accuracy
 from alignlab.algorithms.preference.inputs import GroupWeights
 from alignlab.algorithms.preference.reference import CACHE_FILE
+from alignlab.algorithms.preference.trainer import (
+    PreferenceConfig,
+    PreferenceObjective,
+    PreferenceSection,
+    plan_losses,
+    run_preference,
+)
+from alignlab.core.config import DataSection, TrainSection, WorldSection, load_config
+from alignlab.core.errors import ConfigError, DataError
+from alignlab.data.preference_batches import collate_groups
+from alignlab.losses.preference import PREFERENCE_LOSSES, PreferenceInputs
+from alignlab.models.loading import load_model
+from alignlab.models.logprobs import completion_logprobs
+
 from tests.conftest import heldout_pairs, random_llama
 
 

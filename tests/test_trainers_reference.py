@@ -5,13 +5,22 @@ from __future__ import annotations
 import torch
 from safetensors.torch import load_file
 
+from alignlab.algorithms.preference.reference import (
+    CACHE_FILE,
+    attach_reference_logps,
+    compute_reference_logps,
+    load_reference_cache,
+)
+from alignlab.algorithms.preference.trainer import (
+    PreferenceConfig,
+    PreferenceSection,
+    run_preference,
+)
 from alignlab.core.config import DataSection, TrainSection, WorldSection
 from alignlab.data.collate import join_prompt_completion, pad_collate
 from alignlab.models.loading import load_model
 from alignlab.models.logprobs import sequence_logprobs, token_logprobs
-from alignlab.algorithms.preference.trainer import PreferenceConfig, PreferenceSection, run_preference
-from alignlab.algorithms.preference.reference import (CACHE_FILE, attach_reference_logps, compute_reference_logps,
-                                         load_reference_cache)
+
 from tests.conftest import random_llama
 
 

@@ -7,13 +7,20 @@ import random
 
 import pytest
 
+from alignlab.algorithms.registry import ALGORITHMS
 from alignlab.algorithms.reward_model.evaluate import evaluate_reward_model
+from alignlab.algorithms.reward_model.trainer import (
+    EnsembleSection,
+    RewardConfig,
+    RewardSection,
+    init_model,
+    load_examples,
+    run_reward,
+    split_examples,
+)
 from alignlab.core.config import DataSection, TrainSection, WorldSection, load_config
 from alignlab.core.errors import ConfigError, DataError
 from alignlab.rewards.reward_model import RewardEnsemble
-from alignlab.algorithms.registry import ALGORITHMS
-from alignlab.algorithms.reward_model.trainer import (EnsembleSection, RewardConfig, RewardSection, init_model,
-                                      load_examples, run_reward, split_examples)
 from alignlab.world import language as lang
 
 
@@ -137,10 +144,11 @@ def _random_examples(fmt: str, n: int = 8, k: int = 2) -> list[dict]:
 def test_packed_equals_padded_and_accumulation_is_exact(fmt, loss):
     import torch
 
-    from alignlab.models.heads import CausalLMWithScalarHead
-    from alignlab.engine.loop import forward_backward
     from alignlab.algorithms.reward_model.batches import collate
     from alignlab.algorithms.reward_model.trainer import RewardObjective
+    from alignlab.engine.loop import forward_backward
+    from alignlab.models.heads import CausalLMWithScalarHead
+
     from tests.conftest import random_llama
 
     model = CausalLMWithScalarHead(random_llama(), num_heads=2)

@@ -10,17 +10,16 @@ import time
 import pytest
 import torch
 
-from alignlab.core.config import TrainSection, WorldSection, load_config
+from alignlab.algorithms.policy_gradient import algorithm as pg_algorithm
+from alignlab.algorithms.policy_gradient.algorithm import estimator_advantages
+from alignlab.algorithms.policy_gradient.config import OnlineRLConfig, RLSection
+from alignlab.algorithms.policy_gradient.run import build_reward, train_policy_gradient
+from alignlab.algorithms.policy_gradient.spec import RL_ALGORITHMS
+from alignlab.core.config import RolloutSection, TrainSection, WorldSection, load_config
 from alignlab.core.errors import ConfigError, RewardError
 from alignlab.losses.advantages import ADVANTAGE_ESTIMATORS, kl_shaped_rewards
 from alignlab.rewards import RewardValues
-from alignlab.algorithms.policy_gradient import algorithm as pg_algorithm
-from alignlab.algorithms.policy_gradient.config import OnlineRLConfig, RLSection
-from alignlab.core.config import RolloutSection
-from alignlab.algorithms.policy_gradient.algorithm import estimator_advantages
-from alignlab.algorithms.policy_gradient.run import build_reward, train_policy_gradient
 from alignlab.rewards.scoring import RewardRole, resolve_reward, token_reward_tensor
-from alignlab.algorithms.policy_gradient.spec import RL_ALGORITHMS
 
 PROMPTS, COMPLETIONS = ["p one", "p two"], ["a b", "c"]
 

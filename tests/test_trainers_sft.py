@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alignlab.eval.evaluate import evaluate
-from alignlab.core.config import DataSection, EvalSection, ModelSection, TrainSection, WorldSection
-from alignlab.models.loading import load_model, load_tokenizer
 from alignlab.algorithms.sft import SFTConfig, run_sft
+from alignlab.core.config import DataSection, EvalSection, ModelSection, TrainSection, WorldSection
+from alignlab.eval.evaluate import evaluate
+from alignlab.models.loading import load_model, load_tokenizer
 
 EVAL = EvalSection(n_prompts=48, samples_per_prompt=2, seed=11)
 

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from alignlab.algorithms.policy_gradient.config import NLPORLSection, PPORLSection
+from alignlab.algorithms.policy_gradient.run import train_policy_gradient
+from alignlab.algorithms.policy_gradient.shared_critic import value_head_for
+from alignlab.core.errors import ConfigError
+from alignlab.eval.evaluate import evaluate
+from alignlab.models.logprobs import logprobs_and_values, token_logprobs
+
 from tests.conftest import online_config, random_llama
 from tests.test_models_shared_tokens import _rl_batch
 from tests.test_trainers_ppo import EVAL
-
-from alignlab.eval.evaluate import evaluate
-from alignlab.core.errors import ConfigError
-from alignlab.models.logprobs import logprobs_and_values, token_logprobs
-from alignlab.algorithms.policy_gradient.run import train_policy_gradient
-from alignlab.algorithms.policy_gradient.config import NLPORLSection, PPORLSection
-from alignlab.algorithms.policy_gradient.shared_critic import value_head_for
 
 
 @pytest.mark.parametrize("prefix_sharing", [False, True])

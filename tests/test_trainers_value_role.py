@@ -5,14 +5,15 @@ from __future__ import annotations
 import copy
 
 import torch
-from conftest import random_examples, random_llama
 
+from alignlab.algorithms.policy_gradient.critic import ValueObjective, new_critic
 from alignlab.core.config import TrainSection
 from alignlab.data.collate import pad_collate
-from alignlab.algorithms.policy_gradient.critic import ValueObjective, new_critic
-from alignlab.models.logprobs import state_values
 from alignlab.engine.learner import Learner, rows_of
 from alignlab.engine.scoring import score_units
+from alignlab.models.logprobs import state_values
+
+from conftest import random_examples, random_llama
 
 
 def test_critic_values_align_with_logprobs_and_learn_fixed_returns():

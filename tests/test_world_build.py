@@ -6,8 +6,8 @@ import statistics
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from alignlab.eval.evaluate import evaluate
 from alignlab.core.config import EvalSection
+from alignlab.eval.evaluate import evaluate
 from alignlab.world.build import build_corpus_and_tokenizer
 from alignlab.world.presets import get_preset
 

@@ -9,16 +9,22 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
-from alignlab.core.config import DataSection, ModelSection, RolloutSection, WorldSection, dump_config
+from alignlab.core.config import (
+    DataSection,
+    ModelSection,
+    RolloutSection,
+    WorldSection,
+    dump_config,
+)
+from alignlab.core.errors import ConfigError
+from alignlab.core.io import atomic_write_text, replace_dir
+from alignlab.core.runtime import seed_everything
 from alignlab.data.formats import SFT_FORMATS, check_trainer_format
 from alignlab.data.loading import RowSet, load_rows, rows_from_list
 from alignlab.data.tokenize import TokenizedRows, tokenize_rows
-from alignlab.core.errors import ConfigError
 from alignlab.engine.prompts import PromptSource
 from alignlab.models.loading import load_model, load_tokenizer
 from alignlab.world.resolve import is_world, resolve_model_path, world_task
-from alignlab.core.io import atomic_write_text, replace_dir
-from alignlab.core.runtime import seed_everything
 
 
 def load_policy(model_cfg: ModelSection, world: WorldSection,

@@ -11,11 +11,18 @@ from typing import Any
 
 import torch
 
-from alignlab.engine.run import prepare_output_dir
-from alignlab.core.config import DataSection, EvalSection, ModelSection, Section, TrainSection, WorldSection
+from alignlab.core.config import (
+    DataSection,
+    EvalSection,
+    ModelSection,
+    Section,
+    TrainSection,
+    WorldSection,
+)
 from alignlab.data.batches import make_batches
-from alignlab.engine.objectives import NLLObjective
 from alignlab.engine.loop import TrainResult, train
+from alignlab.engine.objectives import NLLObjective
+from alignlab.engine.run import prepare_output_dir
 
 
 class SFTConfig(Section):

@@ -48,14 +48,14 @@ def preferences(
     label_cache: Annotated[Optional[Path], typer.Option(help="Annotator label cache (default <cache>/annotator/labels.jsonl).")] = None,
 ) -> None:
     """Sample completions on a task's train prompts and label them with a simulated annotator."""
-    from alignlab.core.config import ModelSection, WorldSection
-    from alignlab.engine.preference_data import GEN_FORMATS, generate_preferences, rso_pairs
-    from alignlab.data.loading import load_rows
-    from alignlab.rewards.annotator import SimulatedAnnotator
     from alignlab.algorithms.common import load_policy
-    from alignlab.world.resolve import get_world
+    from alignlab.core.config import ModelSection, WorldSection
     from alignlab.core.io import atomic_write_json, atomic_write_text
     from alignlab.core.runtime import default_cache_dir, pick_device
+    from alignlab.data.loading import load_rows
+    from alignlab.engine.preference_data import GEN_FORMATS, generate_preferences, rso_pairs
+    from alignlab.rewards.annotator import SimulatedAnnotator
+    from alignlab.world.resolve import get_world
 
     if format not in GEN_FORMATS:
         raise ConfigError(f"--format: got {format!r}; allowed values: {', '.join(GEN_FORMATS)}")

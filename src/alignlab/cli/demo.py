@@ -17,20 +17,31 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from alignlab.eval.evaluate import comparison_table, evaluate, write_report
-from alignlab.eval.plots import plot_before_after
-from alignlab.core.config import DataSection, EvalSection, ModelSection, TrainSection, WorldSection
-from alignlab.engine.preference_data import generate_preferences
-from alignlab.models.loading import load_model, load_reference_model, load_tokenizer
-from alignlab.rewards.annotator import SimulatedAnnotator
 from alignlab.algorithms.policy_gradient.config import OnlineRLConfig, RLSection
-from alignlab.core.config import OnlineTrainSection, RolloutSection
 from alignlab.algorithms.policy_gradient.run import train_policy_gradient
-from alignlab.algorithms.preference.trainer import PreferenceConfig, PreferenceSection, run_preference
-from alignlab.eval.preference_bench import sample_kl
+from alignlab.algorithms.preference.trainer import (
+    PreferenceConfig,
+    PreferenceSection,
+    run_preference,
+)
 from alignlab.algorithms.reward_model.trainer import RewardConfig, RewardSection, run_reward
 from alignlab.algorithms.sft import SFTConfig, run_sft
+from alignlab.core.config import (
+    DataSection,
+    EvalSection,
+    ModelSection,
+    OnlineTrainSection,
+    RolloutSection,
+    TrainSection,
+    WorldSection,
+)
 from alignlab.core.io import atomic_write_json, atomic_write_text
+from alignlab.engine.preference_data import generate_preferences
+from alignlab.eval.evaluate import comparison_table, evaluate, write_report
+from alignlab.eval.plots import plot_before_after
+from alignlab.eval.preference_bench import sample_kl
+from alignlab.models.loading import load_model, load_reference_model, load_tokenizer
+from alignlab.rewards.annotator import SimulatedAnnotator
 from alignlab.world.build import ensure_world
 
 # Per preset: step counts and sizes. "full" fits the demo's 10-minute budget on 2 cores.

@@ -68,8 +68,8 @@ def train(algorithm: Annotated[str, typer.Argument(help="Algorithm name (see `al
           config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file.")] = None,
           set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override, e.g. train.lr=1e-4 (repeatable).")] = None) -> None:
     """Train with ALGORITHM on the data and model named in the config."""
-    from alignlab.core.config import dump_config, load_config
     from alignlab.algorithms.registry import ALGORITHMS
+    from alignlab.core.config import dump_config, load_config
 
     entry = ALGORITHMS.get(algorithm)
     cfg = load_config(entry.config_cls, config, set_ or [])
@@ -87,9 +87,9 @@ def eval_cmd(model: Annotated[str, typer.Option(help="Model directory, Hub name,
              max_new_tokens: Optional[int] = None, seed: int = 1234,
              preset: PresetOpt = "full", world_seed: SeedOpt = 0, cache_dir: CacheOpt = None) -> None:
     """Sample on a task's eval prompts: gold reward, perplexity, length, distinct-n."""
-    from alignlab.eval.evaluate import evaluate, write_report
-    from alignlab.core.config import EvalSection, ModelSection, WorldSection
     from alignlab.algorithms.common import load_policy
+    from alignlab.core.config import EvalSection, ModelSection, WorldSection
+    from alignlab.eval.evaluate import evaluate, write_report
     from alignlab.world.resolve import get_world
 
     world_cfg = WorldSection(preset=preset, seed=world_seed, cache_dir=cache_dir)
@@ -120,13 +120,13 @@ def list_cmd(what: Annotated[str, typer.Argument(help=f"One of: {', '.join(REGIS
 
 
 def registry_entries(what: str) -> list[tuple[str, str]]:
+    from alignlab.algorithms.registry import ALGORITHMS
     from alignlab.data.formats import FORMATS
     from alignlab.losses.advantages import ADVANTAGE_ESTIMATORS
     from alignlab.losses.kl import KL_ESTIMATORS
     from alignlab.losses.policy import POLICY_LOSSES
     from alignlab.losses.preference import PREFERENCE_LOSSES
     from alignlab.rewards.registry import REWARDS
-    from alignlab.algorithms.registry import ALGORITHMS
     from alignlab.world.tasks import TASKS
 
     groups = {"losses": [PREFERENCE_LOSSES, POLICY_LOSSES], "algorithms": [ALGORITHMS],

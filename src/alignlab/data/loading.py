@@ -15,8 +15,8 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from alignlab.data.formats import FORMATS, check_format_columns, detect_format, validate_row
 from alignlab.core.errors import ConfigError, DataError
+from alignlab.data.formats import FORMATS, check_format_columns, detect_format, validate_row
 
 _JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 _PARQUET_SUFFIXES = (".parquet", ".pq")

@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
+from alignlab.core.errors import ConfigError
 from alignlab.data.collate import join_prompt_completion, pack_collate, pad_collate
 from alignlab.data.preference_columns import add_column_fields
-from alignlab.core.errors import ConfigError
 
 KIND_FORMATS = {"paired": "preference", "unpaired": "unpaired", "listwise": "ranked"}
 KL_KEY = "kl_completion_ids"

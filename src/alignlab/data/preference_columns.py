@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from alignlab.data.loading import RowSet
 from alignlab.core.errors import ConfigError
+from alignlab.data.loading import RowSet
 
 # The data column behind each PreferenceInputs field that comes from the rows.
 INPUT_COLUMNS = {"labels": "label", "margin": "margin", "ties": "tie", "groups": "group",

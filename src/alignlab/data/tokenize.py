@@ -39,8 +39,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from alignlab.data.loading import RowSet
 from alignlab.core.errors import ConfigError
+from alignlab.data.loading import RowSet
 
 TRUNCATION_POLICIES = ("keep_end_of_prompt", "truncate_completion", "drop")
 

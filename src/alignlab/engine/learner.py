@@ -18,8 +18,13 @@ import torch
 
 from alignlab.core.config import TrainSection
 from alignlab.core.runtime import pick_device, resolve_precision
-from alignlab.engine.loop import (Algorithm, build_optimizer, build_scheduler, forward_backward,
-                                  optimizer_step)
+from alignlab.engine.loop import (
+    Algorithm,
+    build_optimizer,
+    build_scheduler,
+    forward_backward,
+    optimizer_step,
+)
 from alignlab.models.checkpointing import enable_gradient_checkpointing
 
 

@@ -21,9 +21,15 @@ import torch
 
 from alignlab.core.config import TrainSection
 from alignlab.core.errors import NonFiniteError
-from alignlab.models.checkpointing import enable_gradient_checkpointing
+from alignlab.core.runtime import (
+    autocast,
+    pick_device,
+    resolve_precision,
+    seed_everything,
+    to_device,
+)
 from alignlab.engine.run import TrainingRun
-from alignlab.core.runtime import autocast, pick_device, resolve_precision, seed_everything, to_device
+from alignlab.models.checkpointing import enable_gradient_checkpointing
 
 
 @dataclass

@@ -29,9 +29,9 @@ from dataclasses import replace
 from typing import Any, Literal
 
 from alignlab.core.errors import ConfigError
-from alignlab.rewards.rso import build_pairs, statistical_rejection_sampling
 from alignlab.rewards.annotator import SimulatedAnnotator
 from alignlab.rewards.judges import AnnotatorJudge, judge_pairs
+from alignlab.rewards.rso import build_pairs, statistical_rejection_sampling
 from alignlab.rollout.sampling import sample
 
 GenFormat = Literal["preference", "unpaired", "ranked"]

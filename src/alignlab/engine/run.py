@@ -28,8 +28,13 @@ import torch
 
 from alignlab.core.config import TrainSection
 from alignlab.core.errors import AlignlabError, ConfigError
-from alignlab.engine.checkpoint import (CheckpointError, earlier_checkpoints, latest_checkpoint,
-                                       load_checkpoint, save_checkpoint)
+from alignlab.engine.checkpoint import (
+    CheckpointError,
+    earlier_checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from alignlab.engine.metrics import MetricsLogger
 from alignlab.engine.progress import Progress
 

@@ -6,12 +6,11 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-
-from alignlab.eval.diversity import distinct_n
 from alignlab.core.config import EvalSection
-from alignlab.engine.scoring import perplexity
-from alignlab.rollout.sampling import sample
 from alignlab.core.io import atomic_write_json, atomic_write_text
+from alignlab.engine.scoring import perplexity
+from alignlab.eval.diversity import distinct_n
+from alignlab.rollout.sampling import sample
 
 
 def evaluate(model, tokenizer, task, cfg: EvalSection, *, heldout_texts: list[str] | None = None,

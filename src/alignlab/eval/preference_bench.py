@@ -10,13 +10,13 @@ from typing import Any
 
 import torch
 
+from alignlab.algorithms.preference.reference import compute_reference_logps
 from alignlab.core.config import TrainSection
+from alignlab.data.batches import EpochBatches
 from alignlab.data.loading import rows_from_list
 from alignlab.data.preference_batches import collate_groups
 from alignlab.data.tokenize import tokenize_rows
-from alignlab.data.batches import EpochBatches
 from alignlab.engine.loop import train
-from alignlab.algorithms.preference.reference import compute_reference_logps
 
 
 @torch.no_grad()
@@ -57,8 +57,12 @@ def benchmark_steps(model: torch.nn.Module, tokenizer: Any, rows: list[dict[str,
     ``reference_seconds``, ``tokens_per_s``, ``pairs_per_s``, ``layout``."""
     import copy
 
-    from alignlab.algorithms.preference.trainer import (PreferenceObjective, PreferenceSection,
-                                              choose_layout, plan_losses)
+    from alignlab.algorithms.preference.trainer import (
+        PreferenceObjective,
+        PreferenceSection,
+        choose_layout,
+        plan_losses,
+    )
     from alignlab.core.config import DataSection
     from alignlab.core.runtime import pick_device, resolve_precision
 

@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 
 from alignlab.core.errors import ConfigError
-from alignlab.losses.kl import token_kl
 from alignlab.core.registry import Registry
+from alignlab.losses.kl import token_kl
 
 ADVANTAGE_ESTIMATORS: Registry = Registry("advantage estimator")
 

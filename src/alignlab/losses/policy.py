@@ -29,9 +29,9 @@ import torch
 from torch import Tensor
 
 from alignlab.core.errors import ConfigError
+from alignlab.core.registry import Registry
 from alignlab.losses.advantages import masked_mean
 from alignlab.losses.kl import LOG_RATIO_CLAMP, token_kl
-from alignlab.core.registry import Registry
 from alignlab.losses.rollout_correction import RolloutCorrection, rollout_correction
 
 POLICY_LOSSES: Registry = Registry("policy loss")

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from alignlab.losses.advantages import masked_mean, masked_var
 from alignlab.core.registry import Registry
+from alignlab.losses.advantages import masked_mean, masked_var
 
 VALUE_LOSSES: Registry = Registry("value loss")
 

@@ -24,8 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from alignlab.core.errors import ConfigError
-from alignlab.models.loading import model_load_kwargs, freeze, from_pretrained_checked
 from alignlab.models.backbone import find_decoder
+from alignlab.models.loading import freeze, from_pretrained_checked, model_load_kwargs
 from alignlab.models.logprobs import hidden_states, sequence_values
 
 HEAD_WEIGHTS = "scalar_head.safetensors"
@@ -249,7 +249,9 @@ def load_reward_model(name_or_path: str | os.PathLike, *, dtype: str | torch.dty
 def _classifier_class_name(config: Any) -> str | None:
     """The ``XForSequenceClassification`` class transformers has for this config, if any."""
     import transformers
-    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    )
 
     name = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.get(getattr(config, "model_type", None))
     return name if name and hasattr(transformers, name) else None

@@ -53,9 +53,15 @@ from alignlab.models._fast import cpu_attention as _cpu
 from alignlab.models._fast import packed_groups as _groups
 from alignlab.models._fast import shared_tokens as _shared
 from alignlab.models._fast import two_pass as _two
-from alignlab.models.backbone import (backbone_kwargs, chunked_logprobs, decoder_hidden,
-                                      find_backbone_and_head, find_decoder, scored_positions,
-                                      sequence_end_values)
+from alignlab.models.backbone import (
+    backbone_kwargs,
+    chunked_logprobs,
+    decoder_hidden,
+    find_backbone_and_head,
+    find_decoder,
+    scored_positions,
+    sequence_end_values,
+)
 
 log = logging.getLogger(__name__)
 

@@ -141,8 +141,8 @@ class RewardModelScorer:
     def from_pretrained(cls, path: str | os.PathLike, *, aggregate: str | None = None,
                         std_coef: float | None = None, device: str = "cpu",
                         batch_size: int = 32, max_length: int | None = 512) -> "RewardModelScorer":
-        from alignlab.models.loading import load_tokenizer
         from alignlab.core.runtime import pick_device
+        from alignlab.models.loading import load_tokenizer
 
         root = Path(path).expanduser()
         ensemble = RewardEnsemble.from_pretrained(root, aggregate=aggregate, std_coef=std_coef,
@@ -153,10 +153,10 @@ class RewardModelScorer:
 
     @torch.no_grad()
     def score(self, prompts: list[str], completions: list[str]) -> EnsembleScores:
+        from alignlab.core.runtime import to_device
         from alignlab.data.collate import pad_collate
         from alignlab.data.loading import RowSet
         from alignlab.data.tokenize import tokenize_rows
-        from alignlab.core.runtime import to_device
 
         # Rows are built directly (not validated): a generated completion may be empty.
         rows = RowSet("prompt_completion", [{"prompt": p, "completion": scored_completion(c)}

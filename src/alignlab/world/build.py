@@ -22,14 +22,14 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from alignlab.core.config import DataSection, TrainSection
+from alignlab.core.io import atomic_write_json, replace_dir
+from alignlab.core.runtime import default_cache_dir, seed_everything
 from alignlab.data.batches import make_batches
 from alignlab.data.loading import rows_from_list
 from alignlab.data.tokenize import tokenize_rows
-from alignlab.core.io import atomic_write_json, replace_dir
 from alignlab.engine.loop import train
 from alignlab.engine.objectives import NLLObjective
 from alignlab.engine.scoring import perplexity
-from alignlab.core.runtime import default_cache_dir, seed_everything
 from alignlab.world.language import generate_corpus
 from alignlab.world.presets import WorldPreset, get_preset
 from alignlab.world.tasks import Task, make_task

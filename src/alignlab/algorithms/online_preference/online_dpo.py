@@ -27,23 +27,42 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from alignlab.engine.run import prepare_output_dir
-from alignlab.algorithms.common import (load_policy, load_prompt_source, render_chat_prompts,
-                                       save_final)
+from alignlab.algorithms.common import (
+    load_policy,
+    load_prompt_source,
+    render_chat_prompts,
+    save_final,
+)
 from alignlab.algorithms.preference.reference import compute_reference_logps
-from alignlab.algorithms.preference.trainer import (PreferenceObjective, PreferenceSection,
-                                                    choose_layout, plan_losses)
+from alignlab.algorithms.preference.trainer import (
+    PreferenceObjective,
+    PreferenceSection,
+    choose_layout,
+    plan_losses,
+)
 from alignlab.algorithms.registry import ALGORITHMS, AlgorithmEntry
-from alignlab.core.config import (DataSection, ModelSection, OnlineTrainSection, RolloutSection,
-                                  Section, WorldSection)
+from alignlab.core.config import (
+    DataSection,
+    ModelSection,
+    OnlineTrainSection,
+    RolloutSection,
+    Section,
+    WorldSection,
+)
 from alignlab.core.errors import ConfigError
 from alignlab.core.runtime import pick_device, resolve_precision, seed_everything
 from alignlab.data.preference_batches import collate_groups
 from alignlab.engine.controller import OnlineAlgorithm, OnlineRun, OnlineSetup, Rows, run_online
 from alignlab.engine.learner import Learner, Units
+from alignlab.engine.run import prepare_output_dir
 from alignlab.rewards.annotator import SimulatedAnnotator
-from alignlab.rewards.judges import (AnnotatorJudge, JudgedPair, PairwiseJudge, RewardJudge,
-                                     judge_pairs)
+from alignlab.rewards.judges import (
+    AnnotatorJudge,
+    JudgedPair,
+    PairwiseJudge,
+    RewardJudge,
+    judge_pairs,
+)
 from alignlab.rewards.scoring import build_reward_role
 from alignlab.rollout.role import RolloutRole, Rollouts
 

@@ -28,8 +28,11 @@ from alignlab.algorithms.policy_gradient.spec import RLAlgorithm
 from alignlab.engine.controller import OnlineAlgorithm, Rows
 from alignlab.engine.learner import Learner, Units, rows_of
 from alignlab.engine.scoring import score_units
-from alignlab.losses.advantages import (ADVANTAGE_ESTIMATORS, kl_shaped_rewards,
-                                        scores_to_token_rewards)
+from alignlab.losses.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    kl_shaped_rewards,
+    scores_to_token_rewards,
+)
 from alignlab.losses.kl import token_kl
 from alignlab.models.logprobs import token_logprobs
 from alignlab.rewards.scoring import RewardRole, RewardScores, token_reward_tensor

@@ -7,8 +7,14 @@ from typing import Any, Literal
 
 from pydantic import Field, create_model, field_validator, model_validator
 
-from alignlab.core.config import (ModelSection, OnlineTrainSection, RolloutSection, Section,
-                                  TrainSection, WorldSection)
+from alignlab.core.config import (
+    ModelSection,
+    OnlineTrainSection,
+    RolloutSection,
+    Section,
+    TrainSection,
+    WorldSection,
+)
 
 
 class RewardSandboxSection(Section):

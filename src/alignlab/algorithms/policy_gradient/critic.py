@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
+from alignlab.engine.loop import LossOutput
 from alignlab.losses.policy import aggregate, num_items
 from alignlab.losses.value import VALUE_LOSSES
 from alignlab.models.heads import CausalLMWithScalarHead
 from alignlab.models.logprobs import state_values
-from alignlab.engine.loop import LossOutput
 
 
 class ValueObjective:

@@ -24,10 +24,10 @@ import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
 
-from alignlab.models.logprobs import next_token_logits, restricted_token_logprobs
-from alignlab.rollout.filters import top_p_filter
 from alignlab.algorithms.policy_gradient.objective import PolicyObjective
 from alignlab.algorithms.policy_gradient.ppo import PPO
+from alignlab.models.logprobs import next_token_logits, restricted_token_logprobs
+from alignlab.rollout.filters import top_p_filter
 
 
 def top_p_set(logits: Tensor, top_p: float) -> Tensor:

@@ -9,10 +9,11 @@ from typing import Any
 import torch
 
 from alignlab.core.errors import ConfigError
+from alignlab.engine.loop import LossOutput
 from alignlab.losses.policy import POLICY_LOSSES, aggregate, num_items
 from alignlab.losses.rollout_correction import RolloutCorrection
 from alignlab.models.logprobs import token_logprobs
-from alignlab.engine.loop import LossOutput
+
 
 class PolicyObjective:
     """The loop's ``Algorithm``: a registered policy loss reduced by a registered aggregation.

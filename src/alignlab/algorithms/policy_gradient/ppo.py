@@ -25,8 +25,14 @@ from alignlab.algorithms.policy_gradient.algorithm import Experience, PolicyGrad
 from alignlab.algorithms.policy_gradient.config import PPORLSection
 from alignlab.algorithms.policy_gradient.critic import ValueObjective, new_critic
 from alignlab.engine.learner import Learner, Units
-from alignlab.losses.advantages import (AdaptiveKLController, FixedKLController, gae,
-                                        masked_var, scores_to_token_rewards, whiten)
+from alignlab.losses.advantages import (
+    AdaptiveKLController,
+    FixedKLController,
+    gae,
+    masked_var,
+    scores_to_token_rewards,
+    whiten,
+)
 from alignlab.losses.kl import token_kl
 from alignlab.models.logprobs import logprobs_and_values, state_values
 

@@ -13,11 +13,19 @@ from typing import Any
 
 import torch
 
-from alignlab.engine.run import prepare_output_dir
-from alignlab.algorithms.common import (load_policy, load_prompt_source, render_chat_prompts,
-                                       save_final)
+from alignlab.algorithms.common import (
+    load_policy,
+    load_prompt_source,
+    render_chat_prompts,
+    save_final,
+)
 from alignlab.algorithms.policy_gradient.algorithm import PolicyGradient
-from alignlab.algorithms.policy_gradient.config import RL_SECTIONS, OnlineRLConfig, RLSection, config_for
+from alignlab.algorithms.policy_gradient.config import (
+    RL_SECTIONS,
+    OnlineRLConfig,
+    RLSection,
+    config_for,
+)
 from alignlab.algorithms.policy_gradient.nlpo import NLPO, ActionMask, MaskedPolicyObjective
 from alignlab.algorithms.policy_gradient.objective import PolicyObjective
 from alignlab.algorithms.policy_gradient.ppo import PPO
@@ -28,6 +36,7 @@ from alignlab.core.errors import ConfigError
 from alignlab.core.runtime import pick_device, seed_everything
 from alignlab.engine.controller import OnlineRun, OnlineSetup, run_online
 from alignlab.engine.learner import Learner
+from alignlab.engine.run import prepare_output_dir
 from alignlab.losses.rollout_correction import RolloutCorrection
 from alignlab.rewards.sandbox import Limits
 from alignlab.rewards.scoring import RewardRole, build_reward_role

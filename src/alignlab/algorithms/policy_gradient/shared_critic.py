@@ -20,13 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from alignlab.algorithms.policy_gradient.objective import PolicyObjective
 from alignlab.core.errors import ConfigError
+from alignlab.engine.loop import LossOutput
 from alignlab.losses.policy import aggregate
 from alignlab.losses.value import VALUE_LOSSES
 from alignlab.models.backbone import find_backbone_and_head
 from alignlab.models.logprobs import logprobs_and_values
-from alignlab.engine.loop import LossOutput
-from alignlab.algorithms.policy_gradient.objective import PolicyObjective
 
 
 def value_head_for(policy: nn.Module, device: torch.device) -> nn.Linear:

@@ -29,8 +29,7 @@ def heldout_metrics(model: torch.nn.Module, objective: Any, examples: list[dict[
                     precision: str = "fp32") -> dict[str, float]:
     """The objective's loss per item and metrics (``rewards/accuracies``: held-out pairwise
     implicit reward accuracy, ``rewards/margins``, ...) averaged over held-out examples."""
-    from alignlab.core.runtime import to_device
-    from alignlab.core.runtime import autocast
+    from alignlab.core.runtime import autocast, to_device
 
     was_training = model.training
     model.eval()

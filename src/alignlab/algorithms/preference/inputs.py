@@ -21,11 +21,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from alignlab.data.preference_columns import INPUT_COLUMNS
+from alignlab.algorithms.preference.reference import attach_reference_logps
 from alignlab.core.errors import ConfigError
+from alignlab.data.preference_columns import INPUT_COLUMNS
 from alignlab.losses.preference import LossSpec, update_group_weights
 from alignlab.models.logprobs import completion_token_logprobs
-from alignlab.algorithms.preference.reference import attach_reference_logps
 
 TOKEN_FIELDS = ("chosen_token_logps", "rejected_token_logps", "ref_chosen_token_logps",
                 "ref_rejected_token_logps", "chosen_mask", "rejected_mask")

@@ -22,12 +22,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from alignlab.core.runtime import autocast, to_device
 from alignlab.data.preference_batches import collate_groups, group_completions
 from alignlab.models.fingerprint import directory_fingerprint, module_fingerprint
-from alignlab.models.logprobs import (completion_logprobs, completion_token_logprobs,
-                                      preferred_layout)
-from alignlab.core.runtime import to_device
-from alignlab.core.runtime import autocast
+from alignlab.models.logprobs import (
+    completion_logprobs,
+    completion_token_logprobs,
+    preferred_layout,
+)
 
 CACHE_FILE = "reference_logps.safetensors"
 

@@ -21,25 +21,48 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from alignlab.engine.run import prepare_output_dir
-from alignlab.core.config import DataSection, EvalSection, ModelSection, Section, TrainSection, WorldSection
-from alignlab.data.loading import load_rows, rows_from_list
-from alignlab.data.preference_batches import KIND_FORMATS, add_kl_completions, collate_groups
-from alignlab.data.preference_columns import (assign_group_ids, attach_values, check_columns,
-                                              fill_defaults)
-from alignlab.data.tokenize import TokenizedRows, tokenize_rows
-from alignlab.core.errors import ConfigError
-from alignlab.losses.preference import PREFERENCE_LOSSES, PreferenceInputs, combine_losses, loss_spec
-from alignlab.models.loading import load_reference_model
-from alignlab.models.logprobs import completion_logprobs, preferred_layout
-from alignlab.data.batches import EpochBatches
 from alignlab.algorithms.common import load_policy, save_final
-from alignlab.engine.loop import LossOutput, TrainResult, train
-from alignlab.algorithms.preference.inputs import (GROUP_WEIGHTS, GroupWeights, InputNeeds,
-                                                attach_references, check_references, input_needs,
-                                                paired_extras, policy_logps)
+from alignlab.algorithms.preference.inputs import (
+    GROUP_WEIGHTS,
+    GroupWeights,
+    InputNeeds,
+    attach_references,
+    check_references,
+    input_needs,
+    paired_extras,
+    policy_logps,
+)
+from alignlab.core.config import (
+    DataSection,
+    EvalSection,
+    ModelSection,
+    Section,
+    TrainSection,
+    WorldSection,
+)
+from alignlab.core.errors import ConfigError
 from alignlab.core.io import atomic_write_text
 from alignlab.core.runtime import pick_device, resolve_precision
+from alignlab.data.batches import EpochBatches
+from alignlab.data.loading import load_rows, rows_from_list
+from alignlab.data.preference_batches import KIND_FORMATS, add_kl_completions, collate_groups
+from alignlab.data.preference_columns import (
+    assign_group_ids,
+    attach_values,
+    check_columns,
+    fill_defaults,
+)
+from alignlab.data.tokenize import TokenizedRows, tokenize_rows
+from alignlab.engine.loop import LossOutput, TrainResult, train
+from alignlab.engine.run import prepare_output_dir
+from alignlab.losses.preference import (
+    PREFERENCE_LOSSES,
+    PreferenceInputs,
+    combine_losses,
+    loss_spec,
+)
+from alignlab.models.loading import load_reference_model
+from alignlab.models.logprobs import completion_logprobs, preferred_layout
 from alignlab.world.preference_rows import world_preference_rows
 from alignlab.world.resolve import is_world, resolve_model_path, world_task
 

@@ -7,7 +7,12 @@ from typing import Any
 
 import torch
 
-from alignlab.data.collate import join_prompt_completion, pack_collate, pad_collate, preference_collate
+from alignlab.data.collate import (
+    join_prompt_completion,
+    pack_collate,
+    pad_collate,
+    preference_collate,
+)
 
 
 def collate(examples: list[dict], fmt: str, pad_token_id: int, packed: bool = False,

@@ -23,15 +23,22 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator
 
-from alignlab.engine.run import prepare_output_dir
-from alignlab.core.config import DataSection, ModelSection, Section, TrainSection, WorldSection, dump_config
 from alignlab.algorithms.reward_model.batches import collate, example_rewards
+from alignlab.core.config import (
+    DataSection,
+    ModelSection,
+    Section,
+    TrainSection,
+    WorldSection,
+    dump_config,
+)
 from alignlab.core.errors import ConfigError
-from alignlab.losses.reward import REWARD_MODEL_LOSSES, centering_penalty, loss_format
+from alignlab.core.io import atomic_write_json, atomic_write_text, replace_dir
 from alignlab.data.batches import EpochBatches
 from alignlab.engine.loop import LossOutput, TrainResult, train
 from alignlab.engine.metrics import MetricsLogger
-from alignlab.core.io import atomic_write_json, atomic_write_text, replace_dir
+from alignlab.engine.run import prepare_output_dir
+from alignlab.losses.reward import REWARD_MODEL_LOSSES, centering_penalty, loss_format
 
 
 class EnsembleSection(Section):
@@ -217,10 +224,11 @@ class RewardObjective:
 def init_model(path: str, cfg: RewardConfig, seed: int) -> torch.nn.Module:
     """A fresh head on a causal LM, or a reward model (scalar-head or *ForSequenceClassification)
     to keep training."""
+    from transformers import AutoConfig
+
+    from alignlab.core.runtime import seed_everything
     from alignlab.models.heads import HEAD_CONFIG, CausalLMWithScalarHead, load_reward_model
     from alignlab.models.loading import from_pretrained_checked
-    from alignlab.core.runtime import seed_everything
-    from transformers import AutoConfig
 
     m = cfg.model
     if m.lora is not None:

@@ -11,7 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from alignlab.losses.preference.base import LossResult, PreferenceInputs, mean_logps, preference_loss
+from alignlab.losses.preference.base import (
+    LossResult,
+    PreferenceInputs,
+    mean_logps,
+    preference_loss,
+)
 
 LIST = ("list_logps", "ref_list_logps", "scores")
 

@@ -29,12 +29,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from alignlab.models._fast.cpu_attention import (MAX_SCORES, attention_with_bias, cpu_attention,
-                                                 mask_bias)
+from alignlab.models._fast.cpu_attention import (
+    MAX_SCORES,
+    attention_with_bias,
+    cpu_attention,
+    mask_bias,
+)
 from alignlab.models._fast.last_layer import last_layer_only_at
 from alignlab.models.backbone import chunked_logprobs
 from alignlab.models.checkpointing import recompute_with
-
 
 # The packed length and the padded row width are rounded up to these multiples. Every batch
 # otherwise has its own matmul shapes, and the CPU BLAS (oneDNN) keeps kernels and buffers per

@@ -20,8 +20,11 @@ import torch
 from torch import Tensor, nn
 
 from alignlab.models._fast.cpu_attention import cpu_attention
-from alignlab.models._fast.packed_groups import (predictor_hidden, scored_logprobs,
-                                                 sequence_end_hidden)
+from alignlab.models._fast.packed_groups import (
+    predictor_hidden,
+    scored_logprobs,
+    sequence_end_hidden,
+)
 
 
 def as_groups(batch: dict[str, Any]) -> dict[str, Tensor] | None:
