@@ -18,16 +18,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from alignlab.core.config import load_config  # noqa: E402
-from alignlab.core.errors import ConfigError, DataError  # noqa: E402
-from alignlab.data.formats import FORMATS  # noqa: E402
-from alignlab.data.loading import load_rows  # noqa: E402
-from alignlab.data.tokenize import TRUNCATION_POLICIES, tokenize_rows  # noqa: E402
+from alignlab.core.config import load_config
+from alignlab.core.errors import ConfigError, DataError
+from alignlab.data.formats import FORMATS
+from alignlab.data.loading import load_rows
+from alignlab.data.tokenize import TRUNCATION_POLICIES, tokenize_rows
 
 FAST = settings(max_examples=int(os.environ.get("ALIGNLAB_FUZZ_EXAMPLES", 300)), deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
