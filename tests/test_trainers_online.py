@@ -10,7 +10,7 @@ from alignlab.algorithms.policy_gradient.config import OnlineRLConfig, RLSection
 from alignlab.algorithms.policy_gradient.run import train_policy_gradient
 from alignlab.algorithms.registry import ALGORITHMS
 from alignlab.core.config import EvalSection, RolloutSection, load_config
-from alignlab.core.errors import ConfigError, RewardError
+from alignlab.core.errors import ConfigError, RewardError, TrainingError
 from alignlab.eval.evaluate import evaluate
 from alignlab.models.loading import load_model, load_tokenizer
 
@@ -65,10 +65,12 @@ def test_grpo_variants_kl_loss_gspo_clip_higher_dynamic_sampling_run_and_log(
 def test_dynamic_sampling_drops_zero_variance_groups_and_counts_them(world_cache, tmp_path):
     cfg = _cfg(world_cache, tmp_path, steps=2, reward="tests.test_trainers_online:constant_reward",
                dynamic_sampling=True)
-    run = train_policy_gradient(cfg, "grpo")
-    assert [h["dropped_groups"] for h in run.result.history] == [8, 8]
-    assert run.result.history[-1]["dropped_groups_total"] == 16
-    assert all(h.get("update_skipped") == 1 for h in run.result.history)
+    with pytest.raises(TrainingError, match="all 2 iterations were skipped"):
+        train_policy_gradient(cfg, "grpo")  # every group dropped: nothing was ever learned
+    history = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [h["dropped_groups"] for h in history] == [8, 8]
+    assert history[-1]["dropped_groups_total"] == 16
+    assert all(h.get("update_skipped") == 1 for h in history)
 
 
 def constant_reward(prompts, completions, **_):
@@ -111,7 +113,7 @@ def test_skip_policy_in_the_loop_counts_skipped_samples_and_still_trains(world_c
         run = train_policy_gradient(cfg, "rloo")
     assert [h["reward_skipped"] for h in run.result.history] == [1, 1]
     assert all(h["optimizer_steps"] == 1 for h in run.result.history)
-    cfg.rl.on_reward_error = "stop"
+    cfg.rl.on_reward_error, cfg.train.overwrite = "stop", True
     with pytest.raises(RewardError, match="nan_on_first_reward"):
         train_policy_gradient(cfg, "rloo")
 
