@@ -429,7 +429,7 @@ def run_forked(jobs: list[tuple[str, str | None, list[str], float]], workers: in
 @contextlib.contextmanager
 def mutated_file(path: Path, source: str) -> Iterator[None]:
     """``path`` holds ``source`` inside the block and its original bytes afterwards, whatever
-    happens inside (an exception, Ctrl-C, SIGTERM turned into SystemExit by ``main``)."""
+    happens inside (an exception, Ctrl-C, SIGTERM turned into KeyboardInterrupt by ``main``)."""
     original = path.read_bytes()
     try:
         path.write_bytes(source.encode("utf-8"))
@@ -490,6 +490,11 @@ def _preimport() -> None:
     assert "alignlab" not in sys.modules, "alignlab must be imported by each child, not here"
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM ends a run like Ctrl-C: children killed, a rewritten file restored, results shown."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--module", action="append", default=[],
@@ -521,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
 
     os.chdir(ROOT)
     sys.path.insert(0, str(ROOT / "src"))
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGTERM, _interrupt)
     if not args.inplace:
         _preimport()
 
