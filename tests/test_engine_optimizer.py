@@ -233,3 +233,78 @@ def test_learner_clips_with_the_configured_norm_and_restores_its_state():
     assert again.updates == 1 and again.scheduler.get_last_lr() == learner.scheduler.get_last_lr()
     assert torch.equal(torch.randperm(5, generator=again.generator),
                        torch.randperm(5, generator=learner.generator))
+
+
+class Recording(WeightedSum):
+    """Also records the x values of every micro-batch, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.order: list[float] = []
+
+    def loss(self, model, batch):
+        self.order += batch["x"].flatten().tolist()
+        return super().loss(model, batch)
+
+
+def _cfg(**kw) -> TrainSection:
+    return TrainSection(**{"lr": 1.0, "max_steps": 4, "lr_scheduler": "constant", "batch_size": 8,
+                           "device": "cpu", "precision": "fp32", **kw})
+
+
+def test_learner_defaults_one_epoch_shuffled_by_its_own_seeded_generator():
+    units = rows_of({"x": torch.arange(8.0)[:, None]})
+    orders = []
+    for kw in ({}, {"seed": 0}, {"seed": 1}):
+        objective = Recording()
+        torch.manual_seed(len(orders))  # the global RNG must not matter
+        learner = Learner(Linear1(0.0), objective, _cfg(), minibatch_size=8, **kw)
+        assert learner.update(units)["optimizer_steps"] == 1  # default: one epoch
+        orders.append(objective.order)
+    assert orders[0] == orders[1] != orders[2]
+    assert sorted(orders[0]) == list(range(8))
+
+
+def test_learner_trains_in_train_mode_with_extra_groups_inside_the_clip():
+    model = Linear1(0.0).eval()
+    head = _param(0.0)
+
+    class TwoWeights(WeightedSum):
+        def loss(self, model, batch):
+            out = super().loss(model, batch)
+            return LossOutput(out.loss_sum + (head * batch["x"]).sum() * 0.75, out.metrics)
+
+    learner = Learner(model, TwoWeights(), _cfg(max_grad_norm=0.1),
+                      extra_groups=({"params": [head], "lr": 0.5},))
+    group = learner.optimizer.param_groups[-1]
+    assert group["lr"] == 0.5 and group["weight_decay"] == 0.0
+    assert any(p is head for p in learner.params)
+    out = learner.update(rows_of({"x": torch.tensor([[4.0]])}))
+    assert model.training
+    assert out["grad_norm"] == pytest.approx((4.0 ** 2 + 3.0 ** 2) ** 0.5)  # both weights
+    assert head.item() != 0.0
+
+
+def test_learner_errors_name_the_update_that_failed():
+    learner, _ = _learner(epochs=1)
+    learner.update(rows_of({"x": torch.tensor([[1.0]])}))
+    with pytest.raises(NonFiniteError, match="step 2, micro-batch 1: the loss is -?inf"):
+        learner.update(rows_of({"x": torch.tensor([[math.inf]])}))
+
+    class Squared(WeightedSum):
+        def loss(self, model, batch):  # at w = 0: a finite loss 0, an infinite gradient x²
+            return LossOutput((model.w * batch["x"] * batch["x"]).sum(), {})
+
+    learner = Learner(Linear1(0.0), Squared(), _cfg())
+    with pytest.raises(NonFiniteError, match="step 1: the gradient norm is inf"):
+        learner.update(rows_of({"x": torch.tensor([[1e30]])}))
+
+
+def test_learner_enables_gradient_checkpointing_when_configured():
+    from alignlab.models.checkpointing import checkpointing_enabled
+
+    from tests.conftest import random_llama
+
+    model = random_llama(layers=1)
+    Learner(model, WeightedSum(), _cfg(gradient_checkpointing=True))
+    assert checkpointing_enabled(model)
