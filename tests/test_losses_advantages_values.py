@@ -3,6 +3,8 @@ elements, constant inputs, and every non-default option, by hand."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -106,3 +108,36 @@ def test_reinforce_pp_passes_eps_and_gamma():
 def test_every_estimator_refuses_a_misspelt_option(name):
     with pytest.raises(ConfigError, match="unknown argument"):
         adv.ADVANTAGE_ESTIMATORS.get(name)(mask=M2, scores=torch.tensor([1.0]), gamam=0.9)
+
+
+def test_bad_shapes_and_group_sizes_are_refused():
+    with pytest.raises(ValueError, match="scores must have shape"):
+        adv.grpo(mask=MASK4, scores=torch.ones(4, 1), group_size=2)  # right length, wrong rank
+    with pytest.raises(ValueError, match="scores must have shape"):
+        adv.grpo(mask=MASK4, scores=torch.ones(3), group_size=1)
+    with pytest.raises(ConfigError, match="group_size=0"):
+        adv.grpo(mask=MASK4, scores=SCORES, group_size=0)
+    with pytest.raises(ConfigError, match="at least 2 completions"):
+        adv.rloo(mask=MASK4, scores=SCORES, group_size=1)
+
+
+def test_rloo_with_groups_of_two():
+    got = adv.rloo(mask=MASK4, scores=SCORES, group_size=2)[0][:, 0]
+    torch.testing.assert_close(got, torch.tensor([-1.0, 1.0, 4.0, -4.0]))
+
+
+def test_dense_rewards_of_another_dtype_come_back_float32():
+    got = adv.scores_to_token_rewards(torch.tensor([3.0]), M2, dense=torch.tensor([[1.0, 0.5]],
+                                                                                  dtype=torch.float64))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, t([1.0, 2.0]))
+
+
+def test_kl_estimators_clamp_the_log_ratio():
+    from alignlab.losses.kl import LOG_RATIO_CLAMP, kl_k3
+
+    assert LOG_RATIO_CLAMP == 20.0
+    got = kl_k3(torch.tensor([0.0, 0.0], dtype=torch.float64), torch.tensor([30.0, -30.0],
+                                                                            dtype=torch.float64))
+    torch.testing.assert_close(got, torch.tensor([math.exp(20) - 21, math.exp(-20) + 19],
+                                                 dtype=torch.float64))

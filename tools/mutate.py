@@ -58,6 +58,7 @@ TARGETS: dict[str, list[str]] = {
                                           "tests/test_losses_policy.py",
                                           "tests/test_losses_policy_metrics.py"],
     "src/alignlab/losses/kl.py": ["tests/test_losses_kl.py", "tests/test_losses_advantages.py",
+                                  "tests/test_losses_advantages_values.py",
                                   "tests/test_losses_policy.py"],
     "src/alignlab/losses/policy.py": ["tests/test_losses_policy.py",
                                       "tests/test_losses_policy_metrics.py"],
@@ -99,6 +100,8 @@ _CALL_SWAP = {"mean": "sum", "sum": "mean", "max": "min", "min": "max", "amax": 
 # ``device=`` only moves a tensor; on the CPU every test runs on, dropping it changes nothing.
 _KEEP_KEYWORDS = {"device"}
 PRAGMA = "pragma: no mutate"
+# Surviving mutants that do not change behaviour, with the reason: ``path | op | original | why``.
+EQUIVALENTS = ROOT / "tools" / "mutation_equivalents.txt"
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,9 @@ class Mutant:
     def apply(self, source: str) -> str:
         data = source.encode("utf-8")
         return (data[:self.start] + self.mutated.encode("utf-8") + data[self.end:]).decode("utf-8")
+
+    def key(self) -> tuple[str, str, str]:
+        return self.path, self.op, " ".join(self.original.split())
 
     def describe(self) -> str:
         def short(text: str) -> str:
@@ -319,6 +325,17 @@ def _name(op: object) -> str:
             "Eq": "==", "NotEq": "!=", "Is": "is", "IsNot": "is not", "In": "in",
             "NotIn": "not in", "And": "and", "Or": "or", "Not": "not", "USub": "unary -"
             }[cls.__name__]
+
+
+def read_equivalents(path: Path = EQUIVALENTS) -> dict[tuple[str, str, str], str]:
+    """``(path, op, original) → reason`` of the known equivalent mutants."""
+    out = {}
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip() and not line.startswith("#"):
+                where, op, original, reason = (part.strip() for part in line.split(" | ", 3))
+                out[where, op, " ".join(original.split())] = reason
+    return out
 
 
 def find_mutants(path: Path, root: Path = ROOT) -> list[Mutant]:
@@ -566,20 +583,37 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(results: dict[str, list[tuple[Mutant, str]]], seconds: float, sampled: bool) -> None:
-    print(f"\n{'module':45s} {'killed':>7s} {'total':>6s} {'score':>7s}")
-    killed_all = total_all = 0
+    """Per module: killed / scored mutants (a timeout counts as killed; "error" is not scored),
+    and the score with the known equivalent survivors left out; then every other survivor."""
+    equivalent = read_equivalents()
+    print(f"\n{'module':45s} {'killed':>7s} {'total':>6s} {'score':>7s} {'equiv':>6s} "
+          f"{'w/o equiv':>9s}")
+    totals = [0, 0, 0]
+
+    def row(name: str, killed: int, total: int, equiv: int) -> str:
+        return (f"{name:45s} {killed:7d} {total:6d} {100 * killed / max(total, 1):6.1f}% "
+                f"{equiv:6d} {100 * killed / max(total - equiv, 1):8.1f}%")
+
     for mod, rows in results.items():
-        scored = [o for _, o in rows if o != "error"]
-        killed = sum(o in ("killed", "timeout") for o in scored)
-        killed_all, total_all = killed_all + killed, total_all + len(scored)
-        print(f"{mod:45s} {killed:7d} {len(scored):6d} {100 * killed / max(len(scored), 1):6.1f}%")
-    print(f"{'overall' + (' (sampled)' if sampled else ''):45s} {killed_all:7d} {total_all:6d} "
-          f"{100 * killed_all / max(total_all, 1):6.1f}%   in {seconds / 60:.1f} min")
+        scored = [(m, o) for m, o in rows if o != "error"]
+        killed = sum(o in ("killed", "timeout") for _, o in scored)
+        equiv = sum(o == "survived" and m.key() in equivalent for m, o in scored)
+        totals = [totals[0] + killed, totals[1] + len(scored), totals[2] + equiv]
+        print(row(mod, killed, len(scored), equiv))
+    print(row("overall" + (" (sampled)" if sampled else ""), *totals)
+          + f"   in {seconds / 60:.1f} min")
     survivors = [m for rows in results.values() for m, o in rows if o == "survived"]
+    known = [m for m in survivors if m.key() in equivalent]
+    new = [m for m in survivors if m.key() not in equivalent]
     errors = [m for rows in results.values() for m, o in rows if o == "error"]
-    if survivors:
-        print(f"\n{len(survivors)} surviving mutants:")
-        for m in survivors:
+    if known:
+        print(f"\n{len(known)} surviving mutants known to be equivalent ({EQUIVALENTS.name}):")
+        for m in known:
+            print(f"  {m.describe()}\n      {equivalent[m.key()]}")
+    if new:
+        print(f"\n{len(new)} surviving mutants (a missing test, or add them to {EQUIVALENTS.name} "
+              "with the reason they are equivalent):")
+        for m in new:
             print(f"  {m.describe()}")
     if errors:
         print(f"\n{len(errors)} mutants whose tests could not run (not scored):")
