@@ -141,3 +141,17 @@ def test_kl_estimators_clamp_the_log_ratio():
                                                                             dtype=torch.float64))
     torch.testing.assert_close(got, torch.tensor([math.exp(20) - 21, math.exp(-20) + 19],
                                                  dtype=torch.float64))
+
+
+def test_adaptive_kl_controller_bounds_and_clipped_error():
+    for target, horizon in ((0.0, 1.0), (1.0, 0.0), (-1.0, 1.0)):
+        with pytest.raises(ConfigError, match="target and horizon must be > 0"):
+            adv.AdaptiveKLController(0.1, target=target, horizon=horizon)
+    ctl = adv.AdaptiveKLController(0.1, target=0.5, horizon=0.5)  # below 1 is allowed
+    assert ctl.update(100.0, n_steps=1) == pytest.approx(0.1 * (1 + 0.2 * 2))  # error capped
+    assert ctl.update(0.0, n_steps=1) == pytest.approx(0.14 * (1 - 0.2 * 2))  # and floored
+    assert ctl.update(0.6, n_steps=1) == pytest.approx(0.084 * (1 + 0.2 * 2 * 1.0))
+    fixed = adv.FixedKLController(0.3)
+    assert fixed.update(5.0, 10) == 0.3
+    fixed.load_state_dict(ctl.state_dict())
+    assert fixed.kl_coef == ctl.kl_coef
