@@ -116,3 +116,50 @@ def test_value_metrics():
     # V_clip = (1.3, 2, 2.2, 0): only at (0,2) is the clipped error larger (1.8² > 1²)
     assert m["value_clip_fraction"].item() == pytest.approx(1 / 4)
     torch.testing.assert_close(loss, torch.tensor([[0.5, 0.0, 1.62], [0.5, 0.0, 0.0]]))
+
+
+def _one(ratio, advantage):
+    lp = torch.tensor([[math.log(ratio)]], dtype=torch.float64)
+    return dict(logprobs=lp, old_logprobs=torch.zeros_like(lp),
+                advantages=torch.tensor([[advantage]], dtype=torch.float64), mask=torch.ones(1, 1))
+
+
+def test_ppo_ratio_is_clamped_in_log_space():
+    b = _one(1.0, -1.0)
+    b["logprobs"] = torch.tensor([[30.0]], dtype=torch.float64)
+    out = POLICY_LOSSES.get("ppo_clip")(**b)
+    assert out.per_token_loss.item() == pytest.approx(math.exp(20))
+    assert out.metrics["approx_kl"].item() == pytest.approx(math.exp(20) - 1 - 20)
+
+
+def test_dual_clip_boundaries():
+    ppo = POLICY_LOSSES.get("ppo_clip")
+    # A = −2, ρ = 2: loss max(4, 2.4) = 4, cap −c·A = 3 at c = 1.5
+    assert ppo(**_one(2.0, -2.0), dual_clip_c=1.5).per_token_loss.item() == pytest.approx(3.0)
+    # exactly at the cap: not counted as dual-clipped
+    out = ppo(**_one(2.0, -1.0), dual_clip_c=2.0)
+    assert out.per_token_loss.item() == pytest.approx(2.0)
+    assert out.metrics["dual_clip_fraction"].item() == 0.0
+    # a positive advantage is never dual-clipped, however small
+    assert ppo(**_one(1.5, 0.5), dual_clip_c=1.5).per_token_loss.item() == pytest.approx(-0.6)
+    with pytest.raises(Exception, match="dual_clip_c must be > 1"):
+        ppo(**_one(1.0, 1.0), dual_clip_c=1.0)
+
+
+def test_gspo_default_clip_range():
+    gspo = POLICY_LOSSES.get("gspo")
+    # defaults ε_low = 3e-4, ε_high = 4e-4: ρ = 0.9995 with A = −1 → the clipped 0.9997 wins
+    assert gspo(**_one(0.9995, -1.0)).per_token_loss.item() == pytest.approx(0.9997, abs=1e-9)
+    assert gspo(**_one(1.0005, 1.0)).per_token_loss.item() == pytest.approx(-1.0004, abs=1e-9)
+
+
+def test_sapo_defaults_and_the_temperature_per_advantage_sign():
+    sapo = POLICY_LOSSES.get("sapo")
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    # defaults τ_pos = 1 (A > 0, also for A < 1), τ_neg = 1.05
+    assert sapo(**_one(1.5, 0.5)).per_token_loss.item() == pytest.approx(-4 * sig(0.5) * 0.5)
+    assert sapo(**_one(0.5, -1.0)).per_token_loss.item() == pytest.approx(
+        4 / 1.05 * sig(1.05 * -0.5))
+    for bad in ({"tau_pos": 0.0}, {"tau_neg": 0.0}):
+        with pytest.raises(Exception, match="temperatures must be > 0"):
+            sapo(**_one(1.0, 1.0), **bad)
