@@ -163,3 +163,13 @@ def test_sapo_defaults_and_the_temperature_per_advantage_sign():
     for bad in ({"tau_pos": 0.0}, {"tau_neg": 0.0}):
         with pytest.raises(Exception, match="temperatures must be > 0"):
             sapo(**_one(1.0, 1.0), **bad)
+
+
+def test_dr_grpo_aggregation_needs_a_positive_budget():
+    from alignlab.losses.policy import aggregate
+
+    loss, mask = torch.tensor([[1.0, 2.0]]), torch.ones(1, 2)
+    assert aggregate(loss, mask, "seq_mean_token_sum_norm", max_tokens=1) == (
+        pytest.approx(3.0), 1)
+    with pytest.raises(Exception, match="needs max_tokens"):
+        aggregate(loss, mask, "seq_mean_token_sum_norm", max_tokens=0)

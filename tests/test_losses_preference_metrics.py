@@ -30,9 +30,9 @@ def run(name, inputs, **kw):
 
 
 def three_pairs(**extra):
-    """a = π_c − ref_c = (3, −2, 5), b = π_r − ref_r = (1, 4, −5); two of three pairs ordered
-    right. At β = 0.1 the rewards are (0.3, −0.2, 0.5) and (0.1, 0.4, −0.5)."""
-    return PreferenceInputs(chosen_logps=t(-7, -12, -5), rejected_logps=t(-9, -6, -15),
+    """a = π_c − ref_c = (3, −2, 5), b = π_r − ref_r = (1, 4, −2); two of three pairs ordered
+    right. At β = 0.1 the rewards are (0.3, −0.2, 0.5) and (0.1, 0.4, −0.2)."""
+    return PreferenceInputs(chosen_logps=t(-7, -12, -5), rejected_logps=t(-9, -6, -12),
                             ref_chosen_logps=t(-10, -10, -10), ref_rejected_logps=t(-10, -10, -10),
                             **extra)
 
@@ -42,8 +42,8 @@ def three_pairs(**extra):
 def test_paired_reward_metrics_are_batch_means():
     m = run("dpo", three_pairs(), beta=0.1).metrics
     assert m["rewards/chosen"].item() == pytest.approx(0.2)
-    assert m["rewards/rejected"].item() == pytest.approx(0.0)
-    assert m["rewards/margins"].item() == pytest.approx((0.2 - 0.6 + 1.0) / 3)
+    assert m["rewards/rejected"].item() == pytest.approx(0.1)  # a mean: the sum is 0.3
+    assert m["rewards/margins"].item() == pytest.approx((0.2 - 0.6 + 0.7) / 3)
     assert m["rewards/accuracies"].item() == pytest.approx(2 / 3)  # a mean, not a count
 
 
@@ -134,9 +134,9 @@ def test_label_smoothing_of_reference_losses():
 
 
 def test_aot_unpaired_on_pairs_sorts_each_side_and_smooths():
-    inputs = three_pairs()  # sorted a = (−2, 3, 5), sorted b = (−5, 1, 4) → δ = (3, 2, 1)
+    inputs = three_pairs()  # sorted a = (−2, 3, 5), sorted b = (−2, 1, 4) → δ = (0, 2, 1)
     got = run("aot_unpaired_on_pairs", inputs, beta=0.5, label_smoothing=0.1).losses
-    torch.testing.assert_close(got, t(*[smoothed(0.5 * d, 0.1) for d in (3, 2, 1)]))
+    torch.testing.assert_close(got, t(*[smoothed(0.5 * d, 0.1) for d in (0, 2, 1)]))
 
 
 @pytest.mark.parametrize("good, bad, deltas", [
@@ -227,14 +227,14 @@ def test_dro_residual_metric_and_labels():
 
 def test_bco_pair_reward_mean_and_shift():
     r = run("bco_pair", three_pairs(), beta=0.1, reward_shift=0.1)
-    assert r.metrics["rewards/mean"].item() == pytest.approx((0.6 + 0.0) / 6)
+    assert r.metrics["rewards/mean"].item() == pytest.approx((0.6 + 0.3) / 6)
     assert r.losses[0].item() == pytest.approx(-ls(0.3 - 0.1) - ls(-(0.1 - 0.1)))
 
 
 def test_group_losses_metric_is_the_mean_dpo_loss_per_group():
     groups = torch.tensor([0, 1, 1])
     r = run("group_robust_dpo", three_pairs(groups=groups), beta=0.1)
-    dpo = [-ls(0.2), -ls(-0.6), -ls(1.0)]
+    dpo = [-ls(0.2), -ls(-0.6), -ls(0.7)]
     torch.testing.assert_close(r.metrics["group/losses"], t(dpo[0], (dpo[1] + dpo[2]) / 2))
     weighted = run("group_robust_dpo", three_pairs(groups=groups), beta=0.1,
                    group_weights=t(3.0, 1.0))
@@ -252,3 +252,37 @@ def test_combine_losses_prefixes_metrics_and_logs_unweighted_term_means():
     assert out.metrics["dpo/rewards/accuracies"].item() == pytest.approx(2 / 3)
     torch.testing.assert_close(out.losses, 0.5 * dpo.losses + 2.0 * t(3.5, 3.0, 1.0))
     torch.testing.assert_close(out.chosen_rewards, dpo.chosen_rewards)
+
+
+# ---- the shared machinery ------------------------------------------------------------------------
+
+def test_paired_result_rewards_are_detached_and_need_both_sides():
+    from alignlab.losses.preference.base import paired_result, smoothed_sigmoid_loss
+
+    chosen = t(1.0, 2.0).requires_grad_()
+    out = paired_result(chosen * 2, chosen * 3, chosen * 1)
+    assert not out.chosen_rewards.requires_grad and not out.rejected_rewards.requires_grad
+    assert not out.metrics["rewards/margins"].requires_grad
+    only_one = paired_result(chosen, chosen * 3, None)
+    assert "rewards/chosen" not in only_one.metrics
+    z = t(0.3, -2.0)
+    torch.testing.assert_close(smoothed_sigmoid_loss(z), -torch.nn.functional.logsigmoid(z))
+
+
+def test_empty_completions_count_as_one_token():
+    inputs = PreferenceInputs(chosen_logps=t(-3.0, -4.0), chosen_lengths=t(0.0, 2.0))
+    torch.testing.assert_close(run("sft", inputs).losses, t(3.0, 2.0))
+
+
+def test_spec_defaults_and_missing_input_messages():
+    from alignlab.losses.preference import MissingInputError, loss_spec
+
+    assert loss_spec("dpo").defaults == {"beta": 0.1, "label_smoothing": 0.0}
+    assert loss_spec("sft").defaults == {}
+    no_ref = PreferenceInputs(chosen_logps=t(-1.0), rejected_logps=t(-2.0))
+    with pytest.raises(MissingInputError, match="compute the reference log-probs") as err:
+        run("dpo", no_ref)
+    assert "given: chosen_logps, rejected_logps" in str(err.value)
+    with pytest.raises(MissingInputError) as err:
+        run("simpo", no_ref)
+    assert "reference model" not in str(err.value) and "chosen_lengths" in str(err.value)
