@@ -286,3 +286,10 @@ def test_spec_defaults_and_missing_input_messages():
     with pytest.raises(MissingInputError) as err:
         run("simpo", no_ref)
     assert "reference model" not in str(err.value) and "chosen_lengths" in str(err.value)
+
+
+def test_combine_losses_keeps_the_first_loss_rewards():
+    inputs = three_pairs(chosen_lengths=t(2.0, 4.0, 5.0), rejected_lengths=t(1.0, 1.0, 1.0))
+    out = combine_losses({"dpo": 1.0, "simpo": 1.0}, inputs, beta=0.1)
+    torch.testing.assert_close(out.chosen_rewards, run("dpo", inputs, beta=0.1).chosen_rewards)
+    torch.testing.assert_close(out.rejected_rewards, run("dpo", inputs, beta=0.1).rejected_rewards)
