@@ -293,3 +293,16 @@ def test_combine_losses_keeps_the_first_loss_rewards():
     out = combine_losses({"dpo": 1.0, "simpo": 1.0}, inputs, beta=0.1)
     torch.testing.assert_close(out.chosen_rewards, run("dpo", inputs, beta=0.1).chosen_rewards)
     torch.testing.assert_close(out.rejected_rewards, run("dpo", inputs, beta=0.1).rejected_rewards)
+
+
+def test_f_divergence_rewards_defaults_and_the_exp_cap():
+    one = PreferenceInputs(chosen_logps=t(-7.0), rejected_logps=t(-9.0), ref_chosen_logps=t(-10.0),
+                           ref_rejected_logps=t(-10.0))  # a = 3, b = 1
+    r = run("fdpo_forward_kl", one, beta=0.5)
+    assert r.chosen_rewards.item() == pytest.approx(-0.5 * math.exp(-3))
+    assert r.rejected_rewards.item() == pytest.approx(-0.5 * math.exp(-1))
+    assert run("fdpo_reverse_kl", one).losses.item() == pytest.approx(-ls(0.2))  # β = 0.1
+    far = PreferenceInputs(chosen_logps=t(-100.0), rejected_logps=t(-9.0), ref_chosen_logps=t(0.0),
+                           ref_rejected_logps=t(-10.0))  # a = −100: e^{−a} is capped at e^80
+    assert run("fdpo_forward_kl", far, beta=1.0).chosen_rewards.item() == pytest.approx(
+        -math.exp(80))
