@@ -306,3 +306,14 @@ def test_f_divergence_rewards_defaults_and_the_exp_cap():
                            ref_rejected_logps=t(-10.0))  # a = −100: e^{−a} is capped at e^80
     assert run("fdpo_forward_kl", far, beta=1.0).chosen_rewards.item() == pytest.approx(
         -math.exp(80))
+
+
+def test_f_divergence_js_and_alpha_defaults_rewards_and_bounds():
+    one = PreferenceInputs(chosen_logps=t(-7.0), rejected_logps=t(-9.0), ref_chosen_logps=t(-10.0),
+                           ref_rejected_logps=t(-10.0))  # a = 3, b = 1
+    js = lambda x: x - math.log1p(math.exp(x))  # noqa: E731
+    assert run("fdpo_js", one).losses.item() == pytest.approx(-ls(0.1 * (js(3) - js(1))))
+    r = run("fdpo_alpha", one, beta=0.5, alpha=0.5)
+    assert r.chosen_rewards.item() == pytest.approx(0.5 * (1 - math.exp(-1.5)) / 0.5)
+    with pytest.raises(ValueError, match="alpha must be > 0"):
+        run("fdpo_alpha", one, alpha=0.0)
