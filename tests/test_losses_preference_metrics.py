@@ -54,7 +54,7 @@ def test_reward_accuracy_is_strict_a_tie_is_not_right():
 
 
 def test_listwise_reward_metrics_use_the_best_and_worst_scored_item():
-    inputs = PreferenceInputs(list_logps=t([1.0, 3.0, 2.0], [0.0, -1.0, 5.0]),
+    inputs = PreferenceInputs(list_logps=t([1.0, 3.0, 2.0], [0.0, -1.0, 5.0]).requires_grad_(),
                               ref_list_logps=torch.zeros(2, 3, dtype=torch.float64),
                               scores=t([2.0, 0.0, 1.0], [0.0, 9.0, 1.0]),
                               list_mask=torch.tensor([[True, True, True], [True, False, True]]))
@@ -62,6 +62,7 @@ def test_listwise_reward_metrics_use_the_best_and_worst_scored_item():
     # best/worst by score: row 0 items 0/1 → rewards 0.5/1.5; row 1 (item 1 masked) items 2/0
     torch.testing.assert_close(r.chosen_rewards, t(0.5, 2.5))
     torch.testing.assert_close(r.rejected_rewards, t(1.5, 0.0))
+    assert not r.chosen_rewards.requires_grad and r.losses.requires_grad
     m = r.metrics
     assert m["rewards/chosen"].item() == pytest.approx(1.5)
     assert m["rewards/rejected"].item() == pytest.approx(0.75)
