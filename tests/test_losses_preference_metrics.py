@@ -318,3 +318,28 @@ def test_f_divergence_js_and_alpha_defaults_rewards_and_bounds():
     assert r.chosen_rewards.item() == pytest.approx(0.5 * (1 - math.exp(-1.5)) / 0.5)
     with pytest.raises(ValueError, match="alpha must be > 0"):
         run("fdpo_alpha", one, alpha=0.0)
+
+
+def test_lipo_lambda_weights_by_hand_on_three_items():
+    s, psi = (1.0, 0.0, 2.0), (2.0, 1.0, 0.0)
+    inputs = PreferenceInputs(list_logps=t(list(s)), ref_list_logps=t([0.0, 0.0, 0.0]),
+                              scores=t(list(psi)))
+    rank = {2: 1, 0: 2, 1: 3}  # by implicit reward, highest first
+    gain = [2 ** p - 1 for p in psi]
+    inv = {i: 1 / math.log2(1 + rank[i]) for i in range(3)}
+    expected = sum(abs(gain[i] - gain[j]) * abs(inv[i] - inv[j]) * -ls(s[i] - s[j])
+                   for i in range(3) for j in range(3) if psi[i] > psi[j])
+    r = run("lipo_lambda", inputs, beta=1.0)
+    assert r.losses.item() == pytest.approx(expected)
+    tied = PreferenceInputs(list_logps=t([1.0, 1.0]), ref_list_logps=t([0.0, 0.0]),
+                            scores=t([1.0, 0.0]))
+    assert run("lipo_lambda", tied).metrics["rewards/accuracies"].item() == 0.0
+
+
+def test_pro_dynamic_temperature_ignores_padding_items():
+    inputs = PreferenceInputs(list_logps=t([-1.0, -2.0, -9.0]), scores=t([3.0, 2.5, 0.0]),
+                              list_lengths=t([1.0, 1.0, 1.0]),
+                              list_mask=torch.tensor([[True, True, False]]))
+    # 1/T = score gaps (0.5 to the only real rival; the top item's is their max, 0.5)
+    r = run("pro", inputs, sft_weight=0.0)
+    assert r.losses.item() == pytest.approx(math.log1p(math.exp(-0.5)))

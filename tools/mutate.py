@@ -100,7 +100,9 @@ _CALL_SWAP = {"mean": "sum", "sum": "mean", "max": "min", "min": "max", "amax": 
 # ``device=`` only moves a tensor; on the CPU every test runs on, dropping it changes nothing.
 _KEEP_KEYWORDS = {"device"}
 PRAGMA = "pragma: no mutate"
-# Surviving mutants that do not change behaviour, with the reason: ``path | op | original | why``.
+# Surviving mutants that do not change behaviour, with the reason, one a line:
+# ``path || source line || operator || original || why`` (the line stripped, so renumbering is
+# harmless; ``||`` never occurs in Python source).
 EQUIVALENTS = ROOT / "tools" / "mutation_equivalents.txt"
 
 
@@ -108,6 +110,7 @@ EQUIVALENTS = ROOT / "tools" / "mutation_equivalents.txt"
 class Mutant:
     path: str  # relative to ROOT
     line: int
+    source_line: str  # the stripped text of that line
     op: str
     original: str
     mutated: str
@@ -118,8 +121,8 @@ class Mutant:
         data = source.encode("utf-8")
         return (data[:self.start] + self.mutated.encode("utf-8") + data[self.end:]).decode("utf-8")
 
-    def key(self) -> tuple[str, str, str]:
-        return self.path, self.op, " ".join(self.original.split())
+    def key(self) -> tuple[str, str, str, str]:
+        return self.path, self.source_line, self.op, " ".join(self.original.split())
 
     def describe(self) -> str:
         def short(text: str) -> str:
@@ -156,7 +159,8 @@ class _Finder(ast.NodeVisitor):
         start, end = self._offsets(node)
         text = replacement if isinstance(replacement, str) else f"({ast.unparse(replacement)})"
         original = self.data[start:end].decode("utf-8")
-        self.mutants.append(Mutant(self.path, node.lineno, op, original, text, start, end))
+        self.mutants.append(Mutant(self.path, node.lineno, self.lines[node.lineno - 1].strip(), op,
+                                   original, text, start, end))
 
     # ---- statements ----------------------------------------------------------------------
 
@@ -327,14 +331,14 @@ def _name(op: object) -> str:
             }[cls.__name__]
 
 
-def read_equivalents(path: Path = EQUIVALENTS) -> dict[tuple[str, str, str], str]:
-    """``(path, op, original) → reason`` of the known equivalent mutants."""
+def read_equivalents(path: Path = EQUIVALENTS) -> dict[tuple[str, str, str, str], str]:
+    """``(path, source line, op, original) → reason`` of the known equivalent mutants."""
     out = {}
     if path.exists():
         for line in path.read_text(encoding="utf-8").splitlines():
             if line.strip() and not line.startswith("#"):
-                where, op, original, reason = (part.strip() for part in line.split(" | ", 3))
-                out[where, op, " ".join(original.split())] = reason
+                where, text, op, original, reason = (p.strip() for p in line.split(" || ", 4))
+                out[where, text, op, " ".join(original.split())] = reason
     return out
 
 
