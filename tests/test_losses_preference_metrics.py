@@ -208,12 +208,13 @@ def test_orpo_metrics():
 
 
 def test_pro_nll_metric_and_sft_weight():
-    inputs = PreferenceInputs(list_logps=t([-2.0, -6.0]), scores=t([1.0, 0.0]),
-                              list_lengths=t([2.0, 3.0]))
+    inputs = PreferenceInputs(list_logps=t([-2.0, -6.0], [-6.0, -3.0]),
+                              scores=t([1.0, 0.0], [0.0, 1.0]), list_lengths=t([2.0, 3.0], [3.0, 1.0]))
     r = run("pro", inputs, sft_weight=0.5, dynamic_temperature=False)
-    # r = (−1, −2): −log softmax(r)_0 + 0.5·1
-    assert r.losses.item() == pytest.approx(math.log1p(math.exp(-1.0)) + 0.5)
-    assert r.metrics["pro/nll"].item() == pytest.approx(1.0)
+    # row 0: r = (−1, −2): −log softmax(r)_0 + 0.5·1; row 1, best first: r = (−3, −2)
+    torch.testing.assert_close(r.losses, t(math.log1p(math.exp(-1.0)) + 0.5,
+                                           math.log1p(math.exp(1.0)) + 0.5 * 3))
+    assert r.metrics["pro/nll"].item() == pytest.approx((1.0 + 3.0) / 2)  # a mean over lists
 
 
 def test_dro_residual_metric_and_labels():
@@ -343,3 +344,13 @@ def test_pro_dynamic_temperature_ignores_padding_items():
     # 1/T = score gaps (0.5 to the only real rival; the top item's is their max, 0.5)
     r = run("pro", inputs, sft_weight=0.0)
     assert r.losses.item() == pytest.approx(math.log1p(math.exp(-0.5)))
+
+
+def test_spo_degree_temperature_and_padding():
+    inputs = PreferenceInputs(list_logps=t([1.0, 0.0, 2.0, 7.0]), ref_list_logps=t([0.0] * 4),
+                              scores=t([2.0, 1.0, 0.0, 5.0]),
+                              list_mask=torch.tensor([[True, True, True, False]]))
+    target = torch.softmax(torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64), -1)
+    log_probs = torch.log_softmax(torch.tensor([1.0, 0.0, 2.0], dtype=torch.float64), -1)
+    r = run("spo_degree", inputs, beta=1.0, temperature=2.0)
+    assert r.losses.item() == pytest.approx(-(target * log_probs).sum().item())
