@@ -354,3 +354,10 @@ def test_spo_degree_temperature_and_padding():
     log_probs = torch.log_softmax(torch.tensor([1.0, 0.0, 2.0], dtype=torch.float64), -1)
     r = run("spo_degree", inputs, beta=1.0, temperature=2.0)
     assert r.losses.item() == pytest.approx(-(target * log_probs).sum().item())
+
+
+def test_rdpo_length_default_alpha():
+    inputs = three_pairs(chosen_lengths=t(2.0, 4.0, 5.0), rejected_lengths=t(1.0, 1.0, 8.0))
+    # βh + α·(|y_c| − |y_r|) with the default α = 0.01
+    expected = [-ls(0.2 + 0.01), -ls(-0.6 + 0.03), -ls(0.7 - 0.03)]
+    torch.testing.assert_close(run("rdpo_length", inputs).losses, t(*expected))
