@@ -308,3 +308,74 @@ def test_learner_enables_gradient_checkpointing_when_configured():
     model = random_llama(layers=1)
     Learner(model, WeightedSum(), _cfg(gradient_checkpointing=True))
     assert checkpointing_enabled(model)
+
+
+# ---- train: mode, resume of the data position, error context ----------------------------------
+
+class Stream:
+    """Batches x = 0, 1, 2, ... whose position is checkpointed like ``EpochBatches``."""
+
+    def __init__(self) -> None:
+        self.pos, self.loaded = 0, None
+
+    def __iter__(self):
+        while True:
+            self.pos += 1
+            yield {"x": torch.tensor([float(self.pos - 1)])}
+
+    def state_dict(self):
+        return {"pos": self.pos}
+
+    def load_state_dict(self, state):
+        self.loaded, self.pos = state, state["pos"]
+
+
+class InTrainMode(Recording):
+    def loss(self, model, batch):
+        assert model.training
+        return super().loss(model, batch)
+
+
+def _train_cfg(tmp_path, **kw) -> TrainSection:
+    return TrainSection(**{"output_dir": str(tmp_path / "run"), "max_steps": 2, "lr": 0.1,
+                           "lr_scheduler": "constant", "log_every": 1, "device": "cpu",
+                           "precision": "fp32", "tensorboard": False, "progress": False, **kw})
+
+
+def test_train_resumes_the_data_position_in_train_mode(tmp_path):
+    objective = InTrainMode()
+    train(Linear1(0.0).eval(), objective, Stream(), _train_cfg(tmp_path, save_every=2))
+    assert objective.order == [0.0, 1.0]
+    again, stream = InTrainMode(), Stream()
+    result = train(Linear1(0.0).eval(), again, stream,
+                   _train_cfg(tmp_path, max_steps=4, save_every=2, resume=True))
+    assert stream.loaded == {"pos": 2} and again.order == [2.0, 3.0] and result.step == 4
+
+
+def test_train_errors_name_the_step_and_the_last_metrics(tmp_path):
+    def inf_at_step_two():
+        yield {"x": torch.tensor([1.0])}
+        yield {"x": torch.tensor([math.inf])}
+
+    with pytest.raises(NonFiniteError, match=r"step 2, micro-batch 1: .*'loss': 1\.0"):
+        train(Linear1(1.0), WeightedSum(), inf_at_step_two(), _train_cfg(tmp_path))
+
+    class Squared(WeightedSum):
+        def loss(self, model, batch):  # at w = 0 the second batch has an infinite gradient
+            return LossOutput((model.w * batch["x"] * batch["x"]).sum(), {})
+
+    batches = iter([{"x": torch.tensor([0.0])}, {"x": torch.tensor([1e30])}])
+    with pytest.raises(NonFiniteError, match="step 2: the gradient norm is inf"):
+        train(Linear1(0.0), Squared(), batches, _train_cfg(tmp_path / "b", max_grad_norm=None))
+
+
+def test_optimizer_step_defaults_and_no_gradient_at_all():
+    w = _param(1.0)
+    assert optimizer_step([w], torch.optim.SGD([w], lr=1.0), None).item() == 0.0
+    w.grad = torch.tensor([math.inf])
+    with pytest.raises(NonFiniteError, match="step 0:"):
+        optimizer_step([w], torch.optim.SGD([w], lr=1.0), None)
+
+
+def test_adamw_is_fused_for_float_parameters_on_one_device():
+    assert build_optimizer(nn.Linear(2, 2), TrainSection()).defaults["fused"] is True
