@@ -361,3 +361,8 @@ def test_rdpo_length_default_alpha():
     # βh + α·(|y_c| − |y_r|) with the default α = 0.01
     expected = [-ls(0.2 + 0.01), -ls(-0.6 + 0.03), -ls(0.7 - 0.03)]
     torch.testing.assert_close(run("rdpo_length", inputs).losses, t(*expected))
+
+
+def test_rdpo_robust_refuses_half_of_the_labels_flipped():
+    with pytest.raises(ValueError, match=r"must be in \[0, 0.5\)"):
+        run("rdpo_robust", three_pairs(), label_smoothing=0.5)
