@@ -195,16 +195,22 @@ def test_ties_fraction_metric_and_log_theta():
 
 
 def test_orpo_metrics():
-    inputs = PreferenceInputs(chosen_logps=t(-2.0), rejected_logps=t(-6.0), chosen_lengths=t(2.0),
-                              rejected_lengths=t(3.0))
-    pc, pr = -1.0, -2.0
-    log_odds = (pc - pr) - (math.log1p(-math.exp(pc)) - math.log1p(-math.exp(pr)))
+    # per-token log p: chosen (−0.5, 0 — a certain completion), rejected (−2, −1)
+    inputs = PreferenceInputs(chosen_logps=t(-1.0, 0.0), rejected_logps=t(-6.0, -2.0),
+                              chosen_lengths=t(2.0, 3.0), rejected_lengths=t(3.0, 2.0))
+
+    def log_odds(pc, pr):  # log(1 − p) with p capped just below 1
+        return (pc - pr) - (math.log1p(-math.exp(min(pc, -1e-6)))
+                            - math.log1p(-math.exp(min(pr, -1e-6))))
+
+    odds = [log_odds(-0.5, -2.0), log_odds(0.0, -1.0)]
     r = run("orpo", inputs, beta=0.25)
-    assert r.metrics["orpo/log_odds_chosen"].item() == pytest.approx(log_odds)
-    assert r.metrics["orpo/log_odds_ratio"].item() == pytest.approx(ls(log_odds))
-    assert r.metrics["orpo/nll"].item() == pytest.approx(1.0)
-    assert r.losses.item() == pytest.approx(1.0 - 0.25 * ls(log_odds))
-    assert r.chosen_rewards.item() == pytest.approx(-0.25)
+    assert r.metrics["orpo/log_odds_chosen"].item() == pytest.approx(sum(odds) / 2)
+    assert r.metrics["orpo/log_odds_ratio"].item() == pytest.approx((ls(odds[0]) + ls(odds[1])) / 2)
+    assert r.metrics["orpo/nll"].item() == pytest.approx(0.25)
+    torch.testing.assert_close(r.losses, t(0.5 - 0.25 * ls(odds[0]), 0.0 - 0.25 * ls(odds[1])))
+    torch.testing.assert_close(r.chosen_rewards, t(-0.125, 0.0))
+    torch.testing.assert_close(r.rejected_rewards, t(-0.5, -0.25))
 
 
 def test_pro_nll_metric_and_sft_weight():
