@@ -372,3 +372,9 @@ def test_rdpo_length_default_alpha():
 def test_rdpo_robust_refuses_half_of_the_labels_flipped():
     with pytest.raises(ValueError, match=r"must be in \[0, 0.5\)"):
         run("rdpo_robust", three_pairs(), label_smoothing=0.5)
+
+
+def test_cpo_nll_metric_is_a_mean_over_pairs():
+    inputs = PreferenceInputs(chosen_logps=t(-4.0, -3.0), rejected_logps=t(-9.0, -1.0),
+                              chosen_lengths=t(2.0, 1.0))
+    assert run("cpo", inputs).metrics["cpo/nll"].item() == pytest.approx((2.0 + 3.0) / 2)
