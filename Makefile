@@ -6,7 +6,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.alignlab-installed
 
-.PHONY: setup demo test test-all clean
+.PHONY: setup demo test test-all mutation clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,10 @@ test: setup
 
 test-all: setup
 	$(PY) -m pytest -q
+
+# Mutation testing of the numerical core (docs/mutation.md); e.g. MUTATE_ARGS="--sample 200 -j 2".
+mutation: setup
+	$(PY) tools/mutate.py $(MUTATE_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,102 @@
+"""The annotator's rules at their boundaries (the tie margin, temperature 0, thresholds) and the
+statistics it keeps, by hand."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+
+from alignlab.rewards.annotator import AnnotatorStats, SimulatedAnnotator
+
+
+def word_gold(prompts, completions):
+    """+1 per 'good', −1 per 'bad'."""
+    return [float(c.split().count("good") - c.split().count("bad")) for c in completions]
+
+
+def test_a_gold_difference_of_exactly_tie_margin_is_a_tie():
+    ann = SimulatedAnnotator(word_gold, tie_margin=1.0, flip_rate=0.0)
+    at_margin, above = ann.label_pairs(["p", "p"], ["good", "good"], ["ok", "bad"])
+    assert at_margin.a_preferred is None  # |1 − 0| = 1 = tie_margin
+    assert above.a_preferred is True  # |1 − (−1)| = 2 > tie_margin
+    assert ann.stats.ties == 1 and ann.stats.judgements == 2
+    zero = SimulatedAnnotator(word_gold, tie_margin=0.0, flip_rate=0.0)
+    equal, different = zero.label_pairs(["p", "p"], ["good x", "good"], ["good y", "ok"])
+    assert equal.a_preferred is None and different.a_preferred is True
+
+
+def sig(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def test_pair_probability_with_length_bias_and_the_mirror_of_a_swap():
+    ann = SimulatedAnnotator(word_gold, temperature=0.5, flip_rate=0.0, length_bias=0.25)
+    (lab,) = ann.label_pairs(["p"], ["good ok ok"], ["bad"])
+    # ũ = gold + 0.25·words: (1 + 0.75) − (−1 + 0.25) = 2.5, over T = 0.5
+    assert lab.p_a == pytest.approx(sig(5.0))
+    (swapped,) = ann.label_pairs(["p"], ["bad"], ["good ok ok"])
+    assert swapped.p_a == pytest.approx(1 - sig(5.0))
+    assert (swapped.gold_a, swapped.gold_b) == (-1.0, 1.0)
+    assert swapped.a_preferred is (not lab.a_preferred)
+
+
+def test_temperature_zero_is_a_step_with_one_half_at_equal_utility():
+    ann = SimulatedAnnotator(word_gold, temperature=0.0, flip_rate=0.0)
+    better, worse, equal = ann.label_pairs(["p"] * 3, ["good", "bad", "ok x"], ["ok", "ok", "ok y"])
+    assert (better.p_a, worse.p_a, equal.p_a) == (1.0, 0.0, 0.5)
+    assert better.a_preferred is True and worse.a_preferred is False
+    points = ann.label_points(["p"] * 3, ["good", "bad", "ok"], threshold=0.0)
+    assert [pt.p_desirable for pt in points] == [1.0, 0.0, 0.5]
+    assert [pt.label for pt in points[:2]] == [True, False]
+
+
+def test_point_probability_and_the_flip():
+    ann = SimulatedAnnotator(word_gold, temperature=2.0, flip_rate=0.0)
+    (pt,) = ann.label_points(["p"], ["good good"], threshold=0.5)
+    assert pt.p_desirable == pytest.approx(sig((2.0 - 0.5) / 2.0)) and pt.gold == 2.0
+    always = SimulatedAnnotator(word_gold, temperature=0.0, flip_rate=1.0)
+    (flipped,) = always.label_points(["p"], ["good"], threshold=0.0)
+    assert flipped.flipped and flipped.label is False
+    (pair,) = always.label_pairs(["p"], ["good"], ["bad"])
+    assert pair.flipped and pair.a_preferred is False and pair.gold_agrees is False
+
+
+def test_stats_count_judgements_comparisons_agreement_and_flips():
+    ann = SimulatedAnnotator(word_gold, temperature=0.0, flip_rate=0.0, tie_margin=0.0)
+    before = dataclasses.replace(ann.stats)
+    labels = ann.label_pairs(["p"] * 3, ["good", "ok x", "bad"], ["bad", "ok y", "good"])
+    assert [lab.gold_agrees for lab in labels] == [True, None, True]
+    ann.label_points(["p"] * 2, ["good", "ok"], threshold=0.0)  # the second is undecided
+    ann.rank(["p"], [["good", "bad", "ok"]])  # three decided comparisons
+    s = ann.stats - before
+    assert (s.judgements, s.comparisons, s.agree, s.ties, s.flipped) == (6, 6, 6, 1, 0)
+    d = s.as_dict()
+    assert d["agreement"] == 1.0 and d["flip_fraction"] == 0.0 and d["cache_hits"] == 0
+    empty = AnnotatorStats()
+    assert math.isnan(empty.agreement) and math.isnan(empty.flip_fraction)
+
+
+def test_rank_scores_at_temperature_zero_and_reversed_on_a_flip():
+    ann = SimulatedAnnotator(word_gold, temperature=0.0, flip_rate=0.0, length_bias=0.5)
+    (lab,) = ann.rank(["p"], [["bad", "good good", "ok"]])
+    assert lab.scores == [-1.0 + 0.5, 2.0 + 1.0, 0.0 + 0.5] and lab.order == [1, 2, 0]
+    flip = SimulatedAnnotator(word_gold, temperature=0.0, flip_rate=1.0)
+    (rev,) = flip.rank(["p"], [["bad", "good good", "ok"]])
+    assert rev.flipped and rev.scores == [1.0, -2.0, -0.0] and rev.order == [0, 2, 1]
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=0.0), dict(flip_rate=0.0),
+                                      dict(flip_rate=1.0), dict(tie_margin=0.0)])
+def test_boundary_settings_are_accepted(settings):
+    SimulatedAnnotator(word_gold, **settings)
+
+
+def test_for_task_uses_the_task_gold_and_name():
+    class Task:
+        name = "words"
+        gold = staticmethod(word_gold)
+
+    ann = SimulatedAnnotator.for_task(Task(), temperature=0.0, flip_rate=0.0)
+    assert ann.name == "words" and ann.label_pairs(["p"], ["good"], ["bad"])[0].a_preferred

@@ -1,0 +1,634 @@
+#!/usr/bin/env python
+"""Mutation testing of alignlab's numerical core: do the tests fail when the code is wrong?
+
+Each *mutant* is one small, behaviour-changing edit of one module (``+`` → ``-``, ``<`` → ``<=``,
+``.mean()`` → ``.sum()``, a dropped statement or keyword argument, 0 → 1, ...). For each one the
+tests that cover that module run (``TARGETS``); a mutant is *killed* when they fail, time out or
+crash, and *survives* when they pass. See docs/mutation.md for the run time, the score and the
+survivors that are equivalent to the original code.
+
+    python tools/mutate.py                       # every module (make mutation)
+    python tools/mutate.py --module losses/policy --sample 40
+    python tools/mutate.py --list --module annotator
+
+By default each mutant runs in a forked child of this process, which has already imported torch
+and transformers (the slow part of starting pytest) but not alignlab: the child imports the
+mutated module from memory, so no file is ever changed. ``--inplace`` instead rewrites the file
+for a ``python -m pytest`` subprocess and restores it in a ``finally`` (also on Ctrl-C and
+SIGTERM); use it where fork is unavailable or a test needs the mutant in a subprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import importlib.abc
+import importlib.util
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_PREFERENCE_TESTS = [
+    "tests/test_losses_preference_pairwise.py",
+    "tests/test_losses_preference_reference_free.py",
+    "tests/test_losses_preference_unpaired.py",
+    "tests/test_losses_preference_listwise.py",
+    "tests/test_losses_preference_registry.py",
+    "tests/test_losses_preference_rso.py",
+    "tests/test_losses_preference_metrics.py",
+    "tests/test_losses_defaults.py",
+]
+
+# module → the fast unit tests that cover it (in the order they run; the first failure stops).
+TARGETS: dict[str, list[str]] = {
+    **{f"src/alignlab/losses/preference/{name}.py": _PREFERENCE_TESTS
+       for name in ("base", "pairwise", "divergences", "listwise", "reference_free",
+                    "unpaired", "weighted", "combine")},
+    "src/alignlab/losses/advantages.py": ["tests/test_losses_advantages.py",
+                                          "tests/test_losses_advantages_values.py",
+                                          "tests/test_losses_value.py",
+                                          "tests/test_losses_policy.py",
+                                          "tests/test_losses_policy_metrics.py",
+                                          "tests/test_losses_defaults.py"],
+    "src/alignlab/losses/kl.py": ["tests/test_losses_kl.py", "tests/test_losses_advantages.py",
+                                  "tests/test_losses_advantages_values.py",
+                                  "tests/test_losses_policy.py"],
+    "src/alignlab/losses/policy.py": ["tests/test_losses_policy.py",
+                                      "tests/test_losses_policy_metrics.py",
+                                      "tests/test_losses_defaults.py"],
+    "src/alignlab/losses/rollout_correction.py": ["tests/test_losses_policy.py",
+                                                  "tests/test_losses_policy_metrics.py",
+                                                  "tests/test_losses_defaults.py"],
+    "src/alignlab/losses/value.py": ["tests/test_losses_value.py",
+                                     "tests/test_losses_policy_metrics.py",
+                                     "tests/test_losses_defaults.py"],
+    "src/alignlab/losses/reward.py": ["tests/test_losses_reward.py"],
+    "src/alignlab/models/logprobs.py": ["tests/test_models_logprobs_chunked.py"],
+    "src/alignlab/engine/loop.py": ["tests/test_engine_optimizer.py"],
+    "src/alignlab/engine/learner.py": ["tests/test_engine_optimizer.py"],
+    "src/alignlab/rewards/annotator.py": ["tests/test_rewards_annotator.py",
+                                          "tests/test_rewards_annotator_values.py"],
+}
+
+# Only these top-level functions/classes of a module are mutated (the rest: every one). In
+# logprobs.py that is the computation; finding a model's decoder and head is covered by the
+# slower model tests (tests/test_models_logprobs.py).
+SCOPE: dict[str, set[str]] = {
+    "src/alignlab/models/logprobs.py": {
+        "_compute_dtype", "_chunk_logits", "_ChunkedLogProb", "chunked_logprobs",
+        "_scored_positions", "scored_hidden_states", "token_logprobs", "_sequence_ids",
+        "sequence_logprobs"},
+}
+
+PYTEST_ARGS = ["-x", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "-m", "not slow",
+               "--no-header"]
+
+# Operators: each maps one node kind to the one it becomes.
+_BINOP = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult,
+          ast.FloorDiv: ast.Div, ast.Pow: ast.Mult, ast.BitAnd: ast.BitOr, ast.BitOr: ast.BitAnd}
+_CMPOP = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq,
+          ast.NotEq: ast.Eq, ast.Is: ast.IsNot, ast.IsNot: ast.Is, ast.In: ast.NotIn,
+          ast.NotIn: ast.In}
+_BOOLOP = {ast.And: ast.Or, ast.Or: ast.And}
+_CALL_SWAP = {"mean": "sum", "sum": "mean", "max": "min", "min": "max", "amax": "amin",
+              "amin": "amax", "maximum": "minimum", "minimum": "maximum", "argmax": "argmin",
+              "argmin": "argmax"}
+# ``device=`` only moves a tensor; on the CPU every test runs on, dropping it changes nothing.
+_KEEP_KEYWORDS = {"device"}
+PRAGMA = "pragma: no mutate"
+# Surviving mutants that do not change behaviour, with the reason, one a line:
+# ``path || source line || operator || original || why`` (the line stripped, so renumbering is
+# harmless; ``||`` never occurs in Python source).
+EQUIVALENTS = ROOT / "tools" / "mutation_equivalents.txt"
+
+
+@dataclass(frozen=True)
+class Mutant:
+    path: str  # relative to ROOT
+    line: int
+    source_line: str  # the stripped text of that line
+    op: str
+    original: str
+    mutated: str
+    start: int  # byte offsets of the replaced segment in the UTF-8 source
+    end: int
+
+    def apply(self, source: str) -> str:
+        data = source.encode("utf-8")
+        return (data[:self.start] + self.mutated.encode("utf-8") + data[self.end:]).decode("utf-8")
+
+    def key(self) -> tuple[str, str, str, str]:
+        return self.path, self.source_line, self.op, " ".join(self.original.split())
+
+    def describe(self) -> str:
+        def short(text: str) -> str:
+            text = " ".join(text.split())
+            return text if len(text) <= 90 else text[:87] + "..."
+        return f"{self.path}:{self.line}  [{self.op}]  {short(self.original)}  →  {short(self.mutated)}"
+
+
+class _Finder(ast.NodeVisitor):
+    """Collects the mutation points of one module, skipping docstrings, annotations,
+    decorators, imports, ``raise`` statements, f-strings and lines marked ``# pragma: no mutate``."""
+
+    def __init__(self, source: str, path: str) -> None:
+        self.source, self.path = source, path
+        self.data = source.encode("utf-8")
+        self.lines = source.splitlines()
+        starts, at = [], 0
+        for line in self.data.splitlines(keepends=True):
+            starts.append(at)
+            at += len(line)
+        self.line_starts = starts
+        self.mutants: list[Mutant] = []
+        self.bound: set[str] = set()
+
+    # ---- recording -----------------------------------------------------------------------
+
+    def _offsets(self, node: ast.AST) -> tuple[int, int]:
+        return (self.line_starts[node.lineno - 1] + node.col_offset,
+                self.line_starts[node.end_lineno - 1] + node.end_col_offset)
+
+    def add(self, node: ast.AST, op: str, replacement: ast.AST | str) -> None:
+        if PRAGMA in self.lines[node.lineno - 1]:
+            return
+        start, end = self._offsets(node)
+        text = replacement if isinstance(replacement, str) else f"({ast.unparse(replacement)})"
+        original = self.data[start:end].decode("utf-8")
+        self.mutants.append(Mutant(self.path, node.lineno, self.lines[node.lineno - 1].strip(), op,
+                                   original, text, start, end))
+
+    # ---- statements ----------------------------------------------------------------------
+
+    def _body(self, body: list[ast.stmt]) -> None:
+        for i, stmt in enumerate(body):
+            if i == 0 and _is_docstring(stmt):
+                continue
+            self.visit(stmt)
+
+    def visit_Module(self, node: ast.Module) -> None:
+        scope = SCOPE.get(self.path)
+        for i, stmt in enumerate(node.body):
+            named = isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+            if (i == 0 and _is_docstring(stmt)) or (
+                    scope is not None and not (named and stmt.name in scope)):
+                continue
+            self.visit(stmt)
+
+    def visit_Import(self, node: ast.AST) -> None:
+        return
+
+    visit_ImportFrom = visit_Raise = visit_Assert = visit_Global = visit_Nonlocal = visit_Import
+
+    def visit_FunctionDef(self, node: ast.FunctionDef) -> None:
+        outer = self.bound
+        args = node.args
+        self.bound = {a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs)}
+        self.bound |= {a.arg for a in (args.vararg, args.kwarg) if a is not None}
+        for default in (*args.defaults, *[d for d in args.kw_defaults if d is not None]):
+            self.visit(default)
+        self._body(node.body)
+        self.bound = outer
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+
+    def visit_ClassDef(self, node: ast.ClassDef) -> None:
+        self._body(node.body)
+
+    def visit_AnnAssign(self, node: ast.AnnAssign) -> None:
+        if node.value is not None:
+            self.visit(node.value)
+
+    def visit_Assign(self, node: ast.Assign) -> None:
+        names = [n for t in node.targets for n in _target_names(t)]
+        if any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
+            return
+        rebinds = names and all(n in self.bound for n in names)
+        if rebinds or any(isinstance(t, (ast.Subscript, ast.Attribute)) for t in node.targets):
+            self.add(node, "drop statement", "pass")
+        self.generic_visit(node)
+        self.bound.update(names)
+
+    def visit_AugAssign(self, node: ast.AugAssign) -> None:
+        self.add(node, "drop statement", "pass")
+        swap = _BINOP.get(type(node.op))
+        if swap is not None:
+            new = ast.AugAssign(target=node.target, op=swap(), value=node.value)
+            self.add(node, f"{_name(node.op)}= → {_name(swap)}=", ast.unparse(new))
+        self.visit(node.value)
+
+    def visit_Expr(self, node: ast.Expr) -> None:
+        if isinstance(node.value, ast.Constant):
+            return
+        self.add(node, "drop statement", "pass")
+        self.generic_visit(node)
+
+    def visit_For(self, node: ast.For) -> None:
+        self.bound.update(_target_names(node.target))
+        self.generic_visit(node)
+
+    def visit_If(self, node: ast.If) -> None:
+        self.add(node.test, "negate condition", ast.UnaryOp(op=ast.Not(), operand=node.test))
+        self.generic_visit(node)
+
+    visit_While = visit_If
+
+    def visit_IfExp(self, node: ast.IfExp) -> None:
+        self.add(node.test, "negate condition", ast.UnaryOp(op=ast.Not(), operand=node.test))
+        self.generic_visit(node)
+
+    # ---- expressions -----------------------------------------------------------------------
+
+    def visit_JoinedStr(self, node: ast.JoinedStr) -> None:
+        return
+
+    def visit_BinOp(self, node: ast.BinOp) -> None:
+        swap = _BINOP.get(type(node.op))
+        if swap is not None:
+            self.add(node, f"{_name(node.op)} → {_name(swap)}",
+                     ast.BinOp(left=node.left, op=swap(), right=node.right))
+        self.generic_visit(node)
+
+    def visit_Compare(self, node: ast.Compare) -> None:
+        for i, op in enumerate(node.ops):
+            swap = _CMPOP.get(type(op))
+            if swap is not None:
+                ops = list(node.ops)
+                ops[i] = swap()
+                self.add(node, f"{_name(op)} → {_name(swap)}",
+                         ast.Compare(left=node.left, ops=ops, comparators=node.comparators))
+        self.generic_visit(node)
+
+    def visit_BoolOp(self, node: ast.BoolOp) -> None:
+        swap = _BOOLOP[type(node.op)]
+        self.add(node, f"{_name(node.op)} → {_name(swap)}", ast.BoolOp(op=swap(), values=node.values))
+        self.generic_visit(node)
+
+    def visit_UnaryOp(self, node: ast.UnaryOp) -> None:
+        if isinstance(node.op, ast.USub) and isinstance(node.operand, ast.Constant) and (
+                node.operand.value == 1):
+            return  # -1 is a dimension or index: on the [B, T] tensors here it names the same as 1
+        if isinstance(node.op, (ast.Not, ast.USub)):
+            self.add(node, f"drop {_name(node.op)}", node.operand)
+        self.generic_visit(node)
+
+    def visit_Constant(self, node: ast.Constant) -> None:
+        value = node.value
+        if isinstance(value, bool):
+            self.add(node, f"{value} → {not value}", ast.Constant(not value))
+        elif isinstance(value, (int, float)):
+            new = 1 if value == 0 else 0 if value == 1 else value + 1
+            self.add(node, f"{value!r} → {new!r}", ast.Constant(type(value)(new)))
+
+    def visit_Call(self, node: ast.Call) -> None:
+        func = node.func
+        attr = func.attr if isinstance(func, ast.Attribute) else (
+            func.id if isinstance(func, ast.Name) else None)
+        if attr in _CALL_SWAP and (isinstance(func, ast.Attribute) or attr in ("max", "min")):
+            new_func = (ast.Attribute(value=func.value, attr=_CALL_SWAP[attr], ctx=ast.Load())
+                        if isinstance(func, ast.Attribute) else ast.Name(_CALL_SWAP[attr], ast.Load()))
+            self.add(node, f"{attr}() → {_CALL_SWAP[attr]}()",
+                     ast.Call(func=new_func, args=node.args, keywords=node.keywords))
+        for i, kw in enumerate(node.keywords):
+            if kw.arg is not None and kw.arg not in _KEEP_KEYWORDS and not _is_default_dtype(kw):
+                self.add(node, f"drop {kw.arg}=",
+                         ast.Call(func=func, args=node.args,
+                                  keywords=node.keywords[:i] + node.keywords[i + 1:]))
+        self.generic_visit(node)
+
+    def visit_Lambda(self, node: ast.Lambda) -> None:
+        self.visit(node.body)
+
+
+def _is_default_dtype(kw: ast.keyword) -> bool:
+    """``dtype=torch.float32``: dropping it changes nothing under torch's default dtype."""
+    return kw.arg == "dtype" and ast.unparse(kw.value) == "torch.float32"
+
+
+def _is_docstring(stmt: ast.stmt) -> bool:
+    return isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant) and isinstance(
+        stmt.value.value, str)
+
+
+def _target_names(target: ast.AST) -> list[str]:
+    if isinstance(target, ast.Name):
+        return [target.id]
+    if isinstance(target, (ast.Tuple, ast.List)):
+        return [n for elt in target.elts for n in _target_names(elt)]
+    return []
+
+
+def _name(op: object) -> str:
+    cls = op if isinstance(op, type) else type(op)
+    return {"Add": "+", "Sub": "-", "Mult": "*", "Div": "/", "FloorDiv": "//", "Pow": "**",
+            "BitAnd": "&", "BitOr": "|", "Lt": "<", "LtE": "<=", "Gt": ">", "GtE": ">=",
+            "Eq": "==", "NotEq": "!=", "Is": "is", "IsNot": "is not", "In": "in",
+            "NotIn": "not in", "And": "and", "Or": "or", "Not": "not", "USub": "unary -"
+            }[cls.__name__]
+
+
+def read_equivalents(path: Path = EQUIVALENTS) -> dict[tuple[str, str, str, str], str]:
+    """``(path, source line, op, original) → reason`` of the known equivalent mutants."""
+    out = {}
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip() and not line.startswith("#"):
+                where, text, op, original, reason = (p.strip() for p in line.split(" || ", 4))
+                out[where, text, op, " ".join(original.split())] = reason
+    return out
+
+
+def find_mutants(path: Path, root: Path = ROOT) -> list[Mutant]:
+    """Every mutant of the module at ``path`` whose source still compiles."""
+    source = path.read_text(encoding="utf-8")
+    finder = _Finder(source, str(path.resolve().relative_to(root.resolve())))
+    finder.visit(ast.parse(source))
+    out = []
+    for m in finder.mutants:
+        try:
+            ast.parse(m.apply(source))
+        except SyntaxError:
+            continue
+        out.append(m)
+    return out
+
+
+# ---- running a mutant ----------------------------------------------------------------------
+
+def module_name(path: str) -> str:
+    """``src/alignlab/losses/kl.py`` → ``alignlab.losses.kl``."""
+    parts = list(Path(path).with_suffix("").parts)
+    return ".".join(parts[1:] if parts[0] == "src" else parts)
+
+
+class _SourceLoader(importlib.abc.Loader):
+    def __init__(self, path: str, source: str) -> None:
+        self.path, self.source = path, source
+
+    def create_module(self, spec):  # noqa: ANN001
+        return None
+
+    def exec_module(self, module) -> None:  # noqa: ANN001
+        exec(compile(self.source, self.path, "exec"), module.__dict__)
+
+
+class MutantImporter(importlib.abc.MetaPathFinder):
+    """Serves one module from a source string instead of its file."""
+
+    def __init__(self, name: str, path: str, source: str) -> None:
+        self.name, self.path, self.source = name, path, source
+
+    def find_spec(self, fullname, path=None, target=None):  # noqa: ANN001
+        if fullname != self.name:
+            return None
+        spec = importlib.util.spec_from_loader(fullname, _SourceLoader(self.path, self.source),
+                                               origin=self.path)
+        spec.has_location = True
+        return spec
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+_CHILDREN: set[int] = set()  # running children, killed if this process is interrupted
+
+
+def start_forked(path: str, source: str | None, tests: list[str]) -> int:
+    """Fork a child that runs ``tests`` with the module at ``path`` replaced by ``source``
+    (None: the original) in its own process group; its exit code is pytest's."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        code = 3
+        try:
+            os.setpgid(0, 0)
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, 1)
+            os.dup2(null, 2)
+            if source is not None:
+                sys.meta_path.insert(0, MutantImporter(module_name(path), str(ROOT / path), source))
+            import pytest
+
+            code = int(pytest.main([*PYTEST_ARGS, *tests]))
+        finally:
+            os._exit(code)
+    _CHILDREN.add(pid)
+    return pid
+
+
+def run_forked(jobs: list[tuple[str, str | None, list[str], float]], workers: int = 1
+               ) -> Iterator[tuple[int, int | None]]:
+    """Run each ``(path, source, tests, timeout)`` in a forked child, ``workers`` at a time;
+    yields ``(index, exit code or None on timeout)`` as they finish."""
+    pending = list(enumerate(jobs))
+    running: dict[int, tuple[int, float]] = {}
+    while pending or running:
+        while pending and len(running) < workers:
+            i, (path, source, tests, timeout) = pending.pop(0)
+            running[start_forked(path, source, tests)] = (i, time.monotonic() + timeout)
+        for pid, (i, deadline) in list(running.items()):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                code = os.waitstatus_to_exitcode(status)
+            elif time.monotonic() > deadline:
+                _kill_group(pid)
+                os.waitpid(pid, 0)
+                code = None
+            else:
+                continue
+            del running[pid]
+            _CHILDREN.discard(pid)
+            yield i, code
+        time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def mutated_file(path: Path, source: str) -> Iterator[None]:
+    """``path`` holds ``source`` inside the block and its original bytes afterwards, whatever
+    happens inside (an exception, Ctrl-C, SIGTERM turned into KeyboardInterrupt by ``main``)."""
+    original = path.read_bytes()
+    try:
+        path.write_bytes(source.encode("utf-8"))
+        yield
+    finally:
+        path.write_bytes(original)
+        # A bytecode cache of the mutant must never be mistaken for the restored file.
+        for pyc in (path.parent / "__pycache__").glob(f"{path.stem}.*.pyc"):
+            with contextlib.suppress(OSError):
+                pyc.unlink()
+
+
+def run_inplace(path: str, source: str | None, tests: list[str], timeout: float,
+                root: Path = ROOT) -> int | None:
+    """Run ``tests`` in a subprocess with the file at ``path`` rewritten to ``source``."""
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1",
+           "PYTHONPATH": os.pathsep.join([str(root / "src"), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "pytest", *PYTEST_ARGS, *tests]
+    with contextlib.ExitStack() as stack:
+        if source is not None:
+            stack.enter_context(mutated_file(root / path, source))
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        _CHILDREN.add(proc.pid)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc.pid)
+            proc.wait()
+            return None
+        finally:
+            _CHILDREN.discard(proc.pid)
+
+
+def verdict(code: int | None) -> str:
+    """pytest's exit code → killed / survived / timeout / error (the tests could not run)."""
+    if code is None:
+        return "timeout"
+    if code == 0:
+        return "survived"
+    if code in (1, 2) or code < 0:  # failed, collection/import error, or crashed by a signal
+        return "killed"
+    return "error"
+
+
+# ---- the command ---------------------------------------------------------------------------
+
+def _preimport() -> None:
+    """Import the heavy dependencies once, before forking (never alignlab itself)."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import hypothesis  # noqa: F401
+    import pytest  # noqa: F401
+    import torch  # noqa: F401
+    from transformers import LlamaConfig, LlamaForCausalLM  # noqa: F401
+
+    assert "alignlab" not in sys.modules, "alignlab must be imported by each child, not here"
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM ends a run like Ctrl-C: children killed, a rewritten file restored, results shown."""
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--module", action="append", default=[],
+                    help="only modules whose path contains this (repeatable)")
+    ap.add_argument("--sample", type=int, help="run a random sample of N mutants")
+    ap.add_argument("--seed", type=int, default=0, help="seed of --sample")
+    ap.add_argument("--timeout", type=float, default=60.0,
+                    help="minimum per-mutant timeout in seconds (at least 5x the clean run)")
+    ap.add_argument("-j", "--jobs", type=int, default=1,
+                    help="mutants run at once (forked mode only)")
+    ap.add_argument("--inplace", action="store_true",
+                    help="rewrite the file for a pytest subprocess instead of forking")
+    ap.add_argument("--list", action="store_true", help="print the mutants, run nothing")
+    ap.add_argument("-v", "--verbose", action="store_true", help="print every mutant's result")
+    args = ap.parse_args(argv)
+
+    modules = [m for m in TARGETS if not args.module or any(s in m for s in args.module)]
+    if not modules:
+        ap.error(f"no module matches {args.module}; modules: {', '.join(TARGETS)}")
+    mutants = [m for mod in modules for m in find_mutants(ROOT / mod)]
+    if args.sample is not None and args.sample < len(mutants):
+        picked = random.Random(args.seed).sample(range(len(mutants)), args.sample)
+        mutants = [mutants[i] for i in sorted(picked)]
+    if args.list:
+        for m in mutants:
+            print(m.describe())
+        print(f"{len(mutants)} mutants in {len(modules)} modules")
+        return 0
+
+    os.chdir(ROOT)
+    sys.path.insert(0, str(ROOT / "src"))
+    signal.signal(signal.SIGTERM, _interrupt)
+    if not args.inplace:
+        _preimport()
+
+    def run(jobs: list[tuple[str, str | None, list[str], float]]) -> Iterator[tuple[int, int | None]]:
+        if not args.inplace:
+            return run_forked(jobs, args.jobs)
+        return ((i, run_inplace(*job)) for i, job in enumerate(jobs))
+
+    t0 = time.time()
+    results: dict[str, list[tuple[Mutant, str]]] = {}
+    try:
+        for mod in sorted({m.path for m in mutants}):
+            tests = TARGETS[mod]
+            start = time.time()
+            [(_, code)] = run([(mod, None, tests, 600.0)])
+            if code != 0:
+                print(f"{mod}: its tests fail without any mutation (exit {code}); skipped",
+                      flush=True)
+                continue
+            timeout = max(args.timeout, 5 * (time.time() - start))
+            own = [m for m in mutants if m.path == mod]
+            print(f"{mod}: {len(own)} mutants, clean run {time.time() - start:.1f}s", flush=True)
+            source = (ROOT / mod).read_text(encoding="utf-8")
+            rows = results.setdefault(mod, [])
+            for i, code in run([(mod, m.apply(source), tests, timeout) for m in own]):
+                outcome = verdict(code)
+                rows.append((own[i], outcome))
+                if args.verbose or outcome in ("survived", "error"):
+                    print(f"  {outcome:8s} {own[i].describe()}", flush=True)
+            rows.sort(key=lambda r: (r[0].start, r[0].op))
+    except KeyboardInterrupt:
+        for pid in list(_CHILDREN):
+            _kill_group(pid)
+        print("\ninterrupted; the results so far:")
+    report(results, time.time() - t0, sampled=args.sample is not None)
+    return 0
+
+
+def report(results: dict[str, list[tuple[Mutant, str]]], seconds: float, sampled: bool) -> None:
+    """Per module: killed / scored mutants (a timeout counts as killed; "error" is not scored),
+    and the score with the known equivalent survivors left out; then every other survivor."""
+    equivalent = read_equivalents()
+    print(f"\n{'module':45s} {'killed':>7s} {'total':>6s} {'score':>7s} {'equiv':>6s} "
+          f"{'w/o equiv':>9s}")
+    totals = [0, 0, 0]
+
+    def row(name: str, killed: int, total: int, equiv: int) -> str:
+        return (f"{name:45s} {killed:7d} {total:6d} {100 * killed / max(total, 1):6.1f}% "
+                f"{equiv:6d} {100 * killed / max(total - equiv, 1):8.1f}%")
+
+    for mod, rows in results.items():
+        scored = [(m, o) for m, o in rows if o != "error"]
+        killed = sum(o in ("killed", "timeout") for _, o in scored)
+        equiv = sum(o == "survived" and m.key() in equivalent for m, o in scored)
+        totals = [totals[0] + killed, totals[1] + len(scored), totals[2] + equiv]
+        print(row(mod, killed, len(scored), equiv))
+    print(row("overall" + (" (sampled)" if sampled else ""), *totals)
+          + f"   in {seconds / 60:.1f} min")
+    survivors = [m for rows in results.values() for m, o in rows if o == "survived"]
+    known = [m for m in survivors if m.key() in equivalent]
+    new = [m for m in survivors if m.key() not in equivalent]
+    errors = [m for rows in results.values() for m, o in rows if o == "error"]
+    if known:
+        print(f"\n{len(known)} surviving mutants known to be equivalent ({EQUIVALENTS.name}):")
+        for m in known:
+            print(f"  {m.describe()}\n      {equivalent[m.key()]}")
+    if new:
+        print(f"\n{len(new)} surviving mutants (a missing test, or add them to {EQUIVALENTS.name} "
+              "with the reason they are equivalent):")
+        for m in new:
+            print(f"  {m.describe()}")
+    if errors:
+        print(f"\n{len(errors)} mutants whose tests could not run (not scored):")
+        for m in errors:
+            print(f"  {m.describe()}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
