@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from alignlab.core.errors import ConfigError
-from alignlab.models.logprobs import (
+from alignlab.models.backbone import (
     _compute_dtype,
     chunked_logprobs,
-    scored_hidden_states,
-    sequence_logprobs,
-    token_logprobs,
+    decoder_hidden,
+    scored_positions,
 )
+from alignlab.models.logprobs import sequence_logprobs, token_logprobs
 
 from tests.conftest import random_llama
 
@@ -169,7 +169,9 @@ def test_sequence_logprobs_of_padded_rows():
 def test_scored_hidden_states_are_the_rows_before_each_scored_token():
     model = random_llama().eval()
     batch = _padded()
-    hidden, targets = scored_hidden_states(model.model, batch)
+    where = scored_positions(batch)
+    hidden = decoder_hidden(model.model, batch)[:, :-1][where]
+    targets = batch["input_ids"][:, 1:][where]
     assert targets.tolist() == [7, 8, 9, 4, 10]
     full = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        position_ids=batch["position_ids"]).last_hidden_state

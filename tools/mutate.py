@@ -72,6 +72,7 @@ TARGETS: dict[str, list[str]] = {
                                      "tests/test_losses_policy_metrics.py",
                                      "tests/test_losses_defaults.py"],
     "src/alignlab/losses/reward.py": ["tests/test_losses_reward.py"],
+    "src/alignlab/models/backbone.py": ["tests/test_models_logprobs_chunked.py"],
     "src/alignlab/models/logprobs.py": ["tests/test_models_logprobs_chunked.py"],
     "src/alignlab/engine/loop.py": ["tests/test_engine_optimizer.py"],
     "src/alignlab/engine/learner.py": ["tests/test_engine_optimizer.py"],
@@ -83,10 +84,10 @@ TARGETS: dict[str, list[str]] = {
 # logprobs.py that is the computation; finding a model's decoder and head is covered by the
 # slower model tests (tests/test_models_logprobs.py).
 SCOPE: dict[str, set[str]] = {
-    "src/alignlab/models/logprobs.py": {
+    "src/alignlab/models/backbone.py": {
         "_compute_dtype", "_chunk_logits", "_ChunkedLogProb", "chunked_logprobs",
-        "_scored_positions", "scored_hidden_states", "token_logprobs", "_sequence_ids",
-        "sequence_logprobs"},
+        "scored_positions"},
+    "src/alignlab/models/logprobs.py": {"token_logprobs", "_sequence_ids", "sequence_logprobs"},
 }
 
 PYTEST_ARGS = ["-x", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "-m", "not slow",
