@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -34,22 +35,23 @@ from alignlab.rollout.role import RolloutRole, Rollouts
 Rows = list[dict[str, Any]]
 
 
-class OnlineAlgorithm:
+class OnlineAlgorithm(ABC):
     """The hooks of one online algorithm (see the module docstring for when each runs).
 
-    ``judge`` and ``make_batches`` are the algorithm; the other hooks default to nothing."""
+    ``judge`` and ``make_batches`` are the algorithm (abstract); the other hooks default to
+    nothing."""
 
     def begin_iteration(self, iteration: int) -> None:
         """Before sampling."""
 
+    @abstractmethod
     def judge(self, rows: Rows, rollouts: Rollouts, metrics: dict[str, float]) -> Any:
         """Score the rollouts (rows are the prompts' data rows, one per prompt)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def make_batches(self, rows: Rows, rollouts: Rollouts, judged: Any,
                      metrics: dict[str, float]) -> Units | None:
         """The learner's units for this iteration, or None when there is nothing to learn."""
-        raise NotImplementedError
 
     def after_update(self, units: Units, metrics: dict[str, float]) -> None:
         """After the learner's update (metrics may be added)."""
