@@ -3,6 +3,7 @@ hand-made batches (values computed by hand in the comments). Written against the
 ``tools/mutate.py``: a metric that is only checked for its sign, or an option only ever passed
 at its default, lets wrong code through."""
 
+import dataclasses
 import math
 
 import pytest
@@ -72,17 +73,21 @@ def test_listwise_reward_metrics_use_the_best_and_worst_scored_item():
 
 
 def test_unpaired_reward_metrics_split_by_label():
-    inputs = PreferenceInputs(logps=t(-1, -2, -3, -4), ref_logps=t(-2, -2, -2, -2),
+    inputs = PreferenceInputs(logps=t(-1, -2, -3.5, -4), ref_logps=t(-2, -2, -2, -2),
                               labels=torch.tensor([True, False, True, False]), kl_ref=0.2)
     r = run("kto", inputs, beta=0.5)
-    # r = (1, 0, −1, −2), rewards β·r = (0.5, 0, −0.5, −1)
-    torch.testing.assert_close(r.chosen_rewards, t(0.5, -0.5))
+    # r = (1, 0, −1.5, −2), rewards β·r = (0.5, 0, −0.75, −1)
+    torch.testing.assert_close(r.chosen_rewards, t(0.5, -0.75))
     torch.testing.assert_close(r.rejected_rewards, t(0.0, -1.0))
     m = r.metrics
-    assert m["rewards/mean"].item() == pytest.approx(-0.25)
-    assert m["rewards/chosen"].item() == pytest.approx(0.0)
+    assert m["rewards/mean"].item() == pytest.approx(-1.25 / 4)
+    assert m["rewards/chosen"].item() == pytest.approx(-0.125)
     assert m["rewards/rejected"].item() == pytest.approx(-0.5)
     assert m["kl"].item() == pytest.approx(0.2)
+    negative = dataclasses.replace(inputs, kl_ref=-0.3)  # a KL estimate below 0 is clamped
+    assert run("kto", negative).metrics["kl"].item() == 0.0
+    aot = run("aot_unpaired", inputs, beta=0.5)
+    torch.testing.assert_close(aot.chosen_rewards, t(0.5, -0.75))
     only_good = PreferenceInputs(logps=t(-1.0), ref_logps=t(-2.0), labels=torch.tensor([True]))
     assert "rewards/rejected" not in run("kto", only_good).metrics
     only_bad = PreferenceInputs(logps=t(-1.0), ref_logps=t(-2.0), labels=torch.tensor([False]))
@@ -378,3 +383,10 @@ def test_cpo_nll_metric_is_a_mean_over_pairs():
     inputs = PreferenceInputs(chosen_logps=t(-4.0, -3.0), rejected_logps=t(-9.0, -1.0),
                               chosen_lengths=t(2.0, 1.0))
     assert run("cpo", inputs).metrics["cpo/nll"].item() == pytest.approx((2.0 + 3.0) / 2)
+
+
+def test_dro_labels_a_reward_equal_to_its_value_undesirable():
+    inputs = PreferenceInputs(logps=t(-1.0, -1.0), ref_logps=t(-1.0, -1.0), rewards=t(0.5, 0.7),
+                              values=t(0.5, 0.5))
+    r = run("dro_pointwise", inputs)
+    assert r.chosen_rewards.numel() == 1 and r.rejected_rewards.numel() == 1
