@@ -390,3 +390,22 @@ def test_dro_labels_a_reward_equal_to_its_value_undesirable():
                               values=t(0.5, 0.5))
     r = run("dro_pointwise", inputs)
     assert r.chosen_rewards.numel() == 1 and r.rejected_rewards.numel() == 1
+
+
+def test_mrpo_weights_clip_and_rewards():
+    inputs = PreferenceInputs(chosen_logps=t(-1.0), rejected_logps=t(-3.0),
+                              ref_chosen_logps_multi=t([-2.0, -4.0]),
+                              ref_rejected_logps_multi=t([-2.0, -2.0]))
+    r = run("mrpo", inputs, beta=0.1, ref_weights=[1.0, 3.0], clip=1.0)
+    # ref_c: the second reference clipped to −2 − 1 = −3, mixed ¼·(−2) + ¾·(−3) = −2.75 → a = 1.75
+    assert r.chosen_rewards.item() == pytest.approx(0.175)
+    assert r.rejected_rewards.item() == pytest.approx(-0.1)
+    assert r.losses.item() == pytest.approx(-ls(0.1 * 2.75))
+
+
+def test_group_weight_update_default_step():
+    from alignlab.losses.preference import update_group_weights
+
+    got = update_group_weights(t(0.5, 0.5), t(1.0, 0.0))
+    e = math.exp(0.01)
+    torch.testing.assert_close(got, t(e / (1 + e), 1 / (1 + e)))
