@@ -173,3 +173,11 @@ def test_dr_grpo_aggregation_needs_a_positive_budget():
         pytest.approx(3.0), 1)
     with pytest.raises(Exception, match="needs max_tokens"):
         aggregate(loss, mask, "seq_mean_token_sum_norm", max_tokens=0)
+
+
+def test_rollout_correction_weights_are_zero_outside_the_mask():
+    from alignlab.losses.rollout_correction import rollout_correction
+
+    old = torch.tensor([[0.0, 0.0, 0.0]])
+    weights, _ = rollout_correction(old, old - 0.5, torch.tensor([[1, 1, 0]]))
+    torch.testing.assert_close(weights, torch.tensor([[math.exp(0.5), math.exp(0.5), 0.0]]))

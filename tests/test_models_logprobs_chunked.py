@@ -189,3 +189,10 @@ def test_bad_arguments_are_config_errors():
     with pytest.raises(ConfigError, match="loss_mask shape"):
         token_logprobs(model, {**batch, "loss_mask": batch["loss_mask"][:, :3]})
     assert token_logprobs(model, batch, chunk_size=1).shape == (2, 5)
+
+
+def test_chunked_true_takes_the_chunked_path_when_it_is_exact():
+    model = random_llama().eval()
+    batch = _padded()
+    got = token_logprobs(model, batch, chunked=True)
+    torch.testing.assert_close(got.double(), _full_reference(model, batch)[0], rtol=1e-5, atol=1e-5)
