@@ -89,6 +89,41 @@ SCOPE: dict[str, set[str]] = {
         "sequence_logprobs"},
 }
 
+# The hand-made mutants of issue 16 (survivors and weak kills before its tests), run by --hand:
+# (module, what, original text, mutated text).
+HAND_MUTANTS = [
+    ("src/alignlab/losses/preference/weighted.py", "sparse_po rejected with the chosen mask",
+     "b = reward(inputs.rejected_token_logps, inputs.ref_rejected_token_logps, inputs.rejected_mask,",
+     "b = reward(inputs.rejected_token_logps, inputs.ref_rejected_token_logps, inputs.chosen_mask,"),
+    ("src/alignlab/losses/preference/base.py", "accuracies as a sum",
+     'out["rewards/accuracies"] = (chosen_rewards > rejected_rewards).float().mean()',
+     'out["rewards/accuracies"] = (chosen_rewards > rejected_rewards).float().sum()'),
+    ("src/alignlab/losses/preference/unpaired.py", "aot_unpaired drops label_smoothing",
+     "losses = smoothed_sigmoid_loss(beta * (qg - qb), label_smoothing)",
+     "losses = smoothed_sigmoid_loss(beta * (qg - qb))"),
+    ("src/alignlab/losses/preference/pairwise.py", "aot_unpaired_on_pairs drops label_smoothing",
+     "delta = torch.sort(a).values - torch.sort(b).values\n    losses = smoothed_sigmoid_loss(beta * delta, label_smoothing)",
+     "delta = torch.sort(a).values - torch.sort(b).values\n    losses = smoothed_sigmoid_loss(beta * delta)"),
+    ("src/alignlab/losses/preference/reference_free.py", "simpo drops label_smoothing",
+     "losses = smoothed_sigmoid_loss(chosen - rejected - gamma, label_smoothing)",
+     "losses = smoothed_sigmoid_loss(chosen - rejected - gamma)"),
+    ("src/alignlab/losses/preference/reference_free.py", "cpo drops label_smoothing",
+     "losses = smoothed_sigmoid_loss(chosen - rejected, label_smoothing) + alpha * nll",
+     "losses = smoothed_sigmoid_loss(chosen - rejected) + alpha * nll"),
+    ("src/alignlab/losses/policy.py", "approx_kl with the wrong sign",
+     '"approx_kl": masked_mean((ratio - 1.0) - log_ratio, mask),',
+     '"approx_kl": masked_mean(log_ratio - (ratio - 1.0), mask),'),
+    ("src/alignlab/rewards/annotator.py", "tie rule < instead of <=",
+     "abs(gold[0] - gold[1]) <= self.tie_margin", "abs(gold[0] - gold[1]) < self.tie_margin"),
+    ("src/alignlab/engine/loop.py", "optimizer steps before clipping and the finiteness check",
+     "    grad_norm = (torch.nn.utils.clip_grad_norm_(",
+     "    opt.step()\n    grad_norm = (torch.nn.utils.clip_grad_norm_("),
+    ("src/alignlab/engine/loop.py", "scheduler steps twice per update (train)",
+     "            sched.step()\n", "            sched.step()\n            sched.step()\n"),
+    ("src/alignlab/engine/learner.py", "scheduler steps twice per update (Learner)",
+     "        self.scheduler.step()\n", "        self.scheduler.step()\n        self.scheduler.step()\n"),
+]
+
 PYTEST_ARGS = ["-x", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "-m", "not slow",
                "--no-header"]
 
@@ -534,9 +569,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--inplace", action="store_true",
                     help="rewrite the file for a pytest subprocess instead of forking")
     ap.add_argument("--list", action="store_true", help="print the mutants, run nothing")
+    ap.add_argument("--hand", action="store_true",
+                    help="run only the hand-made mutants of issue 16 (HAND_MUTANTS)")
     ap.add_argument("-v", "--verbose", action="store_true", help="print every mutant's result")
     args = ap.parse_args(argv)
 
+    if args.hand:
+        return run_hand_mutants(args.jobs)
     modules = [m for m in TARGETS if not args.module or any(s in m for s in args.module)]
     if not modules:
         ap.error(f"no module matches {args.module}; modules: {', '.join(TARGETS)}")
@@ -589,6 +628,25 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted; the results so far:")
     report(results, time.time() - t0, sampled=args.sample is not None)
     return 0
+
+
+def run_hand_mutants(workers: int) -> int:
+    """Run ``HAND_MUTANTS``; exit status 1 if any survives."""
+    os.chdir(ROOT)
+    sys.path.insert(0, str(ROOT / "src"))
+    _preimport()
+    jobs = []
+    for path, what, old, new in HAND_MUTANTS:
+        source = (ROOT / path).read_text(encoding="utf-8")
+        if source.count(old) != 1:
+            raise SystemExit(f"hand mutant {what!r}: its original text is no longer in {path}")
+        jobs.append((path, source.replace(old, new), TARGETS[path], 300.0))
+    survived = 0
+    for i, code in run_forked(jobs, workers):
+        outcome = verdict(code)
+        survived += outcome != "killed"
+        print(f"{outcome:9s} {HAND_MUTANTS[i][0]}: {HAND_MUTANTS[i][1]}", flush=True)
+    return int(survived > 0)
 
 
 def report(results: dict[str, list[tuple[Mutant, str]]], seconds: float, sampled: bool) -> None:
