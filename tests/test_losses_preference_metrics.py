@@ -409,3 +409,34 @@ def test_group_weight_update_default_step():
     got = update_group_weights(t(0.5, 0.5), t(1.0, 0.0))
     e = math.exp(0.01)
     torch.testing.assert_close(got, t(e / (1 + e), 1 / (1 + e)))
+
+
+def sig(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def test_unpaired_losses_with_non_default_weights_and_shift():
+    inputs = PreferenceInputs(logps=t(-1.0, -3.0), ref_logps=t(-2.0, -2.0),
+                              labels=torch.tensor([True, False]), kl_ref=0.5)  # r = (1, −1)
+    kto = run("kto", inputs, beta=0.5, desirable_weight=2.0, undesirable_weight=0.5).losses
+    torch.testing.assert_close(kto, t(2 * (1 - sig(0.25)), 0.5 * (1 - sig(0.75))))
+    apo = run("apo_zero_unpaired", inputs, beta=0.5, desirable_weight=2.0,
+              undesirable_weight=0.5).losses
+    torch.testing.assert_close(apo, t(2 * (1 - sig(0.5)), 0.5 * sig(-0.5)))
+    bco = run("bco", inputs, beta=0.5, reward_shift=0.2).losses
+    torch.testing.assert_close(bco, t(-ls(0.3), -ls(0.7)))
+
+
+def test_paired_losses_with_non_default_options():
+    one = PreferenceInputs(chosen_logps=t(-7.0), rejected_logps=t(-9.0), ref_chosen_logps=t(-10.0),
+                           ref_rejected_logps=t(-10.0), margin=t(2.0))  # a = 3, b = 1, βh = 0.2
+    z = 0.2
+    exo = sig(z) * (ls(z) - math.log(0.8)) + sig(-z) * (ls(-z) - math.log(0.2))
+    assert run("exo_pair", one, label_smoothing=0.2).losses.item() == pytest.approx(exo)
+    mix = sig(z / 0.5)
+    assert run("discopop", one, beta=0.1, tau=0.5).losses.item() == pytest.approx(
+        -ls(z) * (1 - mix) + math.exp(-z) * mix)
+    target = sig(0.5 * 2.0)
+    assert run("mmpo", one, gamma=0.5).losses.item() == pytest.approx(
+        -target * ls(z) - (1 - target) * ls(-z))
+    assert run("slic_hf", one, delta=3.0).losses.item() == pytest.approx(1.0)  # π_c − π_r = 2
