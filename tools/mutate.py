@@ -23,8 +23,10 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import hashlib
 import importlib.abc
 import importlib.util
+import json
 import os
 import random
 import signal
@@ -551,9 +553,20 @@ def _preimport() -> None:
     assert "alignlab" not in sys.modules, "alignlab must be imported by each child, not here"
 
 
+_SIGNAL: list[str] = []
+
+
 def _interrupt(signum: int, frame: object) -> None:
     """SIGTERM ends a run like Ctrl-C: children killed, a rewritten file restored, results shown."""
+    _SIGNAL.append(signal.Signals(signum).name)
     raise KeyboardInterrupt
+
+
+def _result_key(m: Mutant, source: str) -> str:
+    """A mutant's identity for --results: the module's exact source and the edit."""
+    blob = json.dumps([hashlib.sha256(source.encode()).hexdigest(), m.path, m.start, m.end,
+                       m.op, m.mutated])
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -571,6 +584,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--list", action="store_true", help="print the mutants, run nothing")
     ap.add_argument("--hand", action="store_true",
                     help="run only the hand-made mutants of issue 16 (HAND_MUTANTS)")
+    ap.add_argument("--results", type=Path,
+                    help="append each outcome to this JSONL file and skip the mutants already in "
+                         "it (to resume an interrupted run; delete it after changing the tests)")
     ap.add_argument("-v", "--verbose", action="store_true", help="print every mutant's result")
     args = ap.parse_args(argv)
 
@@ -592,6 +608,7 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(ROOT)
     sys.path.insert(0, str(ROOT / "src"))
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGHUP, _interrupt)
     if not args.inplace:
         _preimport()
 
@@ -602,6 +619,12 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.time()
     results: dict[str, list[tuple[Mutant, str]]] = {}
+    done: dict[str, str] = {}
+    if args.results is not None and args.results.exists():
+        for line in args.results.read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                entry = json.loads(line)
+                done[entry["key"]] = entry["outcome"]
     try:
         for mod in sorted({m.path for m in mutants}):
             tests = TARGETS[mod]
@@ -616,16 +639,26 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{mod}: {len(own)} mutants, clean run {time.time() - start:.1f}s", flush=True)
             source = (ROOT / mod).read_text(encoding="utf-8")
             rows = results.setdefault(mod, [])
-            for i, code in run([(mod, m.apply(source), tests, timeout) for m in own]):
+            todo = []
+            for m in own:
+                if _result_key(m, source) in done:
+                    rows.append((m, done[_result_key(m, source)]))
+                else:
+                    todo.append(m)
+            for i, code in run([(mod, m.apply(source), tests, timeout) for m in todo]):
                 outcome = verdict(code)
-                rows.append((own[i], outcome))
+                rows.append((todo[i], outcome))
+                if args.results is not None:
+                    with args.results.open("a", encoding="utf-8") as f:
+                        f.write(json.dumps({"key": _result_key(todo[i], source),
+                                            "outcome": outcome}) + "\n")
                 if args.verbose or outcome in ("survived", "error"):
-                    print(f"  {outcome:8s} {own[i].describe()}", flush=True)
+                    print(f"  {outcome:8s} {todo[i].describe()}", flush=True)
             rows.sort(key=lambda r: (r[0].start, r[0].op))
     except KeyboardInterrupt:
         for pid in list(_CHILDREN):
             _kill_group(pid)
-        print("\ninterrupted; the results so far:")
+        print(f"\ninterrupted ({_SIGNAL[0] if _SIGNAL else 'Ctrl-C'}); the results so far:")
     report(results, time.time() - t0, sampled=args.sample is not None)
     return 0
 
