@@ -440,3 +440,28 @@ def test_paired_losses_with_non_default_options():
     assert run("mmpo", one, gamma=0.5).losses.item() == pytest.approx(
         -target * ls(z) - (1 - target) * ls(-z))
     assert run("slic_hf", one, delta=3.0).losses.item() == pytest.approx(1.0)  # π_c − π_r = 2
+
+
+def test_bounds_and_quantiles_of_two_or_more():
+    with pytest.raises(ValueError, match="log_theta must be > 0"):
+        run("dpo_ties", three_pairs(ties=torch.tensor([False, False, True])), log_theta=0.0)
+    # 3 desirable, 2 undesirable: both read at q = (0.25, 0.75)
+    logps = t(0.0, 2.0, 4.0, 0.0, 1.0)
+    inputs = PreferenceInputs(logps=logps, ref_logps=torch.zeros_like(logps),
+                              labels=torch.tensor([True, True, True, False, False]))
+    # Q_D(0.25) = 1, Q_D(0.75) = 3; Q_U(0.25) = 0.25, Q_U(0.75) = 0.75
+    got = run("aot_unpaired", inputs, beta=1.0).losses
+    torch.testing.assert_close(got, t(-ls(0.75), -ls(2.25)))
+
+
+def test_kto_keeps_the_dtype_of_its_log_probs():
+    inputs = PreferenceInputs(logps=torch.tensor([-1.0], dtype=torch.bfloat16),
+                              ref_logps=torch.tensor([-2.0], dtype=torch.bfloat16),
+                              labels=torch.tensor([True]), kl_ref=0.3)
+    assert run("kto", inputs).losses.dtype == torch.bfloat16
+
+
+def test_group_losses_of_an_empty_group_are_zero():
+    r = run("group_robust_dpo", three_pairs(groups=torch.tensor([0, 0, 1])),
+            group_weights=t(1.0, 1.0, 1.0))
+    assert r.metrics["group/losses"][2].item() == 0.0

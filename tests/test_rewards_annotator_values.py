@@ -141,3 +141,22 @@ def test_default_settings_and_a_cache_in_a_new_folder(tmp_path):
     cache = tmp_path / "new" / "deeper" / "labels.jsonl"
     SimulatedAnnotator(word_gold, cache_path=cache).label_pairs(["p"], ["good"], ["bad"])
     assert cache.exists()
+
+
+def test_stats_difference_subtracts_and_a_str_cache_path_works(tmp_path):
+    ann = SimulatedAnnotator(word_gold, temperature=0.0, flip_rate=0.0,
+                             cache_path=str(tmp_path / "labels.jsonl"))
+    ann.label_pairs(["p"] * 2, ["good", "bad"], ["bad", "good"])
+    before = dataclasses.replace(ann.stats)
+    ann.label_pairs(["p"], ["good x"], ["bad x"])
+    assert (ann.stats - before).judgements == 1 and (ann.stats - before).agree == 1
+
+
+def test_gold_receives_each_completion_with_its_own_prompt():
+    def gold(prompts, completions):  # depends on the prompt, so misaligned prompts show
+        return [10.0 * len(p) + (p == c) for p, c in zip(prompts, completions)]
+
+    ann = SimulatedAnnotator(gold, temperature=0.0, flip_rate=0.0)
+    first, second = ann.label_pairs(["a", "bbb"], ["a", "x"], ["y", "bbb"])
+    assert (first.gold_a, first.gold_b) == (11.0, 10.0)
+    assert (second.gold_a, second.gold_b) == (30.0, 31.0)
