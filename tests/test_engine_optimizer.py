@@ -342,14 +342,29 @@ def _train_cfg(tmp_path, **kw) -> TrainSection:
                            "precision": "fp32", "tensorboard": False, "progress": False, **kw})
 
 
-def test_train_resumes_the_data_position_in_train_mode(tmp_path):
-    objective = InTrainMode()
-    train(Linear1(0.0).eval(), objective, Stream(), _train_cfg(tmp_path, save_every=2))
-    assert objective.order == [0.0, 1.0]
-    again, stream = InTrainMode(), Stream()
-    result = train(Linear1(0.0).eval(), again, stream,
-                   _train_cfg(tmp_path, max_steps=4, save_every=2, resume=True))
-    assert stream.loaded == {"pos": 2} and again.order == [2.0, 3.0] and result.step == 4
+def test_train_resumes_the_data_position_optimizer_and_schedule_in_train_mode(tmp_path):
+    def run(out, steps, **kw):
+        model, objective, stream, logged = Linear1(0.0).eval(), InTrainMode(), Stream(), []
+        cfg = _train_cfg(tmp_path / out, **{"max_steps": steps, "save_every": 2,
+                                             "lr_scheduler": "linear", **kw})
+        train(model, objective, stream, cfg, on_step=lambda s, m: logged.append(m))
+        return model, objective, stream, logged
+
+    run("split", 2)
+    _, objective, stream, logged = run("split", 4, resume=True)
+    assert stream.loaded == {"pos": 2} and objective.order == [2.0, 3.0]
+    # the resumed schedule continues: factor 1 − k/4 after step k, not a fresh schedule's
+    assert [m["lr"] for m in logged] == pytest.approx([0.1 * 0.25, 0.0])
+    assert all(0 <= m["step_time"] < 60 for m in logged)
+    # with a constant rate, 2 + 2 resumed steps are the 4 uninterrupted ones (AdamW's moments)
+    whole = run("whole", 4, lr_scheduler="constant")[0]
+    run("halves", 2, lr_scheduler="constant")
+    resumed = run("halves", 4, lr_scheduler="constant", resume=True)[0]
+    assert resumed.w.item() == pytest.approx(whole.w.item(), rel=1e-6)
+
+
+def test_loss_output_metrics_default_to_an_empty_dict():
+    assert LossOutput(torch.tensor(1.0)).metrics == {}
 
 
 def test_train_errors_name_the_step_and_the_last_metrics(tmp_path):

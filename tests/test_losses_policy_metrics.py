@@ -173,3 +173,18 @@ def test_dr_grpo_aggregation_needs_a_positive_budget():
         pytest.approx(3.0), 1)
     with pytest.raises(Exception, match="needs max_tokens"):
         aggregate(loss, mask, "seq_mean_token_sum_norm", max_tokens=0)
+
+
+def test_rollout_correction_weights_are_zero_outside_the_mask():
+    from alignlab.losses.rollout_correction import rollout_correction
+
+    old = torch.tensor([[0.0, 0.0, 0.0]])
+    weights, _ = rollout_correction(old, old - 0.5, torch.tensor([[1, 1, 0]]))
+    torch.testing.assert_close(weights, torch.tensor([[math.exp(0.5), math.exp(0.5), 0.0]]))
+
+
+def test_explained_variance_of_small_returns():
+    values = torch.zeros(1, 3)
+    returns = torch.tensor([[0.1, 0.2, 0.3]])  # Var(R) = 0.01, well below 1
+    _, m = VALUE_LOSSES.get("mse")(values, None, returns, torch.ones(1, 3))
+    assert m["value_explained_variance"].item() == pytest.approx(0.0, abs=1e-5)  # V explains nothing

@@ -3,6 +3,7 @@ hand-made batches (values computed by hand in the comments). Written against the
 ``tools/mutate.py``: a metric that is only checked for its sign, or an option only ever passed
 at its default, lets wrong code through."""
 
+import dataclasses
 import math
 
 import pytest
@@ -72,17 +73,21 @@ def test_listwise_reward_metrics_use_the_best_and_worst_scored_item():
 
 
 def test_unpaired_reward_metrics_split_by_label():
-    inputs = PreferenceInputs(logps=t(-1, -2, -3, -4), ref_logps=t(-2, -2, -2, -2),
+    inputs = PreferenceInputs(logps=t(-1, -2, -3.5, -4), ref_logps=t(-2, -2, -2, -2),
                               labels=torch.tensor([True, False, True, False]), kl_ref=0.2)
     r = run("kto", inputs, beta=0.5)
-    # r = (1, 0, −1, −2), rewards β·r = (0.5, 0, −0.5, −1)
-    torch.testing.assert_close(r.chosen_rewards, t(0.5, -0.5))
+    # r = (1, 0, −1.5, −2), rewards β·r = (0.5, 0, −0.75, −1)
+    torch.testing.assert_close(r.chosen_rewards, t(0.5, -0.75))
     torch.testing.assert_close(r.rejected_rewards, t(0.0, -1.0))
     m = r.metrics
-    assert m["rewards/mean"].item() == pytest.approx(-0.25)
-    assert m["rewards/chosen"].item() == pytest.approx(0.0)
+    assert m["rewards/mean"].item() == pytest.approx(-1.25 / 4)
+    assert m["rewards/chosen"].item() == pytest.approx(-0.125)
     assert m["rewards/rejected"].item() == pytest.approx(-0.5)
     assert m["kl"].item() == pytest.approx(0.2)
+    negative = dataclasses.replace(inputs, kl_ref=-0.3)  # a KL estimate below 0 is clamped
+    assert run("kto", negative).metrics["kl"].item() == 0.0
+    aot = run("aot_unpaired", inputs, beta=0.5)
+    torch.testing.assert_close(aot.chosen_rewards, t(0.5, -0.75))
     only_good = PreferenceInputs(logps=t(-1.0), ref_logps=t(-2.0), labels=torch.tensor([True]))
     assert "rewards/rejected" not in run("kto", only_good).metrics
     only_bad = PreferenceInputs(logps=t(-1.0), ref_logps=t(-2.0), labels=torch.tensor([False]))
@@ -378,3 +383,85 @@ def test_cpo_nll_metric_is_a_mean_over_pairs():
     inputs = PreferenceInputs(chosen_logps=t(-4.0, -3.0), rejected_logps=t(-9.0, -1.0),
                               chosen_lengths=t(2.0, 1.0))
     assert run("cpo", inputs).metrics["cpo/nll"].item() == pytest.approx((2.0 + 3.0) / 2)
+
+
+def test_dro_labels_a_reward_equal_to_its_value_undesirable():
+    inputs = PreferenceInputs(logps=t(-1.0, -1.0), ref_logps=t(-1.0, -1.0), rewards=t(0.5, 0.7),
+                              values=t(0.5, 0.5))
+    r = run("dro_pointwise", inputs)
+    assert r.chosen_rewards.numel() == 1 and r.rejected_rewards.numel() == 1
+
+
+def test_mrpo_weights_clip_and_rewards():
+    inputs = PreferenceInputs(chosen_logps=t(-1.0), rejected_logps=t(-3.0),
+                              ref_chosen_logps_multi=t([-2.0, -4.0]),
+                              ref_rejected_logps_multi=t([-2.0, -2.0]))
+    r = run("mrpo", inputs, beta=0.1, ref_weights=[1.0, 3.0], clip=1.0)
+    # ref_c: the second reference clipped to −2 − 1 = −3, mixed ¼·(−2) + ¾·(−3) = −2.75 → a = 1.75
+    assert r.chosen_rewards.item() == pytest.approx(0.175)
+    assert r.rejected_rewards.item() == pytest.approx(-0.1)
+    assert r.losses.item() == pytest.approx(-ls(0.1 * 2.75))
+
+
+def test_group_weight_update_default_step():
+    from alignlab.losses.preference import update_group_weights
+
+    got = update_group_weights(t(0.5, 0.5), t(1.0, 0.0))
+    e = math.exp(0.01)
+    torch.testing.assert_close(got, t(e / (1 + e), 1 / (1 + e)))
+
+
+def sig(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def test_unpaired_losses_with_non_default_weights_and_shift():
+    inputs = PreferenceInputs(logps=t(-1.0, -3.0), ref_logps=t(-2.0, -2.0),
+                              labels=torch.tensor([True, False]), kl_ref=0.5)  # r = (1, −1)
+    kto = run("kto", inputs, beta=0.5, desirable_weight=2.0, undesirable_weight=0.5).losses
+    torch.testing.assert_close(kto, t(2 * (1 - sig(0.25)), 0.5 * (1 - sig(0.75))))
+    apo = run("apo_zero_unpaired", inputs, beta=0.5, desirable_weight=2.0,
+              undesirable_weight=0.5).losses
+    torch.testing.assert_close(apo, t(2 * (1 - sig(0.5)), 0.5 * sig(-0.5)))
+    bco = run("bco", inputs, beta=0.5, reward_shift=0.2).losses
+    torch.testing.assert_close(bco, t(-ls(0.3), -ls(0.7)))
+
+
+def test_paired_losses_with_non_default_options():
+    one = PreferenceInputs(chosen_logps=t(-7.0), rejected_logps=t(-9.0), ref_chosen_logps=t(-10.0),
+                           ref_rejected_logps=t(-10.0), margin=t(2.0))  # a = 3, b = 1, βh = 0.2
+    z = 0.2
+    exo = sig(z) * (ls(z) - math.log(0.8)) + sig(-z) * (ls(-z) - math.log(0.2))
+    assert run("exo_pair", one, label_smoothing=0.2).losses.item() == pytest.approx(exo)
+    mix = sig(z / 0.5)
+    assert run("discopop", one, beta=0.1, tau=0.5).losses.item() == pytest.approx(
+        -ls(z) * (1 - mix) + math.exp(-z) * mix)
+    target = sig(0.5 * 2.0)
+    assert run("mmpo", one, gamma=0.5).losses.item() == pytest.approx(
+        -target * ls(z) - (1 - target) * ls(-z))
+    assert run("slic_hf", one, delta=3.0).losses.item() == pytest.approx(1.0)  # π_c − π_r = 2
+
+
+def test_bounds_and_quantiles_of_two_or_more():
+    with pytest.raises(ValueError, match="log_theta must be > 0"):
+        run("dpo_ties", three_pairs(ties=torch.tensor([False, False, True])), log_theta=0.0)
+    # 3 desirable, 2 undesirable: both read at q = (0.25, 0.75)
+    logps = t(0.0, 2.0, 4.0, 0.0, 1.0)
+    inputs = PreferenceInputs(logps=logps, ref_logps=torch.zeros_like(logps),
+                              labels=torch.tensor([True, True, True, False, False]))
+    # Q_D(0.25) = 1, Q_D(0.75) = 3; Q_U(0.25) = 0.25, Q_U(0.75) = 0.75
+    got = run("aot_unpaired", inputs, beta=1.0).losses
+    torch.testing.assert_close(got, t(-ls(0.75), -ls(2.25)))
+
+
+def test_kto_keeps_the_dtype_of_its_log_probs():
+    inputs = PreferenceInputs(logps=torch.tensor([-1.0], dtype=torch.bfloat16),
+                              ref_logps=torch.tensor([-2.0], dtype=torch.bfloat16),
+                              labels=torch.tensor([True]), kl_ref=0.3)
+    assert run("kto", inputs).losses.dtype == torch.bfloat16
+
+
+def test_group_losses_of_an_empty_group_are_zero():
+    r = run("group_robust_dpo", three_pairs(groups=torch.tensor([0, 0, 1])),
+            group_weights=t(1.0, 1.0, 1.0))
+    assert r.metrics["group/losses"][2].item() == 0.0

@@ -191,3 +191,22 @@ def test_bad_arguments_are_config_errors():
     with pytest.raises(ConfigError, match="loss_mask shape"):
         token_logprobs(model, {**batch, "loss_mask": batch["loss_mask"][:, :3]})
     assert token_logprobs(model, batch, chunk_size=1).shape == (2, 5)
+
+
+def test_chunked_true_takes_the_chunked_path_when_it_is_exact():
+    model = random_llama().eval()
+    batch = _padded()
+    got = token_logprobs(model, batch, chunked=True)
+    torch.testing.assert_close(got.double(), _full_reference(model, batch)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_float32_gradients_are_computed_in_float32():
+    hidden, weight, bias, targets = _leaves(4)
+    leaves = [t.detach().float().requires_grad_() for t in (hidden, weight, bias)]
+    lp, _ = chunked_logprobs(*leaves, targets, chunk_size=3)
+    lp.sum().backward()
+    got = _grads(leaves)
+    ref, _ = _reference(*leaves, targets, 1.0)
+    ref.sum().backward()
+    for a, b in zip(got, _grads(leaves)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -100,3 +100,63 @@ def test_for_task_uses_the_task_gold_and_name():
 
     ann = SimulatedAnnotator.for_task(Task(), temperature=0.0, flip_rate=0.0)
     assert ann.name == "words" and ann.label_pairs(["p"], ["good"], ["bad"])[0].a_preferred
+
+
+def test_listwise_first_place_follows_plackett_luce():
+    n = 3000
+    ann = SimulatedAnnotator(word_gold, temperature=1.0, flip_rate=0.0)
+    lists = [[f"good good #{i}", f"good #{i}", f"ok #{i}"] for i in range(n)]
+    firsts = [lab.order[0] for lab in ann.rank(["p"] * n, lists)]
+    # Gumbel-max: P(first = item 0) = e²/(e² + e + 1) = 0.665 (3 sd = 0.026)
+    assert firsts.count(0) / n == pytest.approx(math.exp(2) / (math.exp(2) + math.e + 1), abs=0.026)
+
+
+def test_rank_agreement_counts_a_tie_in_scores_as_a_disagreement():
+    ann = SimulatedAnnotator(word_gold, temperature=0.0, flip_rate=0.0, length_bias=0.5)
+    (lab,) = ann.rank(["p"], [["good", "ok ok ok"]])  # ũ = 1 + 0.5 = 0 + 1.5: tied scores
+    assert lab.scores == [1.5, 1.5]
+    assert (ann.stats.comparisons, ann.stats.agree) == (1, 0)
+
+
+def test_tie_records_both_golds_and_gold_sees_each_prompt():
+    ann = SimulatedAnnotator(word_gold, tie_margin=1.0)
+    (tie,) = ann.label_pairs(["p"], ["good x"], ["good bad good y"])
+    assert tie.a_preferred is None and (tie.gold_a, tie.gold_b) == (1.0, 1.0)
+    (tie,) = ann.label_pairs(["p"], ["good"], ["ok"])
+    assert (tie.gold_a, tie.gold_b) == (1.0, 0.0)
+
+    def prompt_gold(prompts, completions):  # 1 when the completion repeats its prompt
+        return [float(p == c) for p, c in zip(prompts, completions)]
+
+    both = SimulatedAnnotator(prompt_gold, temperature=0.0, flip_rate=0.0)
+    first, second = both.label_pairs(["aa", "bbb"], ["aa", "x"], ["y", "bbb"])
+    assert (first.gold_a, first.gold_b, second.gold_a, second.gold_b) == (1.0, 0.0, 0.0, 1.0)
+
+
+def test_default_settings_and_a_cache_in_a_new_folder(tmp_path):
+    defaults = {f.name: f.default for f in dataclasses.fields(SimulatedAnnotator)
+                if f.default is not dataclasses.MISSING}
+    assert defaults == {"name": "gold", "temperature": 0.05, "flip_rate": 0.25, "length_bias": 0.0,
+                        "tie_margin": None, "seed": 0, "cache_path": None}
+    cache = tmp_path / "new" / "deeper" / "labels.jsonl"
+    SimulatedAnnotator(word_gold, cache_path=cache).label_pairs(["p"], ["good"], ["bad"])
+    assert cache.exists()
+
+
+def test_stats_difference_subtracts_and_a_str_cache_path_works(tmp_path):
+    ann = SimulatedAnnotator(word_gold, temperature=0.0, flip_rate=0.0,
+                             cache_path=str(tmp_path / "labels.jsonl"))
+    ann.label_pairs(["p"] * 2, ["good", "bad"], ["bad", "good"])
+    before = dataclasses.replace(ann.stats)
+    ann.label_pairs(["p"], ["good x"], ["bad x"])
+    assert (ann.stats - before).judgements == 1 and (ann.stats - before).agree == 1
+
+
+def test_gold_receives_each_completion_with_its_own_prompt():
+    def gold(prompts, completions):  # depends on the prompt, so misaligned prompts show
+        return [10.0 * len(p) + (p == c) for p, c in zip(prompts, completions)]
+
+    ann = SimulatedAnnotator(gold, temperature=0.0, flip_rate=0.0)
+    first, second = ann.label_pairs(["a", "bbb"], ["a", "x"], ["y", "bbb"])
+    assert (first.gold_a, first.gold_b) == (11.0, 10.0)
+    assert (second.gold_a, second.gold_b) == (30.0, 31.0)

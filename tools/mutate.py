@@ -23,8 +23,10 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import hashlib
 import importlib.abc
 import importlib.util
+import json
 import os
 import random
 import signal
@@ -89,6 +91,41 @@ SCOPE: dict[str, set[str]] = {
         "scored_positions"},
     "src/alignlab/models/logprobs.py": {"token_logprobs", "_sequence_ids", "sequence_logprobs"},
 }
+
+# The hand-made mutants of issue 16 (survivors and weak kills before its tests), run by --hand:
+# (module, what, original text, mutated text).
+HAND_MUTANTS = [
+    ("src/alignlab/losses/preference/weighted.py", "sparse_po rejected with the chosen mask",
+     "b = reward(inputs.rejected_token_logps, inputs.ref_rejected_token_logps, inputs.rejected_mask,",
+     "b = reward(inputs.rejected_token_logps, inputs.ref_rejected_token_logps, inputs.chosen_mask,"),
+    ("src/alignlab/losses/preference/base.py", "accuracies as a sum",
+     'out["rewards/accuracies"] = (chosen_rewards > rejected_rewards).float().mean()',
+     'out["rewards/accuracies"] = (chosen_rewards > rejected_rewards).float().sum()'),
+    ("src/alignlab/losses/preference/unpaired.py", "aot_unpaired drops label_smoothing",
+     "losses = smoothed_sigmoid_loss(beta * (qg - qb), label_smoothing)",
+     "losses = smoothed_sigmoid_loss(beta * (qg - qb))"),
+    ("src/alignlab/losses/preference/pairwise.py", "aot_unpaired_on_pairs drops label_smoothing",
+     "delta = torch.sort(a).values - torch.sort(b).values\n    losses = smoothed_sigmoid_loss(beta * delta, label_smoothing)",
+     "delta = torch.sort(a).values - torch.sort(b).values\n    losses = smoothed_sigmoid_loss(beta * delta)"),
+    ("src/alignlab/losses/preference/reference_free.py", "simpo drops label_smoothing",
+     "losses = smoothed_sigmoid_loss(chosen - rejected - gamma, label_smoothing)",
+     "losses = smoothed_sigmoid_loss(chosen - rejected - gamma)"),
+    ("src/alignlab/losses/preference/reference_free.py", "cpo drops label_smoothing",
+     "losses = smoothed_sigmoid_loss(chosen - rejected, label_smoothing) + alpha * nll",
+     "losses = smoothed_sigmoid_loss(chosen - rejected) + alpha * nll"),
+    ("src/alignlab/losses/policy.py", "approx_kl with the wrong sign",
+     '"approx_kl": masked_mean((ratio - 1.0) - log_ratio, mask),',
+     '"approx_kl": masked_mean(log_ratio - (ratio - 1.0), mask),'),
+    ("src/alignlab/rewards/annotator.py", "tie rule < instead of <=",
+     "abs(gold[0] - gold[1]) <= self.tie_margin", "abs(gold[0] - gold[1]) < self.tie_margin"),
+    ("src/alignlab/engine/loop.py", "optimizer steps before clipping and the finiteness check",
+     "    grad_norm = (torch.nn.utils.clip_grad_norm_(",
+     "    opt.step()\n    grad_norm = (torch.nn.utils.clip_grad_norm_("),
+    ("src/alignlab/engine/loop.py", "scheduler steps twice per update (train)",
+     "            sched.step()\n", "            sched.step()\n            sched.step()\n"),
+    ("src/alignlab/engine/learner.py", "scheduler steps twice per update (Learner)",
+     "        self.scheduler.step()\n", "        self.scheduler.step()\n        self.scheduler.step()\n"),
+]
 
 PYTEST_ARGS = ["-x", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "-m", "not slow",
                "--no-header"]
@@ -517,9 +554,20 @@ def _preimport() -> None:
     assert "alignlab" not in sys.modules, "alignlab must be imported by each child, not here"
 
 
+_SIGNAL: list[str] = []
+
+
 def _interrupt(signum: int, frame: object) -> None:
     """SIGTERM ends a run like Ctrl-C: children killed, a rewritten file restored, results shown."""
+    _SIGNAL.append(signal.Signals(signum).name)
     raise KeyboardInterrupt
+
+
+def _result_key(m: Mutant, source: str) -> str:
+    """A mutant's identity for --results: the module's exact source and the edit."""
+    blob = json.dumps([hashlib.sha256(source.encode()).hexdigest(), m.path, m.start, m.end,
+                       m.op, m.mutated])
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -535,9 +583,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--inplace", action="store_true",
                     help="rewrite the file for a pytest subprocess instead of forking")
     ap.add_argument("--list", action="store_true", help="print the mutants, run nothing")
+    ap.add_argument("--hand", action="store_true",
+                    help="run only the hand-made mutants of issue 16 (HAND_MUTANTS)")
+    ap.add_argument("--results", type=Path,
+                    help="append each outcome to this JSONL file and skip the mutants already in "
+                         "it (to resume an interrupted run; delete it after changing the tests)")
     ap.add_argument("-v", "--verbose", action="store_true", help="print every mutant's result")
     args = ap.parse_args(argv)
 
+    if args.hand:
+        return run_hand_mutants(args.jobs)
     modules = [m for m in TARGETS if not args.module or any(s in m for s in args.module)]
     if not modules:
         ap.error(f"no module matches {args.module}; modules: {', '.join(TARGETS)}")
@@ -564,6 +619,12 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.time()
     results: dict[str, list[tuple[Mutant, str]]] = {}
+    done: dict[str, str] = {}
+    if args.results is not None and args.results.exists():
+        for line in args.results.read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                entry = json.loads(line)
+                done[entry["key"]] = entry["outcome"]
     try:
         for mod in sorted({m.path for m in mutants}):
             tests = TARGETS[mod]
@@ -578,18 +639,47 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{mod}: {len(own)} mutants, clean run {time.time() - start:.1f}s", flush=True)
             source = (ROOT / mod).read_text(encoding="utf-8")
             rows = results.setdefault(mod, [])
-            for i, code in run([(mod, m.apply(source), tests, timeout) for m in own]):
+            todo = []
+            for m in own:
+                if _result_key(m, source) in done:
+                    rows.append((m, done[_result_key(m, source)]))
+                else:
+                    todo.append(m)
+            for i, code in run([(mod, m.apply(source), tests, timeout) for m in todo]):
                 outcome = verdict(code)
-                rows.append((own[i], outcome))
+                rows.append((todo[i], outcome))
+                if args.results is not None:
+                    with args.results.open("a", encoding="utf-8") as f:
+                        f.write(json.dumps({"key": _result_key(todo[i], source),
+                                            "outcome": outcome}) + "\n")
                 if args.verbose or outcome in ("survived", "error"):
-                    print(f"  {outcome:8s} {own[i].describe()}", flush=True)
+                    print(f"  {outcome:8s} {todo[i].describe()}", flush=True)
             rows.sort(key=lambda r: (r[0].start, r[0].op))
     except KeyboardInterrupt:
         for pid in list(_CHILDREN):
             _kill_group(pid)
-        print("\ninterrupted; the results so far:")
+        print(f"\ninterrupted ({_SIGNAL[0] if _SIGNAL else 'Ctrl-C'}); the results so far:")
     report(results, time.time() - t0, sampled=args.sample is not None)
     return 0
+
+
+def run_hand_mutants(workers: int) -> int:
+    """Run ``HAND_MUTANTS``; exit status 1 if any survives."""
+    os.chdir(ROOT)
+    sys.path.insert(0, str(ROOT / "src"))
+    _preimport()
+    jobs = []
+    for path, what, old, new in HAND_MUTANTS:
+        source = (ROOT / path).read_text(encoding="utf-8")
+        if source.count(old) != 1:
+            raise SystemExit(f"hand mutant {what!r}: its original text is no longer in {path}")
+        jobs.append((path, source.replace(old, new), TARGETS[path], 300.0))
+    survived = 0
+    for i, code in run_forked(jobs, workers):
+        outcome = verdict(code)
+        survived += outcome != "killed"
+        print(f"{outcome:9s} {HAND_MUTANTS[i][0]}: {HAND_MUTANTS[i][1]}", flush=True)
+    return int(survived > 0)
 
 
 def report(results: dict[str, list[tuple[Mutant, str]]], seconds: float, sampled: bool) -> None:
