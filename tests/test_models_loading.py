@@ -125,8 +125,8 @@ def test_directory_without_config_json_names_the_directory(tmp_path, saved_model
     with pytest.raises(ConfigError, match="has no config.json") as info:
         load_model(bad)
     assert str(bad) in str(info.value) and "\n" not in str(info.value)
-    (bad / "adapter_config.json").write_text("{}")
-    with pytest.raises(ConfigError, match="LoRA adapter"):
+    (bad / "adapter_config.json").write_text("{}")  # an adapter config without its base
+    with pytest.raises(ConfigError, match="base_model_name_or_path"):
         load_model(bad)
 
 
@@ -161,3 +161,24 @@ def test_safetensors_with_a_garbage_header_is_a_config_error(tmp_path, saved_mod
     file.write_bytes(bytes(data))
     with pytest.raises(ConfigError, match="not a readable safetensors file"):
         load_model(bad)
+
+
+def test_memoized_fingerprint_sees_a_rewrite_that_keeps_size_and_mtime(tmp_path):
+    import os
+
+    from alignlab.models.fingerprint import directory_fingerprint, memoized_fingerprint
+
+    (tmp_path / "sub").mkdir()
+    weights = tmp_path / "sub" / "model.safetensors"
+    weights.write_bytes(b"a" * 64)
+    (tmp_path / "notes.md").write_text("ignored")
+    first = memoized_fingerprint(tmp_path, recursive=True)
+    assert first == directory_fingerprint(tmp_path, recursive=True)
+    assert directory_fingerprint(tmp_path) != first  # not recursive: the member is not seen
+    (tmp_path / "notes.md").write_text("still ignored")
+    assert memoized_fingerprint(tmp_path, recursive=True) == first
+    st = weights.stat()
+    weights.write_bytes(b"b" * 64)  # same size
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))  # same mtime
+    assert memoized_fingerprint(tmp_path, recursive=True) != first
+    assert memoized_fingerprint(tmp_path / "missing") is None

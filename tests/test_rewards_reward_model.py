@@ -166,3 +166,31 @@ def test_reward_model_params_are_checked_when_the_run_is_built(tmp_path):
         build(path=str(tmp_path / "rm"), aggregate="max")
     with pytest.raises(ConfigError, match=r"unknown parameter\(s\) agregate; allowed: path, aggregate"):
         build(path=str(tmp_path / "rm"), agregate="min")
+
+
+def test_a_reward_model_resaved_at_the_same_path_is_reloaded(tiny_world, tmp_path):
+    """The scorer cache is keyed on the files' content, not their modification time: new
+    weights copied over the old ones with the old mtimes kept (``cp -p``) are not stale."""
+    import os
+
+    from alignlab.models.loading import load_tokenizer
+
+    tok = load_tokenizer(tiny_world.base_dir)
+    rm = tmp_path / "rm"
+
+    def save(seed: int) -> None:
+        model = random_llama(vocab_size=len(tok), seed=seed)
+        RewardEnsemble([CausalLMWithScalarHead(model)]).save_pretrained(
+            rm, pad_token_id=tok.pad_token_id)
+        tok.save_pretrained(rm)
+
+    save(0)
+    times = {f: (f.stat().st_atime_ns, f.stat().st_mtime_ns) for f in rm.rglob("*") if f.is_file()}
+    prompts, completions = ["the soup"], [" was good ."]
+    first = load_scorer(rm).score(prompts, completions).rewards
+    assert load_scorer(rm) is load_scorer(rm)  # unchanged files: the cached scorer
+    save(1)
+    for f, (atime, mtime) in times.items():
+        os.utime(f, ns=(atime, mtime))
+    second = load_scorer(rm).score(prompts, completions).rewards
+    assert second != first

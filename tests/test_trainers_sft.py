@@ -63,3 +63,21 @@ def test_sft_with_lora_trains_adapters_and_saves_a_merged_model(tiny_world, worl
     changed = [n for (n, a), b in zip(merged.state_dict().items(), base.state_dict().values())
                if not torch.equal(a, b)]
     assert changed and not any("lora" in n for n in merged.state_dict())
+    # The adapters alone, in PEFT's layout, next to the merged model: loading them onto the
+    # base gives the merged model's outputs.
+    from peft import PeftModel
+
+    adapter = tmp_path / "final" / "adapter"
+    assert (adapter / "adapter_config.json").is_file()
+    assert (adapter / "adapter_model.safetensors").stat().st_size < 0.2 * (
+        tmp_path / "final" / "model.safetensors").stat().st_size
+    ids = torch.tensor([[1, 5, 7, 9, 11, 13]])
+    with torch.no_grad():
+        want = merged(ids).logits
+        peft = PeftModel.from_pretrained(load_model(str(tiny_world.base_dir)), str(adapter))
+        peft.eval()
+        torch.testing.assert_close(peft(ids).logits, want, rtol=1e-5, atol=1e-5)
+        reloaded = load_model(str(adapter))  # alignlab reads the adapter directory too
+        reloaded.eval()
+        torch.testing.assert_close(reloaded(ids).logits, want, rtol=1e-5, atol=1e-5)
+    assert load_tokenizer(str(adapter)).vocab_size == load_tokenizer(str(tmp_path / "final")).vocab_size

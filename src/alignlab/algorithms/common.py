@@ -87,14 +87,24 @@ def load_training_rows(data: DataSection, world: WorldSection, tokenizer: Any) -
     return tokenized
 
 
+ADAPTER_DIR = "adapter"
+
+
 def save_final(model: torch.nn.Module, tokenizer: Any, cfg: BaseModel, output_dir: str | Path) -> Path:
-    """Write ``<output_dir>/final`` (model, tokenizer, config) atomically."""
+    """Write ``<output_dir>/final`` (model, tokenizer, config) atomically. A LoRA run writes the
+    merged model there (a plain ``AutoModelForCausalLM``) and the adapters alone, in PEFT's
+    layout with the tokenizer, to ``final/adapter`` (``load_model`` and
+    ``PeftModel.from_pretrained`` read it)."""
     final = Path(output_dir) / "final"
     tmp = final.with_name(".tmp-final")
-    # LoRA: save a merged copy (a plain AutoModelForCausalLM) and leave the trained model as is.
-    to_save = copy.deepcopy(model).merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    lora = hasattr(model, "merge_and_unload")
+    # LoRA: save a merged copy and leave the trained model as is.
+    to_save = copy.deepcopy(model).merge_and_unload() if lora else model
     to_save.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    if lora:
+        model.save_pretrained(tmp / ADAPTER_DIR)
+        tokenizer.save_pretrained(tmp / ADAPTER_DIR)
     atomic_write_text(tmp / "alignlab_config.yaml", dump_config(cfg))
     replace_dir(tmp, final)
     # Only now is the run finished: a run that died before its final model never looks done.

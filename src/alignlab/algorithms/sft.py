@@ -22,7 +22,7 @@ from alignlab.core.config import (
 from alignlab.data.batches import make_batches
 from alignlab.engine.loop import TrainResult, train
 from alignlab.engine.objectives import NLLObjective
-from alignlab.engine.run import prepare_output_dir
+from alignlab.engine.run import prepare_run
 
 
 class SFTConfig(Section):
@@ -42,7 +42,7 @@ class SFTRun:
 
 def run_sft(cfg: SFTConfig) -> SFTRun:
     """Load model and data as the config says, train, and save the final model."""
-    prepare_output_dir(cfg.train)  # before anything slow is loaded
+    prepare_run(cfg)  # before anything slow is loaded
     from alignlab.algorithms.common import load_policy, load_training_rows, save_final
 
     model, tokenizer = load_policy(cfg.model, cfg.world, seed=cfg.train.seed)

@@ -67,13 +67,18 @@ def _print_world(world) -> None:
 def train(algorithm: Annotated[str, typer.Argument(help="Algorithm name (see `alignlab list algorithms`).")],
           config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file.")] = None,
           set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override, e.g. train.lr=1e-4 (repeatable).")] = None) -> None:
-    """Train with ALGORITHM on the data and model named in the config."""
+    """Train with ALGORITHM on the data and model named in the config.
+
+    `alignlab train ALGORITHM --help` lists that trainer's config sections and fields."""
     from alignlab.algorithms.registry import ALGORITHMS
-    from alignlab.core.config import dump_config, load_config
+    from alignlab.core.config import load_config
+    from alignlab.engine.run import CONFIG_FILE
 
     entry = ALGORITHMS.get(algorithm)
     cfg = load_config(entry.config_cls, config, set_ or [])
-    console.print(f"[bold]alignlab train {algorithm}[/bold]\n{dump_config(cfg)}")
+    out = Path(cfg.train.output_dir)
+    console.print(f"[bold]alignlab train {algorithm}[/bold] → {out} (full config in "
+                  f"{out / CONFIG_FILE})", highlight=False)
     run = entry.run(cfg)
     result = getattr(run, "result", run)
     console.print(f"done: {result.step} steps in {result.seconds:.1f}s → {result.output_dir / 'final'}")
@@ -150,8 +155,47 @@ def demo(preset: PresetOpt = "full", out: Annotated[Path, typer.Option(help="Out
     run_demo(preset=preset, out=out, seed=seed, cache_dir=cache_dir)
 
 
+def trainer_help(argv: list[str]) -> str | None:
+    """The help of ``train NAME --help`` (that trainer's config), else None for click's own."""
+    if len(argv) < 3 or argv[0] != "train" or not {"--help", "-h"} & set(argv):
+        return None
+    name = argv[1]
+    if name.startswith("-"):
+        return None
+    from alignlab.algorithms.registry import ALGORITHMS
+    from alignlab.cli.config_help import config_help
+
+    entry = ALGORITHMS.get(name)  # an unknown name: the registry's error lists the known ones
+    return config_help(name, entry.config_cls, entry.doc)
+
+
+def _quiet_console() -> None:
+    """One ``warning: ...`` line per warning, and no transformers loading/saving bars (the
+    run has its own progress bar)."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    default = warnings.formatwarning
+
+    def formatwarning(message, category, filename, lineno, line=None):  # noqa: ANN001
+        from alignlab.core.errors import AlignlabWarning
+
+        if issubclass(category, AlignlabWarning):
+            return f"warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    warnings.formatwarning = formatwarning
+
+
 def main() -> None:
     try:
+        text = trainer_help(sys.argv[1:])
+        if text is not None:
+            print(text)
+            return
+        _quiet_console()
         app()
     except AlignlabError as exc:
         Console(stderr=True).print(f"[bold red]error:[/bold red] {exc}", highlight=False)

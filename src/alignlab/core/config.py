@@ -16,7 +16,11 @@ from alignlab.core.errors import ConfigError
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """A config section. The docstring under a field is its description (shown by
+    ``alignlab train NAME --help``)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True,
+                              use_attribute_docstrings=True)
 
 
 class LoraSettings(Section):
@@ -36,9 +40,14 @@ class ModelSection(Section):
     name_or_path: str = "world:base"
     """A Hub name, a local directory, or ``world:base`` for the built-in world's base model."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    """The weights' storage dtype; compute precision is ``train.precision``."""
     trust_remote_code: bool = False
+    """Run the model repository's own Python code (off: only transformers' built-in classes)."""
     attn_implementation: str | None = None
+    """transformers' ``attn_implementation`` (``sdpa``, ``eager``, ...); None keeps its default."""
     lora: LoraSettings | None = None
+    """Train LoRA adapters instead of every weight; ``final/`` holds the merged model and
+    ``final/adapter/`` the adapters alone."""
 
 
 class DataSection(Section):
@@ -46,46 +55,75 @@ class DataSection(Section):
     """A JSONL/Parquet file, a ``datasets`` folder, a Hub dataset name, or ``world:<task>``
     (the task's demonstrations)."""
     format: str | None = None
+    """The row format (``alignlab list formats``); None detects it from the columns."""
     split: str = "train"
+    """The split of a ``datasets`` folder or Hub dataset."""
     limit: int | None = Field(None, gt=0)
+    """Use only the first ``limit`` rows."""
     max_length: int = Field(256, gt=1)
+    """Tokens per example (prompt + completion); longer rows follow ``truncation``."""
     truncation: Literal["keep_end_of_prompt", "truncate_completion", "drop"] = "keep_end_of_prompt"
+    """How over-long rows are cut; rows left without a trainable token are dropped and counted."""
     packing: bool = False
+    """Pack several examples into one row (no padding; attention kept within each example)."""
     completion_only_loss: bool = True
+    """Train only on completion (assistant) tokens, not on the prompt."""
 
 
 class WorldSection(Section):
     preset: Literal["full", "tiny"] = "full"
+    """The built-in world's size: ``full`` (the demo) or ``tiny`` (tests)."""
     seed: int = 0
+    """The world's seed (corpus, tokenizer, base model)."""
     cache_dir: str | None = None
     """Defaults to ``$ALIGNLAB_CACHE`` or ``~/.cache/alignlab``."""
 
 
 class TrainSection(Section):
     output_dir: str = "runs/sft"
+    """The run directory: config.yaml, metrics.jsonl, tensorboard/, checkpoints/, final/, DONE."""
     seed: int = 0
+    """Seeds every RNG before any model is built (same seed, same run)."""
     max_steps: int = Field(100, gt=0)
+    """Optimizer steps (online trainers: iterations)."""
     batch_size: int = Field(16, gt=0)
     """Micro-batch size (examples per forward pass)."""
     grad_accum: int = Field(1, gt=0)
+    """Micro-batches per optimizer step (the loss is normalised over all of them)."""
     lr: float = Field(1e-4, gt=0)
+    """Peak learning rate of AdamW."""
     weight_decay: float = Field(0.0, ge=0)
+    """AdamW's decoupled weight decay (not applied to biases and norms)."""
     adam_betas: tuple[float, float] = (0.9, 0.999)
     lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
+    """The schedule after warmup, per optimizer step."""
     warmup_steps: int = Field(0, ge=0)
+    """Steps of linear warmup from 0 to ``lr``."""
     max_grad_norm: float | None = Field(1.0, gt=0)
+    """Clip the gradient's global norm to this (None: no clipping)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Compute precision: ``auto`` is bf16 where the device runs it natively, else fp32."""
     device: str = "auto"
+    """``auto`` (CUDA if present, else CPU), ``cpu``, ``cuda``, ``cuda:1``, ..."""
     log_every: int = Field(10, gt=0)
-    save_every: int | None = Field(None, gt=0)
+    """Write metrics (JSONL, TensorBoard) every this many steps, and at the last step."""
+    save_every: int | None = Field(200, gt=0)
+    """Write a checkpoint every this many steps and at the last step (None: never; then a
+    stopped run cannot resume)."""
     save_total_limit: int = Field(2, gt=0)
+    """Checkpoints kept; older ones are deleted once a newer one is complete."""
     resume: bool = False
     """Resume from the newest checkpoint in ``output_dir`` when one exists."""
     overwrite: bool = False
     """Replace an earlier run in ``output_dir`` (its checkpoints, metrics, final model, DONE);
     without it (or ``resume``) a non-empty run directory is refused."""
     tensorboard: bool = True
+    """Write TensorBoard scalars to ``output_dir/tensorboard`` (beside ``metrics.jsonl``)."""
+    report_to: list[Literal["wandb"]] = []
+    """More metric sinks beside ``metrics.jsonl`` and TensorBoard: ``wandb`` (Weights & Biases;
+    needs ``pip install wandb``; project and mode from ``WANDB_PROJECT``/``WANDB_MODE``)."""
     progress: bool = True
+    """Show a progress bar."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer in backward: less activation memory for about a third more
     compute; turn it on only when memory needs it."""
@@ -101,8 +139,11 @@ class RolloutSection(Section):
     max_new_tokens: int | None = Field(None, gt=0)
     """Defaults to the world task's suggestion, else 64."""
     temperature: float = Field(1.0, gt=0)
+    """Sampling temperature of the rollouts."""
     top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling: keep the smallest set of tokens with this much probability."""
     batch_size: int = Field(64, gt=0)
+    """Sequences decoded together (prompts x n)."""
 
 
 class OnlineTrainSection(TrainSection):
@@ -114,6 +155,8 @@ class OnlineTrainSection(TrainSection):
     lr: float = Field(1e-5, gt=0)
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
     log_every: int = Field(1, gt=0)
+    save_every: int | None = Field(25, gt=0)
+    """Write a checkpoint every this many iterations and at the last (None: never)."""
 
 
 class EvalSection(Section):

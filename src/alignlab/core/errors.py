@@ -35,3 +35,8 @@ class RewardError(AlignlabError):
 
 class TrainingError(AlignlabError):
     """Training ran but produced no update (every step was skipped)."""
+
+
+class AlignlabWarning(UserWarning):
+    """Something a user should know that does not stop the run (``core/notices.py`` shows each
+    cause once); the CLI prints it as one ``warning:`` line."""

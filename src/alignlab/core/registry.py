@@ -57,9 +57,10 @@ class Registry(Generic[T]):
         return sorted(self._items)
 
     def summary(self, name: str) -> str:
-        """First line of the registered object's docstring."""
+        """The first sentence of the registered object's docstring (of its first paragraph,
+        unwrapped), for ``alignlab list -v``."""
         doc = inspect.getdoc(self.get(name)) or ""
-        return doc.splitlines()[0] if doc else ""
+        return first_sentence(" ".join(doc.split("\n\n")[0].split()))
 
     def __contains__(self, name: object) -> bool:
         self._load_builtins()
@@ -71,3 +72,12 @@ class Registry(Generic[T]):
     def __len__(self) -> int:
         self._load_builtins()
         return len(self._items)
+
+
+def first_sentence(text: str) -> str:
+    """``text`` up to the first full stop followed by a capital letter (so "e.g. x" and
+    "1e-3. " in formulas stay whole), or all of it."""
+    for i, ch in enumerate(text[:-2]):
+        if ch == "." and text[i + 1] == " " and text[i + 2].isupper():
+            return text[:i + 1]
+    return text

@@ -55,6 +55,13 @@ class RowFormat:
     one_of: tuple[str, ...] = ()
     """Optional fields of which a row must have at least one."""
 
+    @property
+    def __doc__(self) -> str:  # shown by ``alignlab list formats -v``
+        fields = f"fields: {', '.join(self.required)}"
+        if self.optional:
+            fields += f"; optional: {', '.join(self.optional)}"
+        return f"{self.doc[:-1]} ({fields})."
+
 
 FORMATS: Registry[RowFormat] = Registry("data format")
 

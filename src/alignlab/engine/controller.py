@@ -30,6 +30,7 @@ from alignlab.engine.learner import Learner, Units
 from alignlab.engine.loop import TrainResult
 from alignlab.engine.prompts import PromptSource
 from alignlab.engine.run import TrainingRun
+from alignlab.rollout.engine import length_limit_fraction
 from alignlab.rollout.role import RolloutRole, Rollouts
 
 Rows = list[dict[str, Any]]
@@ -117,7 +118,7 @@ def run_online(setup: OnlineSetup, cfg: TrainSection, description: str) -> Train
             judged = algorithm.judge(rows, rolls, m)
             if setup.gold is not None:
                 m["gold_mean"] = statistics.fmean(setup.gold(rolls.prompts, rolls.completions))
-            _rollout_metrics(rolls, m, it, rollout.max_new_tokens)
+            _rollout_metrics(rolls, m)
             t2 = time.time()
             units = algorithm.make_batches(rows, rolls, judged, m)
             if units is None or units.n == 0:
@@ -139,12 +140,9 @@ def run_online(setup: OnlineSetup, cfg: TrainSection, description: str) -> Train
     return TrainResult(cfg.max_steps, run.history, run.output_dir, seconds)
 
 
-def _rollout_metrics(rolls: Rollouts, m: dict[str, float], it: int, max_new_tokens: int) -> None:
+def _rollout_metrics(rolls: Rollouts, m: dict[str, float]) -> None:
     m["response_length"] = statistics.fmean(map(len, rolls.completion_ids))
-    m["frac_hit_length_limit"] = rolls.finish_reasons.count("length") / len(rolls.finish_reasons)
-    if m["frac_hit_length_limit"] > 0.5:
-        print(f"warning: iteration {it + 1}: {m['frac_hit_length_limit']:.0%} of completions "
-              f"hit rollout.max_new_tokens={max_new_tokens}; their rewards may be meaningless")
+    m["frac_hit_length_limit"] = length_limit_fraction(rolls.finish_reasons)  # warns once a run
 
 
 __all__ = ["OnlineAlgorithm", "OnlineRun", "OnlineSetup", "run_online"]

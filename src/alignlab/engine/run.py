@@ -7,7 +7,8 @@ gives it its model and a callable returning the rest of its state; the state's l
 trainer's business. ``DONE`` is written by the trainer after its final model
 (``algorithms/common.py: save_final``), so a run that died before it never looks finished.
 
-``prepare_output_dir`` runs before anything slow is loaded: a path that is a file or cannot be
+``prepare_output_dir`` (through ``prepare_run``, which also writes ``config.yaml``) runs before
+anything slow is loaded: a path that is a file or cannot be
 written is refused at once, and so is a directory that holds an earlier run, unless
 ``train.resume`` continues it or ``train.overwrite`` replaces it (reusing it silently would mix
 old checkpoints, metrics and ``final/`` into the new run).
@@ -15,6 +16,7 @@ old checkpoints, metrics and ``final/`` into the new run).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -25,9 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
-from alignlab.core.config import TrainSection
+from alignlab.core.config import TrainSection, dump_config
 from alignlab.core.errors import AlignlabError, ConfigError
+from alignlab.core import notices
+from alignlab.core.io import atomic_write_text
 from alignlab.engine.checkpoint import (
     CheckpointError,
     earlier_checkpoints,
@@ -40,8 +45,10 @@ from alignlab.engine.progress import Progress
 
 # What a run writes into its directory; other files (caches such as the reference log-probs)
 # survive an overwrite.
-RUN_ARTEFACTS = ("checkpoints", "final", "DONE", "metrics.jsonl", "tensorboard", "eval")
+RUN_ARTEFACTS = ("checkpoints", "final", "DONE", "metrics.jsonl", "tensorboard", "eval", "wandb",
+                 "wandb_run_id")
 EARLIER_RUN = ("checkpoints", "final", "DONE", "metrics.jsonl")
+CONFIG_FILE = "config.yaml"
 
 
 class Interrupted(AlignlabError):
@@ -71,6 +78,18 @@ def prepare_output_dir(cfg: TrainSection) -> Path:
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
+    return out
+
+
+def prepare_run(cfg: Any) -> Path:
+    """``prepare_output_dir(cfg.train)``, then the whole config written to
+    ``<output_dir>/config.yaml`` (the console shows one line, not the dump). A resumed run
+    rewrites it with the config it resumed with."""
+    out = prepare_output_dir(cfg.train)
+    if "wandb" in cfg.train.report_to and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("field 'train.report_to': 'wandb' needs the wandb package "
+                          "(pip install wandb)")
+    atomic_write_text(out / CONFIG_FILE, dump_config(cfg))
     return out
 
 
@@ -107,11 +126,20 @@ class TrainingRun:
         return step, state
 
     def open(self, start_step: int) -> TrainingRun:
+        notices.reset()  # each run shows each warning's cause once
         self.logger = MetricsLogger(self.output_dir, tensorboard=self.cfg.tensorboard,
-                                    purge_step=start_step + 1 if start_step else None)
+                                    purge_step=start_step + 1 if start_step else None,
+                                    wandb="wandb" in self.cfg.report_to, config=self._config())
         self.progress = Progress(self.cfg.max_steps, start_step, self.cfg.progress, self.description)
         self._catch_signals()
         return self
+
+    def _config(self) -> dict[str, Any]:
+        """The whole run config ``prepare_run`` wrote, else just the train section."""
+        path = self.output_dir / CONFIG_FILE
+        if path.exists():
+            return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return {"train": self.cfg.model_dump(mode="json")}
 
     @property
     def history(self) -> list[dict[str, Any]]:
@@ -143,6 +171,9 @@ class TrainingRun:
             self.progress.close()
         if self.logger is not None:
             self.logger.close()
+        for cause, n in notices.repeated().items():
+            print(f"warning {cause!r} occurred {n} more time(s) after the first (see "
+                  f"{self.output_dir / 'metrics.jsonl'})")
 
     def _catch_signals(self) -> None:
         """SIGINT/SIGTERM mark the run to stop after the current step (main thread only)."""

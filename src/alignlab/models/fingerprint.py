@@ -30,17 +30,46 @@ def _hash_file(h: "hashlib._Hash", path: Path) -> None:
             h.update(chunk)
 
 
-def directory_fingerprint(path: str | os.PathLike) -> str | None:
+def _files(root: Path, recursive: bool) -> list[Path]:
+    found = root.rglob("*") if recursive else root.iterdir()
+    return sorted(p for p in found if p.is_file() and p.name.endswith(_SUFFIXES))
+
+
+def directory_fingerprint(path: str | os.PathLike, *, recursive: bool = False) -> str | None:
     """sha256 over the name and bytes of every weight, config and tokenizer file directly in
-    ``path`` (sorted by name); None when ``path`` is not a local directory."""
+    ``path`` (``recursive``: in its sub-folders too, e.g. an ensemble's members), sorted by
+    name; None when ``path`` is not a local directory."""
     root = Path(path).expanduser()
     if not root.is_dir():
         return None
     h = hashlib.sha256(b"alignlab.fingerprint.v1")
-    for file in sorted(p for p in root.iterdir() if p.is_file() and p.name.endswith(_SUFFIXES)):
-        h.update(f"\0{file.name}\0{file.stat().st_size}\0".encode())
+    for file in _files(root, recursive):
+        name = file.relative_to(root).as_posix()
+        h.update(f"\0{name}\0{file.stat().st_size}\0".encode())
         _hash_file(h, file)
     return h.hexdigest()
+
+
+_memo: dict[tuple[str, bool], tuple[tuple, str | None]] = {}
+
+
+def memoized_fingerprint(path: str | os.PathLike, *, recursive: bool = False) -> str | None:
+    """``directory_fingerprint``, hashed again only when a file's stat changed: for callers
+    that ask on every call (a reward model scored each iteration). The stat signature holds
+    each file's inode, size, mtime and *ctime*; ctime cannot be set from user space and
+    changes on every write, so a rewrite that keeps the size and mtime (``cp -p``) is still
+    seen."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        return None
+    sig = tuple((f.relative_to(root).as_posix(), st.st_ino, st.st_size, st.st_mtime_ns,
+                 st.st_ctime_ns) for f in _files(root, recursive) for st in (f.stat(),))
+    key = (str(root.resolve()), recursive)
+    cached = _memo.get(key)
+    if cached is None or cached[0] != sig:
+        cached = (sig, directory_fingerprint(root, recursive=recursive))
+        _memo[key] = cached
+    return cached[1]
 
 
 def module_fingerprint(model: nn.Module) -> str:
@@ -53,4 +82,4 @@ def module_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-__all__ = ["directory_fingerprint", "module_fingerprint"]
+__all__ = ["directory_fingerprint", "memoized_fingerprint", "module_fingerprint"]

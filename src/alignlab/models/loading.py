@@ -51,6 +51,7 @@ def _missing(name: str, cause: Exception | None = None) -> ConfigError:
 
 
 # Files a tokenizer can be built from (fast, BPE, WordPiece, SentencePiece, tiktoken).
+ADAPTER_CONFIG = "adapter_config.json"  # PEFT's adapter-only layout
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt",
                    "tokenizer.model", "spiece.model", "tokenizer.tiktoken")
 
@@ -87,10 +88,8 @@ def check_model_dir(root: Path, what: str) -> None:
                               "save the tokenizer next to the model (tokenizer.save_pretrained)")
         return
     if not (root / "config.json").is_file():
-        hint = (" It holds a LoRA adapter (adapter_config.json): merge it into its base model "
-                "(merge_and_unload) and save that." if (root / "adapter_config.json").is_file()
-                else " Point it at a directory written by save_pretrained.")
-        raise ConfigError(f"model directory '{root}' has no config.json.{hint}")
+        raise ConfigError(f"model directory '{root}' has no config.json. Point it at a "
+                          "directory written by save_pretrained.")
     if what == "model":
         for file in sorted(root.glob("*.safetensors")):
             check_safetensors_file(file)
@@ -146,14 +145,35 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype = "a
     """
     from transformers import AutoModelForCausalLM
 
-    model = from_pretrained_checked(
-        AutoModelForCausalLM, name_or_path,
-        **model_load_kwargs(dtype, trust_remote_code, attn_implementation))
+    kwargs = model_load_kwargs(dtype, trust_remote_code, attn_implementation)
+    adapter = Path(name_or_path).expanduser()
+    if (adapter / ADAPTER_CONFIG).is_file() and not (adapter / "config.json").is_file():
+        model = load_adapter(adapter, kwargs)
+    else:
+        model = from_pretrained_checked(AutoModelForCausalLM, name_or_path, **kwargs)
     model.to(device)
     model.train()
     if lora is not None:
         model = apply_lora(model, lora)
     return model
+
+
+def load_adapter(adapter_dir: Path, kwargs: dict[str, Any]) -> nn.Module:
+    """A LoRA adapter directory (``final/adapter``, PEFT's layout) merged into the base model
+    its ``adapter_config.json`` names: a plain causal LM, as ``final/`` holds."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    try:
+        base = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+        base_path = base["base_model_name_or_path"]
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(f"{adapter_dir / ADAPTER_CONFIG}: not a PEFT adapter config with a "
+                          "'base_model_name_or_path'") from None
+    for file in sorted(adapter_dir.glob("*.safetensors")):
+        check_safetensors_file(file)
+    model = from_pretrained_checked(AutoModelForCausalLM, base_path, **kwargs)
+    return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -185,5 +205,5 @@ def load_tokenizer(name_or_path: str | os.PathLike, trust_remote_code: bool = Fa
     return tokenizer
 
 
-__all__ = ["load_model", "load_reference_model", "load_tokenizer", "freeze",
+__all__ = ["load_adapter", "load_model", "load_reference_model", "load_tokenizer", "freeze",
            "apply_lora", "resolve_dtype", "from_pretrained_checked", "model_load_kwargs"]

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from alignlab.core.errors import ConfigError
+from alignlab.models.fingerprint import memoized_fingerprint
 from alignlab.rewards.registry import REWARDS, completion_text
 
 AGGREGATIONS = ("mean", "min", "mean_minus_std")
@@ -182,16 +183,12 @@ class RewardModelScorer:
         return self.score(prompts, completions).rewards
 
 
-def _stamp(path: Path) -> float:
-    files = [path / ENSEMBLE_CONFIG, path / "config.json", path / "model.safetensors",
-             path / "scalar_head.safetensors"]
-    return max((f.stat().st_mtime for f in files if f.exists()), default=0.0)
-
-
 @functools.lru_cache(maxsize=4)
 def _cached_scorer(path: str, aggregate: str | None, std_coef: float | None, device: str,
-                   batch_size: int, max_length: int | None, stamp: float) -> RewardModelScorer:
-    # ``stamp`` (newest mtime) is part of the key so a retrained model is reloaded.
+                   batch_size: int, max_length: int | None,
+                   fingerprint: str | None) -> RewardModelScorer:
+    # ``fingerprint`` (the content of the weights, configs and tokenizer, members included) is
+    # part of the key, so a model re-saved at the same path is reloaded, whatever its mtime.
     return RewardModelScorer.from_pretrained(path, aggregate=aggregate, std_coef=std_coef,
                                              device=device, batch_size=batch_size,
                                              max_length=max_length)
@@ -204,7 +201,7 @@ def load_scorer(path: str | os.PathLike, *, aggregate: str | None = None,
     root = Path(path).expanduser()
     key = str(root.resolve()) if root.is_dir() else str(path)  # else: a Hub name
     return _cached_scorer(key, aggregate, std_coef, device, batch_size, max_length,
-                          _stamp(root) if root.is_dir() else 0.0)
+                          memoized_fingerprint(root, recursive=True))
 
 
 @REWARDS.register("reward_model")

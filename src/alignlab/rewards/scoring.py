@@ -30,7 +30,6 @@ import functools
 import inspect
 import math
 import threading
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +37,7 @@ from typing import Any
 import torch
 
 from alignlab.core.errors import ConfigError, RewardError
+from alignlab.core.notices import warn_once
 from alignlab.rewards.sandbox import Limits
 from alignlab.rewards.worker import RewardTimeout, sandboxed_reward
 
@@ -165,7 +165,7 @@ class RewardRole:
                        f"  prompt: {prompts[i]!r}\n  completion: {completions[i]!r}")
                 if self.on_error == "stop":
                     raise RewardError(msg + "\nSet rl.on_reward_error: skip to drop such samples.")
-                warnings.warn(f"skipping {len(bad)} sample(s): {msg}", stacklevel=2)
+                warn_once(f"reward-skip:{name}", f"skipping {len(bad)} sample(s): {msg}")
                 for i in bad:
                     valid[i] = False
             metrics.update({f"reward/{name}/{k}": float(v) for k, v in extra.items()})

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import inspect
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -27,6 +26,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 
 from alignlab.core.errors import ConfigError
+from alignlab.core.notices import warn_once
 from alignlab.rollout.filters import apply_temperature, truncate
 
 LENGTH_WARNING = ("most completions were cut at max_new_tokens; rewards of truncated completions "
@@ -258,12 +258,13 @@ def _rollout_chunk(model: nn.Module, prompts: list[list[int]], params: SamplingP
 def rollout(model: nn.Module, prompt_ids: list[list[int]], params: SamplingParams, *,
             eos_token_id: int | list[int] | None, pad_token_id: int, tokenizer: Any = None,
             batch_size: int = 256, compact: bool = True,
-            logits_processor: LogitsProcessor | None = None) -> RolloutBatch:
+            logits_processor: LogitsProcessor | None = None,
+            warn_length: bool = True) -> RolloutBatch:
     """Sample ``params.n`` completions of each prompt (token ids, no special tokens added).
 
     ``batch_size`` caps the rows (prompts x n) decoded together. The model's train/eval mode is
-    restored afterwards. Warns (and sets ``stats["frac_hit_length_limit"]``) when more than half
-    of the completions hit ``max_new_tokens``.
+    restored afterwards. Sets ``stats["frac_hit_length_limit"]`` and, with ``warn_length``,
+    warns (once per run) when more than half of the completions hit ``max_new_tokens``.
     """
     if not prompt_ids:
         raise ConfigError("rollout: no prompts given")
@@ -300,7 +301,7 @@ def rollout(model: nn.Module, prompt_ids: list[list[int]], params: SamplingParam
     for i, lp in enumerate(logp_rows):
         logprobs[i, :len(lp)], completion_mask[i, :len(lp)] = lp, 1
     texts = [_text(ids, why, params.stop, tokenizer) for ids, why in zip(comp_ids, reasons)]
-    frac_length = length_limit_fraction(reasons)
+    frac_length = length_limit_fraction(reasons, warn=warn_length)
     stats = {"frac_hit_length_limit": frac_length, "seconds": seconds,
              "completions_per_s": len(comp_ids) / max(seconds, 1e-9),
              "mean_completion_tokens": sum(map(len, comp_ids)) / len(comp_ids)}
@@ -311,11 +312,12 @@ def rollout(model: nn.Module, prompt_ids: list[list[int]], params: SamplingParam
         pad_token_id=pad_token_id, stats=stats)
 
 
-def length_limit_fraction(finish_reasons: list[str]) -> float:
-    """The fraction of completions cut at ``max_new_tokens``; warns when it is above one half."""
+def length_limit_fraction(finish_reasons: list[str], *, warn: bool = True) -> float:
+    """The fraction of completions cut at ``max_new_tokens``; above one half it warns (once per
+    run: ``core/notices.py``)."""
     frac = finish_reasons.count("length") / max(len(finish_reasons), 1)
-    if frac > 0.5:
-        warnings.warn(f"{frac:.0%} of completions: {LENGTH_WARNING}", stacklevel=3)
+    if warn and frac > 0.5:
+        warn_once("length-limit", f"{frac:.0%} of completions: {LENGTH_WARNING}", stacklevel=3)
     return frac
 
 

@@ -9,7 +9,6 @@ algorithm. Here the role samples from the policy's own module in the trainer's p
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -72,11 +71,10 @@ class RolloutRole:
         params = SamplingParams(temperature=0.0 if greedy else self.temperature, top_p=self.top_p,
                                 max_new_tokens=self.max_new_tokens, n=n, seed=seed)
         ids = self._encode(prompts)
-        with warnings.catch_warnings():  # the controller warns itself, naming the iteration
-            warnings.filterwarnings("ignore", message=".*cut at max_new_tokens")
-            rb = rollout(self.model, ids, params, eos_token_id=self.eos, pad_token_id=self.pad,
-                         tokenizer=self.tokenizer, batch_size=self.batch_size,
-                         logits_processor=self.logits_processor())
+        # The controller warns itself (once per run) from the finish reasons.
+        rb = rollout(self.model, ids, params, eos_token_id=self.eos, pad_token_id=self.pad,
+                     tokenizer=self.tokenizer, batch_size=self.batch_size,
+                     logits_processor=self.logits_processor(), warn_length=False)
         comp = [c[:-1] if why == "eos" else list(c)
                 for c, why in zip(rb.completion_ids, rb.finish_reasons)]
         index = [i for i in range(len(prompts)) for _ in range(n)]

@@ -54,7 +54,7 @@ from alignlab.core.runtime import pick_device, resolve_precision, seed_everythin
 from alignlab.data.preference_batches import collate_groups
 from alignlab.engine.controller import OnlineAlgorithm, OnlineRun, OnlineSetup, Rows, run_online
 from alignlab.engine.learner import Learner, Units
-from alignlab.engine.run import prepare_output_dir
+from alignlab.engine.run import prepare_run
 from alignlab.rewards.annotator import SimulatedAnnotator
 from alignlab.rewards.judges import (
     AnnotatorJudge,
@@ -178,7 +178,7 @@ class OnlineDPO(OnlineAlgorithm):
 
 def train_online_dpo(cfg: OnlineDPOConfig) -> OnlineRun:
     """Train ``cfg.train.max_steps`` online DPO iterations and save the final policy."""
-    prepare_output_dir(cfg.train)  # before anything slow is loaded
+    prepare_run(cfg)  # before anything slow is loaded
     section = cfg.online_dpo
     plan = plan_losses(section)
     offline_only = [f for f in ("reference", "reference_models", "heldout", "prefix_sharing")

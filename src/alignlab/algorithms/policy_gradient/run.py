@@ -36,7 +36,7 @@ from alignlab.core.errors import ConfigError
 from alignlab.core.runtime import pick_device, seed_everything
 from alignlab.engine.controller import OnlineRun, OnlineSetup, run_online
 from alignlab.engine.learner import Learner
-from alignlab.engine.run import prepare_output_dir
+from alignlab.engine.run import prepare_run
 from alignlab.losses.rollout_correction import RolloutCorrection
 from alignlab.rewards.sandbox import Limits
 from alignlab.rewards.scoring import RewardRole, build_reward_role
@@ -80,7 +80,7 @@ def make_objective(spec: RLAlgorithm, cfg: OnlineRLConfig, max_tokens: int, *,
 
 def train_policy_gradient(cfg: OnlineRLConfig, algorithm: str) -> OnlineRun:
     """Train ``cfg.train.max_steps`` RL iterations of ``algorithm`` and save the final policy."""
-    prepare_output_dir(cfg.train)  # before anything slow is loaded
+    prepare_run(cfg)  # before anything slow is loaded
     spec = RL_ALGORITHMS[algorithm]
     cls = ALGORITHM_CLASSES.get(algorithm, PolicyGradient)
     if spec.grouped and cfg.rollout.n < 2:

@@ -54,7 +54,7 @@ from alignlab.data.preference_columns import (
 )
 from alignlab.data.tokenize import TokenizedRows, tokenize_rows
 from alignlab.engine.loop import LossOutput, TrainResult, train
-from alignlab.engine.run import prepare_output_dir
+from alignlab.engine.run import prepare_run
 from alignlab.losses.preference import (
     PREFERENCE_LOSSES,
     PreferenceInputs,
@@ -378,7 +378,7 @@ def choose_layout(section: PreferenceSection, data: DataSection, model: torch.nn
 def run_preference(cfg: PreferenceConfig) -> PreferenceRun:
     """Load policy and data, precompute the reference log-probs (if any loss needs them), train
     and save the final model."""
-    prepare_output_dir(cfg.train)  # before anything slow is loaded
+    prepare_run(cfg)  # before anything slow is loaded
     plan = plan_losses(cfg.preference)
     model, tokenizer = load_policy(cfg.model, cfg.world, seed=cfg.train.seed)
     columns = plan.needs.column_map()

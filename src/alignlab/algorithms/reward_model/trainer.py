@@ -37,7 +37,7 @@ from alignlab.core.io import atomic_write_json, atomic_write_text, replace_dir
 from alignlab.data.batches import EpochBatches
 from alignlab.engine.loop import LossOutput, TrainResult, train
 from alignlab.engine.metrics import MetricsLogger
-from alignlab.engine.run import prepare_output_dir
+from alignlab.engine.run import prepare_run
 from alignlab.losses.reward import REWARD_MODEL_LOSSES, centering_penalty, loss_format
 
 
@@ -278,7 +278,7 @@ class RewardRun:
 
 def run_reward(cfg: RewardConfig) -> RewardRun:
     """Load, train every ensemble member, evaluate on the held-out split, save ``final``."""
-    prepare_output_dir(cfg.train)  # before anything slow is loaded
+    prepare_run(cfg)  # before anything slow is loaded
     from alignlab.algorithms.reward_model.evaluate import evaluate_reward_model as evaluate_rewards
     from alignlab.models.loading import load_tokenizer
     from alignlab.rewards.reward_model import RewardEnsemble
