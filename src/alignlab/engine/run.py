@@ -29,9 +29,9 @@ from typing import Any
 import torch
 import yaml
 
+from alignlab.core import notices
 from alignlab.core.config import TrainSection, dump_config
 from alignlab.core.errors import AlignlabError, ConfigError
-from alignlab.core import notices
 from alignlab.core.io import atomic_write_text
 from alignlab.engine.checkpoint import (
     CheckpointError,
