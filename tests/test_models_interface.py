@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import alignlab.models.fast_path as fast_path_module
 import alignlab.models.logprobs as logprobs
 from alignlab.data.collate import join_prompt_completion, pack_collate
 from alignlab.data.preference_batches import collate_groups
@@ -116,7 +117,7 @@ def test_switch_off_takes_the_plain_path_everywhere_with_equal_values_and_logs_o
     import alignlab.models._fast.packed_groups as packed_groups
     import alignlab.models._fast.shared_tokens as shared_tokens
 
-    monkeypatch.setattr(logprobs, "MIN_SKIPPED_TOKENS", 0)  # share the small RL batch too
+    monkeypatch.setattr(fast_path_module, "MIN_SKIPPED_TOKENS", 0)  # share the small RL batch too
     model = random_llama(seed=1).float()
     critic = CausalLMWithScalarHead(random_llama(seed=5).float())
     head = torch.nn.Linear(model.config.hidden_size, 1)
@@ -147,7 +148,7 @@ def test_switch_off_takes_the_plain_path_everywhere_with_equal_values_and_logs_o
                          (shared_tokens, "as_groups"), (cpu_attention, "cpu_attention")):
         monkeypatch.setattr(module, name, _raise)
     reason = "testing the switch (FSDP)"
-    with caplog.at_level(logging.WARNING, logger=logprobs.__name__), fast_paths_off(reason):
+    with caplog.at_level(logging.WARNING, logger=fast_path_module.__name__), fast_paths_off(reason):
         assert fast_path(model, shared).name == "plain" and reason in fast_path(model, shared).reason
         assert preferred_layout(model)[0] == "flat"
         for name, fn in calls.items():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import alignlab.models._fast.shared_tokens as shared_tokens
-import alignlab.models.logprobs as logprobs
+import alignlab.models.fast_path as fast_path_module
 from alignlab.data.collate import completion_rows
 from alignlab.models._fast.shared_tokens import as_groups
 from alignlab.models.logprobs import fast_path, token_logprobs
@@ -31,7 +31,7 @@ def _rl_batch(seed: int = 0, groups: int = 3, n: int = 4) -> dict[str, torch.Ten
 @pytest.fixture
 def share_small_batches(monkeypatch):
     """Share even these small test batches (they skip far fewer than MIN_SKIPPED_TOKENS)."""
-    monkeypatch.setattr(logprobs, "MIN_SKIPPED_TOKENS", 0)
+    monkeypatch.setattr(fast_path_module, "MIN_SKIPPED_TOKENS", 0)
 
 
 def _spy(monkeypatch, module, name):
@@ -77,7 +77,7 @@ def test_falls_back_where_sharing_does_not_apply(monkeypatch):
     plain = token_logprobs(model, batch)  # prefix_sharing off: the plain path
     assert fast_path(model, batch).name == "plain"
     assert "skip only" in fast_path(model, batch, prefix_sharing=True).reason  # too small to pay
-    monkeypatch.setattr(logprobs, "MIN_SKIPPED_TOKENS", 0)
+    monkeypatch.setattr(fast_path_module, "MIN_SKIPPED_TOKENS", 0)
     assert fast_path(model, batch, prefix_sharing=True).name == "group_pass"
     assert torch.allclose(token_logprobs(model, batch, prefix_sharing=True), plain, atol=1e-5)
     model.set_attn_implementation("eager")

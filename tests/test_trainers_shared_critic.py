@@ -19,9 +19,9 @@ from tests.test_trainers_ppo import EVAL
 
 @pytest.mark.parametrize("prefix_sharing", [False, True])
 def test_one_forward_gives_token_logprobs_and_the_heads_values(prefix_sharing, monkeypatch):
-    import alignlab.models.logprobs as logprobs
+    import alignlab.models.fast_path as fast_path_module
 
-    monkeypatch.setattr(logprobs, "MIN_SKIPPED_TOKENS", 0)  # share even this small batch
+    monkeypatch.setattr(fast_path_module, "MIN_SKIPPED_TOKENS", 0)  # share even this small batch
     batch = _rl_batch(seed=6)
     model = random_llama(seed=3).float()
     head = value_head_for(model, torch.device("cpu"))
