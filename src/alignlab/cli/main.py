@@ -19,8 +19,11 @@ app = typer.Typer(
 world_app = typer.Typer(help="Build or inspect the built-in feedback world.", no_args_is_help=True)
 app.add_typer(world_app, name="world")
 from alignlab.cli.data import data_app  # noqa: E402
+from alignlab.cli.generate import chat, generate  # noqa: E402
 
 app.add_typer(data_app, name="data")
+app.command()(generate)
+app.command()(chat)
 console = Console()
 
 PresetOpt = Annotated[str, typer.Option(help="World preset: full (demo) or tiny (tests).")]
