@@ -96,7 +96,9 @@ def generate(
             typer.echo(f"--- prompt {r['prompt_index']}, sample {r['sample_index']} "
                        f"({r['finish_reason']})\n{text}{r['completion']}")
         return
-    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results))
+    # default=str: a Parquet column of dates or decimals is still written, as text
+    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n"
+                                   for r in results))
     typer.echo(f"wrote {len(results)} completions of {len(rows)} prompts to {out}", err=True)
 
 
@@ -187,7 +189,7 @@ def chat(
         elif text:
             if show_prompt:
                 typer.echo(f"[prompt] {session.prompt(text)}")
-            typer.echo(f"assistant> {session.reply(text)}")
+            typer.echo(f"assistant> {session.reply(text).strip()}")
 
 
 __all__ = ["ChatSession", "chat", "generate"]
