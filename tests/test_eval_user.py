@@ -129,6 +129,8 @@ def test_bad_inputs_are_one_line_errors(tiny_world, world_cache, tmp_path):
     assert "nope.py not found" in str(error("--prompts", str(bad), "--reward", "./nope.py:fn"))
     assert "\n" not in str(error("--prompts", str(bad), "--reward", "brevity",
                                  "--reward-params", "[1, 2]"))
+    assert "greedy" in str(error("--prompts", str(bad), "--reward", "brevity", "--reference",
+                                 "world:base", "--temperature", "0"))
 
 
 def test_reward_spec_parsing():

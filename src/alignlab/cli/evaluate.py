@@ -49,6 +49,7 @@ def eval_user(model: str, prompts: str | None, reward: list[str] | None, referen
               seed: int, world: Any) -> None:
     """Load, sample, score, report: ``eval.json`` and ``eval.md`` in ``out``."""
     from alignlab.algorithms.common import load_policy
+    from alignlab.cli.generate import DEFAULT_MAX_NEW_TOKENS
     from alignlab.core.config import ModelSection
     from alignlab.core.runtime import pick_device
     from alignlab.eval.evaluate import write_report
@@ -66,7 +67,8 @@ def eval_user(model: str, prompts: str | None, reward: list[str] | None, referen
     spec = parse_reward_spec(reward) if reward else "gold"
     params = _reward_params(reward_params)
     rewards = build_reward_role(spec, rows.task, params=params, field="--reward")
-    max_new = max_new_tokens or (rows.task.max_new_tokens if rows.task is not None else 64)
+    max_new = max_new_tokens or (rows.task.max_new_tokens if rows.task is not None
+                                 else DEFAULT_MAX_NEW_TOKENS)
     sampling = SamplingParams(temperature=temperature, max_new_tokens=max_new,
                               n=samples_per_prompt, seed=seed)
     policy, tokenizer = load_policy(ModelSection(name_or_path=model), world)

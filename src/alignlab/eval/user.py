@@ -92,15 +92,22 @@ def load_reference(name_or_path: str, tokenizer: Any, world: WorldSection,
     return freeze(reference).to(device)
 
 
+def _check_kl_sampling(params: SamplingParams) -> None:
+    if params.temperature <= 0:
+        raise ConfigError("--reference: a Monte-Carlo KL needs samples from the policy; greedy "
+                          "decoding (temperature 0) gives none: set a temperature > 0")
+    if params.top_k or params.top_p < 1 or params.min_p:
+        warnings.warn("--reference: top-k/top-p/min-p truncate the policy, so the samples are "
+                      "not from π and the KL estimate is biased", stacklevel=3)
+
+
 @torch.no_grad()
 def kl_to_reference(model: torch.nn.Module, reference: torch.nn.Module, tokenizer: Any,
                     prompts: Sequence[str], samples: Samples, *, temperature: float,
                     batch_size: int = 32) -> tuple[list[float], list[float]]:
     """Per-sample ``(k1, k3)`` sums over each completion's tokens (the eos that ended it
     included), log-probs at ``temperature`` from both models (see the module docstring)."""
-    if temperature <= 0:
-        raise ConfigError("--reference: a Monte-Carlo KL needs samples from the policy; greedy "
-                          "decoding (temperature 0) gives none: set a temperature > 0")
+    _check_kl_sampling(SamplingParams(temperature=temperature))
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     device = next(model.parameters()).device
     k1, k3 = [], []
@@ -128,9 +135,8 @@ def evaluate_user(model: torch.nn.Module, tokenizer: Any, prompts: PromptRows,
     length, distinct-n, the fraction cut at ``max_new_tokens`` and, with ``reference``, the KL.
 
     The result has the shape of ``evaluate.evaluate``'s (``write_report`` writes it)."""
-    if reference is not None and (params.top_k or params.top_p < 1 or params.min_p):
-        warnings.warn("--reference: top-k/top-p/min-p truncate the policy, so the samples are "
-                      "not from π and the KL estimate is biased", stacklevel=2)
+    if reference is not None:
+        _check_kl_sampling(params)
     texts = prompt_texts(prompts.rows, tokenizer)
     s = sample(model, tokenizer, texts, n=params.n, max_new_tokens=params.max_new_tokens,
                temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
@@ -154,7 +160,8 @@ def evaluate_user(model: torch.nn.Module, tokenizer: Any, prompts: PromptRows,
     metrics["hit_length_limit"] = s.finish_reasons.count("length") / len(s.finish_reasons)
     metrics["distinct_1"] = distinct_n(s.completions, 1)
     metrics["distinct_2"] = distinct_n(s.completions, 2)
-    config: dict[str, Any] = {"sampling": vars(params).copy(), "reward": {name: w for name, (w, _) in rewards.components.items()}}
+    config: dict[str, Any] = {"sampling": vars(params).copy(),
+                              "reward": {name: w for name, (w, _) in rewards.components.items()}}
     if reference is not None:
         k1, k3 = kl_to_reference(model, reference, tokenizer, s.prompts, s,
                                  temperature=params.temperature, batch_size=batch_size)
