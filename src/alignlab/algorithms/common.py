@@ -61,14 +61,14 @@ def load_prompt_source(rollout: RolloutSection, world: WorldSection, seed: int
     return PromptSource([dict(r) for r in rows], seed), None
 
 
-def render_chat_prompts(source: PromptSource, tokenizer: Any) -> None:
+def render_chat_prompts(source: PromptSource, tokenizer: Any, field: str = "rollout.prompts") -> None:
     """Turn conversational prompts (TRL's ``prompt`` as a list of messages) into the text the
     model continues: the tokenizer's chat template with the generation prompt."""
     chat = [r for r in source.rows if isinstance(r["prompt"], list)]
     if not chat:
         return
     if getattr(tokenizer, "chat_template", None) is None:
-        raise ConfigError("rollout.prompts: conversational prompts (lists of messages) need a "
+        raise ConfigError(f"{field}: conversational prompts (lists of messages) need a "
                           "tokenizer with a chat_template")
     for row in chat:
         row["prompt"] = tokenizer.apply_chat_template(row["prompt"], tokenize=False,

@@ -19,6 +19,8 @@ app = typer.Typer(
 world_app = typer.Typer(help="Build or inspect the built-in feedback world.", no_args_is_help=True)
 app.add_typer(world_app, name="world")
 from alignlab.cli.data import data_app  # noqa: E402
+from alignlab.cli.evaluate import REWARD_HELP, eval_user  # noqa: E402
+from alignlab.cli.generate import chat, generate  # noqa: E402
 
 app.add_typer(data_app, name="data")
 console = Console()
@@ -88,19 +90,29 @@ def train(algorithm: Annotated[str, typer.Argument(help="Algorithm name (see `al
 def eval_cmd(model: Annotated[str, typer.Option(help="Model directory, Hub name, or world:base.")] = "world:base",
              task: Annotated[str, typer.Option(help="World task (see `alignlab list tasks`).")] = "positive",
              out: Annotated[Path, typer.Option(help="Folder for eval.json and eval.md.")] = Path("runs/eval"),
-             n_prompts: int = 128, samples_per_prompt: int = 1, temperature: float = 1.0,
+             n_prompts: Annotated[Optional[int], typer.Option(help="Default: 128 task prompts, every row of --prompts.")] = None,
+             samples_per_prompt: int = 1, temperature: float = 1.0,
              max_new_tokens: Optional[int] = None, seed: int = 1234,
+             prompts: Annotated[Optional[str], typer.Option(help="Your prompts instead of --task: JSONL/Parquet of prompt-only rows (or world:<task>).")] = None,
+             reward: Annotated[Optional[list[str]], typer.Option(help=REWARD_HELP)] = None,
+             reward_params: Annotated[Optional[str], typer.Option(help="YAML {reward: {param: value}}.")] = None,
+             reference: Annotated[Optional[str], typer.Option(help="Also estimate KL(model || reference) per sequence on the samples: kl_ref = mean of sum_t log(pi/pi_ref) (k1), kl_ref_k3 (k3).")] = None,
              preset: PresetOpt = "full", world_seed: SeedOpt = 0, cache_dir: CacheOpt = None) -> None:
-    """Sample on a task's eval prompts: gold reward, perplexity, length, distinct-n."""
+    """Sample on a task's eval prompts: gold reward, perplexity, length, distinct-n; or on your
+    --prompts with your --reward: mean reward (per component), length, distinct-n, KL."""
     from alignlab.algorithms.common import load_policy
     from alignlab.core.config import EvalSection, ModelSection, WorldSection
     from alignlab.eval.evaluate import evaluate, write_report
     from alignlab.world.resolve import get_world
 
     world_cfg = WorldSection(preset=preset, seed=world_seed, cache_dir=cache_dir)
+    if prompts or reward or reference:  # the user's prompts and reward: cli/evaluate.py
+        return eval_user(model, prompts, reward, reference, reward_params, out=out, n_prompts=n_prompts,
+                         samples_per_prompt=samples_per_prompt, temperature=temperature,
+                         max_new_tokens=max_new_tokens, seed=seed, world=world_cfg)
     policy, tokenizer = load_policy(ModelSection(name_or_path=model), world_cfg)
     world = get_world(world_cfg)
-    eval_cfg = EvalSection(task=task, n_prompts=n_prompts, samples_per_prompt=samples_per_prompt,
+    eval_cfg = EvalSection(task=task, n_prompts=n_prompts or 128, samples_per_prompt=samples_per_prompt,
                            temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
     result = evaluate(policy, tokenizer, world.task(task), eval_cfg, heldout_texts=world.corpus("heldout"))
     path = write_report(result, out)
@@ -153,6 +165,10 @@ def demo(preset: PresetOpt = "full", out: Annotated[Path, typer.Option(help="Out
     from alignlab.cli.demo import run_demo
 
     run_demo(preset=preset, out=out, seed=seed, cache_dir=cache_dir)
+
+
+app.command()(generate)  # cli/generate.py
+app.command()(chat)
 
 
 def trainer_help(argv: list[str]) -> str | None:

@@ -40,11 +40,18 @@ def evaluate(model, tokenizer, task, cfg: EvalSection, *, heldout_texts: list[st
 
 
 def markdown_report(result: dict[str, Any], title: str = "Evaluation") -> str:
-    lines = [f"# {title}", "", f"Task `{result['task']}`, {result['n_samples']} samples.", "",
+    """A world task's result (``evaluate``) or one on the user's prompts (``user.evaluate_user``)."""
+    what = f"Task `{result['task']}`" if "task" in result else f"Prompts `{result['prompts']}`"
+    lines = [f"# {title}", "", f"{what}, {result['n_samples']} samples.", "",
              "| metric | value |", "| --- | --- |"]
     lines += [f"| {k} | {v:.4f} |" for k, v in result["metrics"].items()]
+    if "kl_estimator" in result.get("config", {}):
+        lines += ["", f"KL estimator: {result['config']['kl_estimator']}."]
     lines += ["", "## Examples", ""]
-    lines += [f"- `{e['prompt']}` → `{e['completion']}` (gold {e['gold']:.3f})" for e in result["examples"]]
+    for e in result["examples"]:
+        score = "gold" if "gold" in e else "reward"
+        value = "failed" if e[score] is None else f"{e[score]:.3f}"
+        lines.append(f"- `{e['prompt']}` → `{e['completion']}` ({score} {value})")
     return "\n".join(lines) + "\n"
 
 
