@@ -2,7 +2,11 @@
 
 - ``base.py``: the ``PairwiseJudge`` protocol and ``Verdict``, the adapters from a pointwise
   reward (``RewardJudge``) and a simulated annotator (``AnnotatorJudge``), text critics, and
-  ``judge_pairs`` (the one pair-building step).
+  ``judge_pairs`` (the one pair-building step);
+- ``llm.py``: an LLM as the judge (``LLMJudge``, Zheng et al. 2023);
+- ``cache.py``: the on-disk verdict cache (JSONL) of the judges that are costly or random.
+
+The annotator pool (AlpacaFarm) lives beside the single annotator: ``rewards/annotator_pool.py``.
 """
 
 from alignlab.rewards.judges.base import (
@@ -15,6 +19,9 @@ from alignlab.rewards.judges.base import (
     Verdict,
     judge_pairs,
 )
+from alignlab.rewards.judges.cache import VerdictCache
+from alignlab.rewards.judges.llm import DEFAULT_TEMPLATE, JudgeParseError, JudgeTemplate, LLMJudge
 
-__all__ = ["AnnotatorJudge", "JudgedPair", "PairwiseJudge", "RewardJudge", "TextCritic",
-           "ThresholdCritic", "Verdict", "judge_pairs"]
+__all__ = ["AnnotatorJudge", "DEFAULT_TEMPLATE", "JudgeParseError",
+           "JudgeTemplate", "JudgedPair", "LLMJudge", "PairwiseJudge", "RewardJudge",
+           "TextCritic", "ThresholdCritic", "Verdict", "VerdictCache", "judge_pairs"]
