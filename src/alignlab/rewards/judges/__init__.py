@@ -4,7 +4,8 @@
   reward (``RewardJudge``) and a simulated annotator (``AnnotatorJudge``), text critics, and
   ``judge_pairs`` (the one pair-building step);
 - ``llm.py``: an LLM as the judge (``LLMJudge``, Zheng et al. 2023);
-- ``cache.py``: the on-disk verdict cache (JSONL) of the judges that are costly or random.
+- ``cache.py``: the on-disk verdict cache (JSONL) of the judges that are costly or random;
+- ``budget.py``: a labelling budget around any judge (``BudgetedJudge``).
 
 The annotator pool (AlpacaFarm) lives beside the single annotator: ``rewards/annotator_pool.py``.
 """
@@ -19,9 +20,10 @@ from alignlab.rewards.judges.base import (
     Verdict,
     judge_pairs,
 )
+from alignlab.rewards.judges.budget import BudgetedJudge
 from alignlab.rewards.judges.cache import VerdictCache
 from alignlab.rewards.judges.llm import DEFAULT_TEMPLATE, JudgeParseError, JudgeTemplate, LLMJudge
 
-__all__ = ["AnnotatorJudge", "DEFAULT_TEMPLATE", "JudgeParseError",
+__all__ = ["AnnotatorJudge", "BudgetedJudge", "DEFAULT_TEMPLATE", "JudgeParseError",
            "JudgeTemplate", "JudgedPair", "LLMJudge", "PairwiseJudge", "RewardJudge",
            "TextCritic", "ThresholdCritic", "Verdict", "VerdictCache", "judge_pairs"]
