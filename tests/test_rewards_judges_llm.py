@@ -184,6 +184,15 @@ def test_a_real_causal_lm_batched_any_way_gives_the_same_probabilities(tok):
         assert s.p_a == pytest.approx(1 - x.p_a, abs=1e-5)  # debiasing makes the swap exact
 
 
+def test_generate_mode_runs_a_real_causal_lm_and_counts_what_it_cannot_read(tok):
+    model = random_llama(vocab_size=len(tok), hidden=32, layers=2, seed=1).train()
+    judge = LLMJudge(model, tok, mode="generate", on_parse_error="skip", max_new_tokens=4)
+    verdicts = judge.judge(["hello", "review :"], ["yes", "good"], ["no", "bad"])
+    assert all(v is None or v.p_a in (0.0, 0.5, 1.0) for v in verdicts)
+    assert judge.parse_skips == sum(v is None for v in verdicts)
+    assert model.training  # judging put it in eval mode only while it ran
+
+
 def test_from_pretrained_fingerprints_the_files(tiny_world):
     judge = LLMJudge.from_pretrained(str(tiny_world.base_dir))
     assert judge.fingerprint == directory_fingerprint(tiny_world.base_dir)

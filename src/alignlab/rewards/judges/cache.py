@@ -60,8 +60,6 @@ class VerdictCache:
         for i, k in enumerate(keys):
             if k not in self._store and k not in first:
                 first[k] = i
-        self.misses += len(first)
-        self.hits += len(keys) - len(first)
         fresh: dict[str, Verdict | None] = {}
         if first:
             verdicts = list(compute(list(first.values())))
@@ -72,6 +70,8 @@ class VerdictCache:
             self._store.update(new)
             if self.path is not None and new:
                 _append(self.path, new)
+        self.misses += len(first)  # counted once computed: a call that raised labelled nothing
+        self.hits += len(keys) - len(first)
         return [self._store[k] if k in self._store else fresh.get(k) for k in keys]
 
     def counters(self) -> dict[str, int]:

@@ -115,7 +115,7 @@ class LLMJudge:
                               "values: raise, skip")
         if batch_size < 1 or max_new_tokens < 1:
             raise ConfigError("LLM judge batch_size and max_new_tokens must be positive")
-        self.model, self.tokenizer, self.template = model.eval(), tokenizer, template
+        self.model, self.tokenizer, self.template = model, tokenizer, template
         self.mode, self.debias, self.batch_size = mode, debias, batch_size
         self.max_new_tokens, self.on_parse_error, self.chat = max_new_tokens, on_parse_error, chat
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -173,10 +173,13 @@ class LLMJudge:
         texts = [self._render(p, x, y) for p, x, y in zip(prompts, a, b)]
         if self.debias:
             texts += [self._render(p, y, x) for p, x, y in zip(prompts, a, b)]
-        if self.mode == "logprob":
-            first = self._p_first(texts)
-        else:
-            first = self._read_answers(texts, index)
+        was_training = self.model.training
+        self.model.eval()  # no dropout while judging; a model that was training goes back to it
+        try:
+            first = (self._p_first(texts) if self.mode == "logprob"
+                     else self._read_answers(texts, index))
+        finally:
+            self.model.train(was_training)
         n, out = len(prompts), []
         for i in range(n):
             p_ab = first[i]
