@@ -83,6 +83,9 @@ class AnnotatorJudge:
     def __init__(self, annotator: SimulatedAnnotator) -> None:
         self.annotator = annotator
 
+    def cached(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> list[bool]:
+        return self.annotator.cached_pairs(prompts, a, b)
+
     def judge(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> list[Verdict]:
         if not prompts:
             return []
