@@ -84,6 +84,8 @@ def test_online_dpo_with_an_annotator_resumes_exactly_after_a_kill(world_cache, 
     resumed = train_online_dpo(resumed_cfg)
     assert resumed.result.history[0]["step"] == 3
     assert resumed.result.history[0]["labels_total"] == full.result.history[-1]["labels_total"]
+    # the labelling budget's counters are checkpointed too
+    assert resumed.result.history[0]["labels_used"] == full.result.history[-1]["labels_used"] > 0
     for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
 

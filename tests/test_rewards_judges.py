@@ -63,6 +63,21 @@ def test_judge_pairs_pairs_neighbours_drops_identical_pairs_and_respects_the_lim
     assert judge_pairs(["p"], [["same", "same"]], RewardJudge(length_reward)) == []
 
 
+def test_judge_pairs_drops_and_counts_pairs_the_judge_leaves_unlabelled():
+    class EveryOther:
+        def judge(self, prompts, a, b):
+            return [Verdict(1.0, True) if i % 2 == 0 else None for i in range(len(prompts))]
+
+    counts: Counter = Counter()
+    pairs = judge_pairs(["p0", "p1", "p2"], [["a", "b"], ["c", "d"], ["e", "f"]], EveryOther(),
+                        counts=counts)
+    assert [p.group for p in pairs] == [0, 2]
+    assert counts["skipped"] == 1
+    clean: Counter = Counter()
+    judge_pairs(["p"], [["a", "b"]], RewardJudge(length_reward), counts=clean)
+    assert "skipped" not in clean  # no key when nothing was skipped (stats stay as they were)
+
+
 def test_a_tie_keeps_a_first():
     pair = JudgedPair(0, 2, 3, Verdict(0.5, None))
     assert (pair.chosen, pair.rejected) == (2, 3)

@@ -167,6 +167,10 @@ class SimulatedAnnotator:
             self._count(1, [lab.gold_agrees], lab.flipped, lab.a_preferred is None)
         return labels
 
+    def cached_pairs(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> list[bool]:
+        """Whether each pair's label is already cached (labelling it again would be free)."""
+        return [self._key("pair", p, sorted([x, y])) in self._cache for p, x, y in zip(prompts, a, b)]
+
     def rank(self, prompts: Sequence[str], completions: Sequence[Sequence[str]]) -> list[RankLabel]:
         """One :class:`RankLabel` per (prompt, list of completions)."""
         out = self._judge("list", [(p, list(cs)) for p, cs in zip(prompts, completions)], self._list)

@@ -7,9 +7,11 @@ On the online controller (``engine/controller.py``):
 
 1. the rollout role samples ``rollout.n`` ≥ 2 completions per prompt from π_θ;
 2. ``judge``: ``rewards.judges.judge_pairs`` pairs them (0, 1), (2, 3), … and a pairwise judge
-   orders each pair: a pointwise reward by Bradley-Terry (``judge.kind: reward`` — the world's
-   gold, a trained reward model or ensemble, any registered reward) or a simulated annotator
-   (``judge.kind: annotator``: noisy, length-biased); ties and identical pairs are dropped;
+   orders each pair (``judge_config.py``): a pointwise reward by Bradley-Terry (``judge.kind:
+   reward`` — the world's gold, a trained reward model or ensemble, any registered reward), a
+   simulated annotator (``annotator``: noisy, length-biased), a pool of biased annotators
+   (``pool``, AlpacaFarm) or an LLM judge (``llm``); within the labelling budget
+   (``judge.max_labels``); ties, identical pairs and pairs past the budget are dropped;
 3. ``make_batches``: each pair becomes a preference example (prompt ids, chosen and rejected
    ids with the eos that ended them); log π_ref of both from one no-grad pass of the frozen
    reference; the units are pairs, collated by the preference family's ``collate_groups``;
@@ -22,10 +24,9 @@ from __future__ import annotations
 import copy
 import statistics
 from collections import Counter
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field
 
 from alignlab.algorithms.common import (
     load_policy,
@@ -33,6 +34,7 @@ from alignlab.algorithms.common import (
     render_chat_prompts,
     save_final,
 )
+from alignlab.algorithms.online_preference.judge_config import JudgeSection, make_judge
 from alignlab.algorithms.preference.reference import compute_reference_logps
 from alignlab.algorithms.preference.trainer import (
     PreferenceObjective,
@@ -55,33 +57,8 @@ from alignlab.data.preference_batches import collate_groups
 from alignlab.engine.controller import OnlineAlgorithm, OnlineRun, OnlineSetup, Rows, run_online
 from alignlab.engine.learner import Learner, Units
 from alignlab.engine.run import prepare_run
-from alignlab.rewards.annotator import SimulatedAnnotator
-from alignlab.rewards.judges import (
-    AnnotatorJudge,
-    JudgedPair,
-    PairwiseJudge,
-    RewardJudge,
-    judge_pairs,
-)
-from alignlab.rewards.scoring import build_reward_role
+from alignlab.rewards.judges import BudgetedJudge, JudgedPair, PairwiseJudge, judge_pairs
 from alignlab.rollout.role import RolloutRole, Rollouts
-
-
-class JudgeSection(Section):
-    kind: Literal["reward", "annotator"] = "reward"
-    """``reward``: Bradley-Terry on a pointwise reward; ``annotator``: a simulated annotator
-    whose gold is that reward (AlpacaFarm-style noise, length bias, ties)."""
-    reward: str | dict[str, float] = "gold"
-    """``gold``, a registered reward (e.g. ``reward_model``), ``module:function`` or weights."""
-    reward_params: dict[str, dict[str, Any]] = {}
-    temperature: float = Field(1.0, gt=0)
-    """τ of P(a ≻ b) = σ((r_a − r_b)/τ) (also the annotator's)."""
-    flip_rate: float = Field(0.0, ge=0, le=1)
-    """Annotator: probability of flipping a label."""
-    length_bias: float = 0.0
-    """Annotator: its taste for length, in reward units per word."""
-    tie_margin: float | None = Field(None, ge=0)
-    """Annotator: pairs whose rewards differ by at most this are ties (dropped)."""
 
 
 class OnlineDPOSection(PreferenceSection):
@@ -97,21 +74,6 @@ class OnlineDPOConfig(Section):
     train: OnlineTrainSection = OnlineTrainSection(output_dir="runs/online_dpo", lr=5e-6)
     rollout: RolloutSection = RolloutSection(n=2)
     online_dpo: OnlineDPOSection = OnlineDPOSection()
-
-
-def make_judge(section: JudgeSection, task: Any, seed: int) -> PairwiseJudge:
-    role = build_reward_role(section.reward, task, params=section.reward_params,
-                             field="online_dpo.judge.reward")
-
-    def reward(prompts: list[str], completions: list[str]) -> list[float]:
-        return role.score(prompts, completions, {}).scores
-
-    if section.kind == "reward":
-        return RewardJudge(reward, section.temperature)
-    return AnnotatorJudge(SimulatedAnnotator(
-        reward, name=str(section.reward), temperature=section.temperature,
-        flip_rate=section.flip_rate, length_bias=section.length_bias,
-        tie_margin=section.tie_margin, seed=seed))
 
 
 class OnlineDPO(OnlineAlgorithm):
@@ -132,10 +94,14 @@ class OnlineDPO(OnlineAlgorithm):
         self.totals.update({"labels": len(pairs) + ties, "ties": ties, **counts})
         metrics.update({"pairs": len(pairs), "ties": ties,
                         "dropped_identical": counts["dropped_identical"],
+                        "skipped": counts["skipped"],
                         "labels_total": self.totals["labels"],
                         "judge_p_chosen_mean": statistics.fmean(
                             p.verdict.p_a if p.chosen == p.a else 1 - p.verdict.p_a for p in pairs)
                         if pairs else float("nan")})
+        if isinstance(self.judge_, BudgetedJudge):  # new labels paid for, cumulative
+            metrics.update({"labels_used": self.judge_.labels_used,
+                            "judge_cache_hits": self.judge_.cache_hits})
         return pairs
 
     def make_batches(self, rows: Rows, rollouts: Rollouts, pairs: list[JudgedPair],
@@ -167,11 +133,14 @@ class OnlineDPO(OnlineAlgorithm):
 
     def state_dict(self) -> dict[str, Any]:
         objective = self.learner.objective
-        return {"totals": dict(self.totals),
+        judge = self.judge_.counters() if isinstance(self.judge_, BudgetedJudge) else None
+        return {"totals": dict(self.totals), "judge": judge,
                 "objective": objective.state_dict() if objective.stateful else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.totals = Counter(state["totals"])
+        if state.get("judge") is not None and isinstance(self.judge_, BudgetedJudge):
+            self.judge_.load_counters(state["judge"])
         if state.get("objective") is not None:
             self.learner.objective.load_state_dict(state["objective"])
 
@@ -194,10 +163,10 @@ def train_online_dpo(cfg: OnlineDPOConfig) -> OnlineRun:
                           f">= 2 (got {cfg.rollout.n})")
     seed_everything(cfg.train.seed)
     prompts, task = load_prompt_source(cfg.rollout, cfg.world, cfg.train.seed)
-    judge = make_judge(section.judge, task, cfg.train.seed)
+    device = pick_device(cfg.train.device)
+    judge = make_judge(section.judge, task, cfg.train.seed, world=cfg.world, device=device)
     model, tokenizer = load_policy(cfg.model, cfg.world)
     render_chat_prompts(prompts, tokenizer)
-    device = pick_device(cfg.train.device)
     # The initial policy, copied before a checkpoint is loaded into the model.
     reference = copy.deepcopy(model).requires_grad_(False).eval().to(device)
     layout = choose_layout(section, DataSection(), model,

@@ -9,6 +9,10 @@
 - ``judge_pairs`` is the one pair-building step shared by offline preference data
   (``alignlab data preferences``) and online preference learning: a prompt's samples are paired
   (0, 1), (2, 3), …, identical pairs are dropped (counted), and the judge orders each pair.
+
+A judge may return ``None`` instead of a verdict: *no label* (its labelling budget is spent,
+``budget.py``, or it could not read its own output and was told to skip, ``llm.py``).
+``judge_pairs`` drops those pairs and counts them as ``skipped``.
 """
 
 from __future__ import annotations
@@ -38,8 +42,9 @@ class Verdict:
 
 @runtime_checkable
 class PairwiseJudge(Protocol):
-    def judge(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> list[Verdict]:
-        """One verdict per (prompt, a, b), batched."""
+    def judge(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]
+              ) -> list[Verdict | None]:
+        """One verdict per (prompt, a, b), batched; None where the judge gives no label."""
         ...
 
 
@@ -77,6 +82,9 @@ class AnnotatorJudge:
 
     def __init__(self, annotator: SimulatedAnnotator) -> None:
         self.annotator = annotator
+
+    def cached(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> list[bool]:
+        return self.annotator.cached_pairs(prompts, a, b)
 
     def judge(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> list[Verdict]:
         if not prompts:
@@ -124,7 +132,8 @@ def judge_pairs(prompts: Sequence[str], groups: Sequence[Sequence[str]], judge: 
     """Pair each prompt's samples (0, 1), (2, 3), … and judge every pair in one call.
 
     Pairs of identical samples carry no preference: they are dropped and counted in
-    ``counts["dropped_identical"]``; at most ``limit`` pairs are judged."""
+    ``counts["dropped_identical"]``; at most ``limit`` pairs are judged. Pairs the judge gives
+    no label (a None verdict) are dropped and counted in ``counts["skipped"]``."""
     counts = counts if counts is not None else Counter()
     todo: list[tuple[int, int, int]] = []
     for g, samples in enumerate(groups):
@@ -138,4 +147,6 @@ def judge_pairs(prompts: Sequence[str], groups: Sequence[Sequence[str]], judge: 
         return []
     verdicts = judge.judge([prompts[g] for g, _, _ in todo], [groups[g][a] for g, a, _ in todo],
                            [groups[g][b] for g, _, b in todo])
-    return [JudgedPair(g, a, b, v) for (g, a, b), v in zip(todo, verdicts)]
+    if skipped := sum(v is None for v in verdicts):
+        counts["skipped"] += skipped
+    return [JudgedPair(g, a, b, v) for (g, a, b), v in zip(todo, verdicts) if v is not None]
