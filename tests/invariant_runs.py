@@ -144,6 +144,18 @@ def _grpo(world: WorldSection, train: TrainSection, o: Options) -> tuple[Any, Ca
 BUILDERS = {"sft": _sft, "dpo": _dpo, "reward": _reward, "grpo": _grpo}
 
 
+@contextlib.contextmanager
+def _one_thread():
+    # The tiny model's matmuls gain nothing from a second thread, and on shared cores two
+    # threads spin-waiting for each other cost several times the CPU (measured 7x under load).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
@@ -201,6 +213,7 @@ class FamilyRuns:
             return path
 
         with pytest.MonkeyPatch.context() as mp, contextlib.ExitStack() as stack:
+            stack.enter_context(_one_thread())
             mp.setattr(TrainingRun, "__init__", init)
             mp.setattr(TrainingRun, "step_done", step_done)
             mp.setattr(logprobs, "_route", route)
@@ -234,6 +247,7 @@ def difference(a: Outcome, b: Outcome) -> Difference:
     weight = max(float(d.abs().max()) for d in deltas.values())
     update = {k: float(d.norm() / (a.weights[k] - a.start[k]).float().norm())
               for k, d in deltas.items() if not torch.equal(a.weights[k], a.start[k])}
+    assert update, "no weight moved in training: the comparison would be vacuous"
     metric = {f"{k}@{s}": abs(a.metrics[s][k] - b.metrics[s][k]) / max(1.0, abs(a.metrics[s][k]))
               for s in a.metrics for k in METRICS[a.family]}
     worst_update, worst_metric = max(update, key=update.get), max(metric, key=metric.get)
