@@ -85,7 +85,6 @@ class Options:
 
 
 def _train(out: Path, o: Options, resume: bool = False) -> TrainSection:
-    # Per-family fields (batch_size, grad_accum) are set by the builders below.
     return TrainSection(output_dir=str(out), max_steps=o.steps, lr=LR, precision="fp32",
                         device="cpu", log_every=1, save_every=o.save_every, resume=resume,
                         progress=False, tensorboard=False, seed=3, warmup_steps=1,

@@ -19,7 +19,7 @@ import pytest
 
 from tests.invariant_runs import assert_equivalent
 
-# (family, options of the run, paths it must take); the first run of a family is its baseline.
+# family -> [(options of a run, the log-prob paths it must take)]; the first is the baseline.
 LAYOUTS = {
     "sft": [({}, {"plain"}), ({"packing": True}, {"per_sequence"})],
     "dpo": [({}, {"group_pass"}), ({"sharing": False}, {"plain"}),
