@@ -75,3 +75,11 @@ def online_config(world_cache: str, output_dir, rl, steps: int = 10):
                            log_every=1, progress=False, tensorboard=False,
                            lr_scheduler="constant"),
         rollout=RolloutSection(prompts="world:positive", prompts_per_step=8, n=4), rl=rl)
+
+
+@pytest.fixture(scope="session")
+def family_runs(tiny_world, world_cache, tmp_path_factory):
+    """Memoised tiny-world runs of sft, dpo, reward and grpo (``tests/invariant_runs.py``)."""
+    from tests.invariant_runs import FamilyRuns
+
+    return FamilyRuns(world_cache, tmp_path_factory.mktemp("invariants"))

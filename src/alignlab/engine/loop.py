@@ -145,9 +145,11 @@ def forward_backward(model: torch.nn.Module, algorithm: Algorithm, micro: list[d
 
     Each micro-batch's ``loss_sum`` is divided by the ``num_items`` of the whole window, so the
     result equals one forward/backward over the concatenated batch. Returns (loss, num_items,
-    mean metrics).
+    metrics): each metric is averaged over the micro-batches weighted by their ``num_items``, so
+    a mean over the loss's items (tokens, pairs) is the window's mean however it is split.
     """
-    denom = float(sum(algorithm.num_items(b) for b in micro))
+    items = [float(algorithm.num_items(b)) for b in micro]
+    denom = sum(items)
     if denom <= 0:
         raise NonFiniteError(f"step {step}: the batch has nothing to train on "
                              "(num_items is 0; are all loss masks empty?)")
@@ -166,7 +168,7 @@ def forward_backward(model: torch.nn.Module, algorithm: Algorithm, micro: list[d
         loss.backward()
         loss_total += loss.item()
         for k, v in out.metrics.items():
-            sums[k] += float(v) / len(micro)
+            sums[k] += float(v) * items[i] / denom
     return loss_total, denom, dict(sums)
 
 
