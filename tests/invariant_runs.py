@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import torch
 
+import alignlab.models.fast_path as fast_path_module
 import alignlab.models.logprobs as logprobs
 from alignlab.core.config import DataSection, TrainSection, WorldSection
 from alignlab.engine.run import TrainingRun
@@ -194,7 +195,7 @@ class FamilyRuns:
         paths: set[str] = set()
         trained: list[tuple[torch.nn.Module, dict[str, torch.Tensor]]] = []
         real_init, real_done, real_route = (TrainingRun.__init__, TrainingRun.step_done,
-                                            logprobs._route)
+                                            logprobs.route)
 
         def init(run_self, cfg, model, description):
             real_init(run_self, cfg, model, description)
@@ -215,9 +216,9 @@ class FamilyRuns:
             stack.enter_context(_one_thread())
             mp.setattr(TrainingRun, "__init__", init)
             mp.setattr(TrainingRun, "step_done", step_done)
-            mp.setattr(logprobs, "_route", route)
+            mp.setattr(logprobs, "route", route)
             if o.share_small:
-                mp.setattr(logprobs, "MIN_SKIPPED_TOKENS", 0)
+                mp.setattr(fast_path_module, "MIN_SKIPPED_TOKENS", 0)
             if not o.fast:
                 stack.enter_context(logprobs.fast_paths_off("invariant test: fast paths off"))
             try:
