@@ -21,6 +21,9 @@ app.add_typer(world_app, name="world")
 from alignlab.cli.data import data_app  # noqa: E402
 
 app.add_typer(data_app, name="data")
+from alignlab.cli.bench import bench_app  # noqa: E402
+
+app.add_typer(bench_app, name="bench")
 console = Console()
 
 PresetOpt = Annotated[str, typer.Option(help="World preset: full (demo) or tiny (tests).")]
