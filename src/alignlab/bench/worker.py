@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from alignlab.core.io import atomic_write_json, atomic_write_text
 
@@ -76,6 +77,9 @@ def run_cell(job_dir: Path, spec: dict[str, Any]) -> None:
     train_seconds = 0.0
     if spec["train"] is not None:
         train_seconds = run_training(job_dir, spec["train"]["algorithm"], spec["train"]["config"])
+    else:  # an evaluation-only cell: what it evaluates is its config
+        atomic_write_text(job_dir / "config.yaml", yaml.safe_dump(
+            {k: spec[k] for k in ("reference", "best_of_n", "proxy", "eval")}, sort_keys=False))
     _phase(job_dir, "eval")
     t_eval = time.time()
     world_cfg = WorldSection.model_validate(spec["world"])
