@@ -220,6 +220,9 @@ def test_the_leaderboard_aggregates_seeds_with_t_intervals(tmp_path):
     paths = write_report(run)
     md = paths["markdown"].read_text()
     assert "| dpo | beta=0.5 | 2 | 0.510 ± 0.127 |" in md and "pass@1" in md
+    # annotator and gold win rates order the five rows alike (ties included): ρ = 1
+    assert "gold win rates over 5 rows = 1.000" in md
+    assert json.loads(paths["json"].read_text())["ranking_agreement"]["positive"] == {"spearman": 1.0, "rows": 5}
     header = paths["csv"].read_text().splitlines()[0]
     assert header.startswith("task,algorithm,name,setting,seeds,gold_mean_mean,gold_mean_ci95")
     for task in ("positive", "arithmetic"):

@@ -161,3 +161,14 @@ def test_best_of_n_keeps_the_highest_reward_of_each_group(tiny_world):
     assert picks.prompts == [p for p in prompts for _ in range(2)]
     assert scores == [max(length(None, g)) for g in groups]
     assert all(c in g for c, g in zip(picks.completions, groups))
+
+
+def test_spearman_by_hand():
+    from alignlab.eval.ranking import average_ranks, spearman
+
+    assert average_ranks([10, 20, 20, 5]) == [2.0, 3.5, 3.5, 1.0]
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # no ties: 1 − 6Σd²/(n(n²−1)); ranks (1,2,3,4) vs (2,1,4,3): Σd² = 4 → 1 − 24/60 = 0.6
+    assert spearman([1, 2, 3, 4], [2, 1, 4, 3]) == pytest.approx(0.6)
+    assert math.isnan(spearman([1, 2], [3, 3]))

@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 
 from alignlab.bench import plots
-from alignlab.bench.results import Row, aggregate, columns, load_cells
+from alignlab.bench.results import Row, aggregate, columns, load_cells, ranking_agreement
 from alignlab.core.errors import AlignlabError
 from alignlab.core.io import atomic_write_json, atomic_write_text
 from alignlab.eval.intervals import Interval
@@ -51,9 +51,16 @@ def markdown(rows: list[Row], title: str) -> str:
         for r in (r for r in rows if r.task == task):
             out.append(f"| {r.name} | {r.setting} | {len(r.seeds)} | "
                        + " | ".join(fmt(r.values.get(k)) for k, _ in cols) + " |")
-        out.append("")
+        out += ["", agreement_line(rows, task), ""]
     out += ["Notes:", "", *(f"- {n}" for n in NOTES), ""]
     return "\n".join(out)
+
+
+def agreement_line(rows: list[Row], task: str) -> str:
+    rho, n = ranking_agreement(rows, task)
+    value = "–" if math.isnan(rho) else f"{rho:.3f}"
+    return (f"Ranking agreement (AlpacaFarm's check): Spearman ρ between the annotator's and the "
+            f"gold win rates over {n} rows = {value}.")
 
 
 def csv_text(rows: list[Row]) -> str:
@@ -94,7 +101,7 @@ def html_page(rows: list[Row], images: dict[str, dict[str, Path]], title: str,
         for r in (r for r in rows if r.task == task):
             parts.append(f"<tr><td>{e(r.name)}</td><td>{e(r.setting)}</td><td>{len(r.seeds)}</td>"
                          + "".join(f"<td>{e(fmt(r.values.get(k)))}</td>" for k, _ in cols) + "</tr>")
-        parts.append("</tbody></table>")
+        parts.append(f"</tbody></table><p class=\"agreement\">{e(agreement_line(rows, task))}</p>")
         for kind, path in images.get(task, {}).items():
             data = base64.b64encode(path.read_bytes()).decode("ascii")
             caption = plots.CAPTIONS[kind]
@@ -127,11 +134,14 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
              "json": out / "leaderboard.json", "html": out / "report.html"}
     atomic_write_text(paths["markdown"], markdown(rows, title))
     atomic_write_text(paths["csv"], csv_text(rows))
-    atomic_write_json(paths["json"], [{
+    atomic_write_json(paths["json"], {"rows": [{
         "task": r.task, "name": r.name, "algorithm": r.algorithm, "setting": r.setting,
         "sweep": r.sweep, "seeds": r.seeds, "kl_estimator": r.kl_estimator,
         "metrics": {k: {"mean": _finite(iv.mean), "ci95": _finite(iv.half_width), "n": iv.n}
-                    for k, iv in r.values.items()}} for r in rows])
+                    for k, iv in r.values.items()}} for r in rows],
+        "ranking_agreement": {task: {"spearman": _finite(rho), "rows": n}
+                              for task in dict.fromkeys(r.task for r in rows)
+                              for rho, n in [ranking_agreement(rows, task)]}})
     images = plots.plot_all(rows, out)
     atomic_write_text(paths["html"], html_page(rows, images, title, description))
     return {**paths, **{f"{kind}_{task}": p for task, per in images.items() for kind, p in per.items()}}

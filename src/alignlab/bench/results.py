@@ -71,3 +71,20 @@ def columns(rows: list[Row]) -> list[tuple[str, str]]:
     cols = [(k, t) for k, t in METRICS if k in present]
     ks = sorted({int(k.rsplit("_", 1)[1]) for k in present if k.startswith("pass_at_")})
     return cols + [(f"pass_at_{k}", f"pass@{k}") for k in ks]
+
+
+def ranking_agreement(rows: list[Row], task: str) -> tuple[float, int]:
+    """Spearman's ρ between the annotator's and gold Bradley-Terry win rates over a task's rows
+    that have both (AlpacaFarm's check), and how many rows that is."""
+    from alignlab.eval.ranking import spearman
+
+    both = [r for r in rows if r.task == task and not math.isnan(_mean_or_nan(r, "win_rate_annotator"))
+            and not math.isnan(_mean_or_nan(r, "win_rate_gold"))]
+    rho = spearman([_mean_or_nan(r, "win_rate_annotator") for r in both],
+                   [_mean_or_nan(r, "win_rate_gold") for r in both])
+    return rho, len(both)
+
+
+def _mean_or_nan(row: Row, key: str) -> float:
+    iv = row.values.get(key)
+    return math.nan if iv is None else iv.mean
