@@ -132,6 +132,12 @@ class BestOfNSection(Section):
 
     n: int = Field(4, gt=0)
     reward: Literal["proxy", "gold"] = "proxy"
+    aggregate: Literal["mean", "min", "mean_minus_std"] | None = None
+    """How a proxy ensemble's members are combined to pick (Coste et al. 2024, "Reward Model
+    Ensembles Help Mitigate Overoptimization"); None: the ensemble's own. ``proxy_mean`` is
+    still reported with the ensemble's own aggregate."""
+    std_coef: float | None = Field(None, ge=0)
+    """λ of ``mean_minus_std``."""
 
 
 class AlgorithmSpec(Section):

@@ -177,6 +177,10 @@ def run_suite(suite: SuiteConfig, run_dir: str | Path, *, jobs: int = 1, progres
             status[job.id] = "skipped"
             result.skipped.append(job.id)
     pending = [j for j in all_jobs if j.id not in status]
+    if pending:  # built here once: jobs started together would each build it in the same place
+        from alignlab.world.build import ensure_world
+
+        ensure_world(suite.world.preset, suite.world.seed, suite.world.cache_dir, progress=progress)
     threads = max(1, (cores or os.cpu_count() or 1) // jobs)
     env = {**os.environ, "ALIGNLAB_BENCH_THREADS": str(threads), "OMP_NUM_THREADS": str(threads),
            "TOKENIZERS_PARALLELISM": "false"}

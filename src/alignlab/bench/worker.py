@@ -98,8 +98,12 @@ def run_cell(job_dir: Path, spec: dict[str, Any]) -> None:
     annotator = SimulatedAnnotator.for_task(task, seed=spec["seed"], **ev["annotator"])
     bon = spec["best_of_n"]
     bon_reward = None
-    if bon is not None:
-        bon_reward = proxy if bon["reward"] == "proxy" else task.gold
+    if bon is not None and bon["reward"] == "gold":
+        bon_reward = task.gold
+    elif bon is not None:
+        bon_reward = proxy if bon["aggregate"] is None and bon["std_coef"] is None else \
+            RewardModelScorer.from_pretrained(spec["proxy"], aggregate=bon["aggregate"],
+                                              std_coef=bon["std_coef"])
     result = evaluate_against_reference(
         policy, tokenizer, task, task.eval_prompts[:ev["n_prompts"]], reference=reference,
         base=base, samples_per_prompt=ev["samples_per_prompt"], max_new_tokens=ev["max_new_tokens"],
