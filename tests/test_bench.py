@@ -43,6 +43,8 @@ def test_unknown_suite_keys_are_rejected_naming_the_field(tmp_path):
         load_suite(_suite_file(tmp_path, {**MINIMAL, "budget": {"step": 3}}))
     with pytest.raises(ConfigError, match=r"field 'algorithms.0.algorithm'.*unknown algorithm 'dpoo'"):
         load_suite(_suite_file(tmp_path, {**MINIMAL, "algorithms": [{"name": "x", "algorithm": "dpoo"}]}))
+    with pytest.raises(ConfigError, match="a reward model is not a policy to evaluate"):
+        load_suite(_suite_file(tmp_path, {**MINIMAL, "algorithms": [{"name": "rm", "algorithm": "reward"}]}))
     with pytest.raises(ConfigError, match="field 'tasks.*unknown task 'negative'"):
         load_suite(_suite_file(tmp_path, {**MINIMAL, "tasks": ["negative"]}))
     twice = {**MINIMAL, "algorithms": [{"name": "a", "algorithm": "dpo"}, {"name": "a", "algorithm": "ipo"}]}

@@ -155,6 +155,9 @@ class AlgorithmSpec(Section):
     @field_validator("algorithm")
     @classmethod
     def _known(cls, value: str) -> str:
+        if value == "reward":
+            raise ValueError("a reward model is not a policy to evaluate; train it as "
+                             "prepare.reward_model (the proxy reward, {reward_model})")
         return _check_algorithm(value, allow_best_of_n=True)
 
     @field_validator("name")

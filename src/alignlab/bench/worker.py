@@ -67,6 +67,7 @@ def run_preferences(job_dir: Path, spec: dict[str, Any]) -> None:
 
 def run_cell(job_dir: Path, spec: dict[str, Any]) -> None:
     from alignlab.core.config import WorldSection
+    from alignlab.core.runtime import pick_device
     from alignlab.eval.against_reference import evaluate_against_reference
     from alignlab.models.loading import load_reference_model, load_tokenizer
     from alignlab.rewards.annotator import SimulatedAnnotator
@@ -86,14 +87,18 @@ def run_cell(job_dir: Path, spec: dict[str, Any]) -> None:
     task = get_world(world_cfg).task(spec["task"])
     ref_path = resolve_model_path(spec["reference"], world_cfg)
     base_path = resolve_model_path(spec["base"], world_cfg)
-    reference = load_reference_model(ref_path)
+    device = pick_device("auto")
+    reference = load_reference_model(ref_path, device=device)
     tokenizer = load_tokenizer(ref_path)
     if spec["train"] is not None:
-        policy = load_reference_model(Path(spec["train"]["config"]["train"]["output_dir"]) / "final")
+        policy = load_reference_model(Path(spec["train"]["config"]["train"]["output_dir"]) / "final",
+                                      device=device)
     else:
         policy = reference
-    base = reference if base_path == ref_path else load_reference_model(base_path)
-    proxy = RewardModelScorer.from_pretrained(spec["proxy"]) if spec["proxy"] else None
+    base = reference if base_path == ref_path else load_reference_model(base_path, device=device)
+    proxy = None
+    if spec["proxy"]:
+        proxy = RewardModelScorer.from_pretrained(spec["proxy"], device=str(device))
     ev = spec["eval"]
     annotator = SimulatedAnnotator.for_task(task, seed=spec["seed"], **ev["annotator"])
     bon = spec["best_of_n"]
@@ -103,7 +108,7 @@ def run_cell(job_dir: Path, spec: dict[str, Any]) -> None:
     elif bon is not None:
         bon_reward = proxy if bon["aggregate"] is None and bon["std_coef"] is None else \
             RewardModelScorer.from_pretrained(spec["proxy"], aggregate=bon["aggregate"],
-                                              std_coef=bon["std_coef"])
+                                              std_coef=bon["std_coef"], device=str(device))
     result = evaluate_against_reference(
         policy, tokenizer, task, task.eval_prompts[:ev["n_prompts"]], reference=reference,
         base=base, samples_per_prompt=ev["samples_per_prompt"], max_new_tokens=ev["max_new_tokens"],
