@@ -120,15 +120,13 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
         raise AlignlabError(f"{run_dir}: no finished cells (cells/*/*/*/seed_*/eval.json); "
                             "run `alignlab bench run` first")
     out = Path(out_dir) if out_dir is not None else run_dir / "report"
-    rows = aggregate(cells)
-    name = run_dir.name
-    suite_file = run_dir / "suite.yaml"
-    description = ""
-    if suite_file.exists():
+    suite: dict = {}
+    if (run_dir / "suite.yaml").exists():
         import yaml
 
-        suite = yaml.safe_load(suite_file.read_text(encoding="utf-8")) or {}
-        name, description = suite.get("name", name), suite.get("description", "")
+        suite = yaml.safe_load((run_dir / "suite.yaml").read_text(encoding="utf-8")) or {}
+    rows = aggregate(cells, suite.get("tasks"))
+    name, description = suite.get("name", run_dir.name), suite.get("description", "")
     title = f"alignlab bench: {name}"
     paths = {"markdown": out / "leaderboard.md", "csv": out / "leaderboard.csv",
              "json": out / "leaderboard.json", "html": out / "report.html"}

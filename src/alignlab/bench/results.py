@@ -43,9 +43,9 @@ def load_cells(run_dir: str | Path) -> list[dict[str, Any]]:
     return cells
 
 
-def aggregate(cells: list[dict[str, Any]]) -> list[Row]:
-    """One row per (task, algorithm name, sweep point), metrics as intervals over seeds; the
-    rows of a task ordered by mean gold reward, best first."""
+def aggregate(cells: list[dict[str, Any]], task_order: list[str] | None = None) -> list[Row]:
+    """One row per (task, algorithm name, sweep point), metrics as intervals over seeds; tasks
+    in ``task_order`` (the suite's) then by name, a task's rows by mean gold reward, best first."""
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for c in cells:
         groups.setdefault((c["cell"]["task"], c["cell"]["name"], c["setting"]), []).append(c)
@@ -57,7 +57,7 @@ def aggregate(cells: list[dict[str, Any]]) -> list[Row]:
                         sorted(m["cell"]["seed"] for m in members),
                         {k: t_interval([m["metrics"].get(k, math.nan) for m in members]) for k in keys},
                         members[0].get("kl_estimator", "")))
-    tasks = list(dict.fromkeys(r.task for r in sorted(rows, key=lambda r: r.task)))
+    tasks = list(dict.fromkeys([*(task_order or []), *sorted(r.task for r in rows)]))
     return sorted(rows, key=lambda r: (tasks.index(r.task), -_mean(r, "gold_mean")))
 
 
