@@ -147,90 +147,94 @@ def sweep_label(point: dict[str, Any]) -> str:
 
 
 def plan(suite: SuiteConfig, run_dir: Path) -> list[Job]:
-    """Every job of the suite, prepare stages first, dependencies named."""
+    """Every job of the suite, each task's prepare stages before its cells, dependencies named."""
     run_dir = run_dir.resolve()
-    base_dir = Path(suite._base_dir or ".")
-    world = suite.world.model_dump(mode="json")
-    prep = suite.prepare
     jobs: list[Job] = []
     for task in suite.tasks:
-        pre = f"prepare/{task}"
-        values = {"task": task, "seed": str(prep.seed), "reference": "world:base"}
-        deps: list[str] = []
-        if prep.sft is not None:
-            jid = f"{pre}/sft"
-            cfg = train_config(prep.sft, defaults={"model.name_or_path": "world:base",
-                                                   "data.source": "world:{task}",
-                                                   "train.progress": False, "train.tensorboard": False},
-                               point={}, forced={"world": world, "train.seed": prep.seed,
-                                                 "train.output_dir": str(run_dir / jid / "train")},
-                               values=values, base_dir=base_dir, where=f"prepare.sft ({task})")
-            jobs.append(Job(jid, "train", {"kind": "train", "algorithm": prep.sft.algorithm,
-                                           "config": cfg}, [], cfg["train"]["max_steps"]))
-            values["reference"] = str(run_dir / jid / "train" / "final")
-            deps.append(jid)
-        if prep.preferences is not None:
-            jid = f"{pre}/preferences"
-            out = run_dir / jid / "preferences.jsonl"
-            jobs.append(Job(jid, "preferences", {
-                "kind": "preferences", "world": world, "task": task, "reference": values["reference"],
-                "seed": prep.seed, "out": str(out), **prep.preferences.model_dump(mode="json")},
-                list(deps)))
-            values["preferences"] = str(out)
-            deps.append(jid)
-        if prep.reward_model is not None:
-            jid = f"{pre}/reward_model"
-            source = values.get("preferences", "world:{task}")
-            cfg = train_config(prep.reward_model, defaults={
-                "model.name_or_path": "{reference}", "data.source": source,
-                "train.progress": False, "train.tensorboard": False},
-                point={}, forced={"world": world, "train.seed": prep.seed,
-                                  "train.output_dir": str(run_dir / jid / "train")},
-                values=values, base_dir=base_dir, where=f"prepare.reward_model ({task})")
-            jobs.append(Job(jid, "train", {"kind": "train", "algorithm": prep.reward_model.algorithm,
-                                           "config": cfg}, list(deps), cfg["train"]["max_steps"]))
-            values["reward_model"] = str(run_dir / jid / "train" / "final")
-            deps.append(jid)
-        evaluation = {**suite.eval.model_dump(mode="json"),
-                      "pass_at_k": suite.eval.pass_at_k if task in suite.eval.verifiable_tasks else []}
-        common = {"kind": "cell", "task": task, "world": world, "reference": values["reference"],
-                  "base": "world:base", "proxy": values.get("reward_model"), "eval": evaluation}
+        prepare, values = prepare_jobs(suite, task, run_dir)
+        jobs += prepare + cell_jobs(suite, task, values, [j.id for j in prepare], run_dir)
+    return jobs
+
+
+def prepare_jobs(suite: SuiteConfig, task: str, run_dir: Path) -> tuple[list[Job], dict[str, str]]:
+    """The task's prepare stages (SFT → preferences → reward model, each one optional, each
+    needing the ones before it) and the placeholder values they define."""
+    prep, world = suite.prepare, suite.world.model_dump(mode="json")
+    values = {"task": task, "seed": str(prep.seed), "reference": "world:base"}
+    jobs: list[Job] = []
+
+    def train_stage(stage: StageSpec, name: str, defaults: dict[str, Any]) -> str:
+        jid = f"prepare/{task}/{name}"
+        cfg = train_config(stage, defaults={**defaults, "train.progress": False,
+                                            "train.tensorboard": False},
+                           point={}, forced={"world": world, "train.seed": prep.seed,
+                                             "train.output_dir": str(run_dir / jid / "train")},
+                           values=values, base_dir=Path(suite._base_dir or "."),
+                           where=f"prepare.{name} ({task})")
+        jobs.append(Job(jid, "train", {"kind": "train", "algorithm": stage.algorithm, "config": cfg},
+                        [j.id for j in jobs], cfg["train"]["max_steps"]))
+        return str(run_dir / jid / "train" / "final")
+
+    if prep.sft is not None:
+        values["reference"] = train_stage(prep.sft, "sft", {"model.name_or_path": "world:base",
+                                                            "data.source": "world:{task}"})
+    if prep.preferences is not None:
+        jid = f"prepare/{task}/preferences"
+        values["preferences"] = str(run_dir / jid / "preferences.jsonl")
+        jobs.append(Job(jid, "preferences", {
+            "kind": "preferences", "world": world, "task": task, "reference": values["reference"],
+            "seed": prep.seed, "out": values["preferences"], **prep.preferences.model_dump(mode="json")},
+            [j.id for j in jobs]))
+    if prep.reward_model is not None:
+        values["reward_model"] = train_stage(prep.reward_model, "reward_model", {
+            "model.name_or_path": "{reference}",
+            "data.source": values.get("preferences", "world:{task}")})
+    return jobs, values
+
+
+def cell_jobs(suite: SuiteConfig, task: str, values: dict[str, str], deps: list[str],
+              run_dir: Path) -> list[Job]:
+    """The task's cells: the reference per seed, then algorithm × sweep point × seed."""
+    evaluation = {**suite.eval.model_dump(mode="json"),
+                  "pass_at_k": suite.eval.pass_at_k if task in suite.eval.verifiable_tasks else []}
+    common = {"kind": "cell", "task": task, "world": suite.world.model_dump(mode="json"),
+              "reference": values["reference"], "base": "world:base",
+              "proxy": values.get("reward_model"), "eval": evaluation}
+    jobs: list[Job] = []
+    if suite.reference_cells:
         for seed in suite.seeds:
-            if suite.reference_cells:
-                jid = f"cells/{task}/reference/default/seed_{seed}"
-                jobs.append(Job(jid, "cell", {**common, "name": "reference", "algorithm": "reference",
-                                              "sweep": {}, "seed": seed, "train": None,
-                                              "best_of_n": None, "budget": {}}, list(deps)))
-        for spec in suite.algorithms:
-            if spec.tasks is not None and task not in spec.tasks:
-                continue
-            for point in sweep_points(spec.sweep):
-                label = sweep_label(point)
-                for seed in suite.seeds:
-                    jid = f"cells/{task}/{spec.name}/{label}/seed_{seed}"
-                    where = f"algorithms '{spec.name}' ({task}, {label}, seed {seed})"
-                    cell = {**common, "name": spec.name, "algorithm": spec.algorithm, "sweep": point,
-                            "seed": seed, "train": None, "best_of_n": None}
-                    total = None
-                    if spec.algorithm == BEST_OF_N:
-                        bon = BestOfNSection.model_validate({**spec.set, **point})
-                        if bon.reward == "proxy" and values.get("reward_model") is None:
-                            raise ConfigError(f"{where}: best-of-n by the proxy needs prepare.reward_model")
-                        cell["best_of_n"] = bon.model_dump(mode="json")
-                        cell["budget"] = {"samples": bon.n * suite.eval.samples_per_prompt
-                                          * suite.eval.n_prompts}
-                    else:
-                        cfg = _cell_config(suite, spec, point, seed, values, base_dir, where,
-                                           run_dir / jid / "train")
-                        cell["train"] = {"algorithm": spec.algorithm, "config": cfg}
-                        cell["budget"] = budget_of(cfg)
-                        total = cfg["train"]["max_steps"]
-                    jobs.append(Job(jid, "cell", cell, list(deps), total))
+            jobs.append(Job(f"cells/{task}/reference/default/seed_{seed}", "cell", {
+                **common, "name": "reference", "algorithm": "reference", "sweep": {}, "seed": seed,
+                "train": None, "best_of_n": None, "budget": {}}, list(deps)))
+    for spec in suite.algorithms:
+        if spec.tasks is not None and task not in spec.tasks:
+            continue
+        for point in sweep_points(spec.sweep):
+            label = sweep_label(point)
+            for seed in suite.seeds:
+                jid = f"cells/{task}/{spec.name}/{label}/seed_{seed}"
+                where = f"algorithms '{spec.name}' ({task}, {label}, seed {seed})"
+                cell = {**common, "name": spec.name, "algorithm": spec.algorithm, "sweep": point,
+                        "seed": seed, "train": None, "best_of_n": None}
+                total = None
+                if spec.algorithm == BEST_OF_N:
+                    bon = BestOfNSection.model_validate({**spec.set, **point})
+                    if bon.reward == "proxy" and values.get("reward_model") is None:
+                        raise ConfigError(f"{where}: best-of-n by the proxy needs prepare.reward_model")
+                    cell["best_of_n"] = bon.model_dump(mode="json")
+                    cell["budget"] = {"samples": bon.n * suite.eval.samples_per_prompt
+                                      * suite.eval.n_prompts}
+                else:
+                    cfg = _cell_config(suite, spec, point, seed, values, where, run_dir / jid / "train")
+                    cell["train"] = {"algorithm": spec.algorithm, "config": cfg}
+                    cell["budget"] = budget_of(cfg)
+                    total = cfg["train"]["max_steps"]
+                jobs.append(Job(jid, "cell", cell, list(deps), total))
     return jobs
 
 
 def _cell_config(suite: SuiteConfig, spec: Any, point: dict[str, Any], seed: int,
-                 values: dict[str, str], base_dir: Path, where: str, output_dir: Path) -> dict[str, Any]:
+                 values: dict[str, str], where: str, output_dir: Path) -> dict[str, Any]:
     from alignlab.algorithms.registry import ALGORITHMS
 
     fields = ALGORITHMS.get(spec.algorithm).config_cls.model_fields
@@ -246,7 +250,8 @@ def _cell_config(suite: SuiteConfig, spec: Any, point: dict[str, Any], seed: int
     return train_config(spec, defaults=defaults, point=point,
                         forced={"world": suite.world.model_dump(mode="json"), "train.seed": seed,
                                 "train.output_dir": str(output_dir)},
-                        values={**values, "seed": str(seed)}, base_dir=base_dir, where=where)
+                        values={**values, "seed": str(seed)}, base_dir=Path(suite._base_dir or "."),
+                        where=where)
 
 
 def budget_of(cfg: dict[str, Any]) -> dict[str, Any]:
