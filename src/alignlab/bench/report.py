@@ -42,9 +42,9 @@ def fmt(iv: Interval | None) -> str:
 
 
 def markdown(rows: list[Row], title: str) -> str:
-    cols = columns(rows)
     out = [f"# {title}", ""]
     for task in dict.fromkeys(r.task for r in rows):
+        cols = columns([r for r in rows if r.task == task])
         out += [f"## Task `{task}`", "",
                 "| algorithm | setting | seeds | " + " | ".join(t for _, t in cols) + " |",
                 "|---|---|---|" + "---|" * len(cols)]
@@ -82,18 +82,18 @@ def csv_text(rows: list[Row]) -> str:
 def html_page(rows: list[Row], images: dict[str, dict[str, Path]], title: str,
               description: str) -> str:
     """One self-contained page: a table per task and every plot inlined as a data: URI."""
-    cols = columns(rows)
     e = html.escape
     parts = ["<!DOCTYPE html>", "<html lang=\"en\"><head><meta charset=\"utf-8\">",
              f"<title>{e(title)}</title>",
              "<style>body{font-family:sans-serif;margin:2em;max-width:1200px}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
-             "padding:4px 8px;text-align:right}td:nth-child(-n+2),th:nth-child(-n+2)"
+             "padding:4px 8px;text-align:right;white-space:nowrap}td:nth-child(-n+2),th:nth-child(-n+2)"
              "{text-align:left}th{background:#f3f3f3}img{max-width:100%;margin:1em 0}</style>",
              "</head><body>", f"<h1>{e(title)}</h1>"]
     if description:
         parts.append(f"<p>{e(description)}</p>")
     for task in dict.fromkeys(r.task for r in rows):
+        cols = columns([r for r in rows if r.task == task])
         parts += [f"<h2>Task <code>{e(task)}</code></h2>",
                   f"<table class=\"leaderboard\" data-task=\"{e(task)}\"><thead><tr>"
                   "<th>algorithm</th><th>setting</th><th>seeds</th>"

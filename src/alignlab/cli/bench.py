@@ -49,5 +49,6 @@ def report_cmd(run_dir: Annotated[Path, typer.Argument(help="A folder written by
     from alignlab.bench.report import write_report
 
     paths = write_report(run_dir, out)
-    console.print(paths["markdown"].read_text(encoding="utf-8"), markup=False, highlight=False)
+    console.print(paths["markdown"].read_text(encoding="utf-8"), markup=False, highlight=False,
+                  soft_wrap=True)
     console.print(f"wrote {paths['html']}, {paths['csv']} and {len(paths) - 4} plots")
