@@ -23,6 +23,9 @@ from alignlab.cli.evaluate import REWARD_HELP, eval_user  # noqa: E402
 from alignlab.cli.generate import chat, generate  # noqa: E402
 
 app.add_typer(data_app, name="data")
+from alignlab.cli.bench import bench_app  # noqa: E402
+
+app.add_typer(bench_app, name="bench")
 console = Console()
 
 PresetOpt = Annotated[str, typer.Option(help="World preset: full (demo) or tiny (tests).")]

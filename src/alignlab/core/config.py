@@ -210,6 +210,8 @@ def _describe(cls: type[BaseModel], loc: tuple[Any, ...]) -> str:
     """Allowed field names at ``loc`` (for 'unknown field' errors)."""
     model: Any = cls
     for part in loc[:-1]:
+        if isinstance(part, int):  # an index into a list of sections
+            continue
         field = getattr(model, "model_fields", {}).get(part)
         if field is None:
             return ""
