@@ -34,4 +34,6 @@ ALGORITHMS: Registry[AlgorithmEntry] = Registry("algorithm", builtins=(
     "alignlab.algorithms.reward_model.trainer",
     "alignlab.algorithms.policy_gradient.run",
     "alignlab.algorithms.online_preference.online_dpo",
+    "alignlab.algorithms.online_preference.iterative_dpo",
+    "alignlab.algorithms.online_preference.xpo",
 ))
