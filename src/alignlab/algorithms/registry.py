@@ -36,4 +36,7 @@ ALGORITHMS: Registry[AlgorithmEntry] = Registry("algorithm", builtins=(
     "alignlab.algorithms.online_preference.online_dpo",
     "alignlab.algorithms.online_preference.iterative_dpo",
     "alignlab.algorithms.online_preference.xpo",
+    "alignlab.algorithms.online_preference.nash_md",
+    "alignlab.algorithms.online_preference.sppo",
+    "alignlab.algorithms.online_preference.p3o",
 ))
