@@ -3,9 +3,11 @@ free ties, the round-robin win probabilities, P from a probability or a label, t
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
+from typer.testing import CliRunner
 
 from alignlab.algorithms.online_preference.common import (
     TIE,
@@ -14,6 +16,7 @@ from alignlab.algorithms.online_preference.common import (
     preference_value,
     round_robin,
 )
+from alignlab.cli.main import app
 from alignlab.rewards.judges import RewardJudge, Verdict
 from alignlab.rollout.role import Rollouts
 
@@ -101,3 +104,20 @@ def test_each_algorithm_is_registered_and_its_example_config_loads(name):
     cfg = load_config(entry.config_cls, f"examples/{name}_world.yaml")
     assert getattr(cfg, name).judge.reward == "gold"
     assert cfg.train.output_dir == f"runs/{name}_world"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_algorithm_trains_from_the_cli_with_its_example_config(tiny_world, world_cache,
+                                                                     tmp_path, name):
+    out = tmp_path / name
+    result = CliRunner().invoke(app, [
+        "train", name, "--config", f"examples/{name}_world.yaml",
+        "--set", "world.preset=tiny", "--set", f"world.cache_dir={world_cache}",
+        "--set", f"train.output_dir={out}", "--set", "train.max_steps=1",
+        "--set", "train.progress=false", "--set", "train.tensorboard=false",
+        "--set", "rollout.prompts_per_step=2", "--set", "rollout.max_new_tokens=8"])
+    assert result.exit_code == 0, result.output
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["step"] == 1 and row["labels_total"] == row["labels"] > 0
+    assert "kl_ref" in row and "win_rate_gold" in row
+    assert (out / "final" / "model.safetensors").exists()
