@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from alignlab.core.registry import Registry
+from alignlab.losses.online_preference import ONLINE_PREFERENCE_TERMS
 from alignlab.losses.policy import LOSS_AGGREGATIONS, POLICY_LOSSES
 from alignlab.losses.preference import PREFERENCE_LOSSES, loss_spec
 from alignlab.losses.reward import REWARD_MODEL_LOSSES
@@ -18,7 +19,8 @@ from alignlab.losses.value import VALUE_LOSSES
 DOC = Path(__file__).resolve().parents[1] / "docs" / "losses.md"
 SECTIONS = {"Preference losses": PREFERENCE_LOSSES, "Policy-gradient losses": POLICY_LOSSES,
             "Policy-loss aggregations": LOSS_AGGREGATIONS,
-            "Reward-model losses": REWARD_MODEL_LOSSES, "Value losses": VALUE_LOSSES}
+            "Reward-model losses": REWARD_MODEL_LOSSES, "Value losses": VALUE_LOSSES,
+            "Online preference terms": ONLINE_PREFERENCE_TERMS}
 
 
 def groups(reg: Registry) -> list[list[str]]:
@@ -34,6 +36,8 @@ def kind_cell(reg: Registry, name: str) -> str:
         return loss_spec(name).kind
     if reg is REWARD_MODEL_LOSSES:
         return reg.get(name).data_format
+    if reg is ONLINE_PREFERENCE_TERMS:
+        return reg.get(name).kind
     return {POLICY_LOSSES: "per token", LOSS_AGGREGATIONS: "aggregation",
             VALUE_LOSSES: "per token"}[reg]
 

@@ -34,4 +34,9 @@ ALGORITHMS: Registry[AlgorithmEntry] = Registry("algorithm", builtins=(
     "alignlab.algorithms.reward_model.trainer",
     "alignlab.algorithms.policy_gradient.run",
     "alignlab.algorithms.online_preference.online_dpo",
+    "alignlab.algorithms.online_preference.iterative_dpo",
+    "alignlab.algorithms.online_preference.xpo",
+    "alignlab.algorithms.online_preference.nash_md",
+    "alignlab.algorithms.online_preference.sppo",
+    "alignlab.algorithms.online_preference.p3o",
 ))

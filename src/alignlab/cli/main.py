@@ -144,12 +144,14 @@ def registry_entries(what: str) -> list[tuple[str, str]]:
     from alignlab.data.formats import FORMATS
     from alignlab.losses.advantages import ADVANTAGE_ESTIMATORS
     from alignlab.losses.kl import KL_ESTIMATORS
+    from alignlab.losses.online_preference import ONLINE_PREFERENCE_TERMS
     from alignlab.losses.policy import POLICY_LOSSES
     from alignlab.losses.preference import PREFERENCE_LOSSES
     from alignlab.rewards.registry import REWARDS
     from alignlab.world.tasks import TASKS
 
-    groups = {"losses": [PREFERENCE_LOSSES, POLICY_LOSSES], "algorithms": [ALGORITHMS],
+    groups = {"losses": [PREFERENCE_LOSSES, POLICY_LOSSES, ONLINE_PREFERENCE_TERMS],
+              "algorithms": [ALGORITHMS],
               "rewards": [REWARDS], "tasks": [TASKS], "advantages": [ADVANTAGE_ESTIMATORS],
               "kl": [KL_ESTIMATORS], "formats": [FORMATS]}
     if what not in groups:

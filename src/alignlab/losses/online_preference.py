@@ -1,0 +1,147 @@
+"""The new terms of the online preference algorithms (``algorithms/online_preference/``).
+
+Pure tensor functions, no model calls. Log-probs are sequence sums ``log π(y | x)`` (the
+preference losses' convention); every function returns one value per example (per completion or
+per pair) — the trainer sums them and divides by the number of items — except
+``geometric_mixture``, which returns the next-token logits Nash-MD samples its opponent from.
+
+- ``xpo_exploration``: XPO's exploration term α·log π_θ(ỹ), ỹ ~ π_ref (added to the DPO loss);
+- ``nash_md_pg``: Nash-MD's policy-gradient surrogate against the mixture's samples;
+- ``geometric_mixture``: the token-level geometric mixture π^(1−β)·π_ref^β of two logit rows;
+- ``sppo_square``: SPPO's squared regression onto η·(P̂(y ≻ π_t) − ½);
+- ``p3o_joint``, ``p3o_separate``: P3O's clipped pairwise surrogates.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from alignlab.core.registry import Registry
+
+ONLINE_PREFERENCE_TERMS: Registry = Registry("online preference term")
+
+
+def _term(name: str, kind: str):
+    """Register under ``name``; ``kind`` (per completion, per pair, logits) is what
+    ``docs/losses.md`` states."""
+    def decorator(fn):
+        fn.kind = kind
+        return ONLINE_PREFERENCE_TERMS.register(name)(fn)
+    return decorator
+
+
+@_term("xpo_exploration", "per completion")
+def xpo_exploration(reference_sample_logps: Tensor, *, alpha: float) -> Tensor:
+    """XPO's exploration term α·log π_θ(ỹ | x) on samples ỹ ~ π_ref, *added* to the (minimised)
+    DPO loss.
+
+    Xie et al. 2024, "Exploratory Preference Optimization: Harnessing Implicit Q*-Approximation
+    for Sample-Efficient RLHF", Algorithm 1: π ← argmin α·Σ log π(ỹ) − Σ log σ(β·h). Minimising
+    it lowers the policy's likelihood of what the reference would say, pushing it to explore
+    outside π_ref's support (TRL's ``XPOTrainer`` has the same sign: ``loss = dpo + α·logπ(ỹ)``).
+    """
+    if alpha < 0:
+        raise ValueError(f"xpo_exploration: alpha must be >= 0, got {alpha}")
+    return alpha * reference_sample_logps
+
+
+@_term("nash_md_pg", "per completion")
+def nash_md_pg(logps: Tensor, ref_logps: Tensor, preference: Tensor, *,
+               kl_coef: float) -> Tensor:
+    """Nash-MD-PG's surrogate loss, y ~ π_θ, y′ ~ the mixture π^β_θ:
+
+        −(P(y ≻ y′) − ½)·log π_θ(y) + τ·sg[log π_θ(y) − log π_ref(y)]·log π_θ(y)
+
+    whose gradient is −[(P − ½)·∇log π_θ(y) − τ·∇KL(π_θ ‖ π_ref)] (REINFORCE; ½ is the control
+    variate; E_y[(log π_θ/π_ref)·∇log π_θ(y)] = ∇KL). Munos et al. 2023, "Nash Learning from Human
+    Feedback" (Nash-MD-PG, section 7). The KL's score-function factor is the *sequence* log-ratio,
+    as in the paper; TRL's ``NashMDTrainer`` weights each token by its own log-ratio instead
+    (Σ_t sg[r_t]·log π(y_t)), which drops the KL of the tokens that follow."""
+    if kl_coef < 0:
+        raise ValueError(f"nash_md_pg: kl_coef must be >= 0, got {kl_coef}")
+    log_ratio = (logps - ref_logps).detach()
+    return -(preference - 0.5) * logps + kl_coef * log_ratio * logps
+
+
+@_term("geometric_mixture", "logits")
+def geometric_mixture(logits: Tensor, ref_logits: Tensor, *, mixture_coef: float) -> Tensor:
+    """Next-token log-probs of π^(1−β)·π_ref^β, normalised over the vocabulary:
+    log_softmax((1−β)·log_softmax(z) + β·log_softmax(z_ref)).
+
+    Munos et al. 2023, "Nash Learning from Human Feedback": Nash-MD's opponent is the geometric
+    mixture of the policy and the reference; like the paper's experiments and TRL's
+    ``GeometricMixtureWrapper``, it is taken token by token (exact sequence-level sampling from the
+    mixture is intractable). β = 0 is the policy, β = 1 the reference. Rows whose logits are −inf
+    somewhere stay −inf there."""
+    if not 0 <= mixture_coef <= 1:
+        raise ValueError(f"geometric_mixture: mixture_coef must be in [0, 1], got {mixture_coef}")
+    if mixture_coef == 0:
+        return F.log_softmax(logits.float(), dim=-1)
+    if mixture_coef == 1:
+        return F.log_softmax(ref_logits.float(), dim=-1)
+    mixed = ((1 - mixture_coef) * F.log_softmax(logits.float(), dim=-1)
+             + mixture_coef * F.log_softmax(ref_logits.float(), dim=-1))
+    return F.log_softmax(mixed, dim=-1)
+
+
+@_term("sppo_square", "per completion")
+def sppo_square(logps: Tensor, old_logps: Tensor, win_prob: Tensor, *, eta: float) -> Tensor:
+    """SPPO: (log π_θ(y) − log π_t(y) − η·(P̂(y ≻ π_t) − ½))².
+
+    Wu et al. 2024, "Self-Play Preference Optimization for Language Model Alignment": π_t is the
+    policy that sampled y (frozen for the round), P̂(y ≻ π_t) its estimated win probability
+    against π_t's own samples, and log Z is approximated by η/2. A sample that wins more than
+    half the time is pushed up, one that loses pushed down — unlike DPO, each log-likelihood
+    moves on its own, not only their difference."""
+    if eta <= 0:
+        raise ValueError(f"sppo_square: eta must be > 0, got {eta}")
+    return (logps - old_logps - eta * (win_prob - 0.5)).square()
+
+
+def _clipped(ratio: Tensor, advantages: Tensor, clip_eps: float) -> Tensor:
+    """−min(ρ·A, clip(ρ, 1−ε, 1+ε)·A): PPO's pessimistic surrogate, as a loss."""
+    return -torch.minimum(ratio * advantages,
+                          ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages)
+
+
+def _check_eps(name: str, clip_eps: float) -> None:
+    if not 0 < clip_eps < 1:
+        raise ValueError(f"{name}: clip_eps must be in (0, 1), got {clip_eps}")
+
+
+@_term("p3o_joint", "per pair")
+def p3o_joint(logps: Tensor, old_logps: Tensor, advantages: Tensor, *,
+              clip_eps: float = 0.2) -> Tensor:
+    """P3O with joint clipping on a pair (y₁, y₂) ~ π_old (``logps``/``old_logps`` ``[B, 2]``):
+
+        −min(ρ·A, clip(ρ, 1−ε, 1+ε)·A),  ρ = π_θ(y₁)·π_old(y₂) / (π_old(y₁)·π_θ(y₂)),
+
+    A = (r₁ − r₂)/2 the pair's relative reward (``advantages [B]``). At θ = θ_old its gradient is
+    the pairwise policy gradient −A·∇(log π(y₁) − log π(y₂)) of Wu et al. 2023, "Pairwise Proximal
+    Policy Optimization: Harnessing Relative Feedback for LLM Alignment"; a shift of both rewards
+    changes nothing (the paper's reward-equivalence invariance)."""
+    _check_eps("p3o_joint", clip_eps)
+    log_ratio = (logps[:, 0] - old_logps[:, 0]) - (logps[:, 1] - old_logps[:, 1])
+    return _clipped(torch.exp(log_ratio.clamp(max=20.0)), advantages, clip_eps)
+
+
+@_term("p3o_separate", "per pair")
+def p3o_separate(logps: Tensor, old_logps: Tensor, advantages: Tensor, *,
+                 clip_eps: float = 0.2) -> Tensor:
+    """P3O with separate clipping: each completion's own ratio ρᵢ = π_θ(yᵢ)/π_old(yᵢ) clipped
+    with the pair's advantage, +A for y₁ and −A for y₂:
+
+        −min(ρ₁·A, clip(ρ₁)·A) − min(ρ₂·(−A), clip(ρ₂)·(−A)).
+
+    Wu et al. 2023, "Pairwise Proximal Policy Optimization" (its two clipping variants); the
+    same gradient as ``p3o_joint`` at θ = θ_old."""
+    _check_eps("p3o_separate", clip_eps)
+    ratio = torch.exp((logps - old_logps).clamp(max=20.0))
+    return (_clipped(ratio[:, 0], advantages, clip_eps)
+            + _clipped(ratio[:, 1], -advantages, clip_eps))
+
+
+__all__ = ["ONLINE_PREFERENCE_TERMS", "geometric_mixture", "nash_md_pg", "p3o_joint",
+           "p3o_separate", "sppo_square", "xpo_exploration"]
