@@ -14,7 +14,7 @@ from alignlab.algorithms.online_preference.iterative_dpo import (
     IterativeDPOSection,
     train_iterative_dpo,
 )
-from alignlab.algorithms.online_preference.online_dpo import JudgeSection
+from alignlab.algorithms.online_preference.judge_config import JudgeSection
 from alignlab.core.config import load_config
 from alignlab.core.errors import ConfigError
 

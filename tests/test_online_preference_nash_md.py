@@ -15,7 +15,7 @@ from alignlab.algorithms.online_preference.nash_md import (
     NashMDObjective,
     train_nash_md,
 )
-from alignlab.algorithms.online_preference.online_dpo import JudgeSection
+from alignlab.algorithms.online_preference.judge_config import JudgeSection
 from alignlab.core.config import load_config
 from alignlab.core.errors import ConfigError
 from alignlab.data.preference_batches import collate_groups

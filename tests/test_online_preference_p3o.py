@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from alignlab.algorithms.online_preference import p3o
-from alignlab.algorithms.online_preference.online_dpo import JudgeSection
+from alignlab.algorithms.online_preference.judge_config import JudgeSection
 from alignlab.algorithms.online_preference.p3o import P3OConfig, P3OObjective, train_p3o
 from alignlab.core.config import load_config
 from alignlab.core.errors import ConfigError

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from alignlab.algorithms.online_preference import sppo
-from alignlab.algorithms.online_preference.online_dpo import JudgeSection
+from alignlab.algorithms.online_preference.judge_config import JudgeSection
 from alignlab.algorithms.online_preference.sppo import SPPOConfig, SPPOObjective, train_sppo
 from alignlab.core.config import load_config
 from alignlab.core.errors import ConfigError

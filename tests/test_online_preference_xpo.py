@@ -8,7 +8,7 @@ import torch
 
 from alignlab.algorithms.online_preference import xpo
 from alignlab.algorithms.online_preference.common import plan_paired_loss
-from alignlab.algorithms.online_preference.online_dpo import JudgeSection
+from alignlab.algorithms.online_preference.judge_config import JudgeSection
 from alignlab.algorithms.online_preference.xpo import XPOConfig, XPOObjective, XPOSection, train_xpo
 from alignlab.algorithms.preference.trainer import PreferenceObjective
 from alignlab.core.config import load_config
