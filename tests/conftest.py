@@ -83,3 +83,12 @@ def family_runs(tiny_world, world_cache, tmp_path_factory):
     from tests.invariant_runs import FamilyRuns
 
     return FamilyRuns(world_cache, tmp_path_factory.mktemp("invariants"))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_notices():
+    """Each test starts with no warning causes seen (``core/notices.py`` shows each once)."""
+    from alignlab.core import notices
+
+    notices.reset()
+    yield

@@ -76,8 +76,9 @@ class Registry(Generic[T]):
 
 def first_sentence(text: str) -> str:
     """``text`` up to the first full stop followed by a capital letter (so "e.g. x" and
-    "1e-3. " in formulas stay whole), or all of it."""
+    "1e-3. " in formulas stay whole), or all of it; a paragraph that introduces a formula
+    ("…, with:") ends with a full stop instead."""
     for i, ch in enumerate(text[:-2]):
         if ch == "." and text[i + 1] == " " and text[i + 2].isupper():
             return text[:i + 1]
-    return text
+    return text[:-1] + "." if text.endswith(":") else text

@@ -50,7 +50,7 @@ def xpo_exploration(reference_sample_logps: Tensor, *, alpha: float) -> Tensor:
 @_term("nash_md_pg", "per completion")
 def nash_md_pg(logps: Tensor, ref_logps: Tensor, preference: Tensor, *,
                kl_coef: float) -> Tensor:
-    """Nash-MD-PG's surrogate loss, y ~ π_θ, y′ ~ the mixture π^β_θ:
+    """Nash-MD-PG's surrogate loss (y ~ π_θ, y′ ~ the mixture π^β_θ).
 
         −(P(y ≻ y′) − ½)·log π_θ(y) + τ·sg[log π_θ(y) − log π_ref(y)]·log π_θ(y)
 
