@@ -209,7 +209,7 @@ def test_learner_update_steps_once_per_minibatch_and_the_schedule_once_per_updat
     assert learner.optimizer.param_groups[0]["lr"] == pytest.approx(0.5)
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\(\)`")
+@pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)`")
 def test_learner_update_averages_metrics_over_its_steps_and_skips_empty_micro_batches():
     learner, objective = _learner(epochs=1, minibatch_size=2)
     xs = torch.tensor([[1.0], [3.0], [5.0], [7.0]])
