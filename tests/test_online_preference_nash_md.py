@@ -73,9 +73,7 @@ def test_nash_md_objective_is_the_pg_surrogate_on_the_policys_log_probs():
 
 # Seed 0, 8 iterations of 8 prompts x 4 samples (each against one mixture sample, β = ½),
 # τ = 0.1, lr 1e-3, gold judge: eval gold 0.042 (base) -> 0.29 (KL to the start 2.3 nats: the
-# mixture opponent and τ keep it close). ~3 min on 2 loaded cores, hence slow; the resume test
-# below is the default run's smoke test.
-@pytest.mark.slow
+# mixture opponent and τ keep it close). About 4 s on 2 idle cores (fp32).
 def test_nash_md_with_the_gold_judge_raises_gold_sentiment(tiny_world, world_cache, tmp_path):
     before = base_gold(tiny_world)
     run = train_nash_md(config("nash_md", world_cache, tmp_path, steps=8, win_rate_every=4))

@@ -54,9 +54,8 @@ def test_one_sppo_step_raises_the_winner_and_lowers_the_loser():
 
 
 # Seed 0, 8 iterations of 8 prompts x 4 samples (6 labels per prompt), η = 5, 2 epochs,
-# lr 5e-4, gold judge: eval gold 0.042 (base) -> 0.50 (KL to the start 3.1 nats). ~90 s on 2
-# loaded cores, hence slow; the resume test below is the default run's smoke test.
-@pytest.mark.slow
+# lr 5e-4, gold judge: eval gold 0.042 (base) -> 0.50 (KL to the start 3.1 nats). About 4 s
+# on 2 idle cores (fp32).
 def test_sppo_with_the_gold_judge_raises_gold_sentiment(tiny_world, world_cache, tmp_path):
     before = base_gold(tiny_world)
     run = train_sppo(config("sppo", world_cache, tmp_path, steps=8, lr=5e-4, eta=5.0,
