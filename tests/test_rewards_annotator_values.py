@@ -208,3 +208,11 @@ def test_repr_shows_the_settings_not_the_gold_function():
     text = repr(SimulatedAnnotator(word_gold, temperature=0.5))
     assert "word_gold" not in text and "gold=" not in text
     assert "name='gold'" in text and "temperature=0.5" in text
+
+
+def test_cached_pairs_tells_which_labels_are_free():
+    ann = SimulatedAnnotator(word_gold, temperature=0.0, flip_rate=0.0)
+    ann.label_pairs(["p"], ["good"], ["bad"])
+    # (b, a) is the same judgement as (a, b); another prompt or completion is not cached
+    assert ann.cached_pairs(["p", "p", "q"], ["bad", "good", "good"], ["good", "ok", "bad"]) == [
+        True, False, False]
