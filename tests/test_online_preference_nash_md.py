@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from alignlab.algorithms.online_preference import nash_md
+from alignlab.algorithms.online_preference.judge_config import JudgeSection
 from alignlab.algorithms.online_preference.nash_md import (
     GeometricMixtureProcessor,
     NashMDConfig,
     NashMDObjective,
     train_nash_md,
 )
-from alignlab.algorithms.online_preference.judge_config import JudgeSection
 from alignlab.core.config import load_config
 from alignlab.core.errors import ConfigError
 from alignlab.data.preference_batches import collate_groups
