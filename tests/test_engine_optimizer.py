@@ -3,6 +3,7 @@ models (fast: no transformer; these are the tests ``tools/mutate.py`` runs for t
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -104,6 +105,14 @@ def test_lr_schedule_per_step_warmup_then_decay(kind, after_warmup):
 def test_lr_schedule_without_warmup_starts_at_the_full_rate():
     cfg = TrainSection(lr=1.0, warmup_steps=0, max_steps=4, lr_scheduler="linear")
     assert _lrs(cfg, 4) == pytest.approx([1.0, 0.75, 0.5, 0.25])
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
+def test_lr_schedule_whose_warmup_spans_every_step_ends_at_the_full_rate(kind):
+    # past the warmup with no decay steps left: progress (step − warmup) / max(1, 2 − warmup) = 0
+    for warmup, expected in ((2, [1.0, 2.0, 2.0]), (3, [2 / 3, 4 / 3, 2.0])):
+        cfg = TrainSection(lr=2.0, warmup_steps=warmup, max_steps=2, lr_scheduler=kind)
+        assert _lrs(cfg, 3) == pytest.approx(expected)
 
 
 def test_optimizer_groups_decay_only_matrices_outside_norms():
@@ -228,13 +237,21 @@ def test_learner_clips_with_the_configured_norm_and_restores_its_state():
     learner, _ = _learner(epochs=1, max_grad_norm=0.5)
     units = rows_of({"x": torch.tensor([[4.0], [4.0]])})
     assert learner.update(units)["grad_norm"] == pytest.approx(4.0)
-    state = learner.state_dict()
+    state = copy.deepcopy(learner.state_dict())  # as if saved: no tensor shared with learner
     assert state["updates"] == 1
     again, _ = _learner(epochs=1, max_grad_norm=0.5)
     again.load_state_dict(state)
     assert again.updates == 1 and again.scheduler.get_last_lr() == learner.scheduler.get_last_lr()
     assert torch.equal(torch.randperm(5, generator=again.generator),
                        torch.randperm(5, generator=learner.generator))
+    # AdamW's moments carry over: from the same weight, the next update lands on the same weight
+    # (a fresh AdamW would move by the full lr, 0.75, against the restored one's 0.04)
+    with torch.no_grad():
+        again.model.w.copy_(learner.model.w)
+    units = rows_of({"x": torch.tensor([[1.0], [-3.0]])})
+    learner.update(units)
+    again.update(units)
+    assert again.model.w.item() == pytest.approx(learner.model.w.item(), rel=1e-6)
 
 
 class Recording(WeightedSum):

@@ -188,3 +188,31 @@ def test_explained_variance_of_small_returns():
     returns = torch.tensor([[0.1, 0.2, 0.3]])  # Var(R) = 0.01, well below 1
     _, m = VALUE_LOSSES.get("mse")(values, None, returns, torch.ones(1, 3))
     assert m["value_explained_variance"].item() == pytest.approx(0.0, abs=1e-5)  # V explains nothing
+
+
+def test_sapo_accepts_a_negative_side_temperature_up_to_one():
+    sapo = POLICY_LOSSES.get("sapo")
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    # τ_neg = 0.5 ≤ 1 is a valid (slower-fading) temperature: ℓ = −(4/τ)·σ(τ(ρ − 1))·A, A = −1
+    assert sapo(**_one(0.5, -1.0), tau_neg=0.5).per_token_loss.item() == pytest.approx(
+        4 / 0.5 * sig(0.5 * -0.5))
+    assert sapo(**_one(0.5, -1.0), tau_neg=1.0).per_token_loss.item() == pytest.approx(
+        4 * sig(-0.5))
+
+
+def test_rollout_correction_bounds_are_inclusive_and_may_meet():
+    from alignlab.losses.rollout_correction import rollout_correction
+
+    old = torch.zeros(1, 3, dtype=torch.float64)
+    # ρ = (1, 2, 0.5) exactly: ρ = 1 lies on both bounds of the band [1, 1], which is kept
+    rollout = old - torch.tensor([[0.0, math.log(2.0), math.log(0.5)]], dtype=torch.float64)
+    mask = torch.ones(1, 3)
+    w, m = rollout_correction(old, rollout, mask, RolloutCorrection("mis", low=1.0, high=1.0))
+    torch.testing.assert_close(w, torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64))
+    assert m["rollout_is/masked_fraction"].item() == pytest.approx(2 / 3)
+    # TIS: a ratio on a bound is not counted as truncated; low = 0 means no floor
+    _, m = rollout_correction(old, rollout, mask, RolloutCorrection("tis", low=1.0, high=1.0))
+    assert m["rollout_is/truncated_fraction"].item() == pytest.approx(2 / 3)
+    w, m = rollout_correction(old, rollout, mask, RolloutCorrection("mis", low=0.0, high=1.0))
+    torch.testing.assert_close(w, torch.tensor([[1.0, 0.0, 0.5]], dtype=torch.float64))
+    assert m["rollout_is/masked_fraction"].item() == pytest.approx(1 / 3)

@@ -117,6 +117,7 @@ def test_sparse_po_token_weights_apply_per_side():
     r = run("sparse_po", w, beta=0.1)
     # a = 2·0.5 + 0.5 = 1.5 (the masked third token's weight is ignored); b = −1 + 0 − 6 = −7
     assert r.losses.item() == pytest.approx(-ls(0.1 * 8.5))
+    assert r.chosen_rewards.item() == pytest.approx(0.15)
     assert r.rejected_rewards.item() == pytest.approx(-0.7)
 
 
@@ -393,14 +394,14 @@ def test_dro_labels_a_reward_equal_to_its_value_undesirable():
 
 
 def test_mrpo_weights_clip_and_rewards():
-    inputs = PreferenceInputs(chosen_logps=t(-1.0), rejected_logps=t(-3.0),
+    inputs = PreferenceInputs(chosen_logps=t(-1.0), rejected_logps=t(-4.0),
                               ref_chosen_logps_multi=t([-2.0, -4.0]),
                               ref_rejected_logps_multi=t([-2.0, -2.0]))
     r = run("mrpo", inputs, beta=0.1, ref_weights=[1.0, 3.0], clip=1.0)
     # ref_c: the second reference clipped to −2 − 1 = −3, mixed ¼·(−2) + ¾·(−3) = −2.75 → a = 1.75
     assert r.chosen_rewards.item() == pytest.approx(0.175)
-    assert r.rejected_rewards.item() == pytest.approx(-0.1)
-    assert r.losses.item() == pytest.approx(-ls(0.1 * 2.75))
+    assert r.rejected_rewards.item() == pytest.approx(-0.2)  # b = −4 − (−2)
+    assert r.losses.item() == pytest.approx(-ls(0.1 * 3.75))
 
 
 def test_group_weight_update_default_step():

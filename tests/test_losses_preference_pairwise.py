@@ -85,9 +85,13 @@ def test_ipo_length_normalize_divides_each_log_ratio_by_its_length():
     result = PREFERENCE_LOSSES.get("ipo")(inputs, beta=0.1, length_normalize=True)
     assert result.losses.item() == pytest.approx((0.5 - 5) ** 2)
     assert result.chosen_rewards.item() == pytest.approx(0.1 * 0.25)
+    assert result.rejected_rewards.item() == pytest.approx(0.1 * -0.25)  # β·b/|y_r|
     assert loss("ipo", inputs, beta=0.1).item() == pytest.approx((1.5 - 5) ** 2)  # default: sums
     with pytest.raises(MissingInputError, match="length_normalize"):
         loss("ipo", pair(), length_normalize=True)
+    for one_side in ({"chosen_lengths": torch.tensor([4])}, {"rejected_lengths": torch.tensor([2])}):
+        with pytest.raises(MissingInputError, match="length_normalize"):
+            loss("ipo", pair(**one_side), length_normalize=True)
 
 
 def test_hinge_zero_beyond_margin():

@@ -66,6 +66,19 @@ def test_orpo_value_and_odds_ratio_term():
     assert run("orpo", policy_only(), beta=0.0).losses.item() == pytest.approx(1.5)
 
 
+def test_orpo_near_certain_completions():
+    # p = 1 (log p = 0) on the rejected side: log(1 − p) is read at log p = −1e-6, finite
+    def log_odds(pc, pr):
+        log1m = lambda lp: math.log1p(-math.exp(min(lp, -1e-6)))  # noqa: E731
+        return (pc - pr) - (log1m(pc) - log1m(pr))
+
+    for r, pr in ((0.0, 0.0), (-2.5, -0.5)):  # rejected: 5 tokens, per-token log p = pr
+        result = run("orpo", policy_only(r=r), beta=0.1)
+        expected = log_odds(-1.5, pr)
+        assert result.metrics["orpo/log_odds_chosen"].item() == pytest.approx(expected)
+        assert result.losses.item() == pytest.approx(1.5 - 0.1 * ls(expected))
+
+
 def test_cpo_value():
     assert run("cpo", policy_only(), beta=0.1, alpha=1.0).losses.item() == pytest.approx(-ls(0.2) + 1.5)
 

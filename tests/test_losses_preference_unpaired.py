@@ -46,6 +46,15 @@ def test_kto_reference_point_is_clamped_and_defaults_to_zero():
     assert no_kl.losses[0].item() == pytest.approx(1 - sig(0.1))
 
 
+def test_unpaired_rewards_are_detached():
+    inputs = unpaired(kl_ref=0.2)
+    inputs.logps.requires_grad_()
+    result = run("kto", inputs)
+    assert result.losses.requires_grad
+    assert not result.chosen_rewards.requires_grad and not result.rejected_rewards.requires_grad
+    assert not any(v.requires_grad for v in result.metrics.values())
+
+
 def test_kto_all_desirable_labels():
     all_good = unpaired(labels=(True, True, True), kl_ref=0.0)
     result = run("kto", all_good, beta=0.1, undesirable_weight=7.0)
@@ -106,3 +115,17 @@ def test_dro_value_and_gradients():
     result.losses.sum().backward()
     assert logps.grad[0] < 0 and logps.grad[1] > 0  # good outputs up, bad down
     assert values.grad is not None
+
+
+def test_dro_rewards_and_a_plain_number_as_the_value():
+    # r = π − ref = (2, −0.5): rewards β·r = (1, −0.25); labels: reward above V(x) = 0.5
+    inputs = PreferenceInputs(logps=t(-2.0, -4.5), ref_logps=t(-4.0, -4.0), rewards=t(1.0, 0.0),
+                              values=t(0.5, 0.5))
+    result = run("dro_pointwise", inputs, beta=0.5)
+    torch.testing.assert_close(result.chosen_rewards, t(1.0))
+    torch.testing.assert_close(result.rejected_rewards, t(-0.25))
+    # V(x) may be one number for every prompt
+    scalar = run("dro_pointwise", PreferenceInputs(logps=inputs.logps, ref_logps=inputs.ref_logps,
+                                                  rewards=inputs.rewards, values=0.5), beta=0.5)
+    torch.testing.assert_close(scalar.losses, result.losses)
+    torch.testing.assert_close(scalar.chosen_rewards, t(1.0))

@@ -71,6 +71,8 @@ def test_plackett_luce_hand_computed_and_ragged():
     first = (math.log(math.exp(2) + math.exp(1) + 1) - 2) + (math.log(math.exp(1) + 1) - 1)
     second = math.log(1 + math.exp(-1))  # a list of two is Bradley-Terry; the padding is ignored
     assert loss.tolist() == pytest.approx([first, second], abs=1e-5)
+    for numeric in (mask.long(), mask.float()):  # a 0/1 mask of any dtype is the same mask
+        assert plackett_luce_loss(rewards, scores, numeric).tolist() == pytest.approx(loss.tolist())
     loss.sum().backward()
     assert torch.isfinite(rewards.grad).all()
     assert rewards.grad[1, 2] == 0
@@ -87,6 +89,7 @@ def test_mse_and_centering():
     assert mse_loss(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 4.0])).tolist() == [1.0, 4.0]
     r = torch.tensor([[1.0, 2.0], [-1.0, 1.0]])
     assert centering_penalty(r, coef=0.5).tolist() == [4.5, 0.0]  # 0.5·(1+2)², 0.5·0²
+    assert centering_penalty(r).tolist() == [0.0, 0.0]  # off unless a coefficient is given
     masked = centering_penalty(r, torch.tensor([[True, False], [True, True]]), coef=1.0)
     assert masked.tolist() == [1.0, 0.0]
     # the gradient of centering pulls the sum of a pair's rewards towards 0

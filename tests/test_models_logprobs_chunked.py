@@ -210,3 +210,54 @@ def test_float32_gradients_are_computed_in_float32():
     ref.sum().backward()
     for a, b in zip(got, _grads(leaves)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_true_refuses_a_model_that_post_processes_its_logits():
+    model = random_llama().eval()
+    model.config.final_logit_softcapping = 30.0  # the head's output is then not the logits
+    with pytest.raises(ConfigError, match="chunked=True"):
+        token_logprobs(model, _padded(), chunked=True)
+
+
+def test_chunked_false_never_asks_for_a_fast_path(monkeypatch):
+    from alignlab.models import logprobs
+
+    asked, real_route = [], logprobs.route
+
+    def spy(model, batch, prefix_sharing):
+        asked.append(prefix_sharing)
+        return real_route(model, batch, prefix_sharing)
+
+    monkeypatch.setattr(logprobs, "route", spy)  # patched where token_logprobs reads it
+    model, batch = random_llama().eval(), _padded()
+    token_logprobs(model, batch, chunked=False)
+    assert asked == []  # the full-logits forward, whatever the batch
+    token_logprobs(model, batch, prefix_sharing=True)
+    token_logprobs(model, batch, chunked=True)
+    assert asked == [True, False]
+
+
+def test_sequence_logprobs_without_attention_mask_or_seq_lens_is_one_per_row():
+    lp = torch.tensor([[0.0, -1.0, -2.0], [0.0, -0.5, 0.0]])
+    batch = {"input_ids": torch.zeros(2, 3, dtype=torch.long),
+             "loss_mask": torch.tensor([[0, 1, 1], [0, 1, 0]])}
+    torch.testing.assert_close(sequence_logprobs(lp, batch), torch.tensor([-3.0, -0.5]))
+    # with an attention mask, seq_lens (if any) are ignored: the rows are padded, not packed
+    padded = {**batch, "attention_mask": torch.ones(2, 3), "seq_lens": [4, 2]}
+    torch.testing.assert_close(sequence_logprobs(lp, padded), torch.tensor([-3.0, -0.5]))
+
+
+def test_the_chunk_size_reaches_the_projection(monkeypatch):
+    # chunk_size bounds memory, not values, so only the call can show that it is honoured
+    from alignlab.models import logprobs
+
+    sizes, real = [], logprobs.chunked_logprobs
+
+    def spy(*args, chunk_size, **kwargs):
+        sizes.append(chunk_size)
+        return real(*args, chunk_size=chunk_size, **kwargs)
+
+    monkeypatch.setattr(logprobs, "chunked_logprobs", spy)
+    model, batch = random_llama().eval(), _padded()
+    token_logprobs(model, batch, chunk_size=3)
+    assert sizes == [3]

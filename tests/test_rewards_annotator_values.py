@@ -4,7 +4,10 @@ statistics it keeps, by hand."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
+import random
 
 import pytest
 
@@ -160,3 +163,56 @@ def test_gold_receives_each_completion_with_its_own_prompt():
     first, second = ann.label_pairs(["a", "bbb"], ["a", "x"], ["y", "bbb"])
     assert (first.gold_a, first.gold_b) == (11.0, 10.0)
     assert (second.gold_a, second.gold_b) == (30.0, 31.0)
+
+
+def test_each_draw_follows_the_documented_recipe_and_the_cache_is_ascii(tmp_path):
+    # The randomness of a judgement is random.Random(int(sha256(key), 16)) with the key the JSON
+    # of [settings, kind, prompt, items in sorted order] (UTF-8, not ASCII-escaped). Pinning it
+    # keeps labels reproducible across versions and existing caches valid.
+    cache = tmp_path / "labels.jsonl"
+    ann = SimulatedAnnotator(word_gold, temperature=0.5, flip_rate=0.25, seed=3, cache_path=cache)
+    prompt = "café ☕"
+
+    def rng_of(kind, items):
+        settings = {"v": 1, "name": "gold", "seed": 3, "temperature": 0.5, "flip_rate": 0.25,
+                    "length_bias": 0.0, "tie_margin": None}
+        blob = json.dumps([settings, kind, prompt, items], ensure_ascii=False)
+        return random.Random(int(hashlib.sha256(blob.encode("utf-8")).hexdigest(), 16))
+
+    # a list: s_i = ũ_i + T·Gumbel_i in sorted order ("bad x", "good good", "ok"), then the flip
+    rng = rng_of("list", ["bad x", "good good", "ok"])
+    gumbel = [-math.log(-math.log(rng.random())) for _ in range(3)]
+    flipped = rng.random() < 0.25
+    scores = [(g + 0.5 * z) * (-1 if flipped else 1) for g, z in zip([-1.0, 2.0, 0.0], gumbel)]
+    (lab,) = ann.rank([prompt], [["ok", "bad x", "good good"]])
+    assert lab.flipped is flipped
+    assert lab.scores == pytest.approx([scores[2], scores[0], scores[1]], rel=1e-12)
+    # a pair: u_draw then u_flip
+    rng = rng_of("pair", ["bad x", "good"])
+    u_draw, u_flip = rng.random(), rng.random()
+    p_a = sig((-1.0 - 1.0) / 0.5)
+    (pair,) = ann.label_pairs([prompt], ["bad x"], ["good"])
+    assert pair.p_a == pytest.approx(p_a)
+    assert (pair.a_preferred, pair.flipped) == ((u_draw < p_a) != (u_flip < 0.25), u_flip < 0.25)
+    # the cache holds keys and numbers only, ASCII whatever the prompt's language
+    assert cache.read_bytes().isascii() and len(cache.read_text().splitlines()) == 2
+
+
+def test_points_are_judged_against_zero_by_default():
+    ann = SimulatedAnnotator(word_gold, temperature=0.0, flip_rate=0.0)
+    good, ok, bad = ann.label_points(["p"] * 3, ["good", "ok", "bad"])
+    assert (good.p_desirable, ok.p_desirable, bad.p_desirable) == (1.0, 0.5, 0.0)
+
+
+def test_repr_shows_the_settings_not_the_gold_function():
+    text = repr(SimulatedAnnotator(word_gold, temperature=0.5))
+    assert "word_gold" not in text and "gold=" not in text
+    assert "name='gold'" in text and "temperature=0.5" in text
+
+
+def test_cached_pairs_tells_which_labels_are_free():
+    ann = SimulatedAnnotator(word_gold, temperature=0.0, flip_rate=0.0)
+    ann.label_pairs(["p"], ["good"], ["bad"])
+    # (b, a) is the same judgement as (a, b); another prompt or completion is not cached
+    assert ann.cached_pairs(["p", "p", "q"], ["bad", "good", "good"], ["good", "ok", "bad"]) == [
+        True, False, False]
