@@ -83,7 +83,7 @@ def train(algorithm: Annotated[str, typer.Argument(help="Algorithm name (see `al
     cfg = load_config(entry.config_cls, config, set_ or [])
     out = Path(cfg.train.output_dir)
     console.print(f"[bold]alignlab train {algorithm}[/bold] → {out} (full config in "
-                  f"{out / CONFIG_FILE})", highlight=False)
+                  f"{out / CONFIG_FILE})", highlight=False, soft_wrap=True)
     run = entry.run(cfg)
     result = getattr(run, "result", run)
     console.print(f"done: {result.step} steps in {result.seconds:.1f}s → {result.output_dir / 'final'}")
