@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from alignlab.bench.config import BEST_OF_N, PLACEHOLDERS, BestOfNSection, StageSpec, SuiteConfig
-from alignlab.core.config import format_validation_error
+from alignlab.core.config import format_validation_error, set_dotted
 from alignlab.core.errors import ConfigError
 
 
@@ -45,27 +45,6 @@ class Job:
     def finished(self, run_dir: Path) -> bool:
         d = self.dir(run_dir)
         return (d / "DONE").exists() and (self.kind != "cell" or (d / "eval.json").exists())
-
-
-def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    """``data[a][b] = value`` for ``key = "a.b"``; a mapping value is merged into a mapping
-    already there (so ``set: {train: {lr: 1e-4}}`` keeps the other ``train`` keys), and replaces
-    anything else."""
-    parts = key.split(".")
-    node = data
-    for p in parts[:-1]:
-        child = node.get(p)
-        if child is None:
-            child = node[p] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"{key}: '{p}' is a value, not a section")
-        node = child
-    last = parts[-1]
-    if isinstance(value, dict) and isinstance(node.get(last), dict):
-        for k, v in value.items():
-            set_dotted(node[last], k, v)
-    else:
-        node[last] = value
 
 
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
@@ -118,9 +97,9 @@ def train_config(stage: StageSpec | Any, *, defaults: dict[str, Any], point: dic
         data = _read_yaml(path if path.is_absolute() else base_dir / path, where)
     for key, value in defaults.items():
         if key.split(".")[0] in cls.model_fields:
-            set_dotted(data, key, value)
+            set_dotted(data, key, value, merge=True)
     for key, value in [*stage.set.items(), *point.items(), *forced.items()]:
-        set_dotted(data, key, value)
+        set_dotted(data, key, value, merge=True)
     data = substitute(data, values, where)
     from pydantic import ValidationError
 

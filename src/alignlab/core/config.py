@@ -174,24 +174,37 @@ class EvalSection(Section):
 C = TypeVar("C", bound=BaseModel)
 
 
+def set_dotted(data: dict[str, Any], key: str, value: Any, *, merge: bool = False,
+               where: str = "") -> None:
+    """``data[a][b] = value`` for ``key = "a.b"``, creating missing sections. ``merge``: a
+    mapping value is merged key by key into a mapping already there (so ``{train: {lr: 1e-4}}``
+    keeps the other ``train`` keys) and replaces anything else. Errors start with ``where``."""
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"{where}empty key {key!r}")
+    node = data
+    for p in parts[:-1]:
+        child = node.get(p)
+        if child is None:
+            child = node[p] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{where}{key}: '{p}' is a value, not a section")
+        node = child
+    last = parts[-1]
+    if merge and isinstance(value, dict) and isinstance(node.get(last), dict):
+        for k, v in value.items():
+            set_dotted(node[last], k, v, merge=True, where=where)
+    else:
+        node[last] = value
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``a.b=c`` overrides; values are parsed as YAML (``1e-4``, ``true``, ``[1,2]``)."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
-        parts = [p for p in key.strip().split(".") if p]
-        if not parts:
-            raise ConfigError(f"--set has an empty key in {item!r}")
-        node = data
-        for p in parts[:-1]:
-            child = node.get(p)
-            if child is None:
-                child = node[p] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {key}: '{p}' is a value, not a section")
-            node = child
-        node[parts[-1]] = _parse_override(raw)
+        set_dotted(data, key, _parse_override(raw), where="--set ")
     return data
 
 
