@@ -98,6 +98,9 @@ def test_the_quick_suite_plans_every_family_at_fixed_budgets(tmp_path):
     assert grpo.spec["train"]["config"]["rl"]["reward_params"]["reward_model"]["path"].endswith(
         "prepare/positive/reward_model/train/final")
     assert grpo.spec["budget"] == {"steps": 6, "samples": 6 * 4 * 4}
+    online = next(j for j in cells if j.spec["name"] == "online_dpo")
+    assert online.spec["train"]["config"]["online_dpo"]["judge"]["max_labels"] == 128  # the budget
+    assert online.spec["budget"] == {"steps": 6, "samples": 6 * 4 * 4, "labels": 128}
     bon = [j for j in cells if j.spec["name"] == "best_of_n"]
     assert sorted({j.spec["best_of_n"]["n"] for j in bon}) == [2, 8]
     arith = next(j for j in cells if j.spec["task"] == "arithmetic")
