@@ -198,7 +198,8 @@ def test_learns_gold_from_the_simulated_annotators_noisy_labels(tiny_world, worl
 def test_train_preference_model_from_the_cli(tiny_world, world_cache, tmp_path):
     out = tmp_path / "pm"
     result = CliRunner().invoke(app, [
-        "train", "preference_model", "--set", "world.preset=tiny",
+        "train", "preference_model", "--config", "examples/preference_model_world.yaml",
+        "--set", "world.preset=tiny",
         "--set", f"world.cache_dir={world_cache}", "--set", f"train.output_dir={out}",
         "--set", "train.max_steps=2", "--set", "data.limit=40", "--set", "train.progress=false",
         "--set", "train.tensorboard=false", "--set", "preference_model.a_marker=' first:'",
