@@ -10,8 +10,9 @@ On the online controller (``engine/controller.py``):
    orders each pair (``judge_config.py``): a pointwise reward by Bradley-Terry (``judge.kind:
    reward`` — the world's gold, a trained reward model or ensemble, any registered reward), a
    simulated annotator (``annotator``: noisy, length-biased), a pool of biased annotators
-   (``pool``, AlpacaFarm) or an LLM judge (``llm``); within the labelling budget
-   (``judge.max_labels``); ties, identical pairs and pairs past the budget are dropped;
+   (``pool``, AlpacaFarm), an LLM judge (``llm``) or a trained pairwise preference model
+   (``preference_model``); within the labelling budget (``judge.max_labels``); ties,
+   identical pairs and pairs past the budget are dropped;
 3. ``make_batches``: each pair becomes a preference example (prompt ids, chosen and rejected
    ids with the eos that ended them) with log π_ref of both (the frozen initial policy's
    log-probs of every sample, computed once in ``judge``); the units are pairs, collated by
@@ -23,6 +24,8 @@ The reference is the starting model of ``common.py``: its log-probs of the polic
 give ``kl_ref`` and, for the judged pairs, log π_ref of chosen and rejected; every
 ``win_rate_every`` iterations the policy's samples are compared with the starting model's on
 the same prompts (``win_rate_judge`` by a separate judge of the same config, ``win_rate_gold``).
+Pairs are ordered by the judge's choice, so ``online_dpo.preference`` (probability or label)
+changes nothing here.
 """
 
 from __future__ import annotations
