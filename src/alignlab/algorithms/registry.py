@@ -32,6 +32,7 @@ ALGORITHMS: Registry[AlgorithmEntry] = Registry("algorithm", builtins=(
     "alignlab.algorithms.sft",
     "alignlab.algorithms.preference.trainer",
     "alignlab.algorithms.reward_model.trainer",
+    "alignlab.algorithms.preference_model.trainer",
     "alignlab.algorithms.policy_gradient.run",
     "alignlab.algorithms.online_preference.online_dpo",
     "alignlab.algorithms.online_preference.iterative_dpo",

@@ -111,26 +111,41 @@ def _check_scores(rows: Any, column: str) -> None:
             raise rows.error(i, f"must be a finite number, got {value!r:.40}", column)
 
 
+def load_reward_rows(data: DataSection, world: WorldSection) -> Any:
+    """The rows of ``data.source`` (a ``RowSet``): a file, folder or Hub dataset, or for
+    ``world:<task>`` that task's oracle contrast pairs ordered by gold (:func:`contrast_pairs`;
+    ``data.limit`` of them, default 2048). Shared with the preference-model trainer."""
+    from alignlab.data.loading import load_rows, rows_from_list
+    from alignlab.world.resolve import is_world, world_task
+
+    if is_world(data.source):
+        task = world_task(data.source, world, "data.source")
+        return rows_from_list(contrast_pairs(task, data.limit or 2048, world.seed),
+                              format="preference", source=data.source)
+    return load_rows(data.source, format=data.format, split=data.split, limit=data.limit)
+
+
+def without_ties(rows: Any) -> Any:
+    """``rows`` less the preference rows marked ``tie: true`` (logged when there are any)."""
+    from alignlab.data.loading import RowSet
+
+    tied = [i for i, r in enumerate(rows.rows) if rows.format == "preference" and r.get("tie") is True]
+    if not tied:
+        return rows
+    kept = sorted(set(range(len(rows))) - set(tied))
+    print(f"data {rows.source}: {len(tied)} tied pairs skipped")
+    return RowSet(rows.format, [rows.rows[i] for i in kept], rows.source,
+                  [rows.where(i)[1] for i in kept], rows.position_kind)
+
+
 def load_examples(cfg: RewardConfig, tokenizer: Any) -> tuple[list[dict], int, str]:
     """Tokenised examples for the loss's row format, the pad id, and that format."""
-    from alignlab.data.loading import RowSet, load_rows, rows_from_list
     from alignlab.data.tokenize import tokenize_rows
-    from alignlab.world.resolve import is_world, world_task
 
     fmt = REWARD_MODEL_LOSSES.get(cfg.reward.loss).data_format
     data = cfg.data
-    if is_world(data.source):
-        task = world_task(data.source, cfg.world, "data.source")
-        rows = rows_from_list(contrast_pairs(task, data.limit or 2048, cfg.world.seed),
-                              format="preference", source=data.source)
-    else:
-        rows = load_rows(data.source, format=data.format, split=data.split, limit=data.limit)
-    tied = [i for i, r in enumerate(rows.rows) if rows.format == "preference" and r.get("tie") is True]
-    if tied:  # Bradley-Terry has no tie outcome: a tied pair carries no order to learn
-        kept = sorted(set(range(len(rows))) - set(tied))
-        rows = RowSet(rows.format, [rows.rows[i] for i in kept], rows.source,
-                      [rows.where(i)[1] for i in kept], rows.position_kind)
-        print(f"data {rows.source}: {len(tied)} tied pairs skipped")
+    # Bradley-Terry has no tie outcome: a tied pair carries no order to learn
+    rows = without_ties(load_reward_rows(data, cfg.world))
     # A pair is a ranked list of two, so the listwise loss also learns from preference rows.
     if rows.format != fmt and not (fmt == "ranked" and rows.format == "preference"):
         raise ConfigError(f"data.source {data.source}: rows have format '{rows.format}' but "
@@ -155,17 +170,24 @@ def load_examples(cfg: RewardConfig, tokenizer: Any) -> tuple[list[dict], int, s
     return examples, tokenized.pad_token_id, fmt
 
 
+def held_out_split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, held-out) indices of ``n`` examples: a ``seed`` shuffle, the first
+    ⌈fraction·n⌉ held out. Shared with the preference-model trainer."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_eval = math.ceil(fraction * n) if fraction else 0
+    return order[n_eval:], order[:n_eval]
+
+
 def split_examples(examples: list[dict], cfg: RewardConfig) -> tuple[list[dict], list[dict]]:
     """Held-out eval examples, and train examples each with a 0/1 ``member_mask`` per column."""
-    order = list(range(len(examples)))
-    random.Random(cfg.train.seed).shuffle(order)
-    n_eval = math.ceil(cfg.reward.eval_fraction * len(examples)) if cfg.reward.eval_fraction else 0
-    evals = [examples[i] for i in order[:n_eval]]
+    train_idx, eval_idx = held_out_split(len(examples), cfg.reward.eval_fraction, cfg.train.seed)
+    evals = [examples[i] for i in eval_idx]
     ens = cfg.reward.ensemble
     k = ens.members * ens.num_heads
     rng = random.Random(cfg.train.seed + 1)
     trains = [{**examples[i], "member_mask": [float(rng.random() < ens.subsample) for _ in range(k)]}
-              for i in order[n_eval:]]
+              for i in train_idx]
     return trains, evals
 
 
