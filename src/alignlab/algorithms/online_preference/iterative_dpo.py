@@ -37,6 +37,7 @@ from alignlab.algorithms.online_preference.common import (
     MonitorFields,
     OnlinePreference,
     Parts,
+    RoundSchedule,
     build_parts,
     by_prompt,
     plan_paired_loss,
@@ -70,15 +71,12 @@ def named_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [*model.named_parameters(), *model.named_buffers()]
 
 
-class IterativeDPOSection(PreferenceSection, MonitorFields):
+class IterativeDPOSection(PreferenceSection, MonitorFields, RoundSchedule):
     """The preference trainer's loss fields (``loss``, ``beta``, ``loss_kwargs``), the judge,
-    the round's training schedule, the reference refresh and the offline mix."""
+    the round's training schedule (its units are pairs), the reference refresh and the offline
+    mix."""
 
     loss: str = "sigmoid"
-    epochs: int = Field(2, gt=0)
-    """Passes over each round's pairs."""
-    minibatch_size: int | None = Field(None, gt=0)
-    """Pairs per optimizer step; None: all of the round's pairs (one step per epoch)."""
     pairs: Literal["adjacent", "best_worst"] = "adjacent"
     reference_refresh: Literal["none", "hard", "soft"] = "none"
     refresh_alpha: float = Field(0.5, gt=0, le=1)
