@@ -14,6 +14,7 @@ from alignlab.losses.online_preference import (
     nash_md_pg,
     p3o_joint,
     p3o_separate,
+    selm_optimism,
     sppo_square,
     xpo_exploration,
 )
@@ -26,7 +27,7 @@ def t(*values):
 def test_registry_names_every_term():
     assert set(ONLINE_PREFERENCE_TERMS.names()) == {
         "xpo_exploration", "nash_md_pg", "geometric_mixture", "sppo_square", "p3o_joint",
-        "p3o_separate"}
+        "p3o_separate", "selm_optimism"}
 
 
 # ---- XPO
@@ -179,3 +180,27 @@ def test_p3o_separate_value_and_gradient():
 def test_p3o_rejects_a_clip_range_outside_0_1(fn):
     with pytest.raises(ValueError, match="clip_eps"):
         fn(torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1), clip_eps=1.5)
+
+
+# ---- SELM
+
+def test_selm_optimism_value():
+    # α·β·(log π − log π_ref) = 0.5·0.1·((−2 + 3), (−4 + 1))
+    torch.testing.assert_close(selm_optimism(t(-2.0, -4.0), t(-3.0, -1.0), alpha=0.5, beta=0.1),
+                               torch.tensor([0.05, -0.15], dtype=torch.float64))
+
+
+def test_selm_optimism_lowers_the_reference_samples_likelihood():
+    """Sign (the paper's Algorithm 1, −α·E_{y~π_ref}[log π_θ(y)] maximised, and the authors'
+    ``+ alpha * beta * response_logratios`` minimised): descent lowers log π_θ(y); log π_ref is a
+    constant."""
+    logps = t(-2.0)
+    selm_optimism(logps, torch.tensor([-3.0]), alpha=0.5, beta=0.1).sum().backward()
+    assert logps.grad.item() == pytest.approx(0.05)  # positive: descent lowers log π(y)
+
+
+def test_selm_optimism_rejects_a_negative_alpha_or_a_zero_beta():
+    with pytest.raises(ValueError, match="alpha"):
+        selm_optimism(t(-1.0), t(-1.0), alpha=-0.1, beta=0.1)
+    with pytest.raises(ValueError, match="beta"):
+        selm_optimism(t(-1.0), t(-1.0), alpha=0.1, beta=0.0)

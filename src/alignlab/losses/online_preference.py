@@ -6,6 +6,7 @@ per pair) — the trainer sums them and divides by the number of items — excep
 ``geometric_mixture``, which returns the next-token logits Nash-MD samples its opponent from.
 
 - ``xpo_exploration``: XPO's exploration term α·log π_θ(ỹ), ỹ ~ π_ref (added to the DPO loss);
+- ``selm_optimism``: SELM's optimism term α·β·log(π_θ(y)/π_ref(y)), y ~ π_ref (added to DPO);
 - ``nash_md_pg``: Nash-MD's policy-gradient surrogate against the mixture's samples;
 - ``geometric_mixture``: the token-level geometric mixture π^(1−β)·π_ref^β of two logit rows;
 - ``sppo_square``: SPPO's squared regression onto η·(P̂(y ≻ π_t) − ½);
@@ -45,6 +46,23 @@ def xpo_exploration(reference_sample_logps: Tensor, *, alpha: float) -> Tensor:
     if alpha < 0:
         raise ValueError(f"xpo_exploration: alpha must be >= 0, got {alpha}")
     return alpha * reference_sample_logps
+
+
+@_term("selm_optimism", "per completion")
+def selm_optimism(logps: Tensor, ref_logps: Tensor, *, alpha: float, beta: float) -> Tensor:
+    """SELM's optimism term α·β·(log π_θ(y | x) − log π_ref(y | x)) on samples y ~ π_ref,
+    *added* to the (minimised) DPO loss: α times the implicit reward r̂(y) = β·log π_θ/π_ref.
+
+    Zhang et al. 2024, "Self-Exploring Language Models: Active Preference Elicitation for Online
+    Alignment", Algorithm 1: π_θt = argmax −L_DPO(π_θ; D_t) − α·E_x[log π_θ(y | x)] with
+    y ~ π_ref(· | x), then π_ref ← π_θt. The authors' trainer (``selm_trainer.py``) adds
+    α·β·(log π_θ(y) − log π_ref(y)) to DPO's loss, as here: the same gradient as the algorithm's
+    term with its α equal to α·β (log π_ref(y) is a constant). Descent lowers log π_θ of what
+    π_ref says — weighted, as E_{y~π_ref}[∇log π_θ(y)] = E_{y~π_θ}[e^(−r̂(y)/β)·∇log π_θ(y)], most
+    on responses of low implicit reward — i.e. it raises KL(π_ref ‖ π_θ): optimism."""
+    if alpha < 0 or beta <= 0:
+        raise ValueError(f"selm_optimism: alpha must be >= 0 and beta > 0, got {alpha}, {beta}")
+    return alpha * beta * (logps - ref_logps)
 
 
 @_term("nash_md_pg", "per completion")
@@ -144,4 +162,4 @@ def p3o_separate(logps: Tensor, old_logps: Tensor, advantages: Tensor, *,
 
 
 __all__ = ["ONLINE_PREFERENCE_TERMS", "geometric_mixture", "nash_md_pg", "p3o_joint",
-           "p3o_separate", "sppo_square", "xpo_exploration"]
+           "p3o_separate", "selm_optimism", "sppo_square", "xpo_exploration"]

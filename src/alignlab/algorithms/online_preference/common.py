@@ -355,6 +355,18 @@ def round_robin(labeller: Labeller, rollouts: Rollouts, groups: list[list[int]],
     return [s / c for s, c in zip(sums, counts)]
 
 
+def adjacent_pairs(labeller: Labeller, rollouts: Rollouts,
+                   metrics: dict[str, float]) -> list[tuple[int, int]]:
+    """Each prompt's samples paired (0, 1), (2, 3), …, one label each: the judged pairs as
+    (chosen, rejected) sample indices; ties and pairs left unlabelled are dropped."""
+    cand = [(g[j], g[j + 1]) for g in by_prompt(rollouts) for j in range(0, len(g) - 1, 2)]
+    verdicts = labeller.verdicts([rollouts.prompts[a] for a, _ in cand],
+                                 [rollouts.completions[a] for a, _ in cand],
+                                 [rollouts.completions[b] for _, b in cand], metrics)
+    return [(a, b) if v.a_preferred else (b, a) for (a, b), v in zip(cand, verdicts)
+            if v is not None and v.a_preferred is not None]
+
+
 def check_on_policy(rollout: RolloutSection, name: str) -> None:
     """Policy-gradient estimates need samples from π_θ itself, not a tempered or truncated π."""
     if rollout.temperature != 1.0:
@@ -417,6 +429,6 @@ def run(parts: Parts, learner: Learner, algorithm: OnlinePreference, cfg: Any,
 
 
 __all__ = ["Labeller", "MonitorFields", "OnlinePreference", "Parts", "RoundSchedule",
-           "SampleObjective", "Scorer", "StartingModel", "TIE", "batch_tensors", "build_parts",
-           "by_prompt", "check_on_policy", "logit", "plan_paired_loss", "preference_value",
-           "round_robin", "run", "sample_ids"]
+           "SampleObjective", "Scorer", "StartingModel", "TIE", "adjacent_pairs", "batch_tensors",
+           "build_parts", "by_prompt", "check_on_policy", "logit", "plan_paired_loss",
+           "preference_value", "round_robin", "run", "sample_ids"]

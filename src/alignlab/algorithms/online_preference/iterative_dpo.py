@@ -38,6 +38,7 @@ from alignlab.algorithms.online_preference.common import (
     OnlinePreference,
     Parts,
     RoundSchedule,
+    adjacent_pairs,
     build_parts,
     by_prompt,
     plan_paired_loss,
@@ -127,13 +128,7 @@ class IterativeDPO(OnlinePreference):
         groups = by_prompt(rollouts)
         pairs: list[tuple[int, int]] = []
         if self.section.pairs == "adjacent":
-            cand = [(g[j], g[j + 1]) for g in groups for j in range(0, len(g) - 1, 2)]
-            verdicts = self.labeller.verdicts([rollouts.prompts[a] for a, _ in cand],
-                                              [rollouts.completions[a] for a, _ in cand],
-                                              [rollouts.completions[b] for _, b in cand], metrics)
-            for (a, b), v in zip(cand, verdicts):
-                if v is not None and v.a_preferred is not None:
-                    pairs.append((a, b) if v.a_preferred else (b, a))
+            pairs = adjacent_pairs(self.labeller, rollouts, metrics)
         else:
             wins = round_robin(self.labeller, rollouts, groups, self.section.preference, metrics)
             for g in groups:
