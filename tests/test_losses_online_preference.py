@@ -16,6 +16,7 @@ from alignlab.losses.online_preference import (
     p3o_separate,
     selm_optimism,
     sppo_square,
+    vpo_value,
     xpo_exploration,
 )
 
@@ -27,7 +28,7 @@ def t(*values):
 def test_registry_names_every_term():
     assert set(ONLINE_PREFERENCE_TERMS.names()) == {
         "xpo_exploration", "nash_md_pg", "geometric_mixture", "sppo_square", "p3o_joint",
-        "p3o_separate", "selm_optimism"}
+        "p3o_separate", "selm_optimism", "vpo_value"}
 
 
 # ---- XPO
@@ -204,3 +205,39 @@ def test_selm_optimism_rejects_a_negative_alpha_or_a_zero_beta():
         selm_optimism(t(-1.0), t(-1.0), alpha=-0.1, beta=0.1)
     with pytest.raises(ValueError, match="beta"):
         selm_optimism(t(-1.0), t(-1.0), alpha=0.1, beta=0.0)
+
+
+# ---- VPO
+
+def test_vpo_value_value_online_and_offline():
+    # sign·α·β·(log π − log π_ref): +0.2·0.5·(−1 − (−2)) and −0.2·0.5·(−3 − (−2))
+    torch.testing.assert_close(vpo_value(t(-1.0), t(-2.0), sign=1, alpha=0.2, beta=0.5),
+                               torch.tensor([0.1], dtype=torch.float64))
+    torch.testing.assert_close(vpo_value(t(-3.0), t(-2.0), sign=-1, alpha=0.2, beta=0.5),
+                               torch.tensor([0.1], dtype=torch.float64))
+
+
+def test_vpo_value_is_optimistic_online_and_pessimistic_offline():
+    """Sign: online (+1) descent lowers log π_θ on π_cal's samples (the value β·log Z rises:
+    optimism, SELM's direction); offline (−1) it raises them (back towards the data:
+    pessimism)."""
+    online, offline = t(-2.0), t(-2.0)
+    vpo_value(online, t(-2.0), sign=1, alpha=0.3, beta=0.1).sum().backward()
+    vpo_value(offline, t(-2.0), sign=-1, alpha=0.3, beta=0.1).sum().backward()
+    assert online.grad.item() == pytest.approx(0.03)
+    assert offline.grad.item() == pytest.approx(-0.03)
+
+
+def test_vpo_value_online_is_selms_term():
+    logps, ref = t(-1.0, -5.0), t(-2.0, -4.0)
+    torch.testing.assert_close(vpo_value(logps, ref, sign=1, alpha=0.3, beta=0.2),
+                               selm_optimism(logps, ref, alpha=0.3, beta=0.2))
+
+
+def test_vpo_value_rejects_a_bad_sign_alpha_or_beta():
+    with pytest.raises(ValueError, match="sign"):
+        vpo_value(t(-1.0), t(-1.0), sign=0, alpha=0.1, beta=0.1)
+    with pytest.raises(ValueError, match="alpha"):
+        vpo_value(t(-1.0), t(-1.0), sign=1, alpha=-0.1, beta=0.1)
+    with pytest.raises(ValueError, match="beta"):
+        vpo_value(t(-1.0), t(-1.0), sign=-1, alpha=0.1, beta=-1.0)

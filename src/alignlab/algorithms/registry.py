@@ -40,4 +40,5 @@ ALGORITHMS: Registry[AlgorithmEntry] = Registry("algorithm", builtins=(
     "alignlab.algorithms.online_preference.sppo",
     "alignlab.algorithms.online_preference.p3o",
     "alignlab.algorithms.online_preference.selm",
+    "alignlab.algorithms.online_preference.vpo",
 ))
