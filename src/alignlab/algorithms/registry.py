@@ -40,4 +40,6 @@ ALGORITHMS: Registry[AlgorithmEntry] = Registry("algorithm", builtins=(
     "alignlab.algorithms.online_preference.nash_md",
     "alignlab.algorithms.online_preference.sppo",
     "alignlab.algorithms.online_preference.p3o",
+    "alignlab.algorithms.online_preference.selm",
+    "alignlab.algorithms.online_preference.vpo",
 ))

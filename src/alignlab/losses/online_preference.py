@@ -6,6 +6,9 @@ per pair) — the trainer sums them and divides by the number of items — excep
 ``geometric_mixture``, which returns the next-token logits Nash-MD samples its opponent from.
 
 - ``xpo_exploration``: XPO's exploration term α·log π_θ(ỹ), ỹ ~ π_ref (added to the DPO loss);
+- ``selm_optimism``: SELM's optimism term α·β·log(π_θ(y)/π_ref(y)), y ~ π_ref (added to DPO);
+- ``vpo_value``: VPO's value term sign·α·β·log(π_θ(y)/π_ref(y)), y ~ π_cal: optimistic online
+  (sign +1), pessimistic offline (sign −1);
 - ``nash_md_pg``: Nash-MD's policy-gradient surrogate against the mixture's samples;
 - ``geometric_mixture``: the token-level geometric mixture π^(1−β)·π_ref^β of two logit rows;
 - ``sppo_square``: SPPO's squared regression onto η·(P̂(y ≻ π_t) − ½);
@@ -45,6 +48,46 @@ def xpo_exploration(reference_sample_logps: Tensor, *, alpha: float) -> Tensor:
     if alpha < 0:
         raise ValueError(f"xpo_exploration: alpha must be >= 0, got {alpha}")
     return alpha * reference_sample_logps
+
+
+@_term("selm_optimism", "per completion")
+def selm_optimism(logps: Tensor, ref_logps: Tensor, *, alpha: float, beta: float) -> Tensor:
+    """SELM's optimism term α·β·(log π_θ(y | x) − log π_ref(y | x)) on samples y ~ π_ref,
+    *added* to the (minimised) DPO loss: α times the implicit reward r̂(y) = β·log π_θ/π_ref.
+
+    Zhang et al. 2024, "Self-Exploring Language Models: Active Preference Elicitation for Online
+    Alignment", Algorithm 1: π_θt = argmax −L_DPO(π_θ; D_t) − α·E_x[log π_θ(y | x)] with
+    y ~ π_ref(· | x), then π_ref ← π_θt. The authors' trainer (``selm_trainer.py``) adds
+    α·β·(log π_θ(y) − log π_ref(y)) to DPO's loss, as here: the same gradient as the algorithm's
+    term with its α equal to α·β (log π_ref(y) is a constant). Descent lowers log π_θ of what
+    π_ref says — weighted, as E_{y~π_ref}[∇log π_θ(y)] = E_{y~π_θ}[e^(−r̂(y)/β)·∇log π_θ(y)], most
+    on responses of low implicit reward — i.e. it raises KL(π_ref ‖ π_θ): optimism."""
+    if alpha < 0 or beta <= 0:
+        raise ValueError(f"selm_optimism: alpha must be >= 0 and beta > 0, got {alpha}, {beta}")
+    return alpha * beta * (logps - ref_logps)
+
+
+@_term("vpo_value", "per completion")
+def vpo_value(logps: Tensor, ref_logps: Tensor, *, sign: int, alpha: float,
+              beta: float) -> Tensor:
+    """VPO's value regulariser sign·α·β·(log π_θ(y | x) − log π_ref(y | x)) on samples y of the
+    calibration policy π_cal, *added* to the (minimised) DPO loss; sign = +1 online (optimism),
+    −1 offline (pessimism).
+
+    Cen et al. 2024, "Value-Incentivized Preference Optimization: A Unified Approach to Online
+    and Offline RLHF": the reward is the regularised MLE argmin_r ℓ(r; D) − sign·α·max_π J(r, π),
+    J = E_π[r] − β·KL(π ‖ π_ref); calibrating the reward's free per-prompt shift by
+    E_{y~π_cal}[r(x, y)] = 0 makes max_π J = β·log Z(x) = −β·E_{y~π_cal}[log π_r(y)/π_ref(y)], and
+    with r = β·log π/π_ref + β·log Z the policy's loss is ℓ_DPO(π) + sign·α·β·E_{y~π_cal}[log
+    π(y)/π_ref(y)]. Online, descent lowers log π_θ on π_cal's samples (the value goes up:
+    exploration, SELM's and XPO's direction when π_cal = π_ref); offline it raises them (a
+    KL(π_cal ‖ π_θ)-like pull back to the data: conservatism). The paper's full text is not in
+    ``../shared/papers/`` (only its abstract); this is the derivation from its stated objective."""
+    if sign not in (1, -1):
+        raise ValueError(f"vpo_value: sign must be +1 (online) or -1 (offline), got {sign}")
+    if alpha < 0 or beta <= 0:
+        raise ValueError(f"vpo_value: alpha must be >= 0 and beta > 0, got {alpha}, {beta}")
+    return sign * alpha * beta * (logps - ref_logps)
 
 
 @_term("nash_md_pg", "per completion")
@@ -144,4 +187,4 @@ def p3o_separate(logps: Tensor, old_logps: Tensor, advantages: Tensor, *,
 
 
 __all__ = ["ONLINE_PREFERENCE_TERMS", "geometric_mixture", "nash_md_pg", "p3o_joint",
-           "p3o_separate", "sppo_square", "xpo_exploration"]
+           "p3o_separate", "selm_optimism", "sppo_square", "vpo_value", "xpo_exploration"]

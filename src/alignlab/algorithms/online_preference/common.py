@@ -12,6 +12,10 @@ model (win rates, KL), sample ids and log-probs, the build of the parts and the 
   labels, ``win_rate_gold`` by the task's gold reward) and ``kl_ref`` = the mean over the
   policy's samples of log π(y) − log π_start(y) (the sampler's log-probs, so at a temperature ≠ 1
   it is the KL of the tempered sampling policy).
+- **Objectives and sections.** ``SampleObjective`` (units = the batch's groups: samples or
+  pairs) with ``batch_tensors`` (the batch's extra tensors on the log-probs' device);
+  ``RoundSchedule``, the epochs × minibatches fields of the methods that train several passes
+  per iteration.
 """
 
 from __future__ import annotations
@@ -63,6 +67,29 @@ class MonitorFields(Section):
     (1, ½ for a tie, 0; what a human annotator gives)."""
     win_rate_every: int = Field(1, ge=0)
     """Iterations between win rates against the starting model's samples (0: never)."""
+
+
+class RoundSchedule(Section):
+    """The fields of a method that trains several passes over each iteration's units."""
+
+    epochs: int = Field(2, gt=0)
+    """Passes over each iteration's units (the policy that sampled them stays fixed meanwhile)."""
+    minibatch_size: int | None = Field(None, gt=0)
+    """Units (samples or pairs) per optimizer step; None: all of the iteration's (one step per
+    epoch)."""
+
+
+class SampleObjective:
+    """An objective whose units are the batch's groups (samples or pairs): ``num_items`` =
+    ``num_groups``; a subclass defines ``loss(model, batch)``."""
+
+    def num_items(self, batch: dict[str, Any]) -> float:
+        return float(batch["num_groups"])
+
+
+def batch_tensors(batch: dict[str, Any], device: torch.device, *names: str) -> list[torch.Tensor]:
+    """The batch's row-aligned extras (``Scorer.units``' ``extras``) on ``device``."""
+    return [batch[name].to(device) for name in names]
 
 
 def preference_value(verdict: Verdict, mode: str) -> float:
@@ -328,6 +355,18 @@ def round_robin(labeller: Labeller, rollouts: Rollouts, groups: list[list[int]],
     return [s / c for s, c in zip(sums, counts)]
 
 
+def adjacent_pairs(labeller: Labeller, rollouts: Rollouts,
+                   metrics: dict[str, float]) -> list[tuple[int, int]]:
+    """Each prompt's samples paired (0, 1), (2, 3), …, one label each: the judged pairs as
+    (chosen, rejected) sample indices; ties and pairs left unlabelled are dropped."""
+    cand = [(g[j], g[j + 1]) for g in by_prompt(rollouts) for j in range(0, len(g) - 1, 2)]
+    verdicts = labeller.verdicts([rollouts.prompts[a] for a, _ in cand],
+                                 [rollouts.completions[a] for a, _ in cand],
+                                 [rollouts.completions[b] for _, b in cand], metrics)
+    return [(a, b) if v.a_preferred else (b, a) for (a, b), v in zip(cand, verdicts)
+            if v is not None and v.a_preferred is not None]
+
+
 def check_on_policy(rollout: RolloutSection, name: str) -> None:
     """Policy-gradient estimates need samples from π_θ itself, not a tempered or truncated π."""
     if rollout.temperature != 1.0:
@@ -389,6 +428,7 @@ def run(parts: Parts, learner: Learner, algorithm: OnlinePreference, cfg: Any,
     return OnlineRun(result, parts.model, parts.tokenizer)
 
 
-__all__ = ["Labeller", "MonitorFields", "OnlinePreference", "Parts", "Scorer", "StartingModel",
-           "TIE", "build_parts", "by_prompt", "check_on_policy", "logit", "plan_paired_loss",
+__all__ = ["Labeller", "MonitorFields", "OnlinePreference", "Parts", "RoundSchedule",
+           "SampleObjective", "Scorer", "StartingModel", "TIE", "adjacent_pairs", "batch_tensors",
+           "build_parts", "by_prompt", "check_on_policy", "logit", "plan_paired_loss",
            "preference_value", "round_robin", "run", "sample_ids"]

@@ -37,6 +37,8 @@ from alignlab.algorithms.online_preference.common import (
     MonitorFields,
     OnlinePreference,
     Parts,
+    RoundSchedule,
+    adjacent_pairs,
     build_parts,
     by_prompt,
     plan_paired_loss,
@@ -70,15 +72,12 @@ def named_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [*model.named_parameters(), *model.named_buffers()]
 
 
-class IterativeDPOSection(PreferenceSection, MonitorFields):
+class IterativeDPOSection(PreferenceSection, MonitorFields, RoundSchedule):
     """The preference trainer's loss fields (``loss``, ``beta``, ``loss_kwargs``), the judge,
-    the round's training schedule, the reference refresh and the offline mix."""
+    the round's training schedule (its units are pairs), the reference refresh and the offline
+    mix."""
 
     loss: str = "sigmoid"
-    epochs: int = Field(2, gt=0)
-    """Passes over each round's pairs."""
-    minibatch_size: int | None = Field(None, gt=0)
-    """Pairs per optimizer step; None: all of the round's pairs (one step per epoch)."""
     pairs: Literal["adjacent", "best_worst"] = "adjacent"
     reference_refresh: Literal["none", "hard", "soft"] = "none"
     refresh_alpha: float = Field(0.5, gt=0, le=1)
@@ -129,13 +128,7 @@ class IterativeDPO(OnlinePreference):
         groups = by_prompt(rollouts)
         pairs: list[tuple[int, int]] = []
         if self.section.pairs == "adjacent":
-            cand = [(g[j], g[j + 1]) for g in groups for j in range(0, len(g) - 1, 2)]
-            verdicts = self.labeller.verdicts([rollouts.prompts[a] for a, _ in cand],
-                                              [rollouts.completions[a] for a, _ in cand],
-                                              [rollouts.completions[b] for _, b in cand], metrics)
-            for (a, b), v in zip(cand, verdicts):
-                if v is not None and v.a_preferred is not None:
-                    pairs.append((a, b) if v.a_preferred else (b, a))
+            pairs = adjacent_pairs(self.labeller, rollouts, metrics)
         else:
             wins = round_robin(self.labeller, rollouts, groups, self.section.preference, metrics)
             for g in groups:
