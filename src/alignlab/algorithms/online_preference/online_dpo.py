@@ -58,6 +58,7 @@ from alignlab.engine.controller import OnlineAlgorithm, OnlineRun, OnlineSetup, 
 from alignlab.engine.learner import Learner, Units
 from alignlab.engine.run import prepare_run
 from alignlab.rewards.judges import BudgetedJudge, JudgedPair, PairwiseJudge, judge_pairs
+from alignlab.rollout.backend import builtin_only
 from alignlab.rollout.role import RolloutRole, Rollouts
 
 
@@ -147,6 +148,7 @@ class OnlineDPO(OnlineAlgorithm):
 
 def train_online_dpo(cfg: OnlineDPOConfig) -> OnlineRun:
     """Train ``cfg.train.max_steps`` online DPO iterations and save the final policy."""
+    builtin_only(cfg.rollout.backend, "online_dpo")
     prepare_run(cfg)  # before anything slow is loaded
     section = cfg.online_dpo
     plan = plan_losses(section)
