@@ -33,6 +33,7 @@ import queue
 import threading
 from typing import Any
 
+import torch
 from torch import nn
 
 from alignlab.engine.prompts import PromptSource
@@ -88,6 +89,7 @@ class AsyncRollouts:
         self.cond = threading.Condition()
         self.requests: queue.Queue[tuple[str, Any] | None] = queue.Queue()
         self.started = False
+        self.num_threads = torch.get_num_threads()
         self.thread = threading.Thread(target=self._serve, name="alignlab-rollout", daemon=True)
 
     # ------------------------------------------------------------------ the trainer's side
@@ -97,6 +99,7 @@ class AsyncRollouts:
         not yet asked for are requested from this iteration's weights (the trainer must not
         change the policy before this returns)."""
         if not self.started:
+            self.num_threads = torch.get_num_threads()
             self.thread.start()
             self.started = True
         s = self.max_staleness
@@ -167,6 +170,10 @@ class AsyncRollouts:
     # ------------------------------------------------------------------ the thread
 
     def _serve(self) -> None:
+        # A new thread starts with OpenMP's default thread count, not the one set for the run;
+        # another count sums in another order, and the samples' log-probs would differ in the
+        # last bits from a synchronous run's.
+        torch.set_num_threads(self.num_threads)
         while (request := self.requests.get()) is not None:
             kind, payload = request
             produced = None

@@ -74,8 +74,10 @@ class BuiltinBackend:
         self.batch_size, self._logits_processor = batch_size, logits_processor
         self.own_copy = own_copy
         if own_copy:
+            # requires_grad is kept as it is: on CPU, torch runs a frozen linear layer with
+            # other kernels (log-probs 1e-6 apart), and the copy must sample as the policy does.
             frozen = {id(p): p for p in model.parameters() if not p.requires_grad}
-            model = copy.deepcopy(model, memo=frozen).requires_grad_(False).eval()
+            model = copy.deepcopy(model, memo=frozen).eval()
         self.model = model
 
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Generation:
