@@ -295,13 +295,16 @@ def test_sleep_mode_sleeps_after_sampling_and_wakes_to_sync_or_sample(fake_vllm,
 # ---------------------------------------------------------------------------- LoRA
 
 
-def _lora_policy(policy_dir, **lora):
-    policy = apply_lora(_policy(policy_dir), LoraSettings(r=4, alpha=8, **lora))
+def _with_nonzero_b(policy):
     with torch.no_grad():  # B = 0 at init would make merged == base: give the adapters a value
         for name, p in policy.named_parameters():
             if "lora_B" in name:
                 p.normal_(0.0, 0.1)
     return policy
+
+
+def _lora_policy(policy_dir, **lora):
+    return _with_nonzero_b(apply_lora(_policy(policy_dir), LoraSettings(r=4, alpha=8, **lora)))
 
 
 def test_lora_merged_sync_sends_w_plus_ba_under_plain_names_and_leaves_the_policy_alone(
@@ -395,3 +398,37 @@ def test_grpo_on_the_vllm_backend_syncs_before_every_rollout(fake_vllm, world_ca
         entry = ALGORITHMS.get("online_dpo")
         entry.run(entry.config_cls(rollout={"backend": "vllm"},
                                      train={"output_dir": str(tmp_path / "odpo")}))
+
+
+@pytest.fixture
+def smoke(monkeypatch):
+    """benchmarks/vllm_smoke.py as a module."""
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "vllm_smoke", Path(__file__).parents[1] / "benchmarks" / "vllm_smoke.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "vllm_smoke", module)  # its dataclass looks itself up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_gpu_smoke_scripts_checks_pass_against_the_stand_in(fake_vllm, tiny_world, smoke):
+    # benchmarks/vllm_smoke.py's own logic, run on CPU: synced weights agree, a moved policy
+    # not synced does not, and a sync restores agreement (the stand-in samples what it holds)
+    tok = load_tokenizer(str(tiny_world.base_dir))
+    for lora in (None, LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj"])):
+        policy = load_model(str(tiny_world.base_dir))
+        if lora is not None:
+            policy = _with_nonzero_b(apply_lora(policy, lora))
+        result = smoke.sync_case(policy, tok, VLLMSection(), precision="fp32", dtype="float32",
+                                 prompts=["the food was", "the staff"])
+        assert result["ok"], result
+        assert result["synced"]["mean_abs_diff"] < 1e-5
+        assert result["stale_without_sync"]["mean_abs_diff"] > 1e-3
+
+
+def test_the_gpu_smoke_script_says_it_needs_a_gpu(monkeypatch, capsys, smoke):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert smoke.main([]) == 2
+    assert "needs a CUDA GPU and vLLM: no CUDA GPU is visible" in capsys.readouterr().out
