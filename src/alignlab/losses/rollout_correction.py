@@ -38,7 +38,6 @@ from alignlab.core.registry import Registry
 from alignlab.losses.advantages import masked_mean
 from alignlab.losses.kl import LOG_RATIO_CLAMP
 
-
 ROLLOUT_CORRECTIONS: Registry = Registry("rollout correction mode")
 
 
