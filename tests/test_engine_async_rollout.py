@@ -166,3 +166,29 @@ def test_the_synchronous_source_syncs_then_samples_with_the_iterations_seed():
     assert (rolls.completion_ids[0][0], staleness, role.syncs) == (1, 0, 1)
     assert rolls.prompt_ids[0] == [5 * 7919 + 7]
     assert sync.state_dict() == {}
+
+
+def test_close_drops_the_rollouts_still_queued():
+    role = VersionRole()
+    started, release, seeds = threading.Event(), threading.Event(), []
+    generate = role.generate
+
+    def blocking(prompts, n, *, seed):
+        seeds.append(seed)
+        if seed == rollout_seed(0, 1):  # the thread is inside rollout 1 when the run stops
+            started.set()
+            release.wait()
+        return generate(prompts, n, seed=seed)
+
+    role.generate = blocking
+    source = AsyncRollouts(role, PROMPTS, 1, 2, seed=0, max_staleness=3)
+    source.get(0, PROMPTS.batch(0, 2))  # asks for rollouts 0..3
+    started.wait()
+    closer = threading.Thread(target=source.close)
+    closer.start()
+    while not source.closing:
+        time.sleep(0.001)
+    release.set()
+    closer.join()
+    assert seeds == [rollout_seed(0, 0), rollout_seed(0, 1)]  # 2 and 3 never sampled
+    assert not source.thread.is_alive()

@@ -12,7 +12,8 @@ import torch
 import alignlab.algorithms.policy_gradient.run as pg_run
 import alignlab.engine.controller as controller
 from alignlab.algorithms.policy_gradient.config import RLSection, RolloutCorrectionSection
-from alignlab.core.config import EvalSection, RolloutSection
+from alignlab.algorithms.registry import ALGORITHMS
+from alignlab.core.config import EvalSection, RolloutSection, load_config
 from alignlab.core.errors import ConfigError
 from alignlab.engine.async_rollout import AsyncRollouts
 from alignlab.engine.run import TrainingRun
@@ -145,6 +146,9 @@ def test_staleness_is_refused_where_an_iteration_samples_the_current_policy(worl
                 "max_staleness": 1}})
         with pytest.raises(ConfigError, match=f"rl.max_staleness.*{algorithm}"):
             pg_run.train_policy_gradient(cfg, algorithm)
+    with pytest.raises(ConfigError, match="rollout.vllm.enable_sleep_mode.*max_staleness"):
+        load_config(ALGORITHMS.get("grpo").config_cls, None,
+                    ["rl.max_staleness=1", "rollout.vllm.enable_sleep_mode=true"])
     assert RLSection(max_staleness=1, rollout_correction=None).rollout_correction is None
     assert RLSection(max_staleness=0).rollout_correction is None
     assert RLSection(max_staleness=2).rollout_correction.mode == "tis"

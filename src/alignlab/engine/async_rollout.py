@@ -88,7 +88,7 @@ class AsyncRollouts:
         self.pending = 0  # requests queued or running
         self.cond = threading.Condition()
         self.requests: queue.Queue[tuple[str, Any] | None] = queue.Queue()
-        self.started = False
+        self.started = self.closing = False
         self.num_threads = torch.get_num_threads()
         self.thread = threading.Thread(target=self._serve, name="alignlab-rollout", daemon=True)
 
@@ -162,7 +162,8 @@ class AsyncRollouts:
             self.requested.add(int(j))
 
     def close(self) -> None:
-        """Stop the thread after what it is doing now."""
+        """Stop the thread after what it is doing now (requests still queued are dropped)."""
+        self.closing = True
         if self.started and self.thread.is_alive():
             self.requests.put(None)
             self.thread.join()
@@ -178,7 +179,7 @@ class AsyncRollouts:
             kind, payload = request
             produced = None
             try:
-                if self.error is None:
+                if self.error is None and not self.closing:
                     produced = self._do(kind, payload)
             except BaseException as exc:  # handed to the trainer, which raises it
                 with self.cond:

@@ -117,6 +117,10 @@ class OnlineRLConfig(Section):
     def _check(self) -> "OnlineRLConfig":
         if isinstance(self.rl.reward, dict) and not self.rl.reward:
             raise ValueError("rl.reward: give at least one reward name")
+        if self.rl.max_staleness and self.rollout.vllm.enable_sleep_mode:
+            raise ValueError("rollout.vllm.enable_sleep_mode: vLLM cannot sleep while the "
+                             "trainer updates when rl.max_staleness > 0 (it samples then); "
+                             "turn one of them off")
         if self.train.grad_accum != 1:
             raise ValueError("train.grad_accum is not used by online RL: rl.minibatch_size sets "
                              "the completions per optimizer step, train.batch_size the "
