@@ -129,6 +129,37 @@ class TrainSection(Section):
     compute; turn it on only when memory needs it."""
 
 
+class VLLMSection(Section):
+    """The vLLM rollout backend (``rollout.backend: vllm``; ``rollout/vllm_backend.py``): a
+    ``vllm.LLM`` in the trainer's process, colocated on its GPU, its weights overwritten from the
+    policy before each rollout. Needs ``pip install 'alignlab[vllm]'`` and a CUDA GPU."""
+
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
+    """Fraction of the GPU vLLM takes for its weights and KV cache; the trainer shares the rest
+    (TRL's colocate default is 0.3 too)."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    """GPUs the rollout model is split over (vLLM's own worker processes)."""
+    dtype: Literal["train", "bfloat16", "float16", "float32"] = "train"
+    """vLLM's weight and compute dtype; ``train`` follows ``train.precision`` (fp32 or bf16), so
+    the sampler's log-probs differ from the trainer's by kernels only, not by precision."""
+    enforce_eager: bool = False
+    """No CUDA graphs (slower decoding, faster start, less memory)."""
+    max_model_len: int | None = Field(None, gt=0)
+    """Longest prompt + completion; None: the model config's maximum."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV cache of a repeated prompt prefix (the n samples of a prompt); the cache is
+    reset after every weight sync."""
+    lora_sync: Literal["merged", "adapter"] = "merged"
+    """With ``model.lora``: ``merged`` loads W + (alpha/r)·B·A into vLLM's plain weights each
+    sync (TRL's colocate mode; full-speed decoding); ``adapter`` writes the adapters alone and
+    samples through vLLM's LoRA kernels with a new ``LoRARequest`` per sync (verl's choice)."""
+    enable_sleep_mode: bool = False
+    """Free vLLM's weights and KV cache while the trainer updates (``LLM.sleep(level=2)``) and
+    reload them at the next sync; not with ``rl.max_staleness`` > 0, where both run at once."""
+    engine_kwargs: dict[str, Any] = {}
+    """Further keywords for ``vllm.LLM`` (e.g. ``max_num_seqs``, ``quantization``)."""
+
+
 class RolloutSection(Section):
     prompts: str = "world:positive"
     """``world:<task>`` (the task's train prompts) or a JSONL/Parquet file of ``prompt_only`` rows
@@ -144,6 +175,11 @@ class RolloutSection(Section):
     """Nucleus sampling: keep the smallest set of tokens with this much probability."""
     batch_size: int = Field(64, gt=0)
     """Sequences decoded together (prompts x n)."""
+    backend: Literal["builtin", "vllm"] = "builtin"
+    """The sampler: alignlab's built-in engine on the policy module, or vLLM (a GPU and the
+    ``vllm`` extra; the policy-gradient trainers; settings in ``rollout.vllm``)."""
+    vllm: VLLMSection = VLLMSection()
+    """Settings of the vLLM backend (used only with ``backend: vllm``)."""
 
 
 class OnlineTrainSection(TrainSection):

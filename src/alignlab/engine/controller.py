@@ -3,12 +3,14 @@
 Each iteration:
 
 1. ``algorithm.begin_iteration(i)`` (NLPO refreshes its masking policy here);
-2. the rollout role samples ``n`` completions for each of the iteration's prompts;
+2. the rollout role samples ``n`` completions for each of the iteration's prompts (after syncing
+   its backend with the policy; with ``max_staleness`` s >= 1 they were sampled ahead by a
+   background thread from the weights of s iterations ago: ``async_rollout.py``);
 3. ``algorithm.judge`` scores them (rewards, a pairwise judge, ...) and adds metrics;
 4. ``algorithm.make_batches`` turns rollouts and judgements into learner ``Units`` (rows of a
    rollout batch with advantages, preference pairs, ...), or None to skip the update;
 5. ``learner.update(units)``: epochs × minibatches, one optimizer step each;
-6. ``algorithm.after_update`` (PPO's critic learns here), then the rollout role syncs weights.
+6. ``algorithm.after_update`` (PPO's critic learns here).
 
 Logging, progress, checkpoints and exact resume come from ``run.TrainingRun``, shared with the
 offline loop; a checkpoint holds the learner's state and ``algorithm.state_dict()``. Prompts
@@ -21,11 +23,13 @@ import statistics
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
 
 from alignlab.core.config import TrainSection
 from alignlab.core.errors import TrainingError
+from alignlab.engine.async_rollout import rollout_source
 from alignlab.engine.learner import Learner, Units
 from alignlab.engine.loop import TrainResult
 from alignlab.engine.prompts import PromptSource
@@ -80,6 +84,8 @@ class OnlineSetup:
     prompts_per_step: int
     gold: Callable[[list[str], list[str]], list[float]] | None = None
     """The task's gold reward, logged as ``gold_mean`` (never trained on)."""
+    max_staleness: int = 0
+    """Rollouts sampled this many updates ahead by a background thread (``async_rollout.py``)."""
 
 
 @dataclass
@@ -95,25 +101,29 @@ def run_online(setup: OnlineSetup, cfg: TrainSection, description: str) -> Train
     """``cfg.max_steps`` iterations of ``setup.algorithm``; the caller saves the final model."""
     learner, algorithm, rollout = setup.learner, setup.algorithm, setup.rollout
     run = TrainingRun(cfg, learner.model, description)
+    source = rollout_source(rollout, setup.prompts, setup.completions_per_prompt,
+                            setup.prompts_per_step, cfg.seed, setup.max_staleness)
     start, state = run.resume()
     if state is not None:
         learner.load_state_dict(state["learner"])
         algorithm.load_state_dict(state["algorithm"])
+        source.load_state_dict(state.get("rollouts", {}))
 
     def trainer_state() -> dict[str, Any]:
-        return {"learner": learner.state_dict(), "algorithm": algorithm.state_dict()}
+        return {"learner": learner.state_dict(), "algorithm": algorithm.state_dict(),
+                "rollouts": source.state_dict()}
 
     t_run = time.time()
     updated = 0
-    with run.open(start):
+    with run.open(start), closing(source):
         for it in range(start, cfg.max_steps):
             rows = setup.prompts.batch(it, setup.prompts_per_step)
             m: dict[str, float] = {}
             t0 = time.time()
             algorithm.begin_iteration(it)
-            rollout.sync_weights()
-            rolls = rollout.generate([r["prompt"] for r in rows], setup.completions_per_prompt,
-                                     seed=cfg.seed * 7919 + it)
+            rolls, staleness = source.get(it, rows)
+            if setup.max_staleness:
+                m["staleness"] = staleness
             t1 = time.time()
             judged = algorithm.judge(rows, rolls, m)
             if setup.gold is not None:

@@ -49,6 +49,7 @@ from alignlab.engine.learner import Learner, Units
 from alignlab.engine.run import prepare_run
 from alignlab.models.logprobs import preferred_layout
 from alignlab.rewards.judges import PairwiseJudge, Verdict, judge_pairs
+from alignlab.rollout.backend import builtin_only
 from alignlab.rollout.role import RolloutRole, Rollouts
 
 TIE = Verdict(0.5, None, "identical")
@@ -381,6 +382,7 @@ def check_on_policy(rollout: RolloutSection, name: str) -> None:
 def build_parts(cfg: Any, section: MonitorFields, *, min_n: int, name: str) -> Parts:
     """Load prompts, judge, policy and tokenizer; copy the starting model before any checkpoint
     is loaded; the rollout roles of the policy and of the starting model."""
+    builtin_only(cfg.rollout.backend, name)
     prepare_run(cfg)  # before anything slow is loaded
     if cfg.rollout.n < min_n:
         raise ConfigError(f"rollout.n: {name} needs at least {min_n} completions per prompt "

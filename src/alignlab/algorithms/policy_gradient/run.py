@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,7 +41,7 @@ from alignlab.engine.run import prepare_run
 from alignlab.losses.rollout_correction import RolloutCorrection
 from alignlab.rewards.sandbox import Limits
 from alignlab.rewards.scoring import RewardRole, build_reward_role
-from alignlab.rollout.role import RolloutRole
+from alignlab.rollout.role import RolloutRole, make_backend
 
 ALGORITHM_CLASSES: dict[str, type[PolicyGradient]] = {"ppo": PPO, "nlpo": NLPO}
 """Algorithms with their own hooks; every other name is a ``PolicyGradient`` of its spec."""
@@ -86,6 +87,10 @@ def train_policy_gradient(cfg: OnlineRLConfig, algorithm: str) -> OnlineRun:
     if spec.grouped and cfg.rollout.n < 2:
         raise ConfigError(f"rollout.n: {algorithm} compares the completions of one prompt; "
                           f"set rollout.n >= 2 (got {cfg.rollout.n})")
+    if cfg.rl.max_staleness and (spec.greedy_baseline or cls is NLPO):
+        raise ConfigError(f"field 'rl.max_staleness': {algorithm} samples from the current "
+                          "policy inside its iteration (a greedy baseline, a masking policy), "
+                          "which a rollout thread sampling ahead would race; set 0")
     if cls is NLPO and cfg.rl.critic == "shared":
         raise ConfigError("field 'rl.critic': nlpo takes a separate critic (its policy "
                           "log-probs are restricted to the action mask); use 'separate'")
@@ -118,14 +123,19 @@ def train_policy_gradient(cfg: OnlineRLConfig, algorithm: str) -> OnlineRun:
                           {"params": list(value_head.parameters()),
                            "lr": cfg.rl.critic_lr or cfg.train.lr},))
     mask = parts.get("action_mask")
+    # Sampling ahead needs weights the update does not move: the built-in engine's own copy.
+    backend = make_backend(cfg.rollout, model, tokenizer, own_copy=cfg.rl.max_staleness > 0,
+                           train_precision=learner.precision,
+                           work_dir=Path(cfg.train.output_dir) / "rollout_adapters",
+                           logits_processor=mask.processor if mask is not None else None)
     rollout = RolloutRole(model, tokenizer, max_new_tokens=max_new,
                           temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                          batch_size=cfg.rollout.batch_size,
-                          logits_processor=mask.processor if mask is not None else None)
+                          batch_size=cfg.rollout.batch_size, backend=backend)
     alg = cls(spec, cfg, learner=learner, rollout=rollout, rewards=rewards, reference=reference,
               **parts)
     setup = OnlineSetup(prompts, rollout, learner, alg, cfg.rollout.n, cfg.rollout.prompts_per_step,
-                        gold=task.gold if task is not None else None)
+                        gold=task.gold if task is not None else None,
+                        max_staleness=cfg.rl.max_staleness)
     result = run_online(setup, cfg.train, algorithm)
     save_final(model, tokenizer, cfg, result.output_dir)
     return OnlineRun(result, model, tokenizer)
