@@ -39,4 +39,7 @@ ALGORITHMS: Registry[AlgorithmEntry] = Registry("algorithm", builtins=(
     "alignlab.algorithms.online_preference.nash_md",
     "alignlab.algorithms.online_preference.sppo",
     "alignlab.algorithms.online_preference.p3o",
+    "alignlab.algorithms.online_preference.inpo",
+    "alignlab.algorithms.online_preference.dno",
+    "alignlab.algorithms.online_preference.egpo",
 ))
