@@ -28,7 +28,8 @@ def t(*values):
 def test_registry_names_every_term():
     assert set(ONLINE_PREFERENCE_TERMS.names()) == {
         "xpo_exploration", "nash_md_pg", "geometric_mixture", "sppo_square", "p3o_joint",
-        "p3o_separate", "selm_optimism", "vpo_value"}
+        "p3o_separate", "selm_optimism", "vpo_value", "inpo_square", "dno_regression",
+        "online_ipo"}
 
 
 # ---- XPO

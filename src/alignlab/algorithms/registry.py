@@ -42,4 +42,7 @@ ALGORITHMS: Registry[AlgorithmEntry] = Registry("algorithm", builtins=(
     "alignlab.algorithms.online_preference.p3o",
     "alignlab.algorithms.online_preference.selm",
     "alignlab.algorithms.online_preference.vpo",
+    "alignlab.algorithms.online_preference.inpo",
+    "alignlab.algorithms.online_preference.dno",
+    "alignlab.algorithms.online_preference.egpo",
 ))
