@@ -21,7 +21,6 @@ On the online controller (``engine/controller.py``):
 
 from __future__ import annotations
 
-import copy
 import statistics
 from collections import Counter
 from typing import Any
@@ -57,6 +56,7 @@ from alignlab.data.preference_batches import collate_groups
 from alignlab.engine.controller import OnlineAlgorithm, OnlineRun, OnlineSetup, Rows, run_online
 from alignlab.engine.learner import Learner, Units
 from alignlab.engine.run import prepare_run
+from alignlab.models.adapters import reference_model
 from alignlab.rewards.judges import BudgetedJudge, JudgedPair, PairwiseJudge, judge_pairs
 from alignlab.rollout.role import RolloutRole, Rollouts
 
@@ -167,8 +167,9 @@ def train_online_dpo(cfg: OnlineDPOConfig) -> OnlineRun:
     judge = make_judge(section.judge, task, cfg.train.seed, world=cfg.world, device=device)
     model, tokenizer = load_policy(cfg.model, cfg.world)
     render_chat_prompts(prompts, tokenizer)
-    # The initial policy, copied before a checkpoint is loaded into the model.
-    reference = copy.deepcopy(model).requires_grad_(False).eval().to(device)
+    # The initial policy, copied before a checkpoint is loaded into the model (under LoRA: the
+    # base with the adapters disabled, sharing its weights).
+    reference = reference_model(model).to(device)
     layout = choose_layout(section, DataSection(), model,
                            checkpointing=cfg.train.gradient_checkpointing)
     learner = Learner(model, PreferenceObjective(plan), cfg.train, seed=cfg.train.seed)
