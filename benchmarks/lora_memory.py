@@ -46,11 +46,8 @@ def one_run(kind: str, lora: bool, model_dir: str, out: str, steps: int, cache: 
     """Train in this process; print a JSON line with its peak RSS and model bytes."""
     from alignlab.algorithms.policy_gradient import run as pg_run
     from alignlab.algorithms.policy_gradient.config import OnlineRLConfig, RLSection
-    from alignlab.algorithms.preference.trainer import (
-        PreferenceConfig,
-        PreferenceSection,
-        run_preference,
-    )
+    from alignlab.algorithms.preference import trainer as pref_trainer
+    from alignlab.algorithms.preference.trainer import PreferenceConfig, PreferenceSection
     from alignlab.core.config import (
         DataSection,
         LoraSettings,
@@ -62,18 +59,27 @@ def one_run(kind: str, lora: bool, model_dir: str, out: str, steps: int, cache: 
     )
     from alignlab.models.adapters import reference_model, trained_bytes
 
+    def peak_mb() -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+    training_peak = {}
+    for module in (pref_trainer, pg_run):  # the peak before the final model is written
+        def save_final(*args, _real=module.save_final, **kwargs):
+            training_peak["mb"] = peak_mb()
+            return _real(*args, **kwargs)
+        module.save_final = save_final
+
     model = ModelSection(name_or_path=model_dir, lora=LoraSettings(r=8, alpha=16) if lora else None)
     world = WorldSection(preset="tiny", cache_dir=cache)
     held = []
     if kind == "dpo":
-        run = run_preference(PreferenceConfig(
+        run = pref_trainer.run_preference(PreferenceConfig(
             model=model, world=world, data=DataSection(source="world:positive", limit=64,
                                                        max_length=96),
             train=TrainSection(output_dir=out, max_steps=steps, batch_size=8, lr=1e-4,
                                progress=False, tensorboard=False, save_every=None),
             preference=PreferenceSection(loss="dpo")))
-        # Full fine-tuning loaded (and freed) a reference copy to precompute log π_ref.
-        held = [run.model] if lora else [run.model, "reference copy"]
+        held = [run.model]
     else:
         seen = {}
         real = pg_run.run_online
@@ -91,9 +97,11 @@ def one_run(kind: str, lora: bool, model_dir: str, out: str, steps: int, cache: 
                                    max_new_tokens=24))
         run = pg_run.train_policy_gradient(cfg, "grpo")
         held = [run.model, seen["alg"].reference]
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    held = [m if m != "reference copy" else reference_model(run.model) for m in held]
-    print(json.dumps({"kind": kind, "lora": lora, "peak_rss_mb": round(rss, 1),
+    peak = peak_mb()
+    if kind == "dpo" and not lora:  # it loaded (and freed) a reference copy for log π_ref
+        held.append(reference_model(run.model))
+    print(json.dumps({"kind": kind, "lora": lora, "peak_rss_mb": round(peak, 1),
+                      "training_peak_rss_mb": round(training_peak["mb"], 1),
                       "bytes": trained_bytes(*held)}))
 
 
@@ -136,11 +144,12 @@ def main() -> None:
                 row = json.loads(lines[-1])
                 results[(kind, lora)] = row
                 b = row["bytes"]
-                print(f"{kind:4} {lora:4}: peak RSS {row['peak_rss_mb']:8.1f} MB; models "
+                print(f"{kind:4} {lora:4}: peak RSS {row['training_peak_rss_mb']:7.1f} MB in "
+                      f"training, {row['peak_rss_mb']:7.1f} MB with the final save; models "
                       f"{b['total'] / 2**20:7.1f} MB (weights {b['weights'] / 2**20:.1f}, "
                       f"gradients {b['gradients'] / 2**20:.1f}, Adam {b['optimizer'] / 2**20:.1f})")
-    ratios = {k: results[(k, "lora")]["peak_rss_mb"] / results[(k, "full")]["peak_rss_mb"]
-              for k in ("dpo", "grpo")}
+    ratios = {k: results[(k, "lora")]["training_peak_rss_mb"]
+              / results[(k, "full")]["training_peak_rss_mb"] for k in ("dpo", "grpo")}
     print(" ".join(f"lora_rss_ratio_{k}={v:.3f}" for k, v in ratios.items()))
 
 

@@ -43,8 +43,8 @@ def _batch(n: int = 4) -> dict[str, torch.Tensor]:
     attn = torch.tensor([[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"]))
                          for e in examples])
     mask = torch.tensor([e["loss_mask"] + [0] * (width - len(e["loss_mask"])) for e in examples])
-    return {"input_ids": ids, "attention_mask": attn, "position_ids": (attn.cumsum(-1) - 1).clamp(min=0),
-            "loss_mask": mask}
+    return {"input_ids": ids, "attention_mask": attn,
+            "position_ids": (attn.cumsum(-1) - 1).clamp(min=0), "loss_mask": mask}
 
 
 @pytest.fixture(scope="module")
@@ -227,8 +227,9 @@ def test_scalar_head_model_with_lora_saves_merged_and_adapter_layouts(saved_base
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file()  # the merged classifier
     adapter = tmp_path / "adapter"
-    assert {f.name for f in adapter.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors",
-                                                    "scalar_head.json", "scalar_head.safetensors"}
+    assert {f.name for f in adapter.iterdir()} >= {
+        "adapter_config.json", "adapter_model.safetensors", "scalar_head.json",
+        "scalar_head.safetensors"}
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] \
         == str(saved_base)
     batch = _batch()

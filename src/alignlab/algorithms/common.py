@@ -88,14 +88,14 @@ def load_training_rows(data: DataSection, world: WorldSection, tokenizer: Any) -
     return tokenized
 
 
-
 def save_final(model: torch.nn.Module, tokenizer: Any, cfg: BaseModel, output_dir: str | Path) -> Path:
     """Write ``<output_dir>/final`` (model, tokenizer, config) atomically. A LoRA run writes the
     merged model there (a plain ``AutoModelForCausalLM``) and the adapters alone, in PEFT's
     layout with the tokenizer, to ``final/adapter`` (``load_model`` and
-    ``PeftModel.from_pretrained`` read it). The merge makes new tensors for the adapted layers
-    only and leaves the trained model as it is; a QLoRA run's adapters are merged into its base
-    reloaded unquantized on the CPU (merging into 4-bit weights would round them again)."""
+    ``PeftModel.from_pretrained`` read it). The merge makes new tensors on the CPU for the
+    adapted layers only and leaves the trained model as it is; a QLoRA run's adapters are merged
+    into its base reloaded unquantized on the CPU (merging into 4-bit weights would round them
+    again)."""
     final = Path(output_dir) / "final"
     tmp = final.with_name(".tmp-final")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -107,7 +107,7 @@ def save_final(model: torch.nn.Module, tokenizer: Any, cfg: BaseModel, output_di
         trust = bool(getattr(getattr(cfg, "model", None), "trust_remote_code", False))
         to_save = load_adapter(tmp / ADAPTER_DIR, model_load_kwargs("auto", trust, None))
     else:
-        to_save = merged(model) if lora else model
+        to_save = merged(model, device="cpu") if lora else model
     to_save.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     atomic_write_text(tmp / "alignlab_config.yaml", dump_config(cfg))

@@ -48,7 +48,8 @@ def lora_config(lora: LoraSettings, task_type: str | None = "CAUSAL_LM") -> Any:
                       task_type=task_type)
 
 
-def apply_lora(model: nn.Module, lora: LoraSettings, task_type: str | None = "CAUSAL_LM") -> nn.Module:
+def apply_lora(model: nn.Module, lora: LoraSettings,
+               task_type: str | None = "CAUSAL_LM") -> nn.Module:
     """Wrap ``model`` in a PEFT LoRA model; only the adapter parameters (and
     ``modules_to_save``) stay trainable. A quantized model is first prepared for k-bit training
     (peft's ``prepare_model_for_kbit_training``: norms in float32, no checkpointing forced)."""
@@ -124,9 +125,10 @@ def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
-def _without_tuners(model: nn.Module, merge: bool) -> nn.Module:
+def _without_tuners(model: nn.Module, merge: bool, device: str | None = None) -> nn.Module:
     """A plain module with ``model``'s structure, every tensor shared, each adapter layer
-    replaced by its base layer (``merge``: by a merged copy of it, the only new tensors)."""
+    replaced by its base layer (``merge``: by a merged copy of it, the only new tensors, moved
+    to ``device`` one layer at a time)."""
     tuner, wrapper = _tuner_classes()
     body = _unwrapped(model)
     shared = {id(t): t for t in [*body.parameters(), *body.buffers()]}
@@ -139,7 +141,8 @@ def _without_tuners(model: nn.Module, merge: bool) -> nn.Module:
             if merge:
                 module = copy.deepcopy(module)  # its own tensors: merging leaves the policy as is
                 module.merge()
-            _replace(view, name, module.get_base_layer())
+            base = module.get_base_layer()
+            _replace(view, name, base.to(device) if merge and device is not None else base)
         elif isinstance(module, wrapper):
             _replace(view, name, module.unload_and_optionally_merge_module(True, False, None)
                      if merge else module.original_module)
@@ -165,10 +168,11 @@ def adapters_disabled(model: nn.Module) -> nn.Module:
     return view.eval()
 
 
-def merged(model: nn.Module) -> nn.Module:
+def merged(model: nn.Module, device: str | None = None) -> nn.Module:
     """``model`` with its adapters merged (``W + (alpha/r) B A``, ``modules_to_save`` taken as
-    trained) as a plain module: new tensors for the merged layers only, ``model`` unchanged."""
-    return _without_tuners(model, merge=True)
+    trained) as a plain module: new tensors for the merged layers only (on ``device``, e.g. the
+    CPU for saving, so a GPU holds one merged layer at a time), ``model`` unchanged."""
+    return _without_tuners(model, merge=True, device=device)
 
 
 def copy_sharing_frozen(model: nn.Module) -> nn.Module:

@@ -111,7 +111,8 @@ class CausalLMWithScalarHead(nn.Module):
     def add_lora(self, lora: LoraSettings) -> "CausalLMWithScalarHead":
         """Train LoRA adapters on the body instead of all its weights (frozen); the head keeps
         training whole, as peft's ``modules_to_save`` trains a classifier's ``score``."""
-        self.backbone = _as_backbone(apply_lora(self.backbone, lora, task_type="FEATURE_EXTRACTION"))
+        adapted = apply_lora(self.backbone, lora, task_type="FEATURE_EXTRACTION")
+        self.backbone = _as_backbone(adapted)
         return self
 
     def sequence_values(self, batch: dict[str, Any]) -> Tensor:
@@ -137,7 +138,7 @@ class CausalLMWithScalarHead(nn.Module):
             save_adapters(self.backbone, out / ADAPTER_DIR)
             self._save_head(out / ADAPTER_DIR)
             plain = (type(self).from_pretrained(out / ADAPTER_DIR) if is_quantized(self.backbone)
-                     else type(self)(merged(self.backbone), head=self.head))
+                     else type(self)(merged(self.backbone, device="cpu"), head=self.head))
             plain.save_pretrained(out, pad_token_id=pad_token_id)
             return
         name = _classifier_class_name(self.config)
