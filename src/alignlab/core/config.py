@@ -34,6 +34,9 @@ class LoraSettings(Section):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: str | list[str] = "all-linear"
     modules_to_save: list[str] | None = None
+    quantize: Literal["4bit", "8bit"] | None = None
+    """QLoRA (Dettmers et al. 2023): the frozen weights stored in 4-bit NF4 (double-quantized)
+    or 8-bit by bitsandbytes; needs bitsandbytes and a CUDA GPU (``train.device`` auto/cuda)."""
 
 
 class ModelSection(Section):

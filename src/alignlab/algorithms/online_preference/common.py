@@ -20,7 +20,6 @@ model (win rates, KL), sample ids and log-probs, the build of the parts and the 
 
 from __future__ import annotations
 
-import copy
 import math
 import statistics
 from collections import Counter
@@ -47,6 +46,7 @@ from alignlab.data.preference_batches import collate_groups
 from alignlab.engine.controller import OnlineAlgorithm, OnlineRun, OnlineSetup, run_online
 from alignlab.engine.learner import Learner, Units
 from alignlab.engine.run import prepare_run
+from alignlab.models.adapters import reference_model
 from alignlab.models.logprobs import preferred_layout
 from alignlab.rewards.judges import PairwiseJudge, Verdict, judge_pairs
 from alignlab.rollout.backend import builtin_only
@@ -398,7 +398,7 @@ def build_parts(cfg: Any, section: MonitorFields, *, min_n: int, name: str) -> P
     labeller = Labeller(judge())
     model, tokenizer = load_policy(cfg.model, cfg.world)
     render_chat_prompts(prompts, tokenizer)
-    start_model = copy.deepcopy(model).requires_grad_(False).eval().to(device)
+    start_model = reference_model(model).to(device)  # LoRA: adapters disabled, no weight copied
     preferred, _ = preferred_layout(model, checkpointing=cfg.train.gradient_checkpointing)
     layout = "shared" if preferred == "shared" else "flat"
     max_new = cfg.rollout.max_new_tokens or (task.max_new_tokens if task is not None else 64)

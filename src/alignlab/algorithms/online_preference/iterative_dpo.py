@@ -24,7 +24,6 @@ score), so annotators and LLM judges fit too.
 
 from __future__ import annotations
 
-import copy
 import random
 import statistics
 from dataclasses import dataclass
@@ -64,6 +63,7 @@ from alignlab.core.config import (
 from alignlab.core.errors import ConfigError
 from alignlab.engine.controller import OnlineRun
 from alignlab.engine.learner import Learner, Units
+from alignlab.models.adapters import adapter_state_dict, frozen_copy, load_adapter_state_dict
 from alignlab.rollout.role import Rollouts
 
 
@@ -168,12 +168,12 @@ class IterativeDPO(OnlinePreference):
         refresh = self.section.reference_refresh
         if refresh != "none" and (self.iteration + 1) % self.section.refresh_every == 0:
             if refresh == "hard":
-                self.reference.load_state_dict(self.learner.model.state_dict())
+                load_adapter_state_dict(self.reference, adapter_state_dict(self.learner.model))
             else:  # TR-DPO's soft update ref + α·(π − ref), once per tensor (tied ones too)
                 policy = dict(named_tensors(self.learner.model))
                 with torch.no_grad():
                     for key, ref in named_tensors(self.reference):
-                        if ref.is_floating_point():
+                        if ref.is_floating_point() and ref is not policy[key]:  # LoRA's base
                             ref.lerp_(policy[key].to(ref.dtype), self.section.refresh_alpha)
             self.refreshes += 1
         metrics["reference_refreshes"] = self.refreshes
@@ -181,13 +181,13 @@ class IterativeDPO(OnlinePreference):
     def extra_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {"refreshes": self.refreshes}
         if self.section.reference_refresh != "none":
-            state["reference"] = self.reference.state_dict()
+            state["reference"] = adapter_state_dict(self.reference)
         return state
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.refreshes = int(state["refreshes"])
         if state.get("reference") is not None:
-            self.reference.load_state_dict(state["reference"])
+            load_adapter_state_dict(self.reference, state["reference"])
 
 
 def train_iterative_dpo(cfg: IterativeDPOConfig) -> OnlineRun:
@@ -202,9 +202,10 @@ def train_iterative_dpo(cfg: IterativeDPOConfig) -> OnlineRun:
         if not offline:
             raise ConfigError(f"field 'iterative_dpo.offline_data': no pairs in "
                               f"{section.offline_data}")
-    # With a refresh the reference moves away from the starting model, so it is its own copy.
+    # With a refresh the reference moves away from the starting model, so it is its own copy
+    # of the policy (under LoRA: of the adapters, the base weights shared).
     reference = (parts.start.model if section.reference_refresh == "none"
-                 else copy.deepcopy(parts.start.model))
+                 else frozen_copy(parts.model).to(parts.device))
     learner = Learner(parts.model, PreferenceObjective(plan), cfg.train, epochs=section.epochs,
                       minibatch_size=section.minibatch_size, seed=cfg.train.seed)
     algorithm = IterativeDPO(parts, learner, section, reference=reference, offline=offline,

@@ -34,6 +34,7 @@ from alignlab.losses.advantages import (
     whiten,
 )
 from alignlab.losses.kl import token_kl
+from alignlab.models.adapters import adapter_state_dict, load_adapter_state_dict
 from alignlab.models.logprobs import logprobs_and_values, state_values
 
 
@@ -133,7 +134,7 @@ class PPO(PolicyGradient):
         metrics.update({renamed.get(k, k): v for k, v in out.items()})
 
     def state_dict(self) -> dict[str, Any]:
-        critic = ({**self.critic.state_dict(), "weights": self.critic.model.state_dict()}
+        critic = ({**self.critic.state_dict(), "weights": adapter_state_dict(self.critic.model)}
                   if self.critic is not None else {"value_head": self.value_head.state_dict()})
         return {**super().state_dict(), "critic": critic,
                 "kl_controller": self.kl_ctl.state_dict()}
@@ -141,7 +142,7 @@ class PPO(PolicyGradient):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         if self.critic is not None:
-            self.critic.model.load_state_dict(state["critic"]["weights"])
+            load_adapter_state_dict(self.critic.model, state["critic"]["weights"])
             self.critic.load_state_dict(state["critic"])
         else:
             self.value_head.load_state_dict(state["critic"]["value_head"])

@@ -2,12 +2,13 @@
 
 The parts are built in an order that keeps resume exact: seed first; the reference, PPO's
 critic and NLPO's masking policy are copies of the *initial* policy, made before a checkpoint
-is loaded into it.
+is loaded into it. Under LoRA none of them copies the frozen base weights: the reference is the
+policy with its adapters disabled, the critic and the masking policy copy only the adapters
+(``models/adapters.py``).
 """
 
 from __future__ import annotations
 
-import copy
 import functools
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from alignlab.engine.controller import OnlineRun, OnlineSetup, run_online
 from alignlab.engine.learner import Learner
 from alignlab.engine.run import prepare_run
 from alignlab.losses.rollout_correction import RolloutCorrection
+from alignlab.models.adapters import reference_model
 from alignlab.rewards.sandbox import Limits
 from alignlab.rewards.scoring import RewardRole, build_reward_role
 from alignlab.rollout.role import RolloutRole, make_backend
@@ -102,8 +104,7 @@ def train_policy_gradient(cfg: OnlineRLConfig, algorithm: str) -> OnlineRun:
     max_new = cfg.rollout.max_new_tokens or (task.max_new_tokens if task is not None else 64)
     device = pick_device(cfg.train.device)
     # Copies of the initial policy, made before any checkpoint is loaded into it.
-    reference = (copy.deepcopy(model).requires_grad_(False).eval().to(device)
-                 if cfg.rl.kl_coef > 0 else None)
+    reference = reference_model(model).to(device) if cfg.rl.kl_coef > 0 else None
     parts: dict[str, Any] = {}
     if issubclass(cls, PPO):
         if cfg.rl.critic == "shared":

@@ -61,6 +61,7 @@ from alignlab.losses.preference import (
     combine_losses,
     loss_spec,
 )
+from alignlab.models.adapters import adapters_disabled, has_adapters
 from alignlab.models.loading import load_reference_model
 from alignlab.models.logprobs import completion_logprobs, preferred_layout
 from alignlab.world.preference_rows import world_preference_rows
@@ -396,8 +397,11 @@ def run_preference(cfg: PreferenceConfig) -> PreferenceRun:
     if plan.needs_reference:
         refs = [resolve_model_path(r, cfg.world) for r in cfg.preference.reference_models
                 or [cfg.preference.reference or cfg.model.name_or_path]]
+        own = resolve_model_path(cfg.model.name_or_path, cfg.world)
 
         def load(path: str) -> torch.nn.Module:
+            if path == own and has_adapters(model):  # LoRA: the base under the adapters, no copy
+                return adapters_disabled(model)
             return load_reference_model(path, dtype=cfg.model.dtype,
                                         trust_remote_code=cfg.model.trust_remote_code,
                                         attn_implementation=cfg.model.attn_implementation)

@@ -39,6 +39,7 @@ from alignlab.engine.loop import LossOutput, TrainResult, train
 from alignlab.engine.metrics import MetricsLogger
 from alignlab.engine.run import prepare_run
 from alignlab.losses.reward import REWARD_MODEL_LOSSES, centering_penalty, loss_format
+from alignlab.models.adapters import ADAPTER_DIR
 
 
 class EnsembleSection(Section):
@@ -245,7 +246,7 @@ class RewardObjective:
 
 def init_model(path: str, cfg: RewardConfig, seed: int) -> torch.nn.Module:
     """A fresh head on a causal LM, or a reward model (scalar-head or *ForSequenceClassification)
-    to keep training."""
+    to keep training; with ``model.lora`` LoRA adapters on its body and the head trained whole."""
     from transformers import AutoConfig
 
     from alignlab.core.runtime import seed_everything
@@ -253,8 +254,6 @@ def init_model(path: str, cfg: RewardConfig, seed: int) -> torch.nn.Module:
     from alignlab.models.loading import from_pretrained_checked
 
     m = cfg.model
-    if m.lora is not None:
-        raise ConfigError("model.lora: the reward trainer trains the full backbone; remove lora")
     seed_everything(seed)  # before any model is built; the head's init differs per member
     config = None if (Path(path) / HEAD_CONFIG).is_file() else from_pretrained_checked(
         AutoConfig, path, trust_remote_code=m.trust_remote_code)
@@ -265,13 +264,17 @@ def init_model(path: str, cfg: RewardConfig, seed: int) -> torch.nn.Module:
         if model.num_heads != cfg.reward.ensemble.num_heads:
             raise ConfigError(f"reward.ensemble.num_heads is {cfg.reward.ensemble.num_heads} but "
                               f"the reward model at {path} has {model.num_heads} heads")
-        return model
+        if m.lora is not None and m.lora.quantize is not None:
+            raise ConfigError("field 'model.lora.quantize': QLoRA starts from a causal LM; "
+                              f"'{path}' is a reward model (train it with LoRA unquantized)")
+        return model if m.lora is None else model.add_lora(m.lora)
     # Comparisons are blind to a constant shift: a bias is learnt only from score regression or
     # centering. Without one, AutoModelForSequenceClassification scores the saved model exactly.
     bias = loss_format(cfg.reward.loss) == "prompt_completion" or cfg.reward.center_coef > 0
     return CausalLMWithScalarHead.from_causal_lm(
         path, num_heads=cfg.reward.ensemble.num_heads, bias=bias, dtype=m.dtype,
-        trust_remote_code=m.trust_remote_code, attn_implementation=m.attn_implementation)
+        trust_remote_code=m.trust_remote_code, attn_implementation=m.attn_implementation,
+        lora=m.lora)
 
 
 def save_reward_model(ensemble: Any, tokenizer: Any, cfg: RewardConfig, output_dir: str | Path) -> Path:
@@ -281,7 +284,9 @@ def save_reward_model(ensemble: Any, tokenizer: Any, cfg: RewardConfig, output_d
     shutil.rmtree(tmp, ignore_errors=True)
     ensemble.save_pretrained(tmp, pad_token_id=tokenizer.pad_token_id)
     for d in [tmp, *sorted(tmp.glob("member_*"))]:
-        tokenizer.save_pretrained(d)
+        for where in (d, d / ADAPTER_DIR):  # a LoRA member's adapters loaded alone need it too
+            if where.is_dir():
+                tokenizer.save_pretrained(where)
     atomic_write_text(tmp / "alignlab_config.yaml", dump_config(cfg))
     replace_dir(tmp, final)
     atomic_write_text(Path(output_dir) / "DONE", "final\n")
