@@ -177,7 +177,7 @@ EVAL = EvalSection(task="positive", n_prompts=32, samples_per_prompt=2, seed=11)
 
 
 # Seed 0, 10 iterations of 8 prompts x 4, lr 5e-4, TIS (cap 2): gold +0.55 over the base
-# with staleness 1 (synchronous: +0.55); seeds 1 and 2: see docs/scaling_async.md.
+# with staleness 1 (synchronous: +0.55); seeds 1 and 2: see docs/scaling.md.
 @pytest.mark.slow
 def test_grpo_with_staleness_one_still_raises_gold_sentiment(tiny_world, world_cache, tmp_path):
     base = evaluate(load_model(str(tiny_world.base_dir)), load_tokenizer(str(tiny_world.base_dir)),
