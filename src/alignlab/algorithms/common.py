@@ -22,6 +22,7 @@ from alignlab.core.runtime import seed_everything
 from alignlab.data.formats import SFT_FORMATS, check_trainer_format
 from alignlab.data.loading import RowSet, load_rows, rows_from_list
 from alignlab.data.tokenize import TokenizedRows, tokenize_rows
+from alignlab.engine import distributed
 from alignlab.engine.prompts import PromptSource
 from alignlab.models.adapters import ADAPTER_DIR, has_adapters, is_quantized, merged, save_adapters
 from alignlab.models.loading import load_adapter, load_model, load_tokenizer, model_load_kwargs
@@ -95,8 +96,16 @@ def save_final(model: torch.nn.Module, tokenizer: Any, cfg: BaseModel, output_di
     ``PeftModel.from_pretrained`` read it). The merge makes new tensors on the CPU for the
     adapted layers only and leaves the trained model as it is; a QLoRA run's adapters are merged
     into its base reloaded unquantized on the CPU (merging into 4-bit weights would round them
-    again)."""
+    again). With N processes rank 0 writes it and every rank returns once it is written."""
     final = Path(output_dir) / "final"
+    with distributed.main_first():
+        if distributed.is_main():
+            _save_final(model, tokenizer, cfg, output_dir, final)
+    return final
+
+
+def _save_final(model: torch.nn.Module, tokenizer: Any, cfg: BaseModel, output_dir: str | Path,
+                final: Path) -> None:
     tmp = final.with_name(".tmp-final")
     shutil.rmtree(tmp, ignore_errors=True)
     lora = has_adapters(model)
@@ -114,4 +123,3 @@ def save_final(model: torch.nn.Module, tokenizer: Any, cfg: BaseModel, output_di
     replace_dir(tmp, final)
     # Only now is the run finished: a run that died before its final model never looks done.
     atomic_write_text(Path(output_dir) / "DONE", "final\n")
-    return final

@@ -77,10 +77,11 @@ class AsyncRollouts:
     the thread, its own copy of the weights and their syncs change nothing."""
 
     def __init__(self, role: RolloutRole, prompts: PromptSource, n: int, prompts_per_step: int,
-                 seed: int, max_staleness: int) -> None:
+                 seed: int, max_staleness: int, part: slice = slice(None)) -> None:
         if max_staleness < 0:
             raise ValueError("AsyncRollouts needs max_staleness >= 0")
         self.role, self.prompts, self.n, self.k = role, prompts, n, prompts_per_step
+        self.part = part  # this process's share of each iteration's prompts
         self.seed, self.max_staleness = seed, max_staleness
         self.ready: dict[int, tuple[Rollouts, int]] = {}  # iteration → (rollouts, weights' iteration)
         self.requested: set[int] = set()  # iterations asked for (ready, queued or running)
@@ -198,7 +199,7 @@ class AsyncRollouts:
             self.role.sync_weights(payload[0])
             return None
         j, version = payload
-        rows = self.prompts.batch(j, self.k)
+        rows = self.prompts.batch(j, self.k)[self.part]
         return self.role.generate([r["prompt"] for r in rows], self.n,
                                   seed=rollout_seed(self.seed, j)), version
 
@@ -210,11 +211,13 @@ def _snapshot(model: nn.Module) -> nn.Module:
 
 
 def rollout_source(role: RolloutRole, prompts: PromptSource, n: int, prompts_per_step: int,
-                   seed: int, max_staleness: int = 0) -> SyncRollouts | AsyncRollouts:
-    """``SyncRollouts`` for ``max_staleness`` 0, else ``AsyncRollouts``."""
+                   seed: int, max_staleness: int = 0, *, part: slice = slice(None)
+                   ) -> SyncRollouts | AsyncRollouts:
+    """``SyncRollouts`` for ``max_staleness`` 0, else ``AsyncRollouts``; ``part``: the share of
+    each iteration's prompts this process samples (all of them in one process)."""
     if max_staleness == 0:
         return SyncRollouts(role, prompts, n, prompts_per_step, seed)
-    return AsyncRollouts(role, prompts, n, prompts_per_step, seed, max_staleness)
+    return AsyncRollouts(role, prompts, n, prompts_per_step, seed, max_staleness, part)
 
 
 __all__ = ["SyncRollouts", "AsyncRollouts", "rollout_source", "rollout_seed"]

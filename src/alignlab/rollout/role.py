@@ -60,6 +60,9 @@ class RolloutRole:
             model, eos_token_id=self.eos, pad_token_id=self.pad, tokenizer=tokenizer,
             batch_size=batch_size, logits_processor=logits_processor)
         self._prompt_ids: dict[str, list[int]] = {}
+        self.prompt_offset = 0
+        """The index of the first prompt given to ``generate`` in the iteration's whole batch
+        (set by the controller; nonzero on a rank's share): samples are seeded by it."""
 
     def sync_weights(self, policy: torch.nn.Module | None = None) -> None:
         """Make the backend sample from ``policy``'s (default: the trained model's) weights now;
@@ -76,7 +79,8 @@ class RolloutRole:
     def generate(self, prompts: list[str], n: int, *, seed: int,
                  greedy: bool = False) -> Rollouts:
         params = SamplingParams(temperature=0.0 if greedy else self.temperature, top_p=self.top_p,
-                                max_new_tokens=self.max_new_tokens, n=n, seed=seed)
+                                max_new_tokens=self.max_new_tokens, n=n, seed=seed,
+                                first_prompt=self.prompt_offset)
         ids = self._encode(prompts)
         gen = self.backend.generate(ids, params)
         comp = [c[:-1] if why == "eos" else list(c)

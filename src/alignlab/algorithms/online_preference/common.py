@@ -311,6 +311,14 @@ class OnlinePreference(OnlineAlgorithm):
             self.learner.objective.load_state_dict(state["objective"])
         self.load_extra_state(state["extra"])
 
+    def rank_state_dict(self) -> dict[str, Any]:
+        """The labels this process's judges gave (and their budgets' counters)."""
+        return {"labeller": self.labeller.state_dict(), "start": self.start.state_dict()}
+
+    def load_rank_state_dict(self, state: dict[str, Any]) -> None:
+        self.labeller.load_state_dict(state["labeller"])
+        self.start.load_state_dict(state["start"])
+
 
 def logit(p: float, eps: float = 1e-3) -> float:
     """log(p / (1 − p)) with p kept in [ε, 1 − ε] (a label of 1 or 0 stays finite: ±6.9)."""

@@ -27,6 +27,7 @@ from pydantic import Field
 
 from alignlab.core.config import Section, WorldSection
 from alignlab.core.errors import ConfigError
+from alignlab.engine import distributed
 from alignlab.rewards.annotator import SimulatedAnnotator
 from alignlab.rewards.annotator_pool import DEFAULT_POOL, AnnotatorPool, PoolAnnotator
 from alignlab.rewards.judges import (
@@ -162,9 +163,14 @@ def load_template(path: str | None, field: str) -> JudgeTemplate:
 
 def make_judge(section: JudgeSection, task: Any, seed: int, *, world: WorldSection,
                device: Any = "cpu", field: str = "online_dpo.judge") -> BudgetedJudge:
-    """The judge ``section`` describes, inside its labelling budget."""
+    """The judge ``section`` describes, inside its labelling budget (with N processes each
+    judges its own prompts' pairs within its even share of ``max_labels``)."""
     check_judge_section(section, field)
-    return BudgetedJudge(_judge(section, task, seed, world, device, field), section.max_labels)
+    budget = section.max_labels
+    if budget is not None and distributed.world_size() > 1:
+        size, rank = distributed.world_size(), distributed.rank()
+        budget = budget // size + (rank < budget % size)
+    return BudgetedJudge(_judge(section, task, seed, world, device, field), budget)
 
 
 def _judge(section: JudgeSection, task: Any, seed: int, world: WorldSection, device: Any,

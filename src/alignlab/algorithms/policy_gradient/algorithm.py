@@ -25,6 +25,7 @@ import torch
 
 from alignlab.algorithms.policy_gradient.config import OnlineRLConfig
 from alignlab.algorithms.policy_gradient.spec import RLAlgorithm
+from alignlab.engine import distributed
 from alignlab.engine.controller import OnlineAlgorithm, Rows
 from alignlab.engine.learner import Learner, Units, rows_of
 from alignlab.engine.scoring import score_units
@@ -39,6 +40,9 @@ from alignlab.rewards.scoring import RewardRole, RewardScores, token_reward_tens
 from alignlab.rollout.role import RolloutRole, Rollouts
 
 Experience = dict[str, torch.Tensor]
+ADVANTAGE_INPUTS = ("loss_mask", "scores", "group_ids", "baseline_scores", "token_rewards",
+                    "old_logprobs", "ref_logprobs")
+"""What ``estimator_advantages`` reads of a rollout batch."""
 
 
 class PolicyGradient(OnlineAlgorithm):
@@ -103,17 +107,31 @@ class PolicyGradient(OnlineAlgorithm):
         return f"reward {metrics.get('reward_mean', float('nan')):.3f}"
 
     def state_dict(self) -> dict[str, Any]:
-        return {"reward_skipped": self.rewards.total_skipped, "dropped_groups": self.dropped_total}
+        return self.rank_state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.load_rank_state_dict(state)
+
+    def rank_state_dict(self) -> dict[str, Any]:
+        """Counters of this process's prompts (each rank's own with N processes)."""
+        return {"reward_skipped": self.rewards.total_skipped, "dropped_groups": self.dropped_total}
+
+    def load_rank_state_dict(self, state: dict[str, Any]) -> None:
         self.rewards.total_skipped = int(state.get("reward_skipped", 0))
         self.dropped_total = int(state.get("dropped_groups", 0))
 
     # ------------------------------------------------------------------------------ parts
 
     def advantages(self, exp: Experience) -> dict[str, float]:
-        """Put ``advantages [B,T]`` into ``exp`` (``estimator_advantages``)."""
-        exp["advantages"], metrics = estimator_advantages(self.spec, self.rl, exp)
+        """Put ``advantages [B,T]`` into ``exp`` (``estimator_advantages``), computed over the
+        rows of every process as one batch (REINFORCE++ whitens over all of them)."""
+        def fn(rows: Experience) -> tuple[Experience, dict[str, float]]:
+            advantages, metrics = estimator_advantages(self.spec, self.rl, rows)
+            return {"advantages": advantages}, metrics
+
+        inputs = {k: exp[k] for k in ADVANTAGE_INPUTS if k in exp}
+        out, metrics = distributed.whole_batch(fn, inputs, offset_keys=("group_ids",))
+        exp["advantages"] = out["advantages"]
         return metrics
 
     def _keep(self, keep: torch.Tensor, exp: Experience, baseline: torch.Tensor | None,

@@ -24,6 +24,7 @@ from torch import Tensor
 from alignlab.algorithms.preference.reference import attach_reference_logps
 from alignlab.core.errors import ConfigError
 from alignlab.data.preference_columns import INPUT_COLUMNS
+from alignlab.engine import distributed
 from alignlab.losses.preference import LossSpec, update_group_weights
 from alignlab.models.logprobs import completion_token_logprobs
 
@@ -166,8 +167,15 @@ class GroupWeights:
         self.weights = torch.full((len(self.names),), 1.0 / len(self.names), dtype=torch.float64)
 
     def update(self, group_mean_losses: Tensor, groups: Tensor) -> None:
+        """One step from a micro-batch's per-group mean losses; with N processes from the
+        global micro-batch (every rank's share), so α stays the same on every rank."""
         counts = torch.bincount(groups.cpu(), minlength=len(self.names)).double()
-        estimate = group_mean_losses.detach().cpu().double() * counts / (counts.sum() * self.shares)
+        sums = group_mean_losses.detach().cpu().double() * counts
+        if distributed.active():
+            k = len(self.names)
+            both = distributed.global_sum([*sums.tolist(), *counts.tolist()])
+            sums, counts = torch.tensor(both[:k]).double(), torch.tensor(both[k:]).double()
+        estimate = sums / (counts.sum() * self.shares)
         self.weights = update_group_weights(self.weights, estimate, self.step_size)
 
     def metrics(self) -> dict[str, float]:

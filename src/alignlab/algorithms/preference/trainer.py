@@ -53,6 +53,7 @@ from alignlab.data.preference_columns import (
     fill_defaults,
 )
 from alignlab.data.tokenize import TokenizedRows, tokenize_rows
+from alignlab.engine import distributed
 from alignlab.engine.loop import LossOutput, TrainResult, train
 from alignlab.engine.run import prepare_run
 from alignlab.losses.preference import (
@@ -254,8 +255,10 @@ class PreferenceObjective:
         main = batch["slot"] < (2 if self.plan.kind == "paired" else 1)
         beta = self.plan.hyper_parameters.get("beta", loss_spec(self.plan.shifted[0]).defaults["beta"])
         rewards = beta * (logps.detach() - ref)[main].float()
-        n = rewards.numel()
-        self.shift_mean = (self.shift_mean * self.shift_count + float(rewards.sum())) / (self.shift_count + n)
+        # With N processes δ takes every rank's share of the micro-batch, the same on all ranks.
+        total, n = distributed.global_sum([float(rewards.sum()), rewards.numel()])
+        n = int(n)
+        self.shift_mean = (self.shift_mean * self.shift_count + total) / (self.shift_count + n)
         self.shift_count += n
 
     def inputs(self, logps: torch.Tensor, ref: torch.Tensor | None, batch: dict[str, Any],
@@ -407,11 +410,13 @@ def run_preference(cfg: PreferenceConfig) -> PreferenceRun:
                                         attn_implementation=cfg.model.attn_implementation)
 
         if cfg.preference.precompute_reference:
-            hit = attach_references(examples, refs, tokens=plan.needs.tokens, load=load,
-                                    pad_token_id=pad, output_dir=cfg.train.output_dir,
-                                    batch_size=2 * cfg.train.batch_size, device=device,
-                                    precision=precision,
-                                    layout=None if layout == "shared" else layout)
+            # Rank 0 computes and caches them; the other processes then read its cache.
+            with distributed.main_first():
+                hit = attach_references(examples, refs, tokens=plan.needs.tokens, load=load,
+                                        pad_token_id=pad, output_dir=cfg.train.output_dir,
+                                        batch_size=2 * cfg.train.batch_size, device=device,
+                                        precision=precision,
+                                        layout=None if layout == "shared" else layout)
             print(f"reference log-probs: {'reused' if hit else 'computed'} ({', '.join(refs)})")
         else:
             ref_model = load(refs[0]).to(device)
@@ -437,14 +442,15 @@ def run_preference(cfg: PreferenceConfig) -> PreferenceRun:
     def on_step(step: int, _: dict[str, float]) -> None:
         every = cfg.train.save_every
         # δ and α are trainer state: saved at the checkpoint steps so a resume restores them exactly.
-        if objective.stateful and every and (step % every == 0 or step == cfg.train.max_steps):
+        if objective.stateful and every and (step % every == 0 or step == cfg.train.max_steps) \
+                and distributed.is_main():
             atomic_write_text(state_file, json.dumps(objective.state_dict()))
 
     name = "+".join(plan.weights)
     result = train(model, objective, batches, cfg.train, description=name, on_step=on_step)
     save_final(model, tokenizer, cfg, result.output_dir)
     scores = None
-    if held:
+    if held and distributed.is_main():
         from alignlab.algorithms.preference.heldout import heldout_metrics
 
         scores = heldout_metrics(model, objective, held, pad, layout=layout, device=device,

@@ -35,6 +35,7 @@ from alignlab.core.config import (
 from alignlab.core.errors import ConfigError
 from alignlab.core.io import atomic_write_json, atomic_write_text, replace_dir
 from alignlab.data.batches import EpochBatches
+from alignlab.engine import distributed
 from alignlab.engine.loop import LossOutput, TrainResult, train
 from alignlab.engine.metrics import MetricsLogger
 from alignlab.engine.run import prepare_run
@@ -278,8 +279,17 @@ def init_model(path: str, cfg: RewardConfig, seed: int) -> torch.nn.Module:
 
 
 def save_reward_model(ensemble: Any, tokenizer: Any, cfg: RewardConfig, output_dir: str | Path) -> Path:
-    """Write ``<output_dir>/final`` (ensemble, tokenizer in it and every member, config) atomically."""
+    """Write ``<output_dir>/final`` (ensemble, tokenizer in it and every member, config)
+    atomically; with N processes rank 0 writes and every rank returns once it is written."""
     final = Path(output_dir) / "final"
+    with distributed.main_first():
+        if distributed.is_main():
+            _save_reward_model(ensemble, tokenizer, cfg, output_dir, final)
+    return final
+
+
+def _save_reward_model(ensemble: Any, tokenizer: Any, cfg: RewardConfig, output_dir: str | Path,
+                       final: Path) -> None:
     tmp = final.with_name(".tmp-final")
     shutil.rmtree(tmp, ignore_errors=True)
     ensemble.save_pretrained(tmp, pad_token_id=tokenizer.pad_token_id)
@@ -290,7 +300,6 @@ def save_reward_model(ensemble: Any, tokenizer: Any, cfg: RewardConfig, output_d
     atomic_write_text(tmp / "alignlab_config.yaml", dump_config(cfg))
     replace_dir(tmp, final)
     atomic_write_text(Path(output_dir) / "DONE", "final\n")
-    return final
 
 
 @dataclass
@@ -318,7 +327,10 @@ def run_reward(cfg: RewardConfig) -> RewardRun:
     out, ens, rc = Path(cfg.train.output_dir), cfg.reward.ensemble, cfg.reward
     evaluate = functools.partial(evaluate_rewards, examples=eval_ex, fmt=fmt, pad_token_id=pad_id,
                                  batch_size=rc.eval_batch_size, n_bins=rc.ece_bins)
-    eval_log = MetricsLogger(out / "eval", tensorboard=cfg.train.tensorboard) if eval_ex else None
+    # With N processes rank 0 evaluates (on the whole held-out split) and writes the reports.
+    main = distributed.is_main()
+    eval_log = (MetricsLogger(out / "eval", tensorboard=cfg.train.tensorboard)
+                if eval_ex and main else None)
     objective = RewardObjective(rc.loss, rc.center_coef)
     models, results = [], []
     try:
@@ -341,15 +353,16 @@ def run_reward(cfg: RewardConfig) -> RewardRun:
                                  description="reward" if ens.members == 1 else f"reward member {i}"))
             models.append(model)
         ensemble = RewardEnsemble(models, ens.aggregate, ens.std_coef)
-        metrics = evaluate(ensemble) if eval_ex else {}
+        metrics = evaluate(ensemble) if eval_ex and main else {}
         if eval_log is not None:
             eval_log.log(results[-1].step, {"final": 1, **metrics})
     finally:
         if eval_log is not None:
             eval_log.close()
-    atomic_write_json(out / "reward_eval.json", {"loss": rc.loss, "ensemble_size": ensemble.size,
-                                                 "aggregate": ens.aggregate, "eval_examples": len(eval_ex),
-                                                 "metrics": metrics})
+    if main:
+        atomic_write_json(out / "reward_eval.json", {
+            "loss": rc.loss, "ensemble_size": ensemble.size, "aggregate": ens.aggregate,
+            "eval_examples": len(eval_ex), "metrics": metrics})
     final = save_reward_model(ensemble, tokenizer, cfg, out)
     if metrics:
         print("reward eval: " + ", ".join(f"{k} {metrics[k]:.3f}" for k in ("accuracy", "ece")

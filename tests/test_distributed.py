@@ -1,0 +1,158 @@
+"""Data parallel on 2 CPU processes (gloo): the 2-process run of SFT, DPO, the reward model and
+GRPO trains like the 1-process run with the batch split in 2 accumulated micro-batches, a
+killed 2-process run resumes to the uninterrupted one, and a process count the batch cannot be
+split over is refused before anything starts (``engine/distributed.py``, ``docs/scaling.md``).
+
+One launch of torch's elastic launcher runs every 2-process run (``tests/ddp_worker.py``: the
+invariant harness of ``tests/invariant_runs.py`` in each rank); the 1-process runs are the
+session's memoised ones. Tolerances: the invariant tests' (``invariant_runs.py``). Measured
+(4 steps, lr 1e-3): SFT, DPO and the reward model 0 (the same micro-batches, summed in the same
+order); GRPO losses 1e-7, update 1e-5 of the weights' movement, invariant metrics 3e-6.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import alignlab
+from alignlab.core.config import DataSection, RolloutSection, TrainSection
+from alignlab.core.errors import ConfigError
+from alignlab.engine import distributed
+from alignlab.engine.run import check_processes
+
+from tests.invariant_runs import FAMILIES, Outcome, assert_equivalent, difference
+
+SRC = Path(alignlab.__file__).parents[1]
+ROOT = SRC.parent
+# What each family's 2-process run takes; the 1-process run is the same with micro=4, accum=2.
+# GRPO: rollout.batch_size 8 = one rank's rows, so the 1-process run samples each rank's share
+# with that rank's generator (rollout/engine.py: chunk seeds) and both draw the same completions.
+OPTIONS = {"sft": {"micro": 8}, "dpo": {"micro": 8}, "reward": {"micro": 8},
+           "grpo": {"micro": 4, "accum": 2, "rollout_batch": 8}}
+ONE_PROCESS = {"sft": {"micro": 4, "accum": 2}, "dpo": {"micro": 4, "accum": 2},
+               "reward": {"micro": 4, "accum": 2},
+               "grpo": {"micro": 4, "accum": 2, "rollout_batch": 8}}
+RESUMED = ("sft", "grpo")  # killed after step 3, resumed from the checkpoint of step 2
+
+
+def launch(n: int, args: list[str], cwd: Path, env: dict[str, str] | None = None,
+           module: str = "tests.ddp_worker") -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --standalone --nproc-per-node n -m module *args``."""
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{ROOT}", "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc-per-node={n}", "-m", module, *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=1800)
+
+
+@pytest.fixture(scope="module")
+def two_processes(tiny_world, world_cache, tmp_path_factory) -> dict:
+    import torch
+
+    out = tmp_path_factory.mktemp("ddp")
+    plan = [[f, f, OPTIONS[f], None] for f in FAMILIES]
+    plan += [[f"{f}-resumed", f, {**OPTIONS[f], "save_every": 2}, 3] for f in RESUMED]
+    done = launch(2, [str(out), json.dumps(plan)], ROOT, {"ALIGNLAB_TEST_CACHE": world_cache})
+    (out / "launch.log").write_text(done.stdout + done.stderr)
+    assert done.returncode == 0, done.stderr[-4000:]
+    outcomes = torch.load(out / "outcomes.pt", weights_only=False)
+    result = {"collectives": outcomes.pop("collectives")}
+    for name, o in outcomes.items():
+        assert o.pop("world_size") == 2
+        result[name] = Outcome(**o)
+    return result
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_two_processes_train_like_one_with_accumulation(family, two_processes, family_runs):
+    one = family_runs.run(family, **ONE_PROCESS[family])
+    two = two_processes[family]
+    assert sorted(two.metrics) == [1, 2, 3, 4]
+    d = assert_equivalent(one, two)
+    if family != "grpo":  # the same micro-batches, the same sums: identical
+        assert d.loss == d.weight == 0.0, d
+    # every logged metric of the run is the one-process value (counts, rates, times aside)
+    for step, metrics in one.metrics.items():
+        assert set(two.metrics[step]) == set(metrics)
+
+
+@pytest.mark.parametrize("family", RESUMED)
+def test_two_process_run_resumes_to_the_uninterrupted_one(family, two_processes):
+    whole, resumed = two_processes[family], two_processes[f"{family}-resumed"]
+    assert sorted(resumed.metrics) == [1, 2, 3, 4]
+    d = difference(whole, resumed)
+    assert d.loss == d.weight == d.metric == 0.0, d
+
+
+def test_collectives_on_two_ranks(two_processes):
+    rank0, rank1 = two_processes["collectives"]
+    for r in (rank0, rank1):
+        assert r["a"] == [3.0, 3.0]  # 1 + 2
+        assert r["b"] == [1.0, 1.0]  # only rank 1 had a gradient: zeros on rank 0
+        assert r["c"] is None  # no rank had one: AdamW must skip it as in one process
+        assert r["global_sum"] == [1.0, 2.0] and r["gather"] == [0, 1] and r["any_rank"]
+        assert r["shape"] == (3, 3)  # rows of both ranks, padded to the wider
+    mean = (0 + 1 + 2 * (10 + 11 + 12)) / 8
+    assert rank0["centred"] == [[0 - mean, 1 - mean]]
+    assert rank1["centred"] == [[10 - mean, 11 - mean, 12 - mean]] * 2
+    assert rank0["group"] == [0] and rank1["group"] == [1, 1]  # no id shared across ranks
+    assert (rank0["share"], rank1["share"]) == (slice(0, 4), slice(4, 8))
+
+
+class _Offline:
+    def __init__(self, batch_size: int) -> None:
+        self.train = TrainSection(batch_size=batch_size)
+        self.data = DataSection()
+
+
+class _Online(_Offline):
+    def __init__(self, prompts: int) -> None:
+        super().__init__(batch_size=7)
+        self.rollout = RolloutSection(prompts_per_step=prompts)
+
+
+def test_a_batch_the_processes_cannot_share_is_refused():
+    check_processes(_Offline(8), 4)
+    check_processes(_Online(6), 3)  # online: the prompts are split, not train.batch_size
+    with pytest.raises(ConfigError, match=r"field 'train.batch_size': 8 examples per "
+                                          r"micro-batch cannot be split evenly over 16 processes"
+                                          r".*16 processes need at least 16"):
+        check_processes(_Offline(8), 16)
+    with pytest.raises(ConfigError, match=r"train.batch_size.*use a multiple of 3"):
+        check_processes(_Offline(8), 3)
+    with pytest.raises(ConfigError, match=r"field 'rollout.prompts_per_step': 4 prompts per step"
+                                          r" cannot be split evenly over 3"):
+        check_processes(_Online(4), 3)
+
+
+def test_cli_refuses_before_launching(tmp_path):
+    from alignlab.cli.main import app
+
+    result = CliRunner().invoke(app, ["train", "sft", "--num-processes", "3", "--set",
+                                      f"train.output_dir={tmp_path / 'run'}", "--set",
+                                      "train.batch_size=8"])
+    assert isinstance(result.exception, ConfigError), result.output
+    assert "train.batch_size" in str(result.exception)
+    assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_single_process_helpers_are_the_identity():
+    import torch
+
+    assert not distributed.active() and distributed.world_size() == 1 and distributed.is_main()
+    assert distributed.global_sum([1, 2.5]) == [1.0, 2.5] and distributed.gather("x") == ["x"]
+    assert distributed.share(8, "examples", "train.batch_size") == slice(0, 8)
+    p = torch.nn.Parameter(torch.ones(2))
+    distributed.reduce_gradients([p])
+    assert p.grad is None
+    rows = {"x": torch.ones(2, 3)}
+    assert distributed.whole_batch(lambda r: ({"y": r["x"] * 2}, 1), rows)[0]["y"].sum() == 12
+    with distributed.main_first():
+        pass  # no barrier to wait on
