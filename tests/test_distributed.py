@@ -156,3 +156,68 @@ def test_single_process_helpers_are_the_identity():
     assert distributed.whole_batch(lambda r: ({"y": r["x"] * 2}, 1), rows)[0]["y"].sum() == 12
     with distributed.main_first():
         pass  # no barrier to wait on
+
+
+def _sft_command(out: Path, world_cache: str) -> list[str]:
+    """``train sft`` with the invariant SFT run's settings (``invariant_runs.py``)."""
+    sets = {"world.preset": "tiny", "world.cache_dir": world_cache, "train.output_dir": out,
+            "train.max_steps": 4, "train.lr": 1e-3, "train.precision": "fp32",
+            "train.device": "cpu", "train.log_every": 1, "train.save_every": 2,
+            "train.progress": "false", "train.tensorboard": "false", "train.seed": 3,
+            "train.warmup_steps": 1, "train.lr_scheduler": "cosine", "train.batch_size": 8,
+            "data.source": "world:positive", "data.limit": 32, "data.max_length": 64}
+    return ["train", "sft", *(a for k, v in sets.items() for a in ("--set", f"{k}={v}"))]
+
+
+def _check_cli_run(done: subprocess.CompletedProcess, out: Path, family_runs) -> None:
+    from safetensors.torch import load_file
+
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count("alignlab train sft") == 1  # rank 1 prints nothing
+    assert done.stdout.count("done: 4 steps") == 1
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # written once, by rank 0
+    assert (out / "DONE").exists() and (out / "checkpoints" / "latest").read_text().strip() \
+        == "step-0000004"
+    one = family_runs.run("sft", micro=4, accum=2)
+    for r in rows:  # metrics.jsonl keeps 6 decimals
+        assert abs(r["loss"] - one.losses[r["step"]]) <= 1e-6
+    final = load_file(out / "final" / "model.safetensors")
+    for key, value in final.items():
+        assert (value - one.weights[key]).abs().max() <= 1e-7, key
+
+
+def test_alignlab_train_num_processes(tiny_world, world_cache, tmp_path, family_runs):
+    """``alignlab train sft --num-processes 2``: torch's elastic launcher starts 2 processes of
+    the same command; the run equals the 1-process run with 2 accumulated micro-batches."""
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "alignlab", *_sft_command(out, world_cache),
+                           "--num-processes", "2"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=1800)
+    _check_cli_run(done, out, family_runs)
+
+
+@pytest.mark.slow
+def test_accelerate_launch(tiny_world, world_cache, tmp_path, family_runs):
+    """``accelerate launch --multi_gpu --num_processes 2 -m alignlab train ...`` on CPU: accelerate
+    starts torchrun's processes, alignlab joins their group from the environment."""
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                  "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                  "--dynamo_backend", "no", "--main_process_port", "0", "-m", "alignlab"]
+    done = subprocess.run([*accelerate, *_sft_command(out, world_cache)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=1800)
+    _check_cli_run(done, out, family_runs)
+
+
+@pytest.mark.parametrize("var,name", [("ACCELERATE_USE_FSDP", "FSDP"),
+                                      ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
+def test_sharded_accelerate_configs_are_refused(var, name, monkeypatch):
+    """An accelerate config asking for sharding would otherwise train replicated, silently."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv(var, "true")
+    with pytest.raises(ConfigError, match=f"asks for {name}.*configs/accelerate/ddp.yaml"):
+        distributed.setup("cpu")
+    assert not distributed.active()

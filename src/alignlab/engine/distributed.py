@@ -37,6 +37,9 @@ import torch.distributed as dist
 
 from alignlab.core.errors import ConfigError
 
+SHARDED_ENV = {"FSDP": "ACCELERATE_USE_FSDP", "DeepSpeed": "ACCELERATE_USE_DEEPSPEED",
+               "Megatron-LM": "ACCELERATE_USE_MEGATRON_LM"}
+"""What ``accelerate launch`` sets for sharded training, which alignlab refuses."""
 BUCKET_BYTES = 64 << 20  # gradients are summed in flat buckets of at most this size
 _local_depth = 0  # > 0 inside local(): the code runs as one process
 
@@ -71,6 +74,13 @@ def setup(device: str = "auto") -> bool:
     CUDA: each process takes ``cuda:LOCAL_RANK`` and nccl; otherwise gloo."""
     if not launched() or _local_depth:
         return False
+    sharded = [name for name, var in SHARDED_ENV.items()
+               if os.environ.get(var, "").lower() in ("true", "1")]
+    if sharded:
+        raise ConfigError(f"accelerate launch: the config asks for {sharded[0]}, which alignlab "
+                          "does not run yet (every process would hold the whole model, not a "
+                          "shard); use data parallel (configs/accelerate/ddp.yaml, "
+                          "docs/scaling.md)")
     if not dist.is_initialized():
         cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
         if cuda:

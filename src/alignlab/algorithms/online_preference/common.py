@@ -265,6 +265,9 @@ class OnlinePreference(OnlineAlgorithm):
 
     def begin_iteration(self, iteration: int) -> None:
         self.iteration = iteration
+        # The starting model samples the policy role's prompts: seeded by their index in the
+        # iteration's whole batch (this rank's share starts there, engine/controller.py).
+        self.start.rollout.prompt_offset = self.parts.rollout.prompt_offset
 
     def policy_logps(self, rollouts: Rollouts, indices: Sequence[int]) -> torch.Tensor:
         """log π_θ(y) of the current policy (no gradient): the 'old' log-probs of the round."""

@@ -118,6 +118,7 @@ class NashMD(OnlinePreference):
     def judge(self, rows: list[dict[str, Any]], rollouts: Rollouts,
               metrics: dict[str, float]) -> NashPairs:
         n = len(rollouts.completions) // len(rows)
+        self.mixture.prompt_offset = self.parts.rollout.prompt_offset  # this rank's prompts
         opponents = self.mixture.generate([r["prompt"] for r in rows], n,
                                           seed=self.seed * 7919 + self.iteration + MIXTURE_SAMPLES)
         verdicts = self.labeller.verdicts(rollouts.prompts, rollouts.completions,
