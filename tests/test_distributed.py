@@ -143,6 +143,29 @@ def test_cli_refuses_before_launching(tmp_path):
     assert not (tmp_path / "run").exists()  # nothing started
 
 
+def test_a_share_of_the_prompts_samples_what_the_whole_batch_samples():
+    """Each chunk of ``batch_size`` rows has its own generator, seeded by its first prompt's
+    index: a rank sampling prompts 2-3 (``first_prompt=2``) draws what one process draws for
+    them in the whole batch."""
+    from alignlab.rollout.engine import SamplingParams, chunk_seed, rollout
+
+    from tests.conftest import random_llama
+
+    model = random_llama()
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10, 11]]
+    params = SamplingParams(max_new_tokens=6, n=2, seed=5)
+
+    def sample(ids, first=0):
+        return rollout(model, ids, params, eos_token_id=None, pad_token_id=0, batch_size=4,
+                       warn_length=False, first_prompt=first)  # 2 prompts per chunk
+
+    whole = sample(prompts)
+    assert sample(prompts[:2]).completion_ids == whole.completion_ids[:4]
+    assert sample(prompts[2:], first=2).completion_ids == whole.completion_ids[4:]
+    assert sample(prompts[2:]).completion_ids != whole.completion_ids[4:]  # the seed differs
+    assert chunk_seed(5, 0) == 5 and chunk_seed(5, 2) not in (5, chunk_seed(5, 4), chunk_seed(6, 2))
+
+
 def test_single_process_helpers_are_the_identity():
     import torch
 
