@@ -61,6 +61,7 @@ from alignlab.core.config import (
     WorldSection,
 )
 from alignlab.core.errors import ConfigError
+from alignlab.engine import distributed
 from alignlab.engine.controller import OnlineRun
 from alignlab.engine.learner import Learner, Units
 from alignlab.models.adapters import adapter_state_dict, frozen_copy, load_adapter_state_dict
@@ -146,7 +147,9 @@ class IterativeDPO(OnlinePreference):
         r = self.section.offline_ratio
         k = round(len(examples) * r / (1 - r)) if self.offline else 0
         if k:
-            rng = random.Random(self.seed * 1_000_033 + self.iteration)
+            seed = self.seed * 1_000_033 + self.iteration
+            rank = distributed.rank()  # each process mixes in its own offline pairs
+            rng = random.Random(seed if rank == 0 else f"{seed}:{rank}")
             picks = (rng.sample(range(len(self.offline)), k) if k <= len(self.offline)
                      else rng.choices(range(len(self.offline)), k=k))
             examples += [{key: self.offline[i][key]
