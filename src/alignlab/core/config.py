@@ -90,8 +90,9 @@ class TrainSection(Section):
     max_steps: int = Field(100, gt=0)
     """Optimizer steps (online trainers: iterations)."""
     batch_size: int = Field(16, gt=0)
-    """Micro-batch size (examples per forward pass); with N processes the global micro-batch,
-    of which each process takes ``batch_size / N`` (``docs/scaling.md``)."""
+    """Micro-batch size (examples per forward pass). With N processes an offline trainer's
+    micro-batch is global, each process taking ``batch_size / N`` of it; an online learner's
+    stays the rows of one forward on each process (``docs/scaling.md``)."""
     grad_accum: int = Field(1, gt=0)
     """Micro-batches per optimizer step (the loss is normalised over all of them)."""
     lr: float = Field(1e-4, gt=0)
