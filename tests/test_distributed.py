@@ -249,7 +249,9 @@ def test_sharded_accelerate_configs_are_refused(var, name, monkeypatch):
 TRAINERS = {  # name: (extra --set values, what to check in the last metrics row)
     "ppo": (["rl.minibatch_size=16"], "critic_loss"),
     "online_dpo": (["online_dpo.judge.max_labels=20"], "labels_total"),
-    "bco": (["data.limit=64", "preference.heldout=8"], "reward_shift"),  # a stateful loss
+    # a loss with state; named in full: `train bco --set preference.x=..` resets the alias's loss
+    "preference": (["data.limit=64", "preference.loss=bco", "preference.heldout=8"],
+                   "reward_shift"),
     "reward": (["data.limit=64", "reward.ensemble.members=2"], "accuracy"),
 }
 
@@ -263,20 +265,24 @@ def test_more_trainers_run_on_two_processes(name, tiny_world, world_cache, tmp_p
     sets = [f"world.cache_dir={world_cache}", "world.preset=tiny", f"train.output_dir={out}",
             "train.max_steps=3", "train.save_every=2", "train.progress=false",
             "train.tensorboard=false", "train.device=cpu", "train.batch_size=8",
+            "train.log_every=1",
             "rollout.max_new_tokens=12", *TRAINERS[name][0]]
-    if name in ("bco", "reward"):
+    if name in ("preference", "reward"):
         sets.remove("rollout.max_new_tokens=12")
     env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-m", "alignlab", "train", name, "--num-processes",
                            "2", *(a for s in sets for a in ("--set", s))], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-4000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = out / "member_1" / "metrics.jsonl" if name == "reward" else out / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and (out / "DONE").exists()
     key = TRAINERS[name][1]
     if name == "online_dpo":
         assert rows[-1][key] == 20  # 10 labels a rank: the budget is split, not doubled
     elif name == "reward":
         assert key in json.loads((out / "reward_eval.json").read_text())["metrics"]
+    elif name == "preference":  # rank 0 evaluated the held-out rows
+        assert key in rows[-1] and "loss" in json.loads((out / "heldout.json").read_text())
     else:
         assert key in rows[-1]
