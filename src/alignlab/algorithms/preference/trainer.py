@@ -453,8 +453,9 @@ def run_preference(cfg: PreferenceConfig) -> PreferenceRun:
     if held and distributed.is_main():
         from alignlab.algorithms.preference.heldout import heldout_metrics
 
-        scores = heldout_metrics(model, objective, held, pad, layout=layout, device=device,
-                                 batch_size=2 * cfg.train.batch_size, precision=precision)
+        with distributed.local():  # rank 0 alone: the loss's collectives (BCO's δ) stay local
+            scores = heldout_metrics(model, objective, held, pad, layout=layout, device=device,
+                                     batch_size=2 * cfg.train.batch_size, precision=precision)
         atomic_write_text(Path(result.output_dir) / "heldout.json", json.dumps(scores, indent=1))
         print(f"held-out ({len(held)} rows): " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
     return PreferenceRun(result, model, tokenizer, objective, examples, layout, hit, scores)
