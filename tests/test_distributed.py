@@ -45,7 +45,7 @@ RESUMED = ("sft", "grpo")  # killed after step 3, resumed from the checkpoint of
 def launch(n: int, args: list[str], cwd: Path, env: dict[str, str] | None = None,
            module: str = "tests.ddp_worker") -> subprocess.CompletedProcess:
     """``python -m torch.distributed.run --standalone --nproc-per-node n -m module *args``."""
-    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{ROOT}", "HF_HUB_OFFLINE": "1",
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{ROOT}", "HF_HUB_OFFLINE": "1", "ALIGNLAB_DIST_TIMEOUT_MIN": "10",
            "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            f"--nproc-per-node={n}", "-m", module, *args],
@@ -214,7 +214,7 @@ def test_alignlab_train_num_processes(tiny_world, world_cache, tmp_path, family_
     """``alignlab train sft --num-processes 2``: torch's elastic launcher starts 2 processes of
     the same command; the run equals the 1-process run with 2 accumulated micro-batches."""
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1", "ALIGNLAB_DIST_TIMEOUT_MIN": "10"}
     done = subprocess.run([sys.executable, "-m", "alignlab", *_sft_command(out, world_cache),
                            "--num-processes", "2"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=1800)
@@ -226,7 +226,7 @@ def test_accelerate_launch(tiny_world, world_cache, tmp_path, family_runs):
     """``accelerate launch --multi_gpu --num_processes 2 -m alignlab train ...`` on CPU: accelerate
     starts torchrun's processes, alignlab joins their group from the environment."""
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1", "ALIGNLAB_DIST_TIMEOUT_MIN": "10"}
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
                   "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
                   "--dynamo_backend", "no", "--main_process_port", "0", "-m", "alignlab"]
@@ -269,7 +269,7 @@ def test_more_trainers_run_on_two_processes(name, tiny_world, world_cache, tmp_p
             "rollout.max_new_tokens=12", *TRAINERS[name][0]]
     if name in ("preference", "reward"):
         sets.remove("rollout.max_new_tokens=12")
-    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1", "ALIGNLAB_DIST_TIMEOUT_MIN": "10"}
     done = subprocess.run([sys.executable, "-m", "alignlab", "train", name, "--num-processes",
                            "2", *(a for s in sets for a in ("--set", s))], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=1800)
