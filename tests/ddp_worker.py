@@ -40,7 +40,30 @@ def collectives() -> dict[str, object]:
     rows = {"x": torch.arange(float(width)).repeat(r + 1, 1) + 10 * r,
             "mask": torch.ones(r + 1, width), "group": torch.zeros(r + 1, dtype=torch.long)}
     own, shape = distributed.whole_batch(centre, rows, offset_keys=("group",))
-    return {"a": a.grad.tolist(), "b": b.grad.tolist(), "c": c.grad,
+    # a rank without rows (rank 1) still takes part, and lacks what only rows bring ("y")
+    few = {"x": torch.ones(2, 3)} if r == 0 else {"x": torch.zeros(0, 1)}
+    if r == 0:
+        few["y"] = torch.ones(2)
+    twice, rows_seen = distributed.whole_batch(
+        lambda rows: ({"z": rows["x"] * 2 + rows["y"][:, None]}, rows["x"].shape), few)
+    nothing = distributed.whole_batch(lambda rows: 1 / 0, {"x": torch.zeros(0, 2)})
+
+    from alignlab.algorithms.preference.inputs import GroupWeights
+    from alignlab.algorithms.preference.trainer import (
+        PreferenceObjective,
+        PreferenceSection,
+        plan_losses,
+    )
+
+    weights = GroupWeights(["a", "b"], 0.5, [0.5, 0.5])
+    weights.update(torch.tensor([1.0 + r, 0.0]), torch.tensor([0, 1]))  # this rank's step
+    weights.sync()
+    bco = PreferenceObjective(plan_losses(PreferenceSection(loss="bco")))
+    bco.shift_mean, bco.shift_count = r + 2.0, 2  # this rank's rewards: r + 1, r + 3
+    bco.sync_across_ranks()
+    return {"twice": twice["z"].tolist(), "rows_seen": tuple(rows_seen), "nothing": nothing,
+            "group_weights": weights.weights.tolist(), "shift": (bco.shift_mean, bco.shift_count),
+            "a": a.grad.tolist(), "b": b.grad.tolist(), "c": c.grad,
             "global_sum": distributed.global_sum([r, 1]), "gather": distributed.gather(r),
             "any_rank": distributed.any_rank(r == 1), "shape": tuple(shape),
             "centred": own["centred"].tolist(), "group": own["group"].tolist(),

@@ -92,6 +92,8 @@ def test_two_process_run_resumes_to_the_uninterrupted_one(family, two_processes)
 
 
 def test_collectives_on_two_ranks(two_processes):
+    import torch
+
     rank0, rank1 = two_processes["collectives"]
     for r in (rank0, rank1):
         assert r["a"] == [3.0, 3.0]  # 1 + 2
@@ -104,6 +106,21 @@ def test_collectives_on_two_ranks(two_processes):
     assert rank1["centred"] == [[10 - mean, 11 - mean, 12 - mean]] * 2
     assert rank0["group"] == [0] and rank1["group"] == [1, 1]  # no id shared across ranks
     assert (rank0["share"], rank1["share"]) == (slice(0, 4), slice(4, 8))
+    # a rank without rows takes part in whole_batch; no rows anywhere: fn is not called
+    assert rank0["twice"] == [[3.0, 3.0, 3.0]] * 2 and rank1["twice"] == []
+    assert rank0["rows_seen"] == rank1["rows_seen"] == (2, 3)
+    assert rank0["nothing"] == rank1["nothing"] == ({}, None)
+    # objective state merged after a step: group-robust α as one process after both ranks'
+    # updates (they commute), BCO's δ the running mean over both ranks' rewards
+    from alignlab.algorithms.preference.inputs import GroupWeights
+
+    one = GroupWeights(["a", "b"], 0.5, [0.5, 0.5])
+    for r in (0, 1):
+        one.update(torch.tensor([1.0 + r, 0.0]), torch.tensor([0, 1]))
+    for r in (rank0, rank1):
+        assert r["group_weights"] == pytest.approx(one.weights.tolist(), abs=1e-12)
+        assert r["shift"] == (pytest.approx((1 + 3 + 2 + 4) / 4), 4)
+    assert one.weights[0] > 0.5  # the worse-off group gained weight: the check is not vacuous
 
 
 class _Offline:

@@ -240,14 +240,22 @@ def whole_batch(fn: Callable[[dict[str, torch.Tensor]], Any], rows: dict[str, to
     ``offset_keys`` (group ids) shifted so no two ranks share an id. ``fn`` returns
     ``(outputs, extra)``: ``outputs`` a dict of row-aligned tensors, of which this rank's rows
     (and its own width) come back, with ``extra`` as ``fn`` returned it (the same on every
-    rank). Used where a statistic spans the batch: advantages whitened over all completions."""
+    rank). Used where a statistic spans the batch: advantages whitened over all completions.
+    Every rank must call it, one with no rows too; when no rank has a row, ``fn`` is not
+    called and ``({}, None)`` comes back."""
     if not active():
         return fn(rows)
     parts = gather({k: v.detach().cpu() for k, v in rows.items()})
     counts = [next(iter(p.values())).shape[0] for p in parts]
+    if sum(counts) == 0:  # no rank has a row: nothing to compute
+        return {}, None
     merged: dict[str, torch.Tensor] = {}
-    for key in rows:
-        tensors = [p[key] for p in parts]
+    for key in dict.fromkeys(k for p in parts for k in p):
+        like = next(p[key] for p in parts if key in p)
+        if any(key not in p and n for p, n in zip(parts, counts)):
+            raise ValueError(f"whole_batch: a rank with rows has no {key!r}")
+        # a rank without rows may lack what only rows bring (their log-probs)
+        tensors = [p.get(key, like.new_zeros((0, *like.shape[1:]))) for p in parts]
         if key in offset_keys:
             shift, shifted = 0, []
             for t in tensors:

@@ -8,7 +8,10 @@ loss and gradient of one batch of ``grad_accum * b``.
 
 With N processes (``engine/distributed.py``) each rank takes ``batch_size / N`` of every
 micro-batch, the item count is summed over the ranks before dividing and the gradients are
-summed after the backward passes: the update of one process with the window split N ways.
+summed after the backward passes: the update of one process with the window split N ways. An
+objective with state of its own (BCO's reward shift) may define ``sync_across_ranks()``, called
+on every rank after each window's micro-batches; ``loss`` itself must not call collectives (in
+the online learner the ranks run different numbers of micro-batches).
 """
 
 from __future__ import annotations
@@ -193,6 +196,9 @@ def forward_backward(model: torch.nn.Module, algorithm: Algorithm, micro: list[d
         for k, v in out.metrics.items():
             sums[k] += float(v) * items[i] / denom
     if many:
+        sync = getattr(algorithm, "sync_across_ranks", None)
+        if sync is not None:  # an objective's state (BCO's δ): the same on every rank again
+            sync()
         loss_total, sums, failure = _sum_over_ranks(loss_total, sums, failure)
     return loss_total, denom, dict(sums)
 

@@ -94,11 +94,17 @@ class PolicyGradient(OnlineAlgorithm):
         valid = exp["scores"][keep]
         metrics["reward_mean"] = float(valid.mean()) if len(valid) else float("nan")
         metrics["reward_std"] = float(valid.std()) if len(valid) > 1 else 0.0
-        if int(keep.sum()) == 0:
+        empty = int(keep.sum()) == 0
+        if empty and not distributed.active():
             return None
         exp = {k: v[keep] for k, v in exp.items()}
-        self._add_logprobs(exp, metrics)
+        if not empty:
+            self._add_logprobs(exp, metrics)
+        # With N processes the advantages gather every rank's rows: a rank left with none
+        # still takes part (and then has nothing to learn from).
         metrics.update(self.advantages(exp))
+        if empty:
+            return None
         for key in ("scores", "group_ids", "baseline_scores", "token_rewards"):
             exp.pop(key, None)
         return rows_of(exp)
@@ -131,8 +137,8 @@ class PolicyGradient(OnlineAlgorithm):
 
         inputs = {k: exp[k] for k in ADVANTAGE_INPUTS if k in exp}
         out, metrics = distributed.whole_batch(fn, inputs, offset_keys=("group_ids",))
-        exp["advantages"] = out["advantages"]
-        return metrics
+        exp["advantages"] = out.get("advantages", torch.zeros(exp["loss_mask"].shape))
+        return metrics or {}
 
     def _keep(self, keep: torch.Tensor, exp: Experience, baseline: torch.Tensor | None,
               metrics: dict[str, float]) -> torch.Tensor:

@@ -104,7 +104,8 @@ class PPO(PolicyGradient):
         credited where they occur; the rest of each score on its last token. With N processes
         the whitening, the metrics and the KL controller see every rank's rows as one batch."""
         rl, mask = self.rl, exp["loss_mask"]
-        values = self.values(exp)
+        # a rank without rows (every group dropped) still takes part in the gather below
+        values = self.values(exp) if len(mask) else torch.zeros(mask.shape)
         rows = {"scores": exp["scores"], "values": values, "loss_mask": mask}
         if "token_rewards" in exp:
             rows["token_rewards"] = exp["token_rewards"]
@@ -131,9 +132,10 @@ class PPO(PolicyGradient):
             return {"advantages": advantages, "returns": returns}, m
 
         out, m = distributed.whole_batch(fn, rows)
-        exp["advantages"], exp["returns"] = out["advantages"], out["returns"]
+        exp["advantages"] = out.get("advantages", torch.zeros(mask.shape))
+        exp["returns"] = out.get("returns", torch.zeros(mask.shape))
         exp["old_values"] = values
-        return m
+        return m or {}
 
     def after_update(self, units: Units, metrics: dict[str, float]) -> None:
         """The separate critic learns on the same rows (a shared one learned with the policy)."""

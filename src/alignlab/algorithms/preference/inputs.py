@@ -165,21 +165,25 @@ class GroupWeights:
         self.names, self.step_size = list(names), step_size
         self.shares = torch.tensor(list(shares), dtype=torch.float64)
         self.weights = torch.full((len(self.names),), 1.0 / len(self.names), dtype=torch.float64)
+        self.synced = self.weights.clone()  # α when the processes last agreed (``sync``)
 
     def update(self, group_mean_losses: Tensor, groups: Tensor) -> None:
-        """One step from a micro-batch's per-group mean losses; with N processes from the
-        global micro-batch (every rank's share), so α stays the same on every rank."""
         counts = torch.bincount(groups.cpu(), minlength=len(self.names)).double()
-        sums = group_mean_losses.detach().cpu().double() * counts
-        if distributed.active():
-            k = len(self.names)
-            both = distributed.global_sum([*sums.tolist(), *counts.tolist()])
-            sums, counts = torch.tensor(both[:k]).double(), torch.tensor(both[k:]).double()
-        estimate = sums / (counts.sum() * self.shares)
+        estimate = group_mean_losses.detach().cpu().double() * counts / (counts.sum() * self.shares)
         self.weights = update_group_weights(self.weights, estimate, self.step_size)
 
     def metrics(self) -> dict[str, float]:
         return {f"group_weight/{name}": float(w) for name, w in zip(self.names, self.weights)}
+
+    def sync(self) -> None:
+        """With N processes: α after every rank's updates since the last sync, the same on
+        every rank. The steps α ∝ α·exp(η·L̂) commute, so this is the α one process reaches
+        after the same micro-batches' updates."""
+        if distributed.active():
+            moved = distributed.global_sum((self.weights.log() - self.synced.log()).tolist())
+            weights = self.synced * torch.tensor(moved, dtype=torch.float64).exp()
+            self.weights = weights / weights.sum()
+        self.synced = self.weights.clone()
 
 
 __all__ = ["GROUP_WEIGHTS", "GroupWeights", "InputNeeds", "attach_references", "check_references",

@@ -195,6 +195,7 @@ class PreferenceObjective:
                  group_step_size: float = 0.01) -> None:
         self.plan, self.reference_model = plan, reference_model
         self.shift_mean, self.shift_count = 0.0, 0  # BCO's running δ (TRL's RunningMoments)
+        self.synced_shift = (0.0, 0)  # δ when the processes last agreed (``sync_across_ranks``)
         self.group_weights = (GroupWeights(groups[0], group_step_size, groups[1])
                               if plan.group_robust and groups else None)
 
@@ -255,11 +256,24 @@ class PreferenceObjective:
         main = batch["slot"] < (2 if self.plan.kind == "paired" else 1)
         beta = self.plan.hyper_parameters.get("beta", loss_spec(self.plan.shifted[0]).defaults["beta"])
         rewards = beta * (logps.detach() - ref)[main].float()
-        # With N processes δ takes every rank's share of the micro-batch, the same on all ranks.
-        total, n = distributed.global_sum([float(rewards.sum()), rewards.numel()])
-        n = int(n)
-        self.shift_mean = (self.shift_mean * self.shift_count + total) / (self.shift_count + n)
+        n = rewards.numel()
+        self.shift_mean = (self.shift_mean * self.shift_count + float(rewards.sum())) / (self.shift_count + n)
         self.shift_count += n
+
+    def sync_across_ranks(self) -> None:
+        """With N processes, after each optimizer step's micro-batches (``engine/loop.py``):
+        δ becomes the running mean over every rank's rewards and α the result of every rank's
+        updates, the same on every rank (within a step each rank's share used the step's
+        starting δ, where one process with accumulation updates it between micro-batches)."""
+        if self.plan.shifted:
+            mean0, count0 = self.synced_shift
+            added, n = distributed.global_sum([self.shift_mean * self.shift_count - mean0 * count0,
+                                               self.shift_count - count0])
+            self.shift_count = count0 + int(round(n))
+            self.shift_mean = (mean0 * count0 + added) / self.shift_count if self.shift_count else 0.0
+            self.synced_shift = (self.shift_mean, self.shift_count)
+        if self.group_weights is not None:
+            self.group_weights.sync()
 
     def inputs(self, logps: torch.Tensor, ref: torch.Tensor | None, batch: dict[str, Any],
                token_logps: torch.Tensor | None = None) -> tuple[PreferenceInputs, dict[str, float]]:
@@ -309,8 +323,10 @@ class PreferenceObjective:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.shift_mean, self.shift_count = float(state["shift_mean"]), int(state["shift_count"])
+        self.synced_shift = (self.shift_mean, self.shift_count)
         if self.group_weights is not None and GROUP_WEIGHTS in state:
             self.group_weights.weights = torch.tensor(state[GROUP_WEIGHTS], dtype=torch.float64)
+            self.group_weights.synced = self.group_weights.weights.clone()
 
 
 class PreferenceConfig(Section):
@@ -453,7 +469,7 @@ def run_preference(cfg: PreferenceConfig) -> PreferenceRun:
     if held and distributed.is_main():
         from alignlab.algorithms.preference.heldout import heldout_metrics
 
-        with distributed.local():  # rank 0 alone: the loss's collectives (BCO's δ) stay local
+        with distributed.local():  # rank 0 alone: nothing here may wait for the other ranks
             scores = heldout_metrics(model, objective, held, pad, layout=layout, device=device,
                                      batch_size=2 * cfg.train.batch_size, precision=precision)
         atomic_write_text(Path(result.output_dir) / "heldout.json", json.dumps(scores, indent=1))
