@@ -303,3 +303,34 @@ def test_more_trainers_run_on_two_processes(name, tiny_world, world_cache, tmp_p
         assert key in rows[-1] and "loss" in json.loads((out / "heldout.json").read_text())
     else:
         assert key in rows[-1]
+
+
+def rank_one_constant(prompts, completions, **_):
+    """A reward that is the same for every completion on rank 1: dynamic sampling drops all of
+    that rank's groups, while rank 0's rewards (the length) vary."""
+    if os.environ.get("RANK") == "1":
+        return [0.0] * len(completions)
+    return [float(len(c)) for c in completions]
+
+
+@pytest.mark.slow
+def test_a_rank_whose_groups_are_all_dropped_still_takes_part(tiny_world, world_cache, tmp_path):
+    """GRPO with dynamic sampling on 2 processes where rank 1 drops every group: it has no rows
+    but joins the advantages' gather and the learner's steps; rank 0's groups train."""
+    out = tmp_path / "run"
+    sets = [f"world.cache_dir={world_cache}", "world.preset=tiny", f"train.output_dir={out}",
+            "train.max_steps=2", "train.progress=false", "train.tensorboard=false",
+            "train.device=cpu", "rollout.max_new_tokens=8", "rollout.prompts_per_step=4",
+            "rl.reward=tests.test_distributed:rank_one_constant", "rl.dynamic_sampling=true",
+            "rl.kl_coef=0.05", "rl.minibatch_size=4"]
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{ROOT}", "HF_HUB_OFFLINE": "1",
+           "ALIGNLAB_DIST_TIMEOUT_MIN": "10"}
+    done = subprocess.run([sys.executable, "-m", "alignlab", "train", "grpo", "--num-processes",
+                           "2", *(a for s in sets for a in ("--set", s))], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["dropped_groups"] >= 2  # rank 1's two groups (and any of rank 0's ties)
+        assert r["optimizer_steps"] >= 1 and "update_skipped" not in r
