@@ -170,11 +170,10 @@ def test_a_share_of_the_prompts_samples_what_the_whole_batch_samples():
 
     model = random_llama()
     prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10, 11]]
-    params = SamplingParams(max_new_tokens=6, n=2, seed=5)
-
     def sample(ids, first=0):
+        params = SamplingParams(max_new_tokens=6, n=2, seed=5, first_prompt=first)
         return rollout(model, ids, params, eos_token_id=None, pad_token_id=0, batch_size=4,
-                       warn_length=False, first_prompt=first)  # 2 prompts per chunk
+                       warn_length=False)  # 2 prompts per chunk
 
     whole = sample(prompts)
     assert sample(prompts[:2]).completion_ids == whole.completion_ids[:4]

@@ -39,6 +39,7 @@ from alignlab.core.errors import ConfigError
 from alignlab.core.io import atomic_write_json
 from alignlab.data.batches import EpochBatches
 from alignlab.data.collate import pack_collate, pad_collate
+from alignlab.engine import distributed
 from alignlab.engine.loop import LossOutput, TrainResult, train
 from alignlab.engine.metrics import MetricsLogger
 from alignlab.engine.run import prepare_run
@@ -209,7 +210,10 @@ def run_preference_model(cfg: PreferenceModelConfig) -> PreferenceModelRun:
     batches = EpochBatches([examples[i] for i in train_idx], cfg.train.batch_size,
                            functools.partial(collate_pairs, pad_token_id=pad_id,
                                              packed=cfg.data.packing), seed=cfg.train.seed)
-    eval_log = MetricsLogger(out / "eval", tensorboard=cfg.train.tensorboard) if held_out else None
+    # With N processes rank 0 evaluates (on the whole held-out split) and writes the reports.
+    main = distributed.is_main()
+    eval_log = (MetricsLogger(out / "eval", tensorboard=cfg.train.tensorboard)
+                if held_out and main else None)
     on_step = None
     if eval_log is not None and section.eval_every:
         def on_step(step: int, _: dict) -> None:
@@ -218,14 +222,15 @@ def run_preference_model(cfg: PreferenceModelConfig) -> PreferenceModelRun:
     try:
         result = train(model, PreferenceModelObjective(), batches, cfg.train, on_step=on_step,
                        description="preference model")
-        metrics = evaluate(model) if held_out else {}
+        metrics = evaluate(model) if held_out and main else {}
         if eval_log is not None:
             eval_log.log(result.step, {"final": 1, **metrics})
     finally:
         if eval_log is not None:
             eval_log.close()
-    atomic_write_json(out / "preference_model_eval.json",
-                      {"eval_examples": len(held_out), "metrics": metrics})
+    if main:
+        atomic_write_json(out / "preference_model_eval.json",
+                          {"eval_examples": len(held_out), "metrics": metrics})
     final = save_final(model, tokenizer, cfg, out)
     if "accuracy" in metrics:
         print(f"preference model eval: accuracy {metrics['accuracy']:.3f}, "
