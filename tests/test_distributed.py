@@ -269,6 +269,8 @@ TRAINERS = {  # name: (extra --set values, what to check in the last metrics row
     "preference": (["data.limit=64", "preference.loss=bco", "preference.heldout=8"],
                    "reward_shift"),
     "reward": (["data.limit=64", "reward.ensemble.members=2"], "accuracy"),
+    "sft": (["data.limit=64", "model.lora.r=4"], "nll_per_token"),  # adapters only trained
+    "grpo": (["rl.max_staleness=1"], "staleness"),  # each rank's rollout thread
 }
 
 
@@ -276,14 +278,15 @@ TRAINERS = {  # name: (extra --set values, what to check in the last metrics row
 @pytest.mark.parametrize("name", list(TRAINERS))
 def test_more_trainers_run_on_two_processes(name, tiny_world, world_cache, tmp_path):
     """Trainers with parts the invariant families lack (a critic learner, a judge's budget,
-    a loss with state, an ensemble evaluated by rank 0) run on 2 processes to the end."""
+    a loss with state, an ensemble evaluated by rank 0, LoRA adapters, rollouts sampled ahead
+    by a thread) run on 2 processes to the end."""
     out = tmp_path / "run"
     sets = [f"world.cache_dir={world_cache}", "world.preset=tiny", f"train.output_dir={out}",
             "train.max_steps=3", "train.save_every=2", "train.progress=false",
             "train.tensorboard=false", "train.device=cpu", "train.batch_size=8",
             "train.log_every=1",
             "rollout.max_new_tokens=12", *TRAINERS[name][0]]
-    if name in ("preference", "reward"):
+    if name in ("preference", "reward", "sft"):
         sets.remove("rollout.max_new_tokens=12")
     env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1", "ALIGNLAB_DIST_TIMEOUT_MIN": "10"}
     done = subprocess.run([sys.executable, "-m", "alignlab", "train", name, "--num-processes",
@@ -298,6 +301,8 @@ def test_more_trainers_run_on_two_processes(name, tiny_world, world_cache, tmp_p
         assert rows[-1][key] == 20  # 10 labels a rank: the budget is split, not doubled
     elif name == "reward":
         assert key in json.loads((out / "reward_eval.json").read_text())["metrics"]
+    elif name == "sft":  # the adapters saved beside the merged model
+        assert key in rows[-1] and (out / "final" / "adapter").is_dir()
     elif name == "preference":  # rank 0 evaluated the held-out rows
         assert key in rows[-1] and "loss" in json.loads((out / "heldout.json").read_text())
     else:
