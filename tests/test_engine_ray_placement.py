@@ -204,6 +204,14 @@ def test_placement_ray_without_ray_installed_is_a_config_error(world_cache, tmp_
     assert "field 'train.placement'" in RAY_MISSING and "alignlab[ray]" in RAY_MISSING
 
 
+def test_placement_ray_under_several_processes_is_a_config_error(monkeypatch):
+    from alignlab.engine.placement import open_placement
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun/accelerate set in each process
+    with pytest.raises(ConfigError, match="'train.placement': 'ray' runs one trainer process"):
+        open_placement(OnlineTrainSection(placement="ray"), "grpo")
+
+
 def test_every_online_algorithm_runs_on_ray_or_is_refused_naming_the_field(
         world_cache, tmp_path, monkeypatch):
     """Without Ray installed, an algorithm that runs on Ray stops where Ray is imported (the
@@ -282,6 +290,18 @@ def test_online_dpo_with_its_judge_on_the_reward_worker_equals_one_process(
     assert "win_rate_gold" in last and "kl_ref" in last
 
 
+def test_an_alignlab_error_on_a_worker_is_raised_here_as_itself(ray_session):
+    from alignlab.engine.ray_placement import get
+
+    @ray_session.remote(num_cpus=0.5)
+    def bad_reward_name():
+        raise ConfigError("rl.reward: unknown reward 'nope'")
+
+    with pytest.raises(ConfigError, match="unknown reward 'nope'") as err:
+        get(bad_reward_name.remote())
+    assert type(err.value) is ConfigError  # not a RayTaskError: the CLI prints the message
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in RUNS_ON_RAY if n not in ("grpo", "online_dpo")])
 def test_every_algorithm_that_runs_on_ray_equals_one_process(ray_session, world_cache,
@@ -319,14 +339,3 @@ def _assert_actors_released(ray: Any, timeout_s: float = 60.0) -> None:
         assert time.time() < deadline, ray.available_resources()
         time.sleep(0.5)
 
-
-def test_an_alignlab_error_on_a_worker_is_raised_here_as_itself(ray_session):
-    from alignlab.engine.ray_placement import get
-
-    @ray_session.remote(num_cpus=0.5)
-    def bad_reward_name():
-        raise ConfigError("rl.reward: unknown reward 'nope'")
-
-    with pytest.raises(ConfigError, match="unknown reward 'nope'") as err:
-        get(bad_reward_name.remote())
-    assert type(err.value) is ConfigError  # not a RayTaskError: the CLI prints the message

@@ -17,6 +17,7 @@ data (prompts, completions, scores, weights) crosses between processes. Factorie
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -69,6 +70,11 @@ def open_placement(train: TrainSection, trainer: str) -> Any:
     ConfigError naming the field when Ray is not installed)."""
     if placement_of(train) == "local":
         return LocalPlacement()
+    processes = int(os.environ.get("WORLD_SIZE") or 1)
+    if processes > 1:  # each process would start its own workers and train alone
+        raise ConfigError(f"field 'train.placement': 'ray' runs one trainer process that drives "
+                          f"the Ray workers, not {processes} (WORLD_SIZE); launch one process "
+                          f"or set it to 'local'")
     try:
         import ray  # noqa: F401
     except ImportError:

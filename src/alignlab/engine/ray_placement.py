@@ -111,7 +111,7 @@ class RayRolloutRole(RolloutRole):
         ids = self._encode(prompts)
         per_chunk = max(1, self.batch_size // n)
         shares = shard_prompts(len(ids), per_chunk, len(self.workers))
-        if len(shares) < len(self.workers):
+        if len(shares) < len(self.workers) and not greedy:  # (ReMax's baseline: n = 1)
             warn_once("ray-idle-workers", (
                 f"only {len(shares)} of {len(self.workers)} rollout workers sample: a worker "
                 f"takes whole decode chunks of rollout.batch_size // rollout.n = {per_chunk} "
