@@ -29,7 +29,7 @@ from tests.conftest import random_llama
 
 # Where each online algorithm stands on Ray; a new online algorithm must join one of them.
 RUNS_ON_RAY = ("grpo", "rloo", "remax", "reinforce_pp", "ppo", "online_dpo", "iterative_dpo",
-               "xpo", "nash_md", "sppo", "p3o")
+               "xpo", "nash_md", "sppo", "p3o", "selm", "vpo", "inpo", "dno", "egpo")
 REFUSED_ON_RAY = ("nlpo",)
 POLICY_GRADIENT = ("grpo", "rloo", "remax", "reinforce_pp", "ppo", "nlpo")
 # Two workers on two CPUs beside the trainer and the reward worker: half a CPU each.
@@ -43,9 +43,10 @@ def online_algorithms() -> list[str]:
 
 
 def config(name: str, world_cache: str, out: Any, placement: str, *, steps: int = 2,
-           lora: bool = False) -> Any:
+           lora: bool = False, **rl: Any) -> Any:
     """4 prompts x 4 samples an iteration decoded in chunks of 2 prompts (rollout.batch_size 8),
-    so each of the two workers samples one chunk; lr 1e-3, seed 3."""
+    so each of the two workers samples one chunk; lr 1e-3, seed 3; ``rl`` adds to the ``rl``
+    section of the policy-gradient family."""
     train = OnlineTrainSection(output_dir=str(out), max_steps=steps, lr=1e-3, precision="fp32",
                                device="cpu", log_every=1, save_every=None, progress=False,
                                tensorboard=False, seed=3, placement=placement, ray=RAY)
@@ -56,7 +57,7 @@ def config(name: str, world_cache: str, out: Any, placement: str, *, steps: int 
         cfg = ALGORITHMS.get(name).config_cls(
             world=WorldSection(preset="tiny", cache_dir=world_cache), train=train.model_dump(),
             rollout=rollout, rl={"kl_coef": 0.05, "minibatch_size": 8,
-                                 "loss_aggregation": "token_mean"})
+                                 "loss_aggregation": "token_mean", **rl})
     else:
         cfg = pref.config(name, world_cache, out, steps=steps)
         cfg = cfg.model_copy(update={"train": train, "rollout": rollout})
@@ -180,7 +181,8 @@ def test_sharded_sampling_in_worker_processes_equals_one_process(tiny_world, mon
             w.build(lambda: load_model(str(tiny_world.base_dir)), eos_token_id=local.eos,
                     pad_token_id=local.pad, batch_size=8, device="cpu")
             workers.append(_Handle(w))
-        placed = ray_placement.RayRolloutRole(local, workers)
+        placed = RolloutRole(model, tok, max_new_tokens=12, batch_size=8,
+                             backend=ray_placement.RayBackend(workers, batch_size=8))
         with torch.no_grad():  # the trainer's weights are no longer the saved ones
             model.model.norm.weight.mul_(1.5)
         placed.sync_weights()
@@ -192,7 +194,7 @@ def test_sharded_sampling_in_worker_processes_equals_one_process(tiny_world, mon
     assert a == b
     assert len(set(a.completions)) > 5  # sampled, not one repeated text
     assert sorted(w.obj.loads for w in workers) == [1, 1, 1]
-    assert placed.last_sync == sorted(model.state_dict())  # the first sync: the whole state
+    assert placed.backend.last_sync == sorted(model.state_dict())  # the first: the whole state
 
 
 def test_placement_ray_without_ray_installed_is_a_config_error(world_cache, tmp_path,
@@ -210,6 +212,15 @@ def test_placement_ray_under_several_processes_is_a_config_error(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun/accelerate set in each process
     with pytest.raises(ConfigError, match="'train.placement': 'ray' runs one trainer process"):
         open_placement(OnlineTrainSection(placement="ray"), "grpo")
+
+
+def test_the_vllm_backend_on_ray_is_refused_naming_the_field(world_cache, tmp_path):
+    cfg = config("grpo", world_cache, tmp_path, "ray")
+    cfg.rollout.backend = "vllm"
+    with pytest.raises(ConfigError, match="'train.placement': rollout.backend 'vllm' cannot run "
+                                          "on Ray: the rollout workers sample with alignlab's "
+                                          "built-in engine; set it to 'local'"):
+        train("grpo", cfg)
 
 
 def test_every_online_algorithm_runs_on_ray_or_is_refused_naming_the_field(
@@ -246,23 +257,23 @@ def ray_session():
 
 def test_grpo_on_two_ray_rollout_actors_equals_one_process_and_syncs_weights(
         ray_session, world_cache, tmp_path, monkeypatch):
-    from alignlab.engine.ray_placement import RayRolloutRole, RemoteRewardRole
+    from alignlab.engine.ray_placement import RayBackend, RemoteRewardRole
 
     local = train("grpo", config("grpo", world_cache, tmp_path / "local", "local", steps=3))
     syncs: list[tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor], list[str]]] = []
     scored: list[int] = []
-    real_sync, real_score = RayRolloutRole.sync_weights, RemoteRewardRole.score
+    real_sync, real_score = RayBackend.sync_weights, RemoteRewardRole.score
 
-    def sync_weights(self, policy=None):
+    def sync_weights(self, policy):
         real_sync(self, policy)
-        trainer = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        trainer = {k: v.detach().clone() for k, v in policy.state_dict().items()}
         syncs.append((self.worker_weights(), trainer, self.last_sync))
 
     def score(self, prompts, completions, *args):
         scored.append(len(completions))
         return real_score(self, prompts, completions, *args)
 
-    monkeypatch.setattr(RayRolloutRole, "sync_weights", sync_weights)
+    monkeypatch.setattr(RayBackend, "sync_weights", sync_weights)
     monkeypatch.setattr(RemoteRewardRole, "score", score)
     placed = train("grpo", config("grpo", world_cache, tmp_path / "ray", "ray", steps=3))
     assert_identical(local, placed)
@@ -311,19 +322,30 @@ def test_every_algorithm_that_runs_on_ray_equals_one_process(ray_session, world_
 
 
 @pytest.mark.slow
+def test_asynchronous_grpo_on_ray_equals_one_process(ray_session, world_cache, tmp_path):
+    """rl.max_staleness 1: the rollout thread syncs the workers from its weights and samples
+    ahead on them; the run equals the one-process asynchronous run (its own-copy sampler)."""
+    local = train("grpo", config("grpo", world_cache, tmp_path / "local", "local", steps=3,
+                                 max_staleness=1))
+    assert_identical(local, train("grpo", config("grpo", world_cache, tmp_path / "ray", "ray",
+                                                 steps=3, max_staleness=1)))
+    assert local[1][3]["staleness"] == 1
+
+
+@pytest.mark.slow
 def test_lora_grpo_on_ray_syncs_the_adapters_alone_and_equals_one_process(
         ray_session, world_cache, tmp_path, monkeypatch):
-    from alignlab.engine.ray_placement import RayRolloutRole
+    from alignlab.engine.ray_placement import RayBackend
 
     sent: list[list[str]] = []
-    real_sync = RayRolloutRole.sync_weights
+    real_sync = RayBackend.sync_weights
 
-    def sync_weights(self, policy=None):
+    def sync_weights(self, policy):
         real_sync(self, policy)
         sent.append(self.last_sync)
 
     local = train("grpo", config("grpo", world_cache, tmp_path / "local", "local", lora=True))
-    monkeypatch.setattr(RayRolloutRole, "sync_weights", sync_weights)
+    monkeypatch.setattr(RayBackend, "sync_weights", sync_weights)
     placed = train("grpo", config("grpo", world_cache, tmp_path / "ray", "ray", lora=True))
     assert_identical(local, placed)
     assert len(sent) == 2 and len(sent[0]) > len(sent[1]) > 0

@@ -3,16 +3,18 @@
 An online trainer asks its placement for its roles and runs the controller inside it::
 
     placement = open_placement(cfg.train, "grpo")
-    rewards = placement.rewards(factory)             # a reward role, here or on a worker
-    rollout = placement.rollout(role, policy_factory)  # samples here or on rollout workers
-    with placement:                                  # workers ready; stopped at the end
+    rewards = placement.rewards(factory)        # a reward role, here or on a worker
+    backend = placement.rollout_backend(policy_factory, tokenizer, batch_size=..., local=...)
+    rollout = RolloutRole(..., backend=backend)  # samples here or on rollout workers
+    with placement:                             # workers ready; stopped at the end
         run_online(...)
 
-``local`` builds every role in this process (``factory()``, the role as given). ``ray``
-(``ray_placement.py``) builds them on Ray actors from the same factories and hands back
-stand-ins with the same methods, so the controller and the algorithm run unchanged: only plain
-data (prompts, completions, scores, weights) crosses between processes. Factories must pickle
-(module-level functions and ``functools.partial`` of them, configs, world tasks).
+``local`` builds every role in this process (``factory()``; the rollout backend ``local``
+builds, or the role's default). ``ray`` (``ray_placement.py``) builds them on Ray actors from
+the same factories and hands back stand-ins with the same methods (a rollout backend, a reward
+role, a judge), so the controller and the algorithm run unchanged: only plain data (prompts,
+completions, scores, weights) crosses between processes. Factories must pickle (module-level
+functions and ``functools.partial`` of them, configs, world tasks).
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from typing import Any
 
 from alignlab.core.config import TrainSection
 from alignlab.core.errors import ConfigError
-from alignlab.rollout.role import RolloutRole
 
 RAY_MISSING = ("field 'train.placement': 'ray' needs Ray, which is not installed: "
                "pip install 'alignlab[ray]' (or pip install ray); or set it to 'local'")
@@ -34,8 +35,10 @@ class LocalPlacement:
 
     name = "local"
 
-    def rollout(self, role: RolloutRole, policy_factory: Callable[[], Any]) -> RolloutRole:
-        return role
+    def rollout_backend(self, policy_factory: Callable[[], Any], tokenizer: Any, *,
+                        batch_size: int, local: Callable[[], Any] | None = None) -> Any:
+        """``local()`` (None: the rollout role's default, the built-in engine on the policy)."""
+        return local() if local is not None else None
 
     def rewards(self, factory: Callable[[], Any]) -> Any:
         return factory()
@@ -51,6 +54,12 @@ class LocalPlacement:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def eos_and_pad(tokenizer: Any) -> tuple[int | None, int]:
+    """The eos id and the pad id the rollout role samples with (pad: eos when there is none)."""
+    eos = tokenizer.eos_token_id
+    return eos, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
 
 
 def placement_of(train: TrainSection) -> str:
@@ -84,4 +93,5 @@ def open_placement(train: TrainSection, trainer: str) -> Any:
     return RayPlacement(train.ray, device=train.device, trainer=trainer)
 
 
-__all__ = ["LocalPlacement", "RAY_MISSING", "open_placement", "placement_of", "refuse_ray"]
+__all__ = ["LocalPlacement", "RAY_MISSING", "eos_and_pad", "open_placement", "placement_of",
+           "refuse_ray"]

@@ -8,8 +8,8 @@ through plain data; OpenRLHF (Hu et al. 2024) places the same roles as Ray actor
   unchanged, and so does everything that computes gradients or log-probs of the trained model
   (the learner, the reference, PPO's critic).
 - **rollout**: ``train.ray.num_rollout_workers`` actors (``RolloutWorker``), each with a copy
-  of the policy. ``RayRolloutRole.generate`` gives each worker a contiguous share of the
-  prompts in whole decode chunks (``rollout.batch_size // n`` prompts), and every chunk is
+  of the policy, behind the rollout backend protocol (``RayBackend``): ``generate`` gives each
+  worker a contiguous share of the prompts in whole decode chunks (``rollout.batch_size // n`` prompts), and every chunk is
   seeded by its first prompt's index in the batch: the samples are those of one process with
   the same seed, bit for bit where the worker decodes with as many threads as the trainer did.
 - **reward / judge**: one actor (``RoleHost``) scores: the reward role of the policy-gradient
@@ -37,10 +37,11 @@ import torch
 from alignlab.core.config import RaySection
 from alignlab.core.errors import AlignlabError
 from alignlab.core.notices import warn_once
+from alignlab.engine.placement import eos_and_pad
 from alignlab.engine.ray_workers import RoleHost, RolloutWorker
 from alignlab.rewards.scoring import RewardScores
+from alignlab.rollout.backend import Generation
 from alignlab.rollout.engine import SamplingParams
-from alignlab.rollout.role import RolloutRole, Rollouts
 
 log = logging.getLogger(__name__)
 
@@ -79,53 +80,40 @@ def sync_payload(model: torch.nn.Module, full: bool) -> dict[str, torch.Tensor]:
     return {k: p.detach().cpu() for k, p in model.named_parameters() if p.requires_grad}
 
 
-class RayRolloutRole(RolloutRole):
-    """The rollout role with its sampling on rollout workers (see the module docstring);
-    ``to_batch`` and the prompt tokenization stay here."""
+class RayBackend:
+    """A rollout backend (``rollout/backend.py``) whose sampling runs on rollout workers (see
+    the module docstring); the rollout role keeps tokenizing, decoding and ``to_batch``."""
 
-    def __init__(self, role: RolloutRole, workers: Sequence[Any]) -> None:
-        super().__init__(role.model, role.tokenizer, max_new_tokens=role.max_new_tokens,
-                         temperature=role.temperature, top_p=role.top_p,
-                         batch_size=role.batch_size)
-        self.workers = list(workers)
+    name = "ray"
+
+    def __init__(self, workers: Sequence[Any], batch_size: int) -> None:
+        self.workers, self.batch_size = list(workers), batch_size
         self.syncs = 0
         self.last_sync: list[str] = []
         """The names the last sync sent (the adapters alone under LoRA, after the first)."""
 
-    def sync_weights(self, policy: torch.nn.Module | Mapping[str, torch.Tensor] | None = None
-                     ) -> None:
-        """Send ``policy``'s weights (default: the trained model's) to every rollout worker."""
-        if isinstance(policy, Mapping):
-            payload = dict(policy)
-        else:
-            payload = sync_payload(self.model if policy is None else policy, full=self.syncs == 0)
+    def sync_weights(self, policy: torch.nn.Module) -> None:
+        """Send ``policy``'s weights to every rollout worker (object store: one copy)."""
+        payload = sync_payload(policy, full=self.syncs == 0)
         ref = ray.put(payload)
         get([w.load_weights.remote(ref) for w in self.workers])
         self.syncs += 1
         self.last_sync = sorted(payload)
 
-    def generate(self, prompts: list[str], n: int, *, seed: int,
-                 greedy: bool = False) -> Rollouts:
-        params = SamplingParams(temperature=0.0 if greedy else self.temperature, top_p=self.top_p,
-                                max_new_tokens=self.max_new_tokens, n=n, seed=seed)
-        ids = self._encode(prompts)
-        per_chunk = max(1, self.batch_size // n)
-        shares = shard_prompts(len(ids), per_chunk, len(self.workers))
-        if len(shares) < len(self.workers) and not greedy:  # (ReMax's baseline: n = 1)
+    def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Generation:
+        per_chunk = max(1, self.batch_size // params.n)
+        shares = shard_prompts(len(prompt_ids), per_chunk, len(self.workers))
+        if len(shares) < len(self.workers) and params.temperature > 0:  # not ReMax's greedy pass
             warn_once("ray-idle-workers", (
                 f"only {len(shares)} of {len(self.workers)} rollout workers sample: a worker "
                 f"takes whole decode chunks of rollout.batch_size // rollout.n = {per_chunk} "
-                f"prompts, and there are {len(ids)}; lower rollout.batch_size to use them all"))
-        parts = get([w.generate.remote(ids[s.start:s.stop], params, s.start)
+                f"prompts, and there are {len(prompt_ids)}; lower rollout.batch_size to use "
+                f"them all"))
+        parts = get([w.generate.remote(prompt_ids[s.start:s.stop], params, s.start)
                      for w, s in zip(self.workers, shares)])
-        full = [c for part in parts for c in part[0]]
-        reasons = [r for part in parts for r in part[1]]
-        logprobs = [lp for part in parts for lp in part[2]]
-        texts = [self.tokenizer.decode(c, skip_special_tokens=True) for c in full]
-        comp = [c[:-1] if why == "eos" else list(c) for c, why in zip(full, reasons)]
-        index = [i for i in range(len(prompts)) for _ in range(n)]
-        return Rollouts([prompts[i] for i in index], texts, comp, reasons, index,
-                        [ids[i] for i in index], logprobs)
+        return Generation([c for part in parts for c in part[0]],
+                          [r for part in parts for r in part[1]],
+                          [lp for part in parts for lp in part[2]])
 
     def worker_weights(self) -> list[dict[str, torch.Tensor]]:
         """Each worker's whole state dict (checks and tests)."""
@@ -199,20 +187,23 @@ class RayPlacement:
         self.keys = 0
         self.entered = False
 
-    def rollout(self, role: RolloutRole, policy_factory: Callable[[], Any]) -> RayRolloutRole:
-        """``role`` sampling on ``num_rollout_workers`` actors whose policies ``policy_factory``
-        builds (the trainer's loader: same architecture; weights come with the first sync)."""
+    def rollout_backend(self, policy_factory: Callable[[], Any], tokenizer: Any, *,
+                        batch_size: int, local: Callable[[], Any] | None = None) -> RayBackend:
+        """A backend sampling on ``num_rollout_workers`` actors whose policies
+        ``policy_factory`` builds (the trainer's loader: the same architecture; the weights
+        come with the first sync). ``local`` (the backend of a local run) is not built."""
         s = self.section
+        eos, pad = eos_and_pad(tokenizer)
         actor = ray.remote(RolloutWorker).options(num_cpus=s.num_cpus_per_worker,
                                                   num_gpus=s.num_gpus_per_worker)
         workers = [actor.remote(max(1, int(s.num_cpus_per_worker)))
                    for _ in range(s.num_rollout_workers)]
         self.actors += workers
         factory = ray.put(policy_factory)
-        self.pending += [w.build.remote(factory, eos_token_id=role.eos, pad_token_id=role.pad,
-                                        batch_size=role.batch_size, device=self.device)
+        self.pending += [w.build.remote(factory, eos_token_id=eos, pad_token_id=pad,
+                                        batch_size=batch_size, device=self.device)
                          for w in workers]
-        return RayRolloutRole(role, workers)
+        return RayBackend(workers, batch_size)
 
     def rewards(self, factory: Callable[[], Any]) -> Any:
         """The reward role ``factory`` builds, on the reward worker."""
@@ -270,5 +261,5 @@ class RayPlacement:
         self.started = False
 
 
-__all__ = ["RayPlacement", "RayRolloutRole", "RemoteJudge", "RemoteRewardRole", "get",
+__all__ = ["RayBackend", "RayPlacement", "RemoteJudge", "RemoteRewardRole", "get",
            "shard_prompts", "sync_payload"]

@@ -415,7 +415,9 @@ def build_parts(cfg: Any, section: MonitorFields, *, min_n: int, name: str) -> P
 
     # The policy's rollouts may run on workers; the starting model's and Nash-MD's mixture's
     # sample here (role(...) below).
-    rollout = placement.rollout(role(model), functools.partial(load_policy, cfg.model, cfg.world))
+    rollout = role(model, backend=placement.rollout_backend(
+        functools.partial(load_policy, cfg.model, cfg.world), tokenizer,
+        batch_size=cfg.rollout.batch_size))
     scorer = Scorer(rollout.pad, layout, 2 * cfg.train.batch_size, device,
                     resolve_precision(cfg.train.precision, device))
     start = StartingModel(start_model, role(start_model), scorer,

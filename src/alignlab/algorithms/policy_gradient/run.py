@@ -135,12 +135,13 @@ def train_policy_gradient(cfg: OnlineRLConfig, algorithm: str) -> OnlineRun:
     # Sampling ahead needs weights the update does not move: the built-in engine's own copy.
     # Under Ray the rollout workers hold copies built by the same loader.
     backend = placement.rollout_backend(
-        functools.partial(make_backend, cfg.rollout, model, tokenizer,
-                          own_copy=cfg.rl.max_staleness > 0, train_precision=learner.precision,
-                          work_dir=Path(cfg.train.output_dir) / "rollout_adapters",
-                          logits_processor=mask.processor if mask is not None else None),
         functools.partial(load_policy, cfg.model, cfg.world), tokenizer,
-        batch_size=cfg.rollout.batch_size)
+        batch_size=cfg.rollout.batch_size,
+        local=functools.partial(make_backend, cfg.rollout, model, tokenizer,
+                                own_copy=cfg.rl.max_staleness > 0,
+                                train_precision=learner.precision,
+                                work_dir=Path(cfg.train.output_dir) / "rollout_adapters",
+                                logits_processor=mask.processor if mask is not None else None))
     rollout = RolloutRole(model, tokenizer, max_new_tokens=max_new,
                           temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                           batch_size=cfg.rollout.batch_size, backend=backend)
