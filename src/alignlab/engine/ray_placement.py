@@ -9,9 +9,10 @@ through plain data; OpenRLHF (Hu et al. 2024) places the same roles as Ray actor
   (the learner, the reference, PPO's critic).
 - **rollout**: ``train.ray.num_rollout_workers`` actors (``RolloutWorker``), each with a copy
   of the policy, behind the rollout backend protocol (``RayBackend``): ``generate`` gives each
-  worker a contiguous share of the prompts in whole decode chunks (``rollout.batch_size // n`` prompts), and every chunk is
-  seeded by its first prompt's index in the batch: the samples are those of one process with
-  the same seed, bit for bit where the worker decodes with as many threads as the trainer did.
+  worker a contiguous share of the prompts in whole decode chunks (``rollout.batch_size // n``
+  prompts), and every chunk is seeded by its first prompt's index in the batch: the samples
+  are those of one process with the same seed, bit for bit where the worker decodes with as
+  many threads as the trainer did.
 - **reward / judge**: one actor (``RoleHost``) scores: the reward role of the policy-gradient
   trainers, the inner judge of online preference learning (its label budget stays here, where
   the algorithm reads it). ``train.ray.reward_worker: false`` keeps them in this process.
@@ -242,8 +243,8 @@ class RayPlacement:
         self._wait()
         self.entered = True
         s = self.section
-        log.info("placement: ray (%s): %d rollout workers x %g CPU %g GPU, reward worker %s; "
-                 "ready in %.0fs", s.address or "a Ray started for this run",
+        log.info("%s placement: ray (%s): %d rollout workers x %g CPU %g GPU, reward worker "
+                 "%s; ready in %.0fs", self.trainer, s.address or "a Ray started for this run",
                  s.num_rollout_workers, s.num_cpus_per_worker, s.num_gpus_per_worker,
                  "on" if s.reward_worker else "off", time.time() - t0)
         return self
