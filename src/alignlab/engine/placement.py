@@ -56,12 +56,6 @@ class LocalPlacement:
         self.close()
 
 
-def eos_and_pad(tokenizer: Any) -> tuple[int | None, int]:
-    """The eos id and the pad id the rollout role samples with (pad: eos when there is none)."""
-    eos = tokenizer.eos_token_id
-    return eos, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
-
-
 def placement_of(train: TrainSection) -> str:
     """``train.placement`` (``local`` for sections without it: the offline trainers')."""
     return getattr(train, "placement", "local")
@@ -93,5 +87,4 @@ def open_placement(train: TrainSection, trainer: str) -> Any:
     return RayPlacement(train.ray, device=train.device, trainer=trainer)
 
 
-__all__ = ["LocalPlacement", "RAY_MISSING", "eos_and_pad", "open_placement", "placement_of",
-           "refuse_ray"]
+__all__ = ["LocalPlacement", "RAY_MISSING", "open_placement", "placement_of", "refuse_ray"]

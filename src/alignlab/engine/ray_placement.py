@@ -38,7 +38,6 @@ import torch
 from alignlab.core.config import RaySection
 from alignlab.core.errors import AlignlabError
 from alignlab.core.notices import warn_once
-from alignlab.engine.placement import eos_and_pad
 from alignlab.engine.ray_workers import RoleHost, RolloutWorker
 from alignlab.rewards.scoring import RewardScores
 from alignlab.rollout.backend import Generation
@@ -70,6 +69,12 @@ def shard_prompts(n_prompts: int, per_chunk: int, workers: int) -> list[range]:
         shares.append(range(start, stop))
         start = stop
     return shares
+
+
+def eos_and_pad(tokenizer: Any) -> tuple[int | None, int]:
+    """The eos id and the pad id the rollout role samples with (pad: eos when there is none)."""
+    eos = tokenizer.eos_token_id
+    return eos, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
 
 
 def sync_payload(model: torch.nn.Module, full: bool) -> dict[str, torch.Tensor]:
