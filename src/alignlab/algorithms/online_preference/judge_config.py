@@ -19,6 +19,8 @@ Settings the chosen kind does not read are refused, naming the field.
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +29,7 @@ from pydantic import Field
 
 from alignlab.core.config import Section, WorldSection
 from alignlab.core.errors import ConfigError
+from alignlab.core.runtime import pick_device
 from alignlab.rewards.annotator import SimulatedAnnotator
 from alignlab.rewards.annotator_pool import DEFAULT_POOL, AnnotatorPool, PoolAnnotator
 from alignlab.rewards.judges import (
@@ -161,14 +164,21 @@ def load_template(path: str | None, field: str) -> JudgeTemplate:
 
 
 def make_judge(section: JudgeSection, task: Any, seed: int, *, world: WorldSection,
-               device: Any = "cpu", field: str = "online_dpo.judge") -> BudgetedJudge:
-    """The judge ``section`` describes, inside its labelling budget."""
+               device: Any = "cpu", field: str = "online_dpo.judge",
+               place: Callable[[Callable[[], PairwiseJudge]], PairwiseJudge] | None = None
+               ) -> BudgetedJudge:
+    """The judge ``section`` describes, inside its labelling budget. ``place`` builds the
+    judge itself from its factory where the run's placement puts it (a Ray reward worker);
+    the budget stays with the caller. A ``device`` string (``train.device``) is resolved
+    where the judge is built."""
     check_judge_section(section, field)
-    return BudgetedJudge(_judge(section, task, seed, world, device, field), section.max_labels)
+    build = functools.partial(_judge, section, task, seed, world, device, field)
+    return BudgetedJudge(build() if place is None else place(build), section.max_labels)
 
 
 def _judge(section: JudgeSection, task: Any, seed: int, world: WorldSection, device: Any,
            field: str) -> PairwiseJudge:
+    device = pick_device(device) if isinstance(device, str) else device
     if section.kind == "preference_model":
         s = section.preference_model
         where = f"{field}.preference_model.path"
