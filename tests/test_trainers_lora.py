@@ -206,6 +206,23 @@ def test_lora_ppo_with_a_critic_runs_end_to_end_on_one_copy_of_the_base(world_ca
     assert (tmp_path / "final" / "adapter" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow
+def test_lora_ppo_with_a_shared_critic_trains_the_head_with_the_adapters(world_cache, tmp_path,
+                                                                        monkeypatch):
+    seen = _capture_online(monkeypatch, pg_run)
+    cfg = online_config(world_cache, tmp_path, PPORLSection(critic="shared", kl_coef=0.05),
+                        steps=2)
+    cfg.model.lora = LORA
+    run = train_policy_gradient(cfg, "ppo")
+    head = seen["setup"].algorithm.value_head
+    assert float(head.weight.abs().sum()) > 0  # it starts at zero: it learned
+    trained = {id(p) for group in seen["setup"].learner.optimizer.param_groups
+               for p in group["params"]}
+    policy_trained = {id(p) for n, p in run.model.named_parameters() if "lora_" in n}
+    assert trained == policy_trained | {id(p) for p in head.parameters()}
+    assert run.result.history[-1]["value_loss"] > 0
+
+
 # ------------------------------------------------------------------------------ every trainer
 
 EXAMPLES = {"grpo", "ppo", "nlpo", "online_dpo", "iterative_dpo", "xpo", "nash_md", "sppo", "p3o",

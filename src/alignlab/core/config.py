@@ -82,6 +82,40 @@ class WorldSection(Section):
     """Defaults to ``$ALIGNLAB_CACHE`` or ``~/.cache/alignlab``."""
 
 
+class RaySection(Section):
+    """Where the roles of online training run under ``train.placement: ray``
+    (``engine/ray_placement.py``): rollout workers, each holding a copy of the policy, and one
+    reward worker (rewards, judges); the trainer updates in this process and sends the weights
+    to the rollout workers after every update. Needs ``pip install 'alignlab[ray]'``."""
+
+    address: str | None = None
+    """None: start a Ray instance on this machine for the run (stopped at its end); ``auto``:
+    join the cluster ``ray start --head`` started; ``ray://host:10001``: a remote cluster
+    through Ray Client. A Ray already initialised in this process is used as it is."""
+    num_rollout_workers: int = Field(2, gt=0)
+    """Actors sampling the rollouts; each takes a contiguous share of an iteration's prompts in
+    whole decode chunks (``rollout.batch_size // rollout.n`` prompts), so the samples are those
+    of one process with the same seed."""
+    num_cpus_per_worker: float = Field(1.0, gt=0)
+    """CPUs Ray reserves for each rollout worker; it decodes with that many torch threads (at
+    least 1)."""
+    num_gpus_per_worker: float = Field(0.0, ge=0)
+    """GPUs Ray reserves for each rollout worker (a fraction shares one GPU)."""
+    reward_worker: bool = True
+    """Score rewards and judge pairs on an actor of their own; false: in the trainer's process."""
+    reward_num_cpus: float = Field(1.0, gt=0)
+    """CPUs Ray reserves for the reward worker."""
+    reward_num_gpus: float = Field(0.0, ge=0)
+    """GPUs Ray reserves for the reward worker (a reward model or an LLM judge)."""
+    num_cpus: int | None = Field(None, gt=0)
+    """CPUs of a Ray instance started for the run (None: Ray counts them; unused when joining a
+    cluster)."""
+    object_store_memory_mb: int | None = Field(None, gt=0)
+    """Object store of a Ray instance started for the run (None: Ray's default, 30% of memory)."""
+    runtime_env: dict[str, Any] = {}
+    """Ray's ``runtime_env`` of the job (``env_vars``, ``working_dir``, ``pip``, ...)."""
+
+
 class TrainSection(Section):
     output_dir: str = "runs/sft"
     """The run directory: config.yaml, metrics.jsonl, tensorboard/, checkpoints/, final/, DONE."""
@@ -198,6 +232,11 @@ class OnlineTrainSection(TrainSection):
     log_every: int = Field(1, gt=0)
     save_every: int | None = Field(25, gt=0)
     """Write a checkpoint every this many iterations and at the last (None: never)."""
+    placement: Literal["local", "ray"] = "local"
+    """Where the roles run: ``local``, all in this process; ``ray``, rollout and reward workers
+    as Ray actors (``train.ray``), the update here. Same seed, same samples and updates."""
+    ray: RaySection = RaySection()
+    """Ray settings (used only with ``placement: ray``)."""
 
 
 class EvalSection(Section):

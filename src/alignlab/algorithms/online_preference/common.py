@@ -20,6 +20,7 @@ model (win rates, KL), sample ids and log-probs, the build of the parts and the 
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from collections import Counter
@@ -45,6 +46,7 @@ from alignlab.core.runtime import pick_device, resolve_precision, seed_everythin
 from alignlab.data.preference_batches import collate_groups
 from alignlab.engine.controller import OnlineAlgorithm, OnlineRun, OnlineSetup, run_online
 from alignlab.engine.learner import Learner, Units
+from alignlab.engine.placement import LocalPlacement, open_placement
 from alignlab.engine.run import prepare_run
 from alignlab.models.adapters import reference_model
 from alignlab.models.logprobs import preferred_layout
@@ -251,6 +253,8 @@ class Parts:
     max_new_tokens: int
     eos: int
     extra: dict[str, Any] = field(default_factory=dict)
+    placement: Any = field(default_factory=LocalPlacement)
+    """Where the policy's rollouts and the judges run (``train.placement``)."""
 
 
 class OnlinePreference(OnlineAlgorithm):
@@ -401,10 +405,11 @@ def build_parts(cfg: Any, section: MonitorFields, *, min_n: int, name: str) -> P
     seed_everything(cfg.train.seed)
     prompts, task = load_prompt_source(cfg.rollout, cfg.world, cfg.train.seed)
     device = pick_device(cfg.train.device)
+    placement = open_placement(cfg.train, name)
 
     def judge() -> Any:
-        return make_judge(section.judge, task, cfg.train.seed, world=cfg.world, device=device,
-                          field=f"{name}.judge")
+        return make_judge(section.judge, task, cfg.train.seed, world=cfg.world,
+                          device=cfg.train.device, field=f"{name}.judge", place=placement.judge)
 
     labeller = Labeller(judge())
     model, tokenizer = load_policy(cfg.model, cfg.world)
@@ -419,7 +424,11 @@ def build_parts(cfg: Any, section: MonitorFields, *, min_n: int, name: str) -> P
                            temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                            batch_size=cfg.rollout.batch_size, **kwargs)
 
-    rollout = role(model)
+    # The policy's rollouts may run on workers; the starting model's and Nash-MD's mixture's
+    # sample here (role(...) below).
+    rollout = role(model, backend=placement.rollout_backend(
+        functools.partial(load_policy, cfg.model, cfg.world), tokenizer,
+        batch_size=cfg.rollout.batch_size))
     scorer = Scorer(rollout.pad, layout, 2 * cfg.train.batch_size, device,
                     resolve_precision(cfg.train.precision, device))
     start = StartingModel(start_model, role(start_model), scorer,
@@ -427,7 +436,7 @@ def build_parts(cfg: Any, section: MonitorFields, *, min_n: int, name: str) -> P
                           gold=task.gold if task is not None else None,
                           every=section.win_rate_every, seed=cfg.train.seed)
     return Parts(model, tokenizer, task, prompts, rollout, labeller, start, scorer, device,
-                 max_new, rollout.eos, {"role": role})
+                 max_new, rollout.eos, {"role": role}, placement)
 
 
 def run(parts: Parts, learner: Learner, algorithm: OnlinePreference, cfg: Any,
@@ -436,7 +445,8 @@ def run(parts: Parts, learner: Learner, algorithm: OnlinePreference, cfg: Any,
     setup = OnlineSetup(parts.prompts, parts.rollout, learner, algorithm, cfg.rollout.n,
                         cfg.rollout.prompts_per_step,
                         gold=parts.task.gold if parts.task is not None else None)
-    result = run_online(setup, cfg.train, name)
+    with parts.placement:
+        result = run_online(setup, cfg.train, name)
     save_final(parts.model, parts.tokenizer, cfg, result.output_dir)
     return OnlineRun(result, parts.model, parts.tokenizer)
 

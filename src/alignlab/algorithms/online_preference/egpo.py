@@ -190,6 +190,7 @@ class EGPO(OnlinePreference):
         metrics.update({f"extrapolation/{k}": v for k, v in half.items() if k != "lr"})
         # c. the game at π_{t+1/2}: its samples on the same prompts, judged
         n = len(rollouts.completions) // len(rows)
+        self.parts.rollout.sync_weights()  # a sampler with its own weights (Ray) takes θ_{t+1/2}
         extrapolated = self.parts.rollout.generate(
             [r["prompt"] for r in rows], n,
             seed=self.seed * 7919 + self.iteration + EXTRAPOLATED_SAMPLES)

@@ -19,6 +19,8 @@ Settings the chosen kind does not read are refused, naming the field.
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +29,7 @@ from pydantic import Field
 
 from alignlab.core.config import Section, WorldSection
 from alignlab.core.errors import ConfigError
+from alignlab.core.runtime import pick_device
 from alignlab.engine import distributed
 from alignlab.rewards.annotator import SimulatedAnnotator
 from alignlab.rewards.annotator_pool import DEFAULT_POOL, AnnotatorPool, PoolAnnotator
@@ -162,19 +165,26 @@ def load_template(path: str | None, field: str) -> JudgeTemplate:
 
 
 def make_judge(section: JudgeSection, task: Any, seed: int, *, world: WorldSection,
-               device: Any = "cpu", field: str = "online_dpo.judge") -> BudgetedJudge:
+               device: Any = "cpu", field: str = "online_dpo.judge",
+               place: Callable[[Callable[[], PairwiseJudge]], PairwiseJudge] | None = None
+               ) -> BudgetedJudge:
     """The judge ``section`` describes, inside its labelling budget (with N processes each
-    judges its own prompts' pairs within its even share of ``max_labels``)."""
+    judges its own prompts' pairs within its even share of ``max_labels``). ``place`` builds
+    the judge itself from its factory where the run's placement puts it (a Ray reward worker);
+    the budget stays with the caller. A ``device`` string (``train.device``) is resolved where
+    the judge is built."""
     check_judge_section(section, field)
     budget = section.max_labels
     if budget is not None and distributed.world_size() > 1:
         size, rank = distributed.world_size(), distributed.rank()
         budget = budget // size + (rank < budget % size)
-    return BudgetedJudge(_judge(section, task, seed, world, device, field), budget)
+    build = functools.partial(_judge, section, task, seed, world, device, field)
+    return BudgetedJudge(build() if place is None else place(build), budget)
 
 
 def _judge(section: JudgeSection, task: Any, seed: int, world: WorldSection, device: Any,
            field: str) -> PairwiseJudge:
+    device = pick_device(device) if isinstance(device, str) else device
     if section.kind == "preference_model":
         s = section.preference_model
         where = f"{field}.preference_model.path"

@@ -38,6 +38,7 @@ from alignlab.core.errors import ConfigError
 from alignlab.core.runtime import pick_device, seed_everything
 from alignlab.engine.controller import OnlineRun, OnlineSetup, run_online
 from alignlab.engine.learner import Learner
+from alignlab.engine.placement import open_placement, refuse_ray
 from alignlab.engine.run import prepare_run
 from alignlab.losses.rollout_correction import RolloutCorrection
 from alignlab.models.adapters import reference_model
@@ -96,9 +97,16 @@ def train_policy_gradient(cfg: OnlineRLConfig, algorithm: str) -> OnlineRun:
     if cls is NLPO and cfg.rl.critic == "shared":
         raise ConfigError("field 'rl.critic': nlpo takes a separate critic (its policy "
                           "log-probs are restricted to the action mask); use 'separate'")
+    if cls is NLPO:
+        refuse_ray(cfg.train, algorithm, "its masking policy rewrites the logits while the "
+                   "policy samples, in this process; the rollout workers hold the policy alone")
+    if cfg.rollout.backend != "builtin":
+        refuse_ray(cfg.train, f"rollout.backend {cfg.rollout.backend!r}", "the rollout workers "
+                   "sample with alignlab's built-in engine")
     seed_everything(cfg.train.seed)
     prompts, task = load_prompt_source(cfg.rollout, cfg.world, cfg.train.seed)
-    rewards = build_reward(cfg.rl, task)
+    placement = open_placement(cfg.train, algorithm)  # where rollout and reward run
+    rewards = placement.rewards(functools.partial(build_reward, cfg.rl, task))
     model, tokenizer = load_policy(cfg.model, cfg.world)
     render_chat_prompts(prompts, tokenizer)
     max_new = cfg.rollout.max_new_tokens or (task.max_new_tokens if task is not None else 64)
@@ -125,10 +133,15 @@ def train_policy_gradient(cfg: OnlineRLConfig, algorithm: str) -> OnlineRun:
                            "lr": cfg.rl.critic_lr or cfg.train.lr},))
     mask = parts.get("action_mask")
     # Sampling ahead needs weights the update does not move: the built-in engine's own copy.
-    backend = make_backend(cfg.rollout, model, tokenizer, own_copy=cfg.rl.max_staleness > 0,
-                           train_precision=learner.precision,
-                           work_dir=Path(cfg.train.output_dir) / "rollout_adapters",
-                           logits_processor=mask.processor if mask is not None else None)
+    # Under Ray the rollout workers hold copies built by the same loader.
+    backend = placement.rollout_backend(
+        functools.partial(load_policy, cfg.model, cfg.world), tokenizer,
+        batch_size=cfg.rollout.batch_size,
+        local=functools.partial(make_backend, cfg.rollout, model, tokenizer,
+                                own_copy=cfg.rl.max_staleness > 0,
+                                train_precision=learner.precision,
+                                work_dir=Path(cfg.train.output_dir) / "rollout_adapters",
+                                logits_processor=mask.processor if mask is not None else None))
     rollout = RolloutRole(model, tokenizer, max_new_tokens=max_new,
                           temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                           batch_size=cfg.rollout.batch_size, backend=backend)
@@ -137,7 +150,8 @@ def train_policy_gradient(cfg: OnlineRLConfig, algorithm: str) -> OnlineRun:
     setup = OnlineSetup(prompts, rollout, learner, alg, cfg.rollout.n, cfg.rollout.prompts_per_step,
                         gold=task.gold if task is not None else None,
                         max_staleness=cfg.rl.max_staleness)
-    result = run_online(setup, cfg.train, algorithm)
+    with placement:
+        result = run_online(setup, cfg.train, algorithm)
     save_final(model, tokenizer, cfg, result.output_dir)
     return OnlineRun(result, model, tokenizer)
 
