@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import statistics
 import sys
 import tempfile
@@ -37,6 +39,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 PAIRS_PER_STEP = 16
+METHODS = ("offline", "online")
+# The same β moves the two methods very different distances from the base at this budget
+# (offline KL 8-15 nats at β 0.05-0.3, online 3-6), so each method gets its own sweep chosen
+# for the two gold-vs-KL frontiers to cover a common KL range on the tiny world.
+DEFAULT_BETAS = {"offline": "0.3,1,3", "online": "0.01,0.03,0.1"}
 
 
 def parse() -> argparse.Namespace:
@@ -44,14 +51,32 @@ def parse() -> argparse.Namespace:
     p.add_argument("--preset", default="tiny", choices=["tiny", "full"])
     p.add_argument("--task", default="positive")
     p.add_argument("--labels", type=int, default=256, help="preference labels per run")
-    p.add_argument("--betas", default="0.05,0.1,0.3")
+    p.add_argument("--betas", default=None,
+                   help="one β sweep for both methods (overrides the two defaults below)")
+    p.add_argument("--offline-betas", default=None,
+                   help=f"offline DPO's β sweep (default {DEFAULT_BETAS['offline']})")
+    p.add_argument("--online-betas", default=None,
+                   help=f"online DPO's β sweep (default {DEFAULT_BETAS['online']})")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--flip-rate", type=float, default=0.1)
     p.add_argument("--eval-prompts", type=int, default=64)
+    p.add_argument("--eval-samples", type=int, default=2, help="samples per eval prompt")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--out", default="runs/online_vs_offline")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the runs already in OUT/rows.jsonl that match these settings")
+    p.add_argument("--plot", default=None, help="also write the PNG here (e.g. docs/...)")
     return p.parse_args()
+
+
+def beta_sweeps(args: argparse.Namespace) -> dict[str, list[float]]:
+    """Each method's β sweep: its own flag, else ``--betas`` for both, else its default."""
+    def floats(text: str) -> list[float]:
+        return [float(b) for b in text.split(",") if b.strip()]
+
+    return {m: floats(getattr(args, f"{m}_betas") or args.betas or DEFAULT_BETAS[m])
+            for m in METHODS}
 
 
 def annotator_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -108,6 +133,23 @@ def online_run(world, args, beta: float, seed: int, out: Path) -> Any:
     return run.model, labels
 
 
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What a run's result depends on besides (method, β, seed): a resumed row must match."""
+    return {k: getattr(args, k) for k in ("preset", "task", "labels", "lr", "flip_rate",
+                                          "eval_prompts", "eval_samples")}
+
+
+def previous_rows(path: Path, current: dict[str, Any]) -> dict[tuple[str, float, int], dict]:
+    """The rows of ``path`` run with ``current`` settings, by (method, β, seed)."""
+    rows = {}
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            if row.pop("settings", None) == current:
+                rows[(row["method"], row["beta"], row["seed"])] = row
+    return rows
+
+
 def t_interval(values: list[float]) -> tuple[float, float]:
     from alignlab.eval.intervals import t_interval as interval
 
@@ -134,8 +176,8 @@ def main() -> None:
     from alignlab.world.build import ensure_world
 
     hf_logging.disable_progress_bar()
-    torch.set_num_threads(2)
-    betas = [float(b) for b in args.betas.split(",")]
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    betas = beta_sweeps(args)
     seeds = [int(s) for s in args.seeds.split(",")]
     world = ensure_world(args.preset, seed=0, cache_dir=args.cache_dir, progress=False)
     task = world.task(args.task)
@@ -144,11 +186,17 @@ def main() -> None:
     prompts = task.eval_prompts[:args.eval_prompts]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    done = previous_rows(out / "rows.jsonl", settings(args)) if args.resume else {}
+    if not args.resume:
+        (out / "rows.jsonl").write_text("", encoding="utf-8")
     results: list[dict[str, Any]] = []
     t_start = time.time()
     for seed in seeds:
-        for beta in betas:
-            for method in ("offline", "online"):
+        for method in METHODS:
+            for beta in betas[method]:
+                if (method, beta, seed) in done:
+                    results.append(done[(method, beta, seed)])
+                    continue
                 with tempfile.TemporaryDirectory() as tmp:
                     t0 = time.time()
                     if method == "offline":
@@ -157,21 +205,27 @@ def main() -> None:
                     else:
                         model, labels = online_run(world, args, beta, seed, Path(tmp))
                     m = evaluate_against_reference(model.eval(), tok, task, prompts,
-                                                   reference=base, samples_per_prompt=2,
+                                                   reference=base,
+                                                   samples_per_prompt=args.eval_samples,
                                                    seed=1000 + seed)["metrics"]
                 row = {"method": method, "beta": beta, "seed": seed, "labels": labels,
                        "gold": m["gold_mean"], "kl": m["kl_to_ref"],
-                       "win_rate_gold": m["win_rate_gold"], "seconds": time.time() - t0}
+                       "win_rate_gold": m["win_rate_gold"], "kl_stderr": m["kl_stderr"],
+                       "gold_stderr": m["gold_std"] / math.sqrt(len(prompts) * args.eval_samples),
+                       "seconds": time.time() - t0}
                 results.append(row)
+                with open(out / "rows.jsonl", "a", encoding="utf-8") as f:
+                    f.write(json.dumps({**row, "settings": settings(args)}) + "\n")
                 print(json.dumps(row), flush=True)
-    base_gold = statistics.fmean(r for r in task.gold(*_base_samples(base, tok, prompts)))
+    base_gold = statistics.fmean(r for r in task.gold(*_base_samples(base, tok, prompts,
+                                                                           args.eval_samples)))
     report(results, base_gold, betas, out, time.time() - t_start)
 
 
-def _base_samples(base, tok, prompts) -> tuple[list[str], list[str]]:
+def _base_samples(base, tok, prompts, n: int) -> tuple[list[str], list[str]]:
     from alignlab.rollout.sampling import sample
 
-    s = sample(base, tok, prompts, n=2, seed=1000)
+    s = sample(base, tok, prompts, n=n, seed=1000)
     return s.prompts, s.completions
 
 
@@ -187,7 +241,7 @@ def report(results: list[dict[str, Any]], base_gold: float, betas: list[float], 
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in ("offline", "online"):
         pts = []
-        for beta in betas:
+        for beta in betas[method]:
             rows = [r for r in results if r["method"] == method and r["beta"] == beta]
             g, gh = t_interval([r["gold"] for r in rows])
             k, kh = t_interval([r["kl"] for r in rows])
