@@ -4,7 +4,10 @@
 Both methods start from the world's base model, get the same number of preference labels from
 the same simulated annotator (gold = the task's VADER reward, Bradley-Terry noise at
 temperature 1, a flip rate), take the same number of optimizer steps on them (each label seen
-once, 16 pairs a step) and use the same paired loss (DPO's sigmoid) at each β of a sweep:
+once, 16 pairs a step) and use the same paired loss (DPO's sigmoid) at each β of a sweep, one
+sweep per method (``--offline-betas``, ``--online-betas``; ``--betas`` sets both): at equal
+labels, steps and lr the same β takes the two very different distances from the base, and
+their gold-vs-KL frontiers only meet when each gets its own range:
 
 - **offline**: the base model samples 2 completions per train prompt, the annotator labels
   ``--labels`` pairs once (``engine/preference_data.py``), DPO trains on them;
@@ -16,9 +19,12 @@ Each run is evaluated against the base model on the task's held-out eval prompts
 Monte-Carlo KL(π ‖ π_base) (mean over samples of Σ log π − log π_base). With ≥ 3 seeds the
 table shows means and 95% t-intervals; the β sweep gives each method a gold-vs-KL frontier, and
 the comparison at *matched KL* interpolates both frontiers linearly at the KL values both
-cover. The paper reports online ahead; this script prints what it measures either way.
+cover, on the mean frontiers and seed by seed (``_matched_kl.py`` says how). The paper reports
+online ahead; this script prints what it measures either way. Each run's row is appended to
+``OUT/rows.jsonl`` as it ends; ``--resume`` reuses the rows run with the same settings.
 
-    python benchmarks/online_vs_offline.py                       # tiny world, 3 seeds, 3 betas
+    python benchmarks/online_vs_offline.py                       # tiny world, 3 seeds, 3+3 betas
+    python benchmarks/online_vs_offline.py --seeds $(seq -s, 0 9) --plot docs/online_vs_offline.png
     python benchmarks/online_vs_offline.py --preset full --labels 1024
 """
 
@@ -37,16 +43,17 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 PAIRS_PER_STEP = 16
 METHODS = ("offline", "online")
 # The same β moves the two methods very different distances from the base at this budget
 # (offline KL 8-15 nats at β 0.05-0.3, online 3-6), so each method gets its own sweep chosen
 # for the two gold-vs-KL frontiers to cover a common KL range on the tiny world.
-DEFAULT_BETAS = {"offline": "0.3,1,3", "online": "0.01,0.03,0.1"}
+DEFAULT_BETAS = {"offline": "0.03,0.1,1", "online": "0.01,0.03,0.1"}
 
 
-def parse() -> argparse.Namespace:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="tiny", choices=["tiny", "full"])
     p.add_argument("--task", default="positive")
@@ -61,13 +68,13 @@ def parse() -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--flip-rate", type=float, default=0.1)
     p.add_argument("--eval-prompts", type=int, default=64)
-    p.add_argument("--eval-samples", type=int, default=2, help="samples per eval prompt")
+    p.add_argument("--eval-samples", type=int, default=4, help="samples per eval prompt")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--out", default="runs/online_vs_offline")
     p.add_argument("--resume", action="store_true",
                    help="reuse the runs already in OUT/rows.jsonl that match these settings")
     p.add_argument("--plot", default=None, help="also write the PNG here (e.g. docs/...)")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def beta_sweeps(args: argparse.Namespace) -> dict[str, list[float]]:
@@ -150,24 +157,8 @@ def previous_rows(path: Path, current: dict[str, Any]) -> dict[tuple[str, float,
     return rows
 
 
-def t_interval(values: list[float]) -> tuple[float, float]:
-    from alignlab.eval.intervals import t_interval as interval
-
-    ci = interval(values)
-    return ci.mean, ci.half_width
-
-
-def frontier_at(points: list[tuple[float, float]], kl: float) -> float:
-    """Gold at ``kl`` on the piecewise-linear frontier through ``points`` (sorted by KL)."""
-    pts = sorted(points)
-    for (k0, g0), (k1, g1) in zip(pts, pts[1:]):
-        if k0 <= kl <= k1:
-            return g0 if k1 == k0 else g0 + (g1 - g0) * (kl - k0) / (k1 - k0)
-    raise ValueError(f"KL {kl} outside the frontier {pts}")
-
-
-def main() -> None:
-    args = parse()
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -219,7 +210,7 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
     base_gold = statistics.fmean(r for r in task.gold(*_base_samples(base, tok, prompts,
                                                                            args.eval_samples)))
-    report(results, base_gold, betas, out, time.time() - t_start)
+    report(results, base_gold, args, out, time.time() - t_start)
 
 
 def _base_samples(base, tok, prompts, n: int) -> tuple[list[str], list[str]]:
@@ -229,56 +220,24 @@ def _base_samples(base, tok, prompts, n: int) -> tuple[list[str], list[str]]:
     return s.prompts, s.completions
 
 
-def report(results: list[dict[str, Any]], base_gold: float, betas: list[float], out: Path,
-           seconds: float) -> None:
-    import matplotlib
+def report(results: list[dict[str, Any]], base_gold: float, args: argparse.Namespace,
+           out: Path, seconds: float) -> None:
+    from _matched_kl import matched_kl, matched_table, method_table, plot, summary_line, verdict
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    lines = ["| method | β | labels | gold | KL to base | gold win rate |", "|---|---|---|---|---|---|"]
-    frontier: dict[str, list[tuple[float, float]]] = {}
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in ("offline", "online"):
-        pts = []
-        for beta in betas[method]:
-            rows = [r for r in results if r["method"] == method and r["beta"] == beta]
-            g, gh = t_interval([r["gold"] for r in rows])
-            k, kh = t_interval([r["kl"] for r in rows])
-            w, wh = t_interval([r["win_rate_gold"] for r in rows])
-            labels = statistics.fmean(r["labels"] for r in rows)
-            lines.append(f"| {method} | {beta} | {labels:.0f} | {g:.3f} ± {gh:.3f} | "
-                         f"{k:.2f} ± {kh:.2f} | {w:.3f} ± {wh:.3f} |")
-            pts.append((k, g))
-            ax.errorbar(k, g, xerr=kh, yerr=gh, fmt="o", color="C0" if method == "offline" else "C1")
-        frontier[method] = sorted(pts)
-        ax.plot(*zip(*frontier[method]), "-", color="C0" if method == "offline" else "C1",
-                label=method)
-    ax.axhline(base_gold, color="grey", ls=":", label="base model")
-    ax.set_xlabel("KL(π ‖ π_base), nats (Monte-Carlo)")
-    ax.set_ylabel("gold reward (VADER)")
-    ax.set_title("Online vs offline DPO at equal labels")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "online_vs_offline.png", dpi=120)
-    lo = max(frontier["offline"][0][0], frontier["online"][0][0])
-    hi = min(frontier["offline"][-1][0], frontier["online"][-1][0])
-    if lo <= hi:
-        kls = [lo + (hi - lo) * i / 4 for i in range(5)]
-        diffs = [frontier_at(frontier["online"], k) - frontier_at(frontier["offline"], k)
-                 for k in kls]
-        matched = (f"at matched KL ({lo:.2f}–{hi:.2f} nats, 5 points) online − offline gold: "
-                   + ", ".join(f"{d:+.3f}" for d in diffs))
-        mean_diff = statistics.fmean(diffs)
-    else:
-        matched, mean_diff = "the two frontiers cover no common KL range", float("nan")
-    text = "\n".join([f"base model gold {base_gold:.3f}", *lines, matched,
-                      f"total {seconds / 60:.1f} min"])
+    mk = matched_kl(results)
+    seeds = sorted({r["seed"] for r in results})
+    plot(results, mk, base_gold,
+         [out / "online_vs_offline.png", *([Path(args.plot)] if args.plot else [])])
+    text = "\n".join([
+        f"{args.preset} world, task {args.task}, {args.labels} labels per run, lr {args.lr}, "
+        f"seeds {','.join(map(str, seeds))}, eval {args.eval_prompts} prompts × "
+        f"{args.eval_samples} samples; base model gold {base_gold:.3f}", "",
+        *method_table(results), "", "Matched KL:", "", *matched_table(mk), "", verdict(mk),
+        f"total {seconds / 60:.1f} min"])
     (out / "online_vs_offline.md").write_text(text + "\n", encoding="utf-8")
     (out / "online_vs_offline.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
     print(text)
-    print(f"online_minus_offline_gold_at_matched_kl={mean_diff:.4f} "
-          f"kl_overlap_low={lo:.3f} kl_overlap_high={hi:.3f} seconds={seconds:.0f}")
+    print(summary_line(mk, seconds))
 
 
 if __name__ == "__main__":
