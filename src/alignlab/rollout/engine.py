@@ -1,10 +1,11 @@
 """alignlab's built-in rollout engine: batched sampling with a KV cache from any causal LM.
 
-``rollout(model, prompt_ids, params)`` left-pads the prompts, prefills them once into the model's
-own ``DynamicCache`` (each distinct prompt once: the cache is then repeated ``n`` times, so the
-``n`` samples of a prompt share its prefill), and decodes one token per step for the rows still
-running; rows that finish are dropped from the batch and the cache (``compact=True``; measured
-faster than masking them, see ``benchmarks/rollout_vs_generate.py``).
+``rollout(model, prompt_ids, params)`` left-pads the prompts, prefills them once into a KV cache
+(each distinct prompt once, so the ``n`` samples of a prompt share its prefill), and decodes one
+token per step for the rows still running; rows that finish are dropped from the batch and the
+cache (``compact=True``; measured faster than masking them, see
+``benchmarks/rollout_vs_generate.py``). The cache (``rollout/kv_cache.py``) writes each step in
+place and, on CPU at sizes where it pays, keeps each prompt's keys once for all its samples.
 
 Log-probs. ``RolloutBatch.logprobs[i, t] = log softmax(z_t / T)[y_t]``: the sampling policy's
 distribution after temperature and *before* top-k/top-p/min-p truncation. RL importance ratios
