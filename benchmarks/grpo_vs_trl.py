@@ -19,8 +19,8 @@ the final save excluded on both sides; alignlab writes no checkpoint, TRL ``save
 Variants: ``alignlab``; ``trl_default`` (TRL's defaults: gradient checkpointing on,
 ``model.generate`` with transformers' DynamicCache); ``trl_best`` (the fastest TRL options
 measured on CPU: gradient checkpointing off and ``cache_implementation="static"``, whose
-preallocated cache sampled 1.5x faster than the default; ``use_transformers_continuous_batching``
-sampled 2x slower; ``--trl-best`` adds options as JSON). Per side the time is split into
+preallocated cache sampled 1.8x faster than the default; transformers' continuous batching
+sampled at 0.6x; benchmarks/README.md; ``--trl-best`` adds options as JSON). Per side the time is split into
 rollout (sampling), reward, reference/old log-probs (no-grad passes) and update (the
 gradient passes and optimizer steps, and what else the loop does), seconds per step.
 
