@@ -11,8 +11,9 @@ up to 128 new tokens, 8 prompts per step, 20 steps. Every side samples ``group_s
 completions of each prompt per step (same max completion length, temperature 1, top-p 1),
 scores them with the same VADER sentiment reward and takes one optimizer step per batch with
 group-normalised advantages, no KL term (TRL's default beta=0), the same learning rate and
-precision; both run each step's completions as one micro-batch (TRL:
-``per_device_train_batch_size`` = prompts × group size). Each side runs in its own subprocess
+precision, and the same micro-batch: ``--micro-batch`` completions per forward/backward (16,
+two prompts' groups; TRL: ``per_device_train_batch_size`` with gradient accumulation over the
+step's completions, which it samples in one ``generate`` call as alignlab does). Each side runs in its own subprocess
 so its peak RSS is its own; time is the training loop (generation included; model loading and
 the final save excluded on both sides; alignlab writes no checkpoint, TRL ``save_strategy="no"``).
 
@@ -51,6 +52,15 @@ QUICK = {"model_size": "3m", "steps": 2, "prompts_per_step": 2, "group_size": 4,
          "prompt_tokens": "16,32", "max_completion_length": 16}
 
 
+def micro_batch(args: argparse.Namespace) -> int:
+    """Completions per forward/backward (both sides): ``--micro-batch``, at most a step's."""
+    rows = args.prompts_per_step * args.group_size
+    micro = min(getattr(args, "micro_batch", rows) or rows, rows)
+    if rows % micro:
+        sys.exit(f"--micro-batch {micro} must divide the {rows} completions of a step")
+    return micro
+
+
 def alignlab_worker(folder: Path, args: argparse.Namespace, bf16: bool) -> dict:
     from alignlab.algorithms.policy_gradient.config import OnlineRLConfig, RLSection
     from alignlab.algorithms.policy_gradient.run import train_policy_gradient
@@ -61,7 +71,7 @@ def alignlab_worker(folder: Path, args: argparse.Namespace, bf16: bool) -> dict:
         model=ModelSection(name_or_path=str(folder / "model")),
         train=OnlineTrainSection(output_dir=tempfile.mkdtemp(), max_steps=args.steps, lr=args.lr,
                                  precision="bf16" if bf16 else "fp32", device="cpu",
-                                 batch_size=rows, save_every=None, progress=False,
+                                 batch_size=micro_batch(args), save_every=None, progress=False,
                                  tensorboard=False),
         rollout=RolloutSection(prompts=str(folder / "prompts.jsonl"),
                                prompts_per_step=args.prompts_per_step, n=args.group_size,
@@ -97,8 +107,9 @@ def trl_worker(folder: Path, args: argparse.Namespace, bf16: bool, best: bool) -
     tok = AutoTokenizer.from_pretrained(folder / "model")
     model = AutoModelForCausalLM.from_pretrained(folder / "model", dtype=torch.float32)
     options = {**TRL_BEST, **json.loads(args.trl_best)} if best else {}
-    cfg = GRPOConfig(output_dir=tempfile.mkdtemp(),
-                     per_device_train_batch_size=args.prompts_per_step * args.group_size,
+    micro = micro_batch(args)
+    cfg = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=micro,
+                     gradient_accumulation_steps=args.prompts_per_step * args.group_size // micro,
                      num_generations=args.group_size, max_completion_length=args.max_completion_length,
                      max_steps=args.steps, learning_rate=args.lr, bf16=bf16, use_cpu=True, beta=0.0,
                      report_to="none", save_strategy="no", logging_steps=10_000, seed=0,
@@ -169,6 +180,8 @@ def main() -> None:
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--prompt-tokens", default="64,256", help="min,max prompt length in tokens")
     p.add_argument("--max-completion-length", type=int, default=128)
+    p.add_argument("--micro-batch", type=int, default=16,
+                   help="completions per forward/backward on both sides (TRL: gradient accumulation)")
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     p.add_argument("--variants", default="alignlab,trl_default,trl_best")
@@ -206,7 +219,8 @@ def main() -> None:
     bf16 = next(iter(results.values()))["bf16"]
     peak = matmul_peak(bf16)
     print(f"model {next(iter(results.values()))['n_params'] / 1e6:.1f}M matmul params ({args.model_size}), "
-          f"{args.steps} steps × {args.prompts_per_step} prompts × {args.group_size} completions, "
+          f"{args.steps} steps × {args.prompts_per_step} prompts × {args.group_size} completions "
+          f"(micro-batches of {micro_batch(args)}), "
           f"prompts {min(lengths)}–{max(lengths)} tokens (mean {sum(lengths) / len(lengths):.0f}), "
           f"max {args.max_completion_length} new tokens, {'bf16' if bf16 else 'fp32'}; "
           f"matmul peak {peak / 1e9:.1f} GFLOP/s")
