@@ -100,7 +100,9 @@ def online_run(world, args, beta: float, seed: int, out: Path) -> Any:
         "online_dpo.loss=sigmoid", f"online_dpo.beta={beta}", "online_dpo.judge.kind=annotator",
         "online_dpo.judge.reward=gold", f"online_dpo.judge.temperature={ann['temperature']}",
         f"online_dpo.judge.flip_rate={ann['flip_rate']}",
-        f"online_dpo.judge.max_labels={args.labels}"])
+        f"online_dpo.judge.max_labels={args.labels}",
+        # the comparison evaluates both runs itself; no per-iteration win rates (extra samples)
+        "online_dpo.win_rate_every=0"])
     run = train_online_dpo(cfg)
     labels = int(run.result.history[-1].get("labels_used", run.result.history[-1]["labels_total"]))
     return run.model, labels

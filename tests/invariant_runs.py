@@ -83,6 +83,7 @@ class Options:
     share_small: bool = False  # MIN_SKIPPED_TOKENS = 0: flat batches share even tiny prompts
     steps: int = STEPS
     save_every: int | None = None
+    rollout_batch: int = 64  # rollout.batch_size (grpo): rows sampled by one generator
 
 
 def _train(out: Path, o: Options, resume: bool = False) -> TrainSection:
@@ -137,7 +138,8 @@ def _grpo(world: WorldSection, train: TrainSection, o: Options) -> tuple[Any, Ca
                    prefix_sharing=o.sharing is not False)
     cfg = OnlineRLConfig(world=world, train=train.model_copy(update={"grad_accum": 1}),
                          rollout=RolloutSection(prompts="world:positive", prompts_per_step=4, n=4,
-                                                max_new_tokens=16), rl=rl)
+                                                max_new_tokens=16, batch_size=o.rollout_batch),
+                         rl=rl)
     return cfg, lambda c: train_policy_gradient(c, "grpo")
 
 

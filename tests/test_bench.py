@@ -14,10 +14,11 @@ import pytest
 import yaml
 
 from alignlab.bench.config import load_suite, shipped_suites
-from alignlab.bench.plan import plan, set_dotted, sweep_label
+from alignlab.bench.plan import plan, sweep_label
 from alignlab.bench.report import write_report
 from alignlab.bench.results import aggregate, load_cells
 from alignlab.bench.runner import run_suite
+from alignlab.core.config import set_dotted
 from alignlab.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,9 +62,11 @@ def test_unknown_suite_keys_are_rejected_naming_the_field(tmp_path):
 
 def test_set_merges_sections_and_sweep_labels():
     data = {"train": {"lr": 1.0, "max_steps": 5}, "rl": {"reward": "gold"}}
-    set_dotted(data, "train", {"lr": 2.0})
-    set_dotted(data, "rl.reward", {"gold": 1.0, "brevity": 0.5})  # a mapping replaces a value
+    set_dotted(data, "train", {"lr": 2.0}, merge=True)
+    set_dotted(data, "rl.reward", {"gold": 1.0, "brevity": 0.5}, merge=True)  # replaces a value
     assert data == {"train": {"lr": 2.0, "max_steps": 5}, "rl": {"reward": {"gold": 1.0, "brevity": 0.5}}}
+    set_dotted(data, "train", {"lr": 3.0})  # without merge a mapping replaces the section
+    assert data["train"] == {"lr": 3.0}
     assert sweep_label({}) == "default"
     assert sweep_label({"preference.beta": 0.1, "train.lr": 1e-4}) == "beta=0.1,lr=0.0001"
     assert sweep_label({"a.beta": 1, "b.beta": 2}) == "a.beta=1,b.beta=2"
@@ -95,6 +98,9 @@ def test_the_quick_suite_plans_every_family_at_fixed_budgets(tmp_path):
     assert grpo.spec["train"]["config"]["rl"]["reward_params"]["reward_model"]["path"].endswith(
         "prepare/positive/reward_model/train/final")
     assert grpo.spec["budget"] == {"steps": 6, "samples": 6 * 4 * 4}
+    online = next(j for j in cells if j.spec["name"] == "online_dpo")
+    assert online.spec["train"]["config"]["online_dpo"]["judge"]["max_labels"] == 128  # the budget
+    assert online.spec["budget"] == {"steps": 6, "samples": 6 * 4 * 4, "labels": 128}
     bon = [j for j in cells if j.spec["name"] == "best_of_n"]
     assert sorted({j.spec["best_of_n"]["n"] for j in bon}) == [2, 8]
     arith = next(j for j in cells if j.spec["task"] == "arithmetic")

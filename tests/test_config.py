@@ -52,3 +52,5 @@ def test_override_syntax_errors():
         apply_overrides({}, ["train.lr"])
     with pytest.raises(ConfigError, match="is a value"):
         apply_overrides({"train": 3}, ["train.lr=1"])
+    with pytest.raises(ConfigError, match="--set empty key"):
+        apply_overrides({}, [".=1"])

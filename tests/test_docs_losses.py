@@ -14,11 +14,12 @@ from alignlab.losses.online_preference import ONLINE_PREFERENCE_TERMS
 from alignlab.losses.policy import LOSS_AGGREGATIONS, POLICY_LOSSES
 from alignlab.losses.preference import PREFERENCE_LOSSES, loss_spec
 from alignlab.losses.reward import REWARD_MODEL_LOSSES
+from alignlab.losses.rollout_correction import ROLLOUT_CORRECTIONS
 from alignlab.losses.value import VALUE_LOSSES
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "losses.md"
 SECTIONS = {"Preference losses": PREFERENCE_LOSSES, "Policy-gradient losses": POLICY_LOSSES,
-            "Policy-loss aggregations": LOSS_AGGREGATIONS,
+            "Policy-loss aggregations": LOSS_AGGREGATIONS, "Rollout corrections": ROLLOUT_CORRECTIONS,
             "Reward-model losses": REWARD_MODEL_LOSSES, "Value losses": VALUE_LOSSES,
             "Online preference terms": ONLINE_PREFERENCE_TERMS}
 
@@ -39,7 +40,7 @@ def kind_cell(reg: Registry, name: str) -> str:
     if reg is ONLINE_PREFERENCE_TERMS:
         return reg.get(name).kind
     return {POLICY_LOSSES: "per token", LOSS_AGGREGATIONS: "aggregation",
-            VALUE_LOSSES: "per token"}[reg]
+            VALUE_LOSSES: "per token", ROLLOUT_CORRECTIONS: "importance weight"}[reg]
 
 
 def inputs_cell(reg: Registry, name: str) -> str:

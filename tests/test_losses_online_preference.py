@@ -14,7 +14,9 @@ from alignlab.losses.online_preference import (
     nash_md_pg,
     p3o_joint,
     p3o_separate,
+    selm_optimism,
     sppo_square,
+    vpo_value,
     xpo_exploration,
 )
 
@@ -26,7 +28,8 @@ def t(*values):
 def test_registry_names_every_term():
     assert set(ONLINE_PREFERENCE_TERMS.names()) == {
         "xpo_exploration", "nash_md_pg", "geometric_mixture", "sppo_square", "p3o_joint",
-        "p3o_separate"}
+        "p3o_separate", "selm_optimism", "vpo_value", "inpo_square", "dno_regression",
+        "online_ipo"}
 
 
 # ---- XPO
@@ -179,3 +182,63 @@ def test_p3o_separate_value_and_gradient():
 def test_p3o_rejects_a_clip_range_outside_0_1(fn):
     with pytest.raises(ValueError, match="clip_eps"):
         fn(torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1), clip_eps=1.5)
+
+
+# ---- SELM
+
+def test_selm_optimism_value():
+    # α·β·(log π − log π_ref) = 0.5·0.1·((−2 + 3), (−4 + 1))
+    torch.testing.assert_close(selm_optimism(t(-2.0, -4.0), t(-3.0, -1.0), alpha=0.5, beta=0.1),
+                               torch.tensor([0.05, -0.15], dtype=torch.float64))
+
+
+def test_selm_optimism_lowers_the_reference_samples_likelihood():
+    """Sign (the paper's Algorithm 1, −α·E_{y~π_ref}[log π_θ(y)] maximised, and the authors'
+    ``+ alpha * beta * response_logratios`` minimised): descent lowers log π_θ(y); log π_ref is a
+    constant."""
+    logps = t(-2.0)
+    selm_optimism(logps, torch.tensor([-3.0]), alpha=0.5, beta=0.1).sum().backward()
+    assert logps.grad.item() == pytest.approx(0.05)  # positive: descent lowers log π(y)
+
+
+def test_selm_optimism_rejects_a_negative_alpha_or_a_zero_beta():
+    with pytest.raises(ValueError, match="alpha"):
+        selm_optimism(t(-1.0), t(-1.0), alpha=-0.1, beta=0.1)
+    with pytest.raises(ValueError, match="beta"):
+        selm_optimism(t(-1.0), t(-1.0), alpha=0.1, beta=0.0)
+
+
+# ---- VPO
+
+def test_vpo_value_value_online_and_offline():
+    # sign·α·β·(log π − log π_ref): +0.2·0.5·(−1 − (−2)) and −0.2·0.5·(−3 − (−2))
+    torch.testing.assert_close(vpo_value(t(-1.0), t(-2.0), sign=1, alpha=0.2, beta=0.5),
+                               torch.tensor([0.1], dtype=torch.float64))
+    torch.testing.assert_close(vpo_value(t(-3.0), t(-2.0), sign=-1, alpha=0.2, beta=0.5),
+                               torch.tensor([0.1], dtype=torch.float64))
+
+
+def test_vpo_value_is_optimistic_online_and_pessimistic_offline():
+    """Sign: online (+1) descent lowers log π_θ on π_cal's samples (the value β·log Z rises:
+    optimism, SELM's direction); offline (−1) it raises them (back towards the data:
+    pessimism)."""
+    online, offline = t(-2.0), t(-2.0)
+    vpo_value(online, t(-2.0), sign=1, alpha=0.3, beta=0.1).sum().backward()
+    vpo_value(offline, t(-2.0), sign=-1, alpha=0.3, beta=0.1).sum().backward()
+    assert online.grad.item() == pytest.approx(0.03)
+    assert offline.grad.item() == pytest.approx(-0.03)
+
+
+def test_vpo_value_online_is_selms_term():
+    logps, ref = t(-1.0, -5.0), t(-2.0, -4.0)
+    torch.testing.assert_close(vpo_value(logps, ref, sign=1, alpha=0.3, beta=0.2),
+                               selm_optimism(logps, ref, alpha=0.3, beta=0.2))
+
+
+def test_vpo_value_rejects_a_bad_sign_alpha_or_beta():
+    with pytest.raises(ValueError, match="sign"):
+        vpo_value(t(-1.0), t(-1.0), sign=0, alpha=0.1, beta=0.1)
+    with pytest.raises(ValueError, match="alpha"):
+        vpo_value(t(-1.0), t(-1.0), sign=1, alpha=-0.1, beta=0.1)
+    with pytest.raises(ValueError, match="beta"):
+        vpo_value(t(-1.0), t(-1.0), sign=-1, alpha=0.1, beta=-1.0)

@@ -30,7 +30,8 @@ from alignlab.rewards.judges import AnnotatorJudge, BudgetedJudge, LLMJudge
 
 @pytest.mark.parametrize("override,expected", [
     ("online_dpo.judge.kind=oracle", r"field 'online_dpo.judge.kind': got 'oracle'; allowed "
-                                     r"values: 'reward', 'annotator', 'pool' or 'llm'"),
+                                     r"values: 'reward', 'annotator', 'pool', 'llm' or "
+                                     r"'preference_model'"),
     ("online_dpo.judge.llm.mode=score", r"field 'online_dpo.judge.llm.mode': got 'score'; "
                                         r"allowed values: 'logprob' or 'generate'"),
     ("online_dpo.judge.llm.on_parse_error=ignore", r"'online_dpo.judge.llm.on_parse_error'.*'skip'"),

@@ -92,7 +92,7 @@ def test_logit_inverts_bradley_terry_and_stays_finite_on_labels():
     assert logit(1.0) == pytest.approx(math.log(999)) and logit(0.0) == pytest.approx(-math.log(999))
 
 
-NAMES = ["iterative_dpo", "xpo", "nash_md", "sppo", "p3o"]
+NAMES = ["iterative_dpo", "xpo", "nash_md", "sppo", "p3o", "selm", "vpo", "inpo", "dno", "egpo"]
 
 
 @pytest.mark.parametrize("name", NAMES)

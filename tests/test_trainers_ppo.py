@@ -10,7 +10,7 @@ from alignlab.algorithms.policy_gradient.objective import PolicyObjective
 from alignlab.algorithms.policy_gradient.ppo import ppo_advantages
 from alignlab.algorithms.policy_gradient.run import train_policy_gradient
 from alignlab.algorithms.registry import ALGORITHMS
-from alignlab.core.config import EvalSection, load_config
+from alignlab.core.config import EvalSection, LoraSettings, load_config
 from alignlab.core.errors import ConfigError
 from alignlab.data.collate import pad_collate
 from alignlab.engine.loop import forward_backward
@@ -130,16 +130,21 @@ def test_ppo_and_nlpo_raise_gold_sentiment_on_positive(tiny_world, world_cache, 
     assert history[-1]["value_loss"] < 0.5 * history[0]["value_loss"]
 
 
-def test_resume_restores_critic_kl_controller_and_action_mask(world_cache, tmp_path):
+@pytest.mark.parametrize("lora", [None, pytest.param(LoraSettings(r=4, alpha=8, dropout=0.1),
+                                                     marks=pytest.mark.slow, id="lora")])
+def test_resume_restores_critic_kl_controller_and_action_mask(world_cache, tmp_path, lora):
     """NLPO (so PPO's parts plus the mask) with an adaptive KL controller: 4 iterations in one go
-    and 2 + 2 resumed end identically — policy, critic, β and the masking policy."""
+    and 2 + 2 resumed end identically — policy, critic, β and the masking policy. With LoRA the
+    critic's and the mask's checkpointed weights are their adapters (and the critic's head)."""
     rl = dict(kl_coef=0.1, kl_controller="adaptive", kl_target=0.01, kl_horizon=100,
               nlpo_update_every=2)
     cfg_full = _cfg(world_cache, tmp_path / "a", "nlpo", steps=4, **rl)
     cfg_full.train.save_every = 4
+    cfg_full.model.lora = lora
     full = train_policy_gradient(cfg_full, "nlpo")
     cfg = _cfg(world_cache, tmp_path / "b", "nlpo", steps=2, **rl)
     cfg.train.save_every = 2
+    cfg.model.lora = lora
     train_policy_gradient(cfg, "nlpo")
     cfg.train.max_steps, cfg.train.resume = 4, True
     resumed = train_policy_gradient(cfg, "nlpo")
@@ -156,6 +161,8 @@ def test_resume_restores_critic_kl_controller_and_action_mask(world_cache, tmp_p
                        weights_only=True)["algorithm"] for d in ("a", "b"))
     assert a["kl_controller"] == pytest.approx(b["kl_controller"])
     for part in ("critic", "action_mask"):
+        if lora is not None:
+            assert all("lora_" in k or k.startswith("head.") for k in a[part]["weights"])
         for name, tensor in a[part]["weights"].items():
             torch.testing.assert_close(tensor, b[part]["weights"][name], msg=f"{part}.{name}")
     torch.testing.assert_close(a["critic"]["optimizer"]["state"][0]["exp_avg"],

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import copy
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,10 @@ from alignlab.core.runtime import seed_everything
 from alignlab.data.formats import SFT_FORMATS, check_trainer_format
 from alignlab.data.loading import RowSet, load_rows, rows_from_list
 from alignlab.data.tokenize import TokenizedRows, tokenize_rows
+from alignlab.engine import distributed
 from alignlab.engine.prompts import PromptSource
-from alignlab.models.loading import load_model, load_tokenizer
+from alignlab.models.adapters import ADAPTER_DIR, has_adapters, is_quantized, merged, save_adapters
+from alignlab.models.loading import load_adapter, load_model, load_tokenizer, model_load_kwargs
 from alignlab.world.resolve import is_world, resolve_model_path, world_task
 
 
@@ -87,26 +89,37 @@ def load_training_rows(data: DataSection, world: WorldSection, tokenizer: Any) -
     return tokenized
 
 
-ADAPTER_DIR = "adapter"
-
-
 def save_final(model: torch.nn.Module, tokenizer: Any, cfg: BaseModel, output_dir: str | Path) -> Path:
     """Write ``<output_dir>/final`` (model, tokenizer, config) atomically. A LoRA run writes the
     merged model there (a plain ``AutoModelForCausalLM``) and the adapters alone, in PEFT's
     layout with the tokenizer, to ``final/adapter`` (``load_model`` and
-    ``PeftModel.from_pretrained`` read it)."""
+    ``PeftModel.from_pretrained`` read it). The merge makes new tensors on the CPU for the
+    adapted layers only and leaves the trained model as it is; a QLoRA run's adapters are merged
+    into its base reloaded unquantized on the CPU (merging into 4-bit weights would round them
+    again). With N processes rank 0 writes it and every rank returns once it is written."""
     final = Path(output_dir) / "final"
+    with distributed.main_first():
+        if distributed.is_main():
+            _save_final(model, tokenizer, cfg, output_dir, final)
+    return final
+
+
+def _save_final(model: torch.nn.Module, tokenizer: Any, cfg: BaseModel, output_dir: str | Path,
+                final: Path) -> None:
     tmp = final.with_name(".tmp-final")
-    lora = hasattr(model, "merge_and_unload")
-    # LoRA: save a merged copy and leave the trained model as is.
-    to_save = copy.deepcopy(model).merge_and_unload() if lora else model
+    shutil.rmtree(tmp, ignore_errors=True)
+    lora = has_adapters(model)
+    if lora:
+        save_adapters(model, tmp / ADAPTER_DIR)
+        tokenizer.save_pretrained(tmp / ADAPTER_DIR)
+    if lora and is_quantized(model):
+        trust = bool(getattr(getattr(cfg, "model", None), "trust_remote_code", False))
+        to_save = load_adapter(tmp / ADAPTER_DIR, model_load_kwargs("auto", trust, None))
+    else:
+        to_save = merged(model, device="cpu") if lora else model
     to_save.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    if lora:
-        model.save_pretrained(tmp / ADAPTER_DIR)
-        tokenizer.save_pretrained(tmp / ADAPTER_DIR)
     atomic_write_text(tmp / "alignlab_config.yaml", dump_config(cfg))
     replace_dir(tmp, final)
     # Only now is the run finished: a run that died before its final model never looks done.
     atomic_write_text(Path(output_dir) / "DONE", "final\n")
-    return final

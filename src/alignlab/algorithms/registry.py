@@ -32,6 +32,7 @@ ALGORITHMS: Registry[AlgorithmEntry] = Registry("algorithm", builtins=(
     "alignlab.algorithms.sft",
     "alignlab.algorithms.preference.trainer",
     "alignlab.algorithms.reward_model.trainer",
+    "alignlab.algorithms.preference_model.trainer",
     "alignlab.algorithms.policy_gradient.run",
     "alignlab.algorithms.online_preference.online_dpo",
     "alignlab.algorithms.online_preference.iterative_dpo",
@@ -39,4 +40,9 @@ ALGORITHMS: Registry[AlgorithmEntry] = Registry("algorithm", builtins=(
     "alignlab.algorithms.online_preference.nash_md",
     "alignlab.algorithms.online_preference.sppo",
     "alignlab.algorithms.online_preference.p3o",
+    "alignlab.algorithms.online_preference.selm",
+    "alignlab.algorithms.online_preference.vpo",
+    "alignlab.algorithms.online_preference.inpo",
+    "alignlab.algorithms.online_preference.dno",
+    "alignlab.algorithms.online_preference.egpo",
 ))

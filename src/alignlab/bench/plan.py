@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from alignlab.bench.config import BEST_OF_N, PLACEHOLDERS, BestOfNSection, StageSpec, SuiteConfig
-from alignlab.core.config import format_validation_error
+from alignlab.core.config import format_validation_error, set_dotted
 from alignlab.core.errors import ConfigError
 
 
@@ -45,27 +45,6 @@ class Job:
     def finished(self, run_dir: Path) -> bool:
         d = self.dir(run_dir)
         return (d / "DONE").exists() and (self.kind != "cell" or (d / "eval.json").exists())
-
-
-def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    """``data[a][b] = value`` for ``key = "a.b"``; a mapping value is merged into a mapping
-    already there (so ``set: {train: {lr: 1e-4}}`` keeps the other ``train`` keys), and replaces
-    anything else."""
-    parts = key.split(".")
-    node = data
-    for p in parts[:-1]:
-        child = node.get(p)
-        if child is None:
-            child = node[p] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"{key}: '{p}' is a value, not a section")
-        node = child
-    last = parts[-1]
-    if isinstance(value, dict) and isinstance(node.get(last), dict):
-        for k, v in value.items():
-            set_dotted(node[last], k, v)
-    else:
-        node[last] = value
 
 
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
@@ -118,9 +97,9 @@ def train_config(stage: StageSpec | Any, *, defaults: dict[str, Any], point: dic
         data = _read_yaml(path if path.is_absolute() else base_dir / path, where)
     for key, value in defaults.items():
         if key.split(".")[0] in cls.model_fields:
-            set_dotted(data, key, value)
+            set_dotted(data, key, value, merge=True)
     for key, value in [*stage.set.items(), *point.items(), *forced.items()]:
-        set_dotted(data, key, value)
+        set_dotted(data, key, value, merge=True)
     data = substitute(data, values, where)
     from pydantic import ValidationError
 
@@ -247,6 +226,10 @@ def _cell_config(suite: SuiteConfig, spec: Any, point: dict[str, Any], seed: int
         defaults["train.max_steps"] = suite.budget.steps
     if suite.budget.labels is not None and offline_prefs:
         defaults["data.limit"] = suite.budget.labels
+    judged = _judged_section(fields)
+    if suite.budget.labels is not None and judged is not None:
+        # An online preference cell asks its judge as it goes: the budget caps its new labels.
+        defaults[f"{judged}.judge.max_labels"] = suite.budget.labels
     return train_config(spec, defaults=defaults, point=point,
                         forced={"world": suite.world.model_dump(mode="json"), "train.seed": seed,
                                 "train.output_dir": str(output_dir)},
@@ -254,15 +237,29 @@ def _cell_config(suite: SuiteConfig, spec: Any, point: dict[str, Any], seed: int
                         where=where)
 
 
+def _judged_section(fields: dict[str, Any]) -> str | None:
+    """The config section of an online preference algorithm that holds its ``judge``."""
+    for name, f in fields.items():
+        inner = getattr(f.annotation, "model_fields", {})
+        if "judge" in inner and "max_labels" in getattr(inner["judge"].annotation, "model_fields", {}):
+            return name
+    return None
+
+
 def budget_of(cfg: dict[str, Any]) -> dict[str, Any]:
     """What a training cell may consume: optimizer steps; for online runs the samples drawn
-    (steps × prompts per step × n); for offline preference or reward runs the labelled rows
-    (``data.limit``, when set)."""
+    (steps × prompts per step × n) and, for online preference runs, the judge's label budget
+    (``judge.max_labels``; without one, online DPO's one pair per two samples); for offline
+    preference or reward runs the labelled rows (``data.limit``, when set)."""
     out: dict[str, Any] = {"steps": cfg["train"]["max_steps"]}
     if "rollout" in cfg:
         r = cfg["rollout"]
         out["samples"] = cfg["train"]["max_steps"] * r["prompts_per_step"] * r["n"]
-        if "online_dpo" in cfg:
+        judge = next((v["judge"] for v in cfg.values()
+                      if isinstance(v, dict) and isinstance(v.get("judge"), dict)), None)
+        if judge is not None and judge.get("max_labels") is not None:
+            out["labels"] = judge["max_labels"]
+        elif "online_dpo" in cfg:
             out["labels"] = out["samples"] // 2  # one judged pair per two samples
     elif "data" in cfg and ("preference" in cfg or "reward" in cfg):
         out["labels"] = cfg["data"].get("limit")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -71,22 +72,43 @@ def _print_world(world) -> None:
 @app.command()
 def train(algorithm: Annotated[str, typer.Argument(help="Algorithm name (see `alignlab list algorithms`).")],
           config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file.")] = None,
-          set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override, e.g. train.lr=1e-4 (repeatable).")] = None) -> None:
+          set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override, e.g. train.lr=1e-4 (repeatable).")] = None,
+          num_processes: Annotated[int, typer.Option("--num-processes", min=1, help="Data-parallel processes on this machine (gloo on CPU, nccl on GPUs); each takes 1/N of every batch (docs/scaling.md).")] = 1) -> None:
     """Train with ALGORITHM on the data and model named in the config.
 
     `alignlab train ALGORITHM --help` lists that trainer's config sections and fields."""
     from alignlab.algorithms.registry import ALGORITHMS
     from alignlab.core.config import load_config
-    from alignlab.engine.run import CONFIG_FILE
+    from alignlab.engine import distributed
+    from alignlab.engine.run import CONFIG_FILE, check_processes
 
     entry = ALGORITHMS.get(algorithm)
     cfg = load_config(entry.config_cls, config, set_ or [])
+    if num_processes > 1 and not distributed.launched():
+        check_processes(cfg, num_processes)  # before any process starts
+        sys.exit(distributed.launch(num_processes, _without_num_processes(sys.argv[1:])))
+    if distributed.launched() and os.environ.get("RANK", "0") != "0":
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- rank 0 alone reports progress
     out = Path(cfg.train.output_dir)
     console.print(f"[bold]alignlab train {algorithm}[/bold] → {out} (full config in "
                   f"{out / CONFIG_FILE})", highlight=False, soft_wrap=True)
     run = entry.run(cfg)
+    distributed.shutdown()  # every rank finished (a failing one ends the launch instead)
     result = getattr(run, "result", run)
     console.print(f"done: {result.step} steps in {result.seconds:.1f}s → {result.output_dir / 'final'}")
+
+
+def _without_num_processes(argv: list[str]) -> list[str]:
+    """``argv`` for each launched process: the same command without ``--num-processes``."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--num-processes":
+            skip = True
+        elif not arg.startswith("--num-processes="):
+            out.append(arg)
+    return out
 
 
 @app.command("eval")

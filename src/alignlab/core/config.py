@@ -34,6 +34,9 @@ class LoraSettings(Section):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: str | list[str] = "all-linear"
     modules_to_save: list[str] | None = None
+    quantize: Literal["4bit", "8bit"] | None = None
+    """QLoRA (Dettmers et al. 2023): the frozen weights stored in 4-bit NF4 (double-quantized)
+    or 8-bit by bitsandbytes; needs bitsandbytes and a CUDA GPU (``train.device`` auto/cuda)."""
 
 
 class ModelSection(Section):
@@ -79,6 +82,40 @@ class WorldSection(Section):
     """Defaults to ``$ALIGNLAB_CACHE`` or ``~/.cache/alignlab``."""
 
 
+class RaySection(Section):
+    """Where the roles of online training run under ``train.placement: ray``
+    (``engine/ray_placement.py``): rollout workers, each holding a copy of the policy, and one
+    reward worker (rewards, judges); the trainer updates in this process and sends the weights
+    to the rollout workers after every update. Needs ``pip install 'alignlab[ray]'``."""
+
+    address: str | None = None
+    """None: start a Ray instance on this machine for the run (stopped at its end); ``auto``:
+    join the cluster ``ray start --head`` started; ``ray://host:10001``: a remote cluster
+    through Ray Client. A Ray already initialised in this process is used as it is."""
+    num_rollout_workers: int = Field(2, gt=0)
+    """Actors sampling the rollouts; each takes a contiguous share of an iteration's prompts in
+    whole decode chunks (``rollout.batch_size // rollout.n`` prompts), so the samples are those
+    of one process with the same seed."""
+    num_cpus_per_worker: float = Field(1.0, gt=0)
+    """CPUs Ray reserves for each rollout worker; it decodes with that many torch threads (at
+    least 1)."""
+    num_gpus_per_worker: float = Field(0.0, ge=0)
+    """GPUs Ray reserves for each rollout worker (a fraction shares one GPU)."""
+    reward_worker: bool = True
+    """Score rewards and judge pairs on an actor of their own; false: in the trainer's process."""
+    reward_num_cpus: float = Field(1.0, gt=0)
+    """CPUs Ray reserves for the reward worker."""
+    reward_num_gpus: float = Field(0.0, ge=0)
+    """GPUs Ray reserves for the reward worker (a reward model or an LLM judge)."""
+    num_cpus: int | None = Field(None, gt=0)
+    """CPUs of a Ray instance started for the run (None: Ray counts them; unused when joining a
+    cluster)."""
+    object_store_memory_mb: int | None = Field(None, gt=0)
+    """Object store of a Ray instance started for the run (None: Ray's default, 30% of memory)."""
+    runtime_env: dict[str, Any] = {}
+    """Ray's ``runtime_env`` of the job (``env_vars``, ``working_dir``, ``pip``, ...)."""
+
+
 class TrainSection(Section):
     output_dir: str = "runs/sft"
     """The run directory: config.yaml, metrics.jsonl, tensorboard/, checkpoints/, final/, DONE."""
@@ -87,7 +124,9 @@ class TrainSection(Section):
     max_steps: int = Field(100, gt=0)
     """Optimizer steps (online trainers: iterations)."""
     batch_size: int = Field(16, gt=0)
-    """Micro-batch size (examples per forward pass)."""
+    """Micro-batch size (examples per forward pass). With N processes an offline trainer's
+    micro-batch is global, each process taking ``batch_size / N`` of it; an online learner's
+    stays the rows of one forward on each process (``docs/scaling.md``)."""
     grad_accum: int = Field(1, gt=0)
     """Micro-batches per optimizer step (the loss is normalised over all of them)."""
     lr: float = Field(1e-4, gt=0)
@@ -129,6 +168,37 @@ class TrainSection(Section):
     compute; turn it on only when memory needs it."""
 
 
+class VLLMSection(Section):
+    """The vLLM rollout backend (``rollout.backend: vllm``; ``rollout/vllm_backend.py``): a
+    ``vllm.LLM`` in the trainer's process, colocated on its GPU, its weights overwritten from the
+    policy before each rollout. Needs ``pip install 'alignlab[vllm]'`` and a CUDA GPU."""
+
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
+    """Fraction of the GPU vLLM takes for its weights and KV cache; the trainer shares the rest
+    (TRL's colocate default is 0.3 too)."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    """GPUs the rollout model is split over (vLLM's own worker processes)."""
+    dtype: Literal["train", "bfloat16", "float16", "float32"] = "train"
+    """vLLM's weight and compute dtype; ``train`` follows ``train.precision`` (fp32 or bf16), so
+    the sampler's log-probs differ from the trainer's by kernels only, not by precision."""
+    enforce_eager: bool = False
+    """No CUDA graphs (slower decoding, faster start, less memory)."""
+    max_model_len: int | None = Field(None, gt=0)
+    """Longest prompt + completion; None: the model config's maximum."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV cache of a repeated prompt prefix (the n samples of a prompt); the cache is
+    reset after every weight sync."""
+    lora_sync: Literal["merged", "adapter"] = "merged"
+    """With ``model.lora``: ``merged`` loads W + (alpha/r)·B·A into vLLM's plain weights each
+    sync (TRL's colocate mode; full-speed decoding); ``adapter`` writes the adapters alone and
+    samples through vLLM's LoRA kernels with a new ``LoRARequest`` per sync (verl's choice)."""
+    enable_sleep_mode: bool = False
+    """Free vLLM's weights and KV cache while the trainer updates (``LLM.sleep(level=2)``) and
+    reload them at the next sync; not with ``rl.max_staleness`` > 0, where both run at once."""
+    engine_kwargs: dict[str, Any] = {}
+    """Further keywords for ``vllm.LLM`` (e.g. ``max_num_seqs``, ``quantization``)."""
+
+
 class RolloutSection(Section):
     prompts: str = "world:positive"
     """``world:<task>`` (the task's train prompts) or a JSONL/Parquet file of ``prompt_only`` rows
@@ -144,6 +214,11 @@ class RolloutSection(Section):
     """Nucleus sampling: keep the smallest set of tokens with this much probability."""
     batch_size: int = Field(64, gt=0)
     """Sequences decoded together (prompts x n)."""
+    backend: Literal["builtin", "vllm"] = "builtin"
+    """The sampler: alignlab's built-in engine on the policy module, or vLLM (a GPU and the
+    ``vllm`` extra; the policy-gradient trainers; settings in ``rollout.vllm``)."""
+    vllm: VLLMSection = VLLMSection()
+    """Settings of the vLLM backend (used only with ``backend: vllm``)."""
 
 
 class OnlineTrainSection(TrainSection):
@@ -157,6 +232,11 @@ class OnlineTrainSection(TrainSection):
     log_every: int = Field(1, gt=0)
     save_every: int | None = Field(25, gt=0)
     """Write a checkpoint every this many iterations and at the last (None: never)."""
+    placement: Literal["local", "ray"] = "local"
+    """Where the roles run: ``local``, all in this process; ``ray``, rollout and reward workers
+    as Ray actors (``train.ray``), the update here. Same seed, same samples and updates."""
+    ray: RaySection = RaySection()
+    """Ray settings (used only with ``placement: ray``)."""
 
 
 class EvalSection(Section):
@@ -174,24 +254,37 @@ class EvalSection(Section):
 C = TypeVar("C", bound=BaseModel)
 
 
+def set_dotted(data: dict[str, Any], key: str, value: Any, *, merge: bool = False,
+               where: str = "") -> None:
+    """``data[a][b] = value`` for ``key = "a.b"``, creating missing sections. ``merge``: a
+    mapping value is merged key by key into a mapping already there (so ``{train: {lr: 1e-4}}``
+    keeps the other ``train`` keys) and replaces anything else. Errors start with ``where``."""
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"{where}empty key {key!r}")
+    node = data
+    for p in parts[:-1]:
+        child = node.get(p)
+        if child is None:
+            child = node[p] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{where}{key}: '{p}' is a value, not a section")
+        node = child
+    last = parts[-1]
+    if merge and isinstance(value, dict) and isinstance(node.get(last), dict):
+        for k, v in value.items():
+            set_dotted(node[last], k, v, merge=True, where=where)
+    else:
+        node[last] = value
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``a.b=c`` overrides; values are parsed as YAML (``1e-4``, ``true``, ``[1,2]``)."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
-        parts = [p for p in key.strip().split(".") if p]
-        if not parts:
-            raise ConfigError(f"--set has an empty key in {item!r}")
-        node = data
-        for p in parts[:-1]:
-            child = node.get(p)
-            if child is None:
-                child = node[p] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {key}: '{p}' is a value, not a section")
-            node = child
-        node[parts[-1]] = _parse_override(raw)
+        set_dotted(data, key, _parse_override(raw), where="--set ")
     return data
 
 

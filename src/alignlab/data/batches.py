@@ -1,4 +1,8 @@
-"""Resumable micro-batch streams: a shuffled pass per epoch, positioned by (epoch, index)."""
+"""Resumable micro-batch streams: a shuffled pass per epoch, positioned by (epoch, index).
+
+With N processes every rank walks the same stream and collates its own contiguous share of
+each micro-batch (``shard``), so the position, and a checkpoint of it, is the same on all ranks.
+"""
 
 from __future__ import annotations
 
@@ -28,6 +32,12 @@ class EpochBatches:
         n = len(examples)
         self.batches_per_epoch = n // batch_size if drop_last and n >= batch_size else -(-n // batch_size)
         self.epoch, self.index = 0, 0
+        self.part = slice(None)  # this process's share of each micro-batch (``shard``)
+
+    def shard(self, part: slice) -> None:
+        """Collate only ``ids[part]`` of each micro-batch's ``batch_size`` examples (the
+        engine gives each of N processes a contiguous ``batch_size / N``)."""
+        self.part = part
 
     def _order(self, epoch: int) -> list[int]:
         if not self.shuffle:
@@ -40,6 +50,7 @@ class EpochBatches:
             order = self._order(self.epoch)
             while self.index < self.batches_per_epoch:
                 ids = order[self.index * self.batch_size:(self.index + 1) * self.batch_size]
+                ids = ids[self.part]
                 self.index += 1
                 yield self.collate([self.examples[i] for i in ids])
             self.epoch, self.index = self.epoch + 1, 0

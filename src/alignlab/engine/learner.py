@@ -7,6 +7,10 @@ index order, so the completions of one prompt stay together. A unit is only an i
 builds the micro-batch of any list of indices, so the learner never knows the batch's shape.
 Micro-batches go through the offline loop's ``forward_backward``/``optimizer_step``, so the
 ``num_items`` contract holds: the split into micro-batches does not change the update.
+
+With N processes each rank holds the units of its own prompts. The minibatches are drawn from
+one permutation of *all* ranks' units (the same generator on every rank), each rank training
+on those of its own: the update is the one-process update of the concatenated units.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 
 from alignlab.core.config import TrainSection
 from alignlab.core.runtime import pick_device, resolve_precision
+from alignlab.engine import distributed
 from alignlab.engine.loop import (
     Algorithm,
     build_optimizer,
@@ -65,6 +70,7 @@ class Learner:
         for group in extra_groups:
             self.optimizer.add_param_group({"weight_decay": 0.0, **group})
             self.params += list(group["params"])
+        distributed.broadcast([*model.parameters(), *model.buffers(), *self.params])
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.epochs, self.minibatch_size = epochs, minibatch_size
         self.micro_batch_size = micro_batch_size or cfg.batch_size
@@ -74,24 +80,33 @@ class Learner:
     def update(self, units: Units) -> dict[str, float]:
         """``epochs`` passes over shuffled minibatches, one optimizer step each; one LR step."""
         self.model.train()
-        n = units.n
+        n, offset, many = units.n, 0, distributed.active()
+        if many:  # the units of all ranks, this rank's from ``offset``
+            counts = [int(c) for c in distributed.gather(units.n)]
+            n, offset = sum(counts), sum(counts[:distributed.rank()])
         mb = min(self.minibatch_size or n, n)
         sums: dict[str, float] = {}
         count = 0
         for _ in range(self.epochs):
             order = torch.randperm(n, generator=self.generator)
             for start in range(0, n, mb):
+                idx = order[start:start + mb]
+                if many:
+                    idx = idx[(idx >= offset) & (idx < offset + units.n)] - offset
                 # A minibatch's gradient does not depend on the order of its units; in index
                 # order each micro-batch holds whole groups (a prompt's completions are
                 # adjacent), which prefix sharing computes once per prompt.
-                idx = order[start:start + mb].sort().values
+                idx = idx.sort().values
                 micro = [units.take(idx[j:j + self.micro_batch_size])
                          for j in range(0, len(idx), self.micro_batch_size)]
                 micro = [m for m in micro if self.objective.num_items(m) > 0]
-                if not micro:
+                if not micro and not many:
                     continue
-                loss, _, metrics = forward_backward(self.model, self.objective, micro, self.device,
-                                                    self.precision, step=self.updates + 1)
+                window = forward_backward(self.model, self.objective, micro, self.device,
+                                          self.precision, step=self.updates + 1, allow_empty=True)
+                if window is None:  # no rank had anything to learn from in this minibatch
+                    continue
+                loss, _, metrics = window
                 grad_norm = optimizer_step(self.params, self.optimizer, self.cfg.max_grad_norm,
                                            step=self.updates + 1)
                 self.updates += 1

@@ -5,6 +5,13 @@ tokens, pairs, sequences) and ``loss(model, batch) -> LossOutput`` whose ``loss_
 *sum* over those units. The loop divides every micro-batch's sum by the total ``num_items``
 of the whole accumulation window, so ``grad_accum`` micro-batches of ``b`` give exactly the
 loss and gradient of one batch of ``grad_accum * b``.
+
+With N processes (``engine/distributed.py``) each rank takes ``batch_size / N`` of every
+micro-batch, the item count is summed over the ranks before dividing and the gradients are
+summed after the backward passes: the update of one process with the window split N ways. An
+objective with state of its own (BCO's reward shift) may define ``sync_across_ranks()``, called
+on every rank after each window's micro-batches; ``loss`` itself must not call collectives (in
+the online learner the ranks run different numbers of micro-batches).
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from typing import Any, Protocol
 import torch
 
 from alignlab.core.config import TrainSection
-from alignlab.core.errors import NonFiniteError
+from alignlab.core.errors import ConfigError, NonFiniteError
 from alignlab.core.runtime import (
     autocast,
     pick_device,
@@ -28,6 +35,7 @@ from alignlab.core.runtime import (
     seed_everything,
     to_device,
 )
+from alignlab.engine import distributed
 from alignlab.engine.run import TrainingRun
 from alignlab.models.checkpointing import enable_gradient_checkpointing
 
@@ -101,6 +109,13 @@ def train(model: torch.nn.Module, algorithm: Algorithm, batches: Iterable[dict[s
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     params = [p for p in model.parameters() if p.requires_grad]
+    if distributed.active():
+        if not hasattr(batches, "shard"):
+            raise ConfigError("train: with several processes the micro-batches must come from "
+                              "a stream that can be sharded (data.batches.EpochBatches)")
+        batches.shard(distributed.share(cfg.batch_size, "examples per micro-batch",
+                                        "train.batch_size"))
+        distributed.broadcast_module(model)
     opt = build_optimizer(model, cfg)
     sched = build_scheduler(opt, cfg)
 
@@ -140,41 +155,75 @@ def train(model: torch.nn.Module, algorithm: Algorithm, batches: Iterable[dict[s
 
 def forward_backward(model: torch.nn.Module, algorithm: Algorithm, micro: list[dict[str, Any]],
                      device: torch.device, precision: str = "fp32", *, step: int = 0,
-                     context: dict[str, Any] | None = None) -> tuple[float, float, dict[str, float]]:
+                     context: dict[str, Any] | None = None, allow_empty: bool = False
+                     ) -> tuple[float, float, dict[str, float]] | None:
     """Accumulate the gradient of one optimizer step over ``micro``-batches.
 
     Each micro-batch's ``loss_sum`` is divided by the ``num_items`` of the whole window, so the
     result equals one forward/backward over the concatenated batch. Returns (loss, num_items,
     metrics): each metric is averaged over the micro-batches weighted by their ``num_items``, so
     a mean over the loss's items (tokens, pairs) is the window's mean however it is split.
+    With N processes the window is every rank's micro-batches: ``num_items``, the loss and the
+    metrics are summed over the ranks (the gradients are summed by ``optimizer_step``).
+    ``allow_empty``: a window with no items returns None instead of raising.
     """
     items = [float(algorithm.num_items(b)) for b in micro]
-    denom = sum(items)
+    many = distributed.active()
+    denom = distributed.global_sum([sum(items)])[0] if many else sum(items)
     if denom <= 0:
+        if allow_empty:
+            return None
         raise NonFiniteError(f"step {step}: the batch has nothing to train on "
                              "(num_items is 0; are all loss masks empty?)")
     sums: dict[str, float] = defaultdict(float)
     loss_total = 0.0
+    failure = None
     for i, b in enumerate(micro):
         b = to_device(b, device)
         with autocast(device, precision):
             out = algorithm.loss(model, b)
         loss = out.loss_sum.float() / denom
         if not torch.isfinite(loss):
-            raise NonFiniteError(
-                f"step {step}, micro-batch {i + 1}: the loss is {loss.item()}; training stopped. "
-                f"Last logged metrics: {context or {}}. "
-                "Try a lower train.lr, train.precision=fp32, or check the data and rewards.")
+            failure = (f"step {step}, micro-batch {i + 1}"
+                       f"{f' of rank {distributed.rank()}' if many else ''}: the loss is "
+                       f"{loss.item()}; training stopped. Last logged metrics: {context or {}}. "
+                       "Try a lower train.lr, train.precision=fp32, or check the data and rewards.")
+            if not many:
+                raise NonFiniteError(failure)
+            break  # the other ranks learn of it below, so every rank stops together
         loss.backward()
         loss_total += loss.item()
         for k, v in out.metrics.items():
             sums[k] += float(v) * items[i] / denom
+    if many:
+        sync = getattr(algorithm, "sync_across_ranks", None)
+        if sync is not None:  # an objective's state (BCO's δ): the same on every rank again
+            sync()
+        loss_total, sums, failure = _sum_over_ranks(loss_total, sums, failure)
     return loss_total, denom, dict(sums)
+
+
+def _sum_over_ranks(loss: float, sums: dict[str, float], failure: str | None
+                    ) -> tuple[float, dict[str, float], None]:
+    """Every rank's loss and weighted metric sums added up (a metric some rank did not log
+    counts 0 there, as a micro-batch without it does in one process); raises on every rank
+    when any rank's loss was not finite."""
+    parts = distributed.gather((loss, dict(sums), failure))
+    failures = [f for _, _, f in parts if f is not None]
+    if failures:
+        raise NonFiniteError(failures[0])
+    total: dict[str, float] = defaultdict(float)
+    for _, part, _ in parts:
+        for k, v in part.items():
+            total[k] += v
+    return sum(p[0] for p in parts), total, None
 
 
 def optimizer_step(params: list[torch.Tensor], opt: torch.optim.Optimizer,
                    max_grad_norm: float | None, *, step: int = 0) -> torch.Tensor:
-    """Clip the accumulated gradient, refuse a non-finite one, step and zero it; the grad norm."""
+    """Sum the gradient over the ranks (with N processes), clip it, refuse a non-finite one,
+    step and zero it; the grad norm (the same on every rank)."""
+    distributed.reduce_gradients(params)
     grad_norm = (torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
                  if max_grad_norm else _grad_norm(params))
     if not torch.isfinite(grad_norm):

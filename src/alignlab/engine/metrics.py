@@ -54,6 +54,20 @@ class MetricsLogger:
             self._wandb.finish()
 
 
+class MemoryLogger:
+    """``MetricsLogger``'s history without its files: the logger of ranks other than 0."""
+
+    def __init__(self) -> None:
+        self.history: list[dict[str, Any]] = []
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.history.append({"step": step, "time": round(time.time(), 3),
+                             **{k: _plain(v) for k, v in metrics.items()}})
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
 def open_wandb(run_dir: Path, config: dict[str, Any] | None) -> Any:
     """A W&B run logging to ``run_dir/wandb``, resuming the one this directory started."""
     try:

@@ -12,6 +12,10 @@ anything slow is loaded: a path that is a file or cannot be
 written is refused at once, and so is a directory that holds an earlier run, unless
 ``train.resume`` continues it or ``train.overwrite`` replaces it (reusing it silently would mix
 old checkpoints, metrics and ``final/`` into the new run).
+
+With N processes (``engine/distributed.py``) rank 0 prepares the directory before the others
+look at it, and is the only one to write in it (config, metrics, checkpoints); every rank reads
+the same checkpoint on resume, and a stop signal on any rank stops all of them at one step.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from alignlab.core import notices
 from alignlab.core.config import TrainSection, dump_config
 from alignlab.core.errors import AlignlabError, ConfigError
 from alignlab.core.io import atomic_write_text
+from alignlab.engine import distributed
 from alignlab.engine.checkpoint import (
     CheckpointError,
     earlier_checkpoints,
@@ -40,7 +45,7 @@ from alignlab.engine.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from alignlab.engine.metrics import MetricsLogger
+from alignlab.engine.metrics import MemoryLogger, MetricsLogger
 from alignlab.engine.progress import Progress
 
 # What a run writes into its directory; other files (caches such as the reference log-probs)
@@ -56,7 +61,24 @@ class Interrupted(AlignlabError):
 
 
 def prepare_output_dir(cfg: TrainSection) -> Path:
-    """The run directory, created, writable and free of an earlier run (see the module doc)."""
+    """The run directory, created, writable and free of an earlier run (see the module doc).
+    With N processes rank 0 decides (and may clear an earlier run) and the others take its
+    answer: a check of their own could see the files rank 0 starts writing at once."""
+    if not distributed.active():
+        return _prepare_output_dir(cfg)
+    error = None
+    if distributed.is_main():
+        try:
+            _prepare_output_dir(cfg)
+        except ConfigError as exc:
+            error = str(exc)
+    error = distributed.gather(error)[0]
+    if error is not None:
+        raise ConfigError(error)
+    return Path(cfg.output_dir)
+
+
+def _prepare_output_dir(cfg: TrainSection) -> Path:
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"field 'train.output_dir': {out} is a file, not a directory")
@@ -82,15 +104,32 @@ def prepare_output_dir(cfg: TrainSection) -> Path:
 
 
 def prepare_run(cfg: Any) -> Path:
-    """``prepare_output_dir(cfg.train)``, then the whole config written to
+    """Join the process group when a launcher started several processes (``distributed``), then
+    ``prepare_output_dir(cfg.train)`` and the whole config written to
     ``<output_dir>/config.yaml`` (the console shows one line, not the dump). A resumed run
     rewrites it with the config it resumed with."""
+    if distributed.setup(cfg.train.device):
+        check_processes(cfg, distributed.world_size())
     out = prepare_output_dir(cfg.train)
     if "wandb" in cfg.train.report_to and importlib.util.find_spec("wandb") is None:
         raise ConfigError("field 'train.report_to': 'wandb' needs the wandb package "
                           "(pip install wandb)")
-    atomic_write_text(out / CONFIG_FILE, dump_config(cfg))
+    if distributed.is_main():
+        atomic_write_text(out / CONFIG_FILE, dump_config(cfg))
     return out
+
+
+def check_processes(cfg: Any, processes: int) -> None:
+    """A ConfigError, before anything is loaded, when ``processes`` cannot share the batches:
+    offline ``train.batch_size`` examples, online ``rollout.prompts_per_step`` prompts (a
+    prompt's group of completions stays on one process)."""
+    rollout = getattr(cfg, "rollout", None)
+    if rollout is not None and hasattr(rollout, "prompts_per_step"):
+        distributed.check_split(rollout.prompts_per_step, processes, "prompts per step",
+                                "rollout.prompts_per_step")
+    else:
+        distributed.check_split(cfg.train.batch_size, processes, "examples per micro-batch",
+                                "train.batch_size")
 
 
 class TrainingRun:
@@ -121,16 +160,20 @@ class TrainingRun:
             raise CheckpointError(f"no complete checkpoint in {ckpt.parent} could be loaded")
         ckpt = candidate
         step = int(state["step"])
-        _drop_metrics_after(self.output_dir / "metrics.jsonl", step)
-        print(f"resumed from step {step} ({ckpt})")
+        if distributed.is_main():
+            _drop_metrics_after(self.output_dir / "metrics.jsonl", step)
+            print(f"resumed from step {step} ({ckpt})")
         return step, state
 
     def open(self, start_step: int) -> TrainingRun:
         notices.reset()  # each run shows each warning's cause once
+        main = distributed.is_main()
         self.logger = MetricsLogger(self.output_dir, tensorboard=self.cfg.tensorboard,
                                     purge_step=start_step + 1 if start_step else None,
-                                    wandb="wandb" in self.cfg.report_to, config=self._config())
-        self.progress = Progress(self.cfg.max_steps, start_step, self.cfg.progress, self.description)
+                                    wandb="wandb" in self.cfg.report_to,
+                                    config=self._config()) if main else MemoryLogger()
+        self.progress = Progress(self.cfg.max_steps, start_step, self.cfg.progress and main,
+                                 self.description)
         self._catch_signals()
         return self
 
@@ -153,12 +196,14 @@ class TrainingRun:
         if step % self.cfg.log_every == 0 or last:
             self.logger.log(step, metrics)
         self.progress.update(info)
-        stop = self._signal is not None
+        stop = distributed.any_rank(self._signal is not None)
         if stop or (self.cfg.save_every and (step % self.cfg.save_every == 0 or last)):
-            save_checkpoint(self.output_dir, step, self.model, state(),
-                            keep=self.cfg.save_total_limit)
+            trainer_state = state()  # on every rank: it may gather each rank's part
+            if distributed.is_main():
+                save_checkpoint(self.output_dir, step, self.model, trainer_state,
+                                keep=self.cfg.save_total_limit)
         if stop:
-            name = signal.Signals(self._signal).name
+            name = signal.Signals(self._signal or signal.SIGTERM).name
             raise Interrupted(f"{name} at step {step}: checkpoint written to "
                               f"{self.output_dir / 'checkpoints'}; continue with "
                               "--set train.resume=true")
@@ -171,7 +216,7 @@ class TrainingRun:
             self.progress.close()
         if self.logger is not None:
             self.logger.close()
-        for cause, n in notices.repeated().items():
+        for cause, n in (notices.repeated() if distributed.is_main() else {}).items():
             print(f"warning {cause!r} occurred {n} more time(s) after the first (see "
                   f"{self.output_dir / 'metrics.jsonl'})")
 

@@ -113,10 +113,25 @@ def centering_penalty(rewards: Tensor, mask: Tensor | None = None, coef: float =
     return coef * rewards.sum(-1).square()
 
 
+def preference_model_bce(logits: Tensor, targets: Tensor) -> Tensor:
+    """Binary cross-entropy of a general pairwise preference model, per ordered pair:
+    ``−t·log σ(s) − (1 − t)·log σ(−s)``, ``s = s(x, y₁, y₂)`` its logit that the response shown
+    first wins and ``t`` the label (1: y₁ preferred, 0: y₂, ½: a tie).
+
+    The preference model of Munos et al. 2023, "Nash Learning from Human Feedback" (§3),
+    trained as the pairwise preference model of Dong et al. 2024, "RLHF Workflow: From Reward
+    Modeling to Online RLHF" (there on the label tokens' logits; here a scalar head). The
+    trainer puts both orders of every pair in the batch (t and 1 − t). Not in
+    ``REWARD_MODEL_LOSSES``: it reads one logit per *pair*, not a reward per response.
+    """
+    return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype), reduction="none")
+
+
 def loss_format(name: str) -> str:
     """The row format reward-model loss ``name`` learns from."""
     return REWARD_MODEL_LOSSES.get(name).data_format
 
 
 __all__ = ["REWARD_MODEL_LOSSES", "bradley_terry_loss", "bradley_terry_margin_loss",
-           "plackett_luce_loss", "mse_loss", "centering_penalty", "loss_format"]
+           "plackett_luce_loss", "mse_loss", "centering_penalty", "loss_format",
+           "preference_model_bce"]

@@ -12,6 +12,13 @@ w_t built from ρ_t = π_old(y_t)/π_rollout(y_t) = exp(old_logprobs − rollout
   2025, "When Speed Kills Stability: Demystifying RL Collapse from the Training-Inference
   Mismatch".
 
+Both are entries of ``ROLLOUT_CORRECTIONS`` (aliases ``truncated``, ``masked``): a weight
+function of the log-ratio and the band, so a variant is one registration away.
+
+The same weights correct stale samples of asynchronous RL (``rl.max_staleness``): the sampler
+is then the policy of s updates ago, and π_old the current one, exactly the decoupled
+objective of AReaL (Fu et al. 2025) with its behaviour-policy weight truncated.
+
 ``level="sequence"`` uses one ratio per completion, exp(Σ_t log ρ_t), for all its tokens (TRL's
 ``sequence_*`` modes). This is the decoupled-PPO weight (Hilton et al. 2021): the PPO ratio
 stays π/π_old, the weight corrects π_old against the sampler.
@@ -27,8 +34,25 @@ import torch
 from torch import Tensor
 
 from alignlab.core.errors import ConfigError
+from alignlab.core.registry import Registry
 from alignlab.losses.advantages import masked_mean
 from alignlab.losses.kl import LOG_RATIO_CLAMP
+
+ROLLOUT_CORRECTIONS: Registry = Registry("rollout correction mode")
+
+
+@ROLLOUT_CORRECTIONS.register("tis", "truncated")
+def truncated_weights(log_ratio: Tensor, log_low: float, log_high: float) -> Tensor:
+    """TIS (Yao et al. 2025): w = clip(ρ, low, high), from log ρ (clamped before exp)."""
+    return log_ratio.clamp(log_low, log_high).clamp(max=LOG_RATIO_CLAMP).exp()
+
+
+@ROLLOUT_CORRECTIONS.register("mis", "masked")
+def masked_weights(log_ratio: Tensor, log_low: float, log_high: float) -> Tensor:
+    """MIS (Liu, Li et al. 2025): w = ρ inside [low, high] (inclusive), else 0."""
+    outside = (log_ratio < log_low) | (log_ratio > log_high)
+    return torch.where(outside, torch.zeros_like(log_ratio),
+                       log_ratio.clamp(max=LOG_RATIO_CLAMP).exp())
 
 
 @dataclass(frozen=True)
@@ -37,7 +61,7 @@ class RolloutCorrection:
 
     ``low``/``high`` bound ρ (None: unbounded on that side); the defaults are TIS's cap C = 2."""
 
-    mode: Literal["tis", "mis"] = "tis"
+    mode: Literal["tis", "mis", "truncated", "masked"] = "tis"
     level: Literal["token", "sequence"] = "token"
     low: float | None = None
     high: float | None = 2.0
@@ -49,10 +73,10 @@ def rollout_correction(old_logprobs: Tensor, rollout_logprobs: Tensor, mask: Ten
     """``(weights [B,T], metrics)``: TIS/MIS weights from ρ = exp(old_logprobs − rollout_logprobs).
 
     The weights are detached (ρ involves no θ: both log-probs are frozen for the update) and 0
-    outside ``mask``. Metrics: mean and max |Δlogp| over completion tokens, the mean ρ and
-    weight, and the fraction of tokens whose ρ was truncated (``tis``) or masked (``mis``)."""
-    if correction.mode not in ("tis", "mis"):
-        raise ConfigError(f"rollout correction mode must be 'tis' or 'mis', got {correction.mode!r}")
+    outside ``mask``. Metrics: mean and max |Δlogp| over completion tokens, the mean and max ρ,
+    the mean weight, and the fraction of tokens whose ρ was truncated (``tis``) or masked
+    (``mis``)."""
+    weight_fn = ROLLOUT_CORRECTIONS.get(correction.mode)
     if correction.level not in ("token", "sequence"):
         raise ConfigError(f"rollout correction level must be 'token' or 'sequence', got "
                           f"{correction.level!r}")
@@ -69,18 +93,17 @@ def rollout_correction(old_logprobs: Tensor, rollout_logprobs: Tensor, mask: Ten
         log_low = -math.inf if not correction.low else math.log(correction.low)
         log_high = math.inf if correction.high is None else math.log(correction.high)
         outside = (log_ratio < log_low) | (log_ratio > log_high)
-        if correction.mode == "tis":
-            weights = log_ratio.clamp(log_low, log_high).clamp(max=LOG_RATIO_CLAMP).exp()
-        else:
-            weights = torch.where(outside, torch.zeros_like(log_ratio),
-                                  log_ratio.clamp(max=LOG_RATIO_CLAMP).exp())
+        weights = weight_fn(log_ratio, log_low, log_high)
         weights = torch.where(keep, weights, torch.zeros_like(weights))
         abs_diff = diff.abs()
-        name = "truncated_fraction" if correction.mode == "tis" else "masked_fraction"
+        ratio = log_ratio.clamp(max=LOG_RATIO_CLAMP).exp()
+        name = "masked_fraction" if weight_fn is masked_weights else "truncated_fraction"
+        none = abs_diff.new_zeros(())
         metrics = {
             "rollout_is/abs_logp_diff_mean": masked_mean(abs_diff, mask),
-            "rollout_is/abs_logp_diff_max": abs_diff.max() if keep.any() else abs_diff.new_zeros(()),
-            "rollout_is/ratio_mean": masked_mean(log_ratio.clamp(max=LOG_RATIO_CLAMP).exp(), mask),
+            "rollout_is/abs_logp_diff_max": abs_diff.max() if keep.any() else none,
+            "rollout_is/ratio_mean": masked_mean(ratio, mask),
+            "rollout_is/ratio_max": ratio[keep].max() if keep.any() else none,
             "rollout_is/weight_mean": masked_mean(weights, mask),
             f"rollout_is/{name}": masked_mean((outside & keep).float(), mask),
         }

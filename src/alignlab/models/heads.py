@@ -9,6 +9,11 @@ On disk: the standard ``XForSequenceClassification`` checkpoint (``score`` weigh
 ``AutoModelForSequenceClassification`` as TRL's reward models are. Loading also accepts any such
 checkpoint with ``num_labels=1`` and alignlab's older layout (backbone + ``scalar_head.*``); all
 share this interface and work on packed batches.
+
+LoRA (:meth:`CausalLMWithScalarHead.add_lora`): adapters on the body, the head trained whole
+(what peft's ``modules_to_save`` does for a classifier's ``score``). Saved as the merged model in
+the usual layout plus ``adapter/`` (peft's adapter layout of the body, the head's
+``scalar_head.*`` files), which :meth:`CausalLMWithScalarHead.from_pretrained` also reads.
 """
 
 from __future__ import annotations
@@ -23,9 +28,25 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from alignlab.core.config import LoraSettings
 from alignlab.core.errors import ConfigError
+from alignlab.models.adapters import (
+    ADAPTER_DIR,
+    apply_lora,
+    has_adapters,
+    is_quantized,
+    merged,
+    quantization_kwargs,
+    quiet_peft,
+    save_adapters,
+)
 from alignlab.models.backbone import find_decoder
-from alignlab.models.loading import freeze, from_pretrained_checked, model_load_kwargs
+from alignlab.models.loading import (
+    ADAPTER_CONFIG,
+    freeze,
+    from_pretrained_checked,
+    model_load_kwargs,
+)
 from alignlab.models.logprobs import hidden_states, sequence_values
 
 HEAD_WEIGHTS = "scalar_head.safetensors"
@@ -44,6 +65,10 @@ def _as_backbone(model: nn.Module) -> nn.Module:
     decoder = find_decoder(model)
     if decoder is not None:
         return decoder
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):  # a body with adapters: they stay in its layers
+        return model.get_base_model()
     if hasattr(model, "config"):
         return model  # already a base model such as LlamaModel (get_decoder returns itself)
     raise ConfigError(f"cannot find the transformer body of {type(model).__name__}")
@@ -83,6 +108,13 @@ class CausalLMWithScalarHead(nn.Module):
         values = self.head(hidden_states(self.backbone, batch).float())
         return values.squeeze(-1) if self.num_heads == 1 else values
 
+    def add_lora(self, lora: LoraSettings) -> "CausalLMWithScalarHead":
+        """Train LoRA adapters on the body instead of all its weights (frozen); the head keeps
+        training whole, as peft's ``modules_to_save`` trains a classifier's ``score``."""
+        adapted = apply_lora(self.backbone, lora, task_type="FEATURE_EXTRACTION")
+        self.backbone = _as_backbone(adapted)
+        return self
+
     def sequence_values(self, batch: dict[str, Any]) -> Tensor:
         """The value (reward) at each sequence's last token: ``[S]`` (``[S,K]``); sequences that
         share a prompt (a pair's chosen and rejected) compute it once where prefix sharing
@@ -97,12 +129,18 @@ class CausalLMWithScalarHead(nn.Module):
         config.json (``alignlab_score_bias``), which alignlab's loader re-applies exactly and HF
         ignores (its scores are then ``r − b``, a shift per head that leaves every comparison
         unchanged; zero for heads trained without a bias). Architectures without a
-        sequence-classification class keep the older layout (backbone + ``scalar_head.*``)."""
-        if any(hasattr(m, "lora_A") for m in self.backbone.modules()):
-            raise ConfigError("the backbone holds LoRA layers: merge them (merge_and_unload) "
-                              "before saving a scalar-head model")
+        sequence-classification class keep the older layout (backbone + ``scalar_head.*``).
+        With LoRA the body is saved merged, and the adapters with the head in ``adapter/``
+        (a QLoRA body is merged into its base reloaded unquantized on the CPU)."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
+        if has_adapters(self.backbone):
+            save_adapters(self.backbone, out / ADAPTER_DIR)
+            self._save_head(out / ADAPTER_DIR)
+            plain = (type(self).from_pretrained(out / ADAPTER_DIR) if is_quantized(self.backbone)
+                     else type(self)(merged(self.backbone, device="cpu"), head=self.head))
+            plain.save_pretrained(out, pad_token_id=pad_token_id)
+            return
         name = _classifier_class_name(self.config)
         if name is None:
             self._save_scalar_head_layout(out)
@@ -129,9 +167,13 @@ class CausalLMWithScalarHead(nn.Module):
         classifier.save_pretrained(out)
 
     def _save_scalar_head_layout(self, out: Path) -> None:
+        self.backbone.save_pretrained(out)
+        self._save_head(out)
+
+    def _save_head(self, out: Path) -> None:
         from safetensors.torch import save_file
 
-        self.backbone.save_pretrained(out)
+        out.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}
         save_file(tensors, str(out / HEAD_WEIGHTS))
         meta = {"format": _FORMAT, "version": 1, "num_heads": self.num_heads,
@@ -144,10 +186,13 @@ class CausalLMWithScalarHead(nn.Module):
                         attn_implementation: str | None = None) -> "CausalLMWithScalarHead":
         """Restore what ``save_pretrained`` wrote, in either layout: a sequence-classification
         checkpoint (any ``AutoModelForSequenceClassification`` reward model with
-        ``num_labels=1``, or alignlab's with one label per head) or the older backbone +
-        ``scalar_head.*`` directory. No pickle anywhere."""
+        ``num_labels=1``, or alignlab's with one label per head), the older backbone +
+        ``scalar_head.*`` directory, or a LoRA run's ``adapter/`` (merged into the base its
+        ``adapter_config.json`` names). No pickle anywhere."""
         root = Path(directory).expanduser()
-        if (root / HEAD_CONFIG).is_file() or (root / HEAD_WEIGHTS).is_file():
+        if (root / ADAPTER_CONFIG).is_file() and not (root / "config.json").is_file():
+            model = cls._from_adapter(root, dtype, trust_remote_code, attn_implementation)
+        elif (root / HEAD_CONFIG).is_file() or (root / HEAD_WEIGHTS).is_file():
             model = cls._from_scalar_head_layout(root, dtype, trust_remote_code, attn_implementation)
         else:
             model = cls._from_classifier(directory, dtype, trust_remote_code, attn_implementation)
@@ -158,20 +203,29 @@ class CausalLMWithScalarHead(nn.Module):
     @classmethod
     def _from_scalar_head_layout(cls, root: Path, dtype: str | torch.dtype, trust_remote_code: bool,
                                  attn_implementation: str | None) -> "CausalLMWithScalarHead":
-        from safetensors.torch import load_file
         from transformers import AutoModel
 
-        if not (root / HEAD_CONFIG).is_file() or not (root / HEAD_WEIGHTS).is_file():
-            raise ConfigError(f"'{root}' is not a scalar-head checkpoint: {HEAD_CONFIG} and "
-                              f"{HEAD_WEIGHTS} are required")
-        meta = json.loads((root / HEAD_CONFIG).read_text())
-        if meta.get("format") != _FORMAT:
-            raise ConfigError(f"{root / HEAD_CONFIG}: unknown format {meta.get('format')!r}")
+        head = _load_head(root)
         backbone = from_pretrained_checked(
             AutoModel, root, **model_load_kwargs(dtype, trust_remote_code, attn_implementation))
-        head = nn.Linear(int(meta["hidden_size"]), int(meta["num_heads"]),
-                         bias=bool(meta["bias"]))
-        head.load_state_dict(load_file(str(root / HEAD_WEIGHTS)), strict=True)
+        return cls(backbone, head=head)
+
+    @classmethod
+    def _from_adapter(cls, root: Path, dtype: str | torch.dtype, trust_remote_code: bool,
+                      attn_implementation: str | None) -> "CausalLMWithScalarHead":
+        from peft import PeftModel
+        from transformers import AutoModel
+
+        head = _load_head(root)
+        try:
+            base = json.loads((root / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(f"{root / ADAPTER_CONFIG}: not a PEFT adapter config with a "
+                              "'base_model_name_or_path'") from None
+        backbone = from_pretrained_checked(
+            AutoModel, base, **model_load_kwargs(dtype, trust_remote_code, attn_implementation))
+        with quiet_peft():
+            backbone = PeftModel.from_pretrained(backbone, str(root)).merge_and_unload()
         return cls(backbone, head=head)
 
     @classmethod
@@ -217,15 +271,20 @@ class CausalLMWithScalarHead(nn.Module):
     def from_causal_lm(cls, name_or_path: str | os.PathLike, *, num_heads: int = 1,
                        bias: bool = True, dtype: str | torch.dtype = "auto",
                        device: str | torch.device = "cpu", trust_remote_code: bool = False,
-                       attn_implementation: str | None = None) -> "CausalLMWithScalarHead":
+                       attn_implementation: str | None = None,
+                       lora: LoraSettings | None = None) -> "CausalLMWithScalarHead":
         """A fresh head on the body of a causal-LM checkpoint (its output embedding is not
-        loaded): the usual start of a reward or value model."""
+        loaded): the usual start of a reward or value model; ``lora``: adapters on the body
+        (``lora.quantize``: the body loaded quantized onto the GPU, QLoRA)."""
         from transformers import AutoModel
 
-        backbone = from_pretrained_checked(
-            AutoModel, name_or_path,
-            **model_load_kwargs(dtype, trust_remote_code, attn_implementation))
-        backbone.to(device)
+        kwargs = model_load_kwargs(dtype, trust_remote_code, attn_implementation)
+        quantized = quantization_kwargs(lora, kwargs["dtype"])
+        backbone = from_pretrained_checked(AutoModel, name_or_path, **kwargs, **quantized)
+        if not quantized:
+            backbone.to(device)
+        if lora is not None:
+            backbone = apply_lora(backbone, lora, task_type="FEATURE_EXTRACTION")
         model = cls(backbone, num_heads, bias=bias)
         model.train()
         return model
@@ -244,6 +303,21 @@ def load_reward_model(name_or_path: str | os.PathLike, *, dtype: str | torch.dty
         name_or_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
         attn_implementation=attn_implementation)
     return freeze(model) if not trainable else model
+
+
+def _load_head(root: Path) -> nn.Linear:
+    """The head ``_save_head`` wrote into ``root`` (``scalar_head.json`` + ``.safetensors``)."""
+    from safetensors.torch import load_file
+
+    if not (root / HEAD_CONFIG).is_file() or not (root / HEAD_WEIGHTS).is_file():
+        raise ConfigError(f"'{root}' is not a scalar-head checkpoint: {HEAD_CONFIG} and "
+                          f"{HEAD_WEIGHTS} are required")
+    meta = json.loads((root / HEAD_CONFIG).read_text())
+    if meta.get("format") != _FORMAT:
+        raise ConfigError(f"{root / HEAD_CONFIG}: unknown format {meta.get('format')!r}")
+    head = nn.Linear(int(meta["hidden_size"]), int(meta["num_heads"]), bias=bool(meta["bias"]))
+    head.load_state_dict(load_file(str(root / HEAD_WEIGHTS)), strict=True)
+    return head
 
 
 def _classifier_class_name(config: Any) -> str | None:

@@ -19,6 +19,7 @@ from torch import nn
 
 from alignlab.core.config import LoraSettings
 from alignlab.core.errors import ConfigError
+from alignlab.models.adapters import apply_lora, quantization_kwargs, quiet_peft
 
 DTYPES: dict[str, torch.dtype | str] = {
     "auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
@@ -126,32 +127,30 @@ def model_load_kwargs(dtype: str | torch.dtype, trust_remote_code: bool,
     return kwargs
 
 
-def apply_lora(model: nn.Module, lora: LoraSettings) -> nn.Module:
-    """Wrap ``model`` in a PEFT LoRA model; only the adapter parameters stay trainable."""
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=lora.target_modules, modules_to_save=lora.modules_to_save,
-                        task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
-
-
 def load_model(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype = "auto",
                trust_remote_code: bool = False, device: str | torch.device = "cpu",
                lora: LoraSettings | None = None,
                attn_implementation: str | None = None) -> nn.Module:
     """A causal LM from a local ``save_pretrained`` directory (or a cached hub id), on ``device``,
-    optionally wrapped with LoRA. Left in train mode: the trainer decides eval/train.
+    optionally wrapped with LoRA (``lora.quantize``: its frozen weights loaded by bitsandbytes
+    onto the GPU, QLoRA). Left in train mode: the trainer decides eval/train.
     """
     from transformers import AutoModelForCausalLM
 
     kwargs = model_load_kwargs(dtype, trust_remote_code, attn_implementation)
+    quantized = quantization_kwargs(lora, kwargs["dtype"])
+    kwargs.update(quantized)
     adapter = Path(name_or_path).expanduser()
     if (adapter / ADAPTER_CONFIG).is_file() and not (adapter / "config.json").is_file():
+        if quantized:
+            raise ConfigError(f"field 'model.lora.quantize': '{adapter}' holds adapters to merge "
+                              "into full-precision weights; point model.name_or_path at the "
+                              "run's merged final/ to quantize it")
         model = load_adapter(adapter, kwargs)
     else:
         model = from_pretrained_checked(AutoModelForCausalLM, name_or_path, **kwargs)
-    model.to(device)
+    if not quantized:  # a quantized model is placed on its GPU while it loads
+        model.to(device)
     model.train()
     if lora is not None:
         model = apply_lora(model, lora)
@@ -160,7 +159,8 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype = "a
 
 def load_adapter(adapter_dir: Path, kwargs: dict[str, Any]) -> nn.Module:
     """A LoRA adapter directory (``final/adapter``, PEFT's layout) merged into the base model
-    its ``adapter_config.json`` names: a plain causal LM, as ``final/`` holds."""
+    its ``adapter_config.json`` names: a plain causal LM, as ``final/`` holds (a QLoRA run's
+    merged model too: its base is loaded unquantized here)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -173,7 +173,8 @@ def load_adapter(adapter_dir: Path, kwargs: dict[str, Any]) -> nn.Module:
     for file in sorted(adapter_dir.glob("*.safetensors")):
         check_safetensors_file(file)
     model = from_pretrained_checked(AutoModelForCausalLM, base_path, **kwargs)
-    return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    with quiet_peft():
+        return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
 
 
 def freeze(model: nn.Module) -> nn.Module:

@@ -17,6 +17,7 @@ filter. Greedy decoding (T = 0) reports the log-probs of the untempered (T = 1) 
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import time
 from dataclasses import dataclass, field
@@ -51,6 +52,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     n: int = 1
     seed: int = 0
+    first_prompt: int = 0
+    """The index of the first prompt in a larger batch this call samples part of: each chunk
+    of ``batch_size`` rows is seeded by ``seed`` and its first prompt's index (``chunk_seed``)."""
 
     def __post_init__(self) -> None:
         self.stop_token_ids, self.stop = tuple(self.stop_token_ids), tuple(self.stop)
@@ -280,7 +284,11 @@ def rollout(model: nn.Module, prompt_ids: list[list[int]], params: SamplingParam
             warn_length: bool = True) -> RolloutBatch:
     """Sample ``params.n`` completions of each prompt (token ids, no special tokens added).
 
-    ``batch_size`` caps the rows (prompts x n) decoded together. The model's train/eval mode is
+    ``batch_size`` caps the rows (prompts x n) decoded together. Each such chunk samples with
+    its own generator, seeded by ``params.seed`` and the index of its first prompt
+    (``params.first_prompt`` is the index of ``prompt_ids[0]`` in a larger batch), so a chunk's samples
+    do not depend on the chunks before it: N processes that each sample a chunk-aligned share
+    of a batch draw what one process draws for the whole batch. The model's train/eval mode is
     restored afterwards. Sets ``stats["frac_hit_length_limit"]`` and, with ``warn_length``,
     warns (once per run) when more than half of the completions hit ``max_new_tokens``.
     """
@@ -292,7 +300,6 @@ def rollout(model: nn.Module, prompt_ids: list[list[int]], params: SamplingParam
     eos_ids = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
     stop_strings = _StopStrings(params.stop, tokenizer)
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(params.seed)
     per_chunk = max(1, batch_size // params.n)
     was_training = model.training
     model.eval()
@@ -302,6 +309,8 @@ def rollout(model: nn.Module, prompt_ids: list[list[int]], params: SamplingParam
     reasons: list[str] = []
     try:
         for lo in range(0, len(prompt_ids), per_chunk):
+            generator = torch.Generator(device=device).manual_seed(
+                chunk_seed(params.seed, params.first_prompt + lo))
             tokens, logps, lengths, why = _rollout_chunk(
                 model, prompt_ids[lo:lo + per_chunk], params, eos_ids=eos_ids, pad=pad_token_id,
                 generator=generator, stop_strings=stop_strings, compact=compact,
@@ -328,6 +337,15 @@ def rollout(model: nn.Module, prompt_ids: list[list[int]], params: SamplingParam
         logprobs=logprobs, completion_mask=completion_mask, finish_reasons=reasons, texts=texts,
         prompt_index=[i for i in range(len(prompt_ids)) for _ in range(params.n)],
         pad_token_id=pad_token_id, stats=stats)
+
+
+def chunk_seed(seed: int, first_prompt: int) -> int:
+    """The generator seed of the chunk starting at prompt ``first_prompt``: ``seed`` itself for
+    the first chunk, a hash of both for the others (no collision with other seeds' chunks)."""
+    if first_prompt == 0:
+        return seed
+    digest = hashlib.sha256(f"{seed}:{first_prompt}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def length_limit_fraction(finish_reasons: list[str], *, warn: bool = True) -> float:

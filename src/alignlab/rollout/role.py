@@ -3,20 +3,26 @@ turn them into token batches for the learner.
 
 verl/HybridFlow's split (Sheng et al. 2024): the online controller only passes plain data
 between roles (prompts → ``Rollouts`` → scores → batches → metrics), so a role can later live
-on its own worker (or the sampling on a vLLM server, with ``sync_weights``) without touching an
-algorithm. Here the role samples from the policy's own module in the trainer's process.
+on its own worker without touching an algorithm. The sampling itself is a backend
+(``rollout/backend.py``): the built-in engine on the policy's own module (the default; nothing
+to sync), on a copy of it, or vLLM (``rollout/vllm_backend.py``), each synced by
+``sync_weights`` before it samples.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from alignlab.core.config import RolloutSection
+from alignlab.core.errors import ConfigError
 from alignlab.data.collate import completion_rows
-from alignlab.rollout.engine import LogitsProcessor, SamplingParams, rollout
+from alignlab.rollout.backend import BuiltinBackend, RolloutBackend
+from alignlab.rollout.engine import LogitsProcessor, SamplingParams
 
 
 @dataclass
@@ -38,26 +44,30 @@ class Rollouts:
 class RolloutRole:
     """Samples completions from the current policy and turns them into token batches.
 
-    The engine's own token ids go to training unchanged (no decode/re-encode round trip, which
+    The backend's own token ids go to training unchanged (no decode/re-encode round trip, which
     costs time and need not reproduce the sampled ids)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, max_new_tokens: int,
                  temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 64,
-                 logits_processor: Callable[[], LogitsProcessor | None] | None = None) -> None:
+                 logits_processor: Callable[[], LogitsProcessor | None] | None = None,
+                 backend: RolloutBackend | None = None) -> None:
         self.model, self.tokenizer = model, tokenizer
-        self._logits_processor = logits_processor
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
         self.batch_size = batch_size
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos or 0)
+        self.backend = backend or BuiltinBackend(
+            model, eos_token_id=self.eos, pad_token_id=self.pad, tokenizer=tokenizer,
+            batch_size=batch_size, logits_processor=logits_processor)
         self._prompt_ids: dict[str, list[int]] = {}
+        self.prompt_offset = 0
+        """The index of the first prompt given to ``generate`` in the iteration's whole batch
+        (set by the controller; nonzero on a rank's share): samples are seeded by it."""
 
-    def sync_weights(self, state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
-        """In one process the rollout samples from the trained module itself: nothing to copy."""
-
-    def logits_processor(self) -> LogitsProcessor | None:
-        """A fresh ``LogitsProcessor`` applied while sampling (NLPO's mask), or None."""
-        return self._logits_processor() if self._logits_processor is not None else None
+    def sync_weights(self, policy: torch.nn.Module | None = None) -> None:
+        """Make the backend sample from ``policy``'s (default: the trained model's) weights now;
+        nothing to do when it samples from the trained module itself."""
+        self.backend.sync_weights(self.model if policy is None else policy)
 
     def _encode(self, prompts: list[str]) -> list[list[int]]:
         todo = [p for p in dict.fromkeys(prompts) if p not in self._prompt_ids]
@@ -69,18 +79,16 @@ class RolloutRole:
     def generate(self, prompts: list[str], n: int, *, seed: int,
                  greedy: bool = False) -> Rollouts:
         params = SamplingParams(temperature=0.0 if greedy else self.temperature, top_p=self.top_p,
-                                max_new_tokens=self.max_new_tokens, n=n, seed=seed)
+                                max_new_tokens=self.max_new_tokens, n=n, seed=seed,
+                                first_prompt=self.prompt_offset)
         ids = self._encode(prompts)
-        # The controller warns itself (once per run) from the finish reasons.
-        rb = rollout(self.model, ids, params, eos_token_id=self.eos, pad_token_id=self.pad,
-                     tokenizer=self.tokenizer, batch_size=self.batch_size,
-                     logits_processor=self.logits_processor(), warn_length=False)
+        gen = self.backend.generate(ids, params)
         comp = [c[:-1] if why == "eos" else list(c)
-                for c, why in zip(rb.completion_ids, rb.finish_reasons)]
+                for c, why in zip(gen.completion_ids, gen.finish_reasons)]
+        texts = [self.tokenizer.decode(c, skip_special_tokens=True) for c in gen.completion_ids]
         index = [i for i in range(len(prompts)) for _ in range(n)]
-        logprobs = [rb.logprobs[i, :len(c)].tolist() for i, c in enumerate(rb.completion_ids)]
-        return Rollouts([prompts[i] for i in index], rb.texts, comp, rb.finish_reasons, index,
-                        [ids[i] for i in index], logprobs)
+        return Rollouts([prompts[i] for i in index], texts, comp, gen.finish_reasons, index,
+                        [ids[i] for i in index], gen.logprobs)
 
     def to_batch(self, r: Rollouts) -> dict[str, torch.Tensor]:
         """Right-padded prompt+completion(+eos when it stopped) ids; ``loss_mask`` on the completion."""
@@ -97,3 +105,26 @@ class RolloutRole:
             for b, (start, lps) in enumerate(zip(starts, r.logprobs)):
                 batch["rollout_logprobs"][b, start:start + len(lps)] = torch.tensor(lps)
         return batch
+
+
+def make_backend(section: RolloutSection, policy: torch.nn.Module, tokenizer: Any, *,
+                 own_copy: bool = False, train_precision: str = "fp32",
+                 work_dir: str | Path | None = None,
+                 logits_processor: Callable[[], LogitsProcessor | None] | None = None
+                 ) -> RolloutBackend:
+    """The backend ``rollout.backend`` names for ``policy``: the built-in engine (on the policy
+    itself, or with ``own_copy`` on a copy only ``sync_weights`` changes) or vLLM (always its
+    own weights; ``rollout.vllm``)."""
+    eos = tokenizer.eos_token_id
+    if section.backend == "vllm":
+        if logits_processor is not None:
+            raise ConfigError("field 'rollout.backend': 'vllm' samples without alignlab's "
+                              "logits processors (NLPO's action mask); use 'builtin'")
+        from alignlab.rollout.vllm_backend import VLLMBackend
+
+        return VLLMBackend(policy, section.vllm, eos_token_id=eos,
+                           train_precision=train_precision, work_dir=work_dir)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
+    return BuiltinBackend(policy, eos_token_id=eos, pad_token_id=pad, tokenizer=tokenizer,
+                          batch_size=section.batch_size, logits_processor=logits_processor,
+                          own_copy=own_copy)

@@ -8,6 +8,8 @@ is saved with ``save_pretrained`` (safetensors) and loads with
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -27,6 +29,7 @@ from alignlab.core.runtime import default_cache_dir, seed_everything
 from alignlab.data.batches import make_batches
 from alignlab.data.loading import rows_from_list
 from alignlab.data.tokenize import tokenize_rows
+from alignlab.engine import distributed
 from alignlab.engine.loop import train
 from alignlab.engine.objectives import NLLObjective
 from alignlab.engine.scoring import perplexity
@@ -79,10 +82,28 @@ def world_path(preset: str, seed: int, cache_dir: str | None) -> Path:
 
 def ensure_world(preset: str = "full", seed: int = 0, cache_dir: str | None = None, *,
                  force: bool = False, progress: bool = True) -> World:
+    """The world of ``preset`` and ``seed``, built into the cache first if it is not there.
+
+    One process builds it; others asking for the same world meanwhile (the ranks of a
+    data-parallel run, parallel bench jobs) wait on a file lock and then find it built. The
+    build trains as a single process even inside a distributed run."""
     path = world_path(preset, seed, cache_dir)
     if force or not (path / "manifest.json").exists():
-        build_world(path, get_preset(preset), seed, progress=progress)
+        with _lock(path), distributed.local():
+            if force or not (path / "manifest.json").exists():
+                build_world(path, get_preset(preset), seed, progress=progress)
     return World(path, get_preset(preset), seed)
+
+
+@contextlib.contextmanager
+def _lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _sha(texts: list[str]) -> str:

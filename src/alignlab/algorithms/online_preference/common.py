@@ -12,11 +12,15 @@ model (win rates, KL), sample ids and log-probs, the build of the parts and the 
   labels, ``win_rate_gold`` by the task's gold reward) and ``kl_ref`` = the mean over the
   policy's samples of log π(y) − log π_start(y) (the sampler's log-probs, so at a temperature ≠ 1
   it is the KL of the tempered sampling policy).
+- **Objectives and sections.** ``SampleObjective`` (units = the batch's groups: samples or
+  pairs) with ``batch_tensors`` (the batch's extra tensors on the log-probs' device);
+  ``RoundSchedule``, the epochs × minibatches fields of the methods that train several passes
+  per iteration.
 """
 
 from __future__ import annotations
 
-import copy
+import functools
 import math
 import statistics
 from collections import Counter
@@ -42,9 +46,12 @@ from alignlab.core.runtime import pick_device, resolve_precision, seed_everythin
 from alignlab.data.preference_batches import collate_groups
 from alignlab.engine.controller import OnlineAlgorithm, OnlineRun, OnlineSetup, run_online
 from alignlab.engine.learner import Learner, Units
+from alignlab.engine.placement import LocalPlacement, open_placement
 from alignlab.engine.run import prepare_run
+from alignlab.models.adapters import reference_model
 from alignlab.models.logprobs import preferred_layout
 from alignlab.rewards.judges import PairwiseJudge, Verdict, judge_pairs
+from alignlab.rollout.backend import builtin_only
 from alignlab.rollout.role import RolloutRole, Rollouts
 
 TIE = Verdict(0.5, None, "identical")
@@ -63,6 +70,29 @@ class MonitorFields(Section):
     (1, ½ for a tie, 0; what a human annotator gives)."""
     win_rate_every: int = Field(1, ge=0)
     """Iterations between win rates against the starting model's samples (0: never)."""
+
+
+class RoundSchedule(Section):
+    """The fields of a method that trains several passes over each iteration's units."""
+
+    epochs: int = Field(2, gt=0)
+    """Passes over each iteration's units (the policy that sampled them stays fixed meanwhile)."""
+    minibatch_size: int | None = Field(None, gt=0)
+    """Units (samples or pairs) per optimizer step; None: all of the iteration's (one step per
+    epoch)."""
+
+
+class SampleObjective:
+    """An objective whose units are the batch's groups (samples or pairs): ``num_items`` =
+    ``num_groups``; a subclass defines ``loss(model, batch)``."""
+
+    def num_items(self, batch: dict[str, Any]) -> float:
+        return float(batch["num_groups"])
+
+
+def batch_tensors(batch: dict[str, Any], device: torch.device, *names: str) -> list[torch.Tensor]:
+    """The batch's row-aligned extras (``Scorer.units``' ``extras``) on ``device``."""
+    return [batch[name].to(device) for name in names]
 
 
 def preference_value(verdict: Verdict, mode: str) -> float:
@@ -223,6 +253,8 @@ class Parts:
     max_new_tokens: int
     eos: int
     extra: dict[str, Any] = field(default_factory=dict)
+    placement: Any = field(default_factory=LocalPlacement)
+    """Where the policy's rollouts and the judges run (``train.placement``)."""
 
 
 class OnlinePreference(OnlineAlgorithm):
@@ -237,6 +269,9 @@ class OnlinePreference(OnlineAlgorithm):
 
     def begin_iteration(self, iteration: int) -> None:
         self.iteration = iteration
+        # The starting model samples the policy role's prompts: seeded by their index in the
+        # iteration's whole batch (this rank's share starts there, engine/controller.py).
+        self.start.rollout.prompt_offset = self.parts.rollout.prompt_offset
 
     def policy_logps(self, rollouts: Rollouts, indices: Sequence[int]) -> torch.Tensor:
         """log π_θ(y) of the current policy (no gradient): the 'old' log-probs of the round."""
@@ -283,6 +318,14 @@ class OnlinePreference(OnlineAlgorithm):
             self.learner.objective.load_state_dict(state["objective"])
         self.load_extra_state(state["extra"])
 
+    def rank_state_dict(self) -> dict[str, Any]:
+        """The labels this process's judges gave (and their budgets' counters)."""
+        return {"labeller": self.labeller.state_dict(), "start": self.start.state_dict()}
+
+    def load_rank_state_dict(self, state: dict[str, Any]) -> None:
+        self.labeller.load_state_dict(state["labeller"])
+        self.start.load_state_dict(state["start"])
+
 
 def logit(p: float, eps: float = 1e-3) -> float:
     """log(p / (1 − p)) with p kept in [ε, 1 − ε] (a label of 1 or 0 stays finite: ±6.9)."""
@@ -328,6 +371,18 @@ def round_robin(labeller: Labeller, rollouts: Rollouts, groups: list[list[int]],
     return [s / c for s, c in zip(sums, counts)]
 
 
+def adjacent_pairs(labeller: Labeller, rollouts: Rollouts,
+                   metrics: dict[str, float]) -> list[tuple[int, int]]:
+    """Each prompt's samples paired (0, 1), (2, 3), …, one label each: the judged pairs as
+    (chosen, rejected) sample indices; ties and pairs left unlabelled are dropped."""
+    cand = [(g[j], g[j + 1]) for g in by_prompt(rollouts) for j in range(0, len(g) - 1, 2)]
+    verdicts = labeller.verdicts([rollouts.prompts[a] for a, _ in cand],
+                                 [rollouts.completions[a] for a, _ in cand],
+                                 [rollouts.completions[b] for _, b in cand], metrics)
+    return [(a, b) if v.a_preferred else (b, a) for (a, b), v in zip(cand, verdicts)
+            if v is not None and v.a_preferred is not None]
+
+
 def check_on_policy(rollout: RolloutSection, name: str) -> None:
     """Policy-gradient estimates need samples from π_θ itself, not a tempered or truncated π."""
     if rollout.temperature != 1.0:
@@ -342,6 +397,7 @@ def check_on_policy(rollout: RolloutSection, name: str) -> None:
 def build_parts(cfg: Any, section: MonitorFields, *, min_n: int, name: str) -> Parts:
     """Load prompts, judge, policy and tokenizer; copy the starting model before any checkpoint
     is loaded; the rollout roles of the policy and of the starting model."""
+    builtin_only(cfg.rollout.backend, name)
     prepare_run(cfg)  # before anything slow is loaded
     if cfg.rollout.n < min_n:
         raise ConfigError(f"rollout.n: {name} needs at least {min_n} completions per prompt "
@@ -349,15 +405,16 @@ def build_parts(cfg: Any, section: MonitorFields, *, min_n: int, name: str) -> P
     seed_everything(cfg.train.seed)
     prompts, task = load_prompt_source(cfg.rollout, cfg.world, cfg.train.seed)
     device = pick_device(cfg.train.device)
+    placement = open_placement(cfg.train, name)
 
     def judge() -> Any:
-        return make_judge(section.judge, task, cfg.train.seed, world=cfg.world, device=device,
-                          field=f"{name}.judge")
+        return make_judge(section.judge, task, cfg.train.seed, world=cfg.world,
+                          device=cfg.train.device, field=f"{name}.judge", place=placement.judge)
 
     labeller = Labeller(judge())
     model, tokenizer = load_policy(cfg.model, cfg.world)
     render_chat_prompts(prompts, tokenizer)
-    start_model = copy.deepcopy(model).requires_grad_(False).eval().to(device)
+    start_model = reference_model(model).to(device)  # LoRA: adapters disabled, no weight copied
     preferred, _ = preferred_layout(model, checkpointing=cfg.train.gradient_checkpointing)
     layout = "shared" if preferred == "shared" else "flat"
     max_new = cfg.rollout.max_new_tokens or (task.max_new_tokens if task is not None else 64)
@@ -367,7 +424,11 @@ def build_parts(cfg: Any, section: MonitorFields, *, min_n: int, name: str) -> P
                            temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                            batch_size=cfg.rollout.batch_size, **kwargs)
 
-    rollout = role(model)
+    # The policy's rollouts may run on workers; the starting model's and Nash-MD's mixture's
+    # sample here (role(...) below).
+    rollout = role(model, backend=placement.rollout_backend(
+        functools.partial(load_policy, cfg.model, cfg.world), tokenizer,
+        batch_size=cfg.rollout.batch_size))
     scorer = Scorer(rollout.pad, layout, 2 * cfg.train.batch_size, device,
                     resolve_precision(cfg.train.precision, device))
     start = StartingModel(start_model, role(start_model), scorer,
@@ -375,7 +436,7 @@ def build_parts(cfg: Any, section: MonitorFields, *, min_n: int, name: str) -> P
                           gold=task.gold if task is not None else None,
                           every=section.win_rate_every, seed=cfg.train.seed)
     return Parts(model, tokenizer, task, prompts, rollout, labeller, start, scorer, device,
-                 max_new, rollout.eos, {"role": role})
+                 max_new, rollout.eos, {"role": role}, placement)
 
 
 def run(parts: Parts, learner: Learner, algorithm: OnlinePreference, cfg: Any,
@@ -384,11 +445,13 @@ def run(parts: Parts, learner: Learner, algorithm: OnlinePreference, cfg: Any,
     setup = OnlineSetup(parts.prompts, parts.rollout, learner, algorithm, cfg.rollout.n,
                         cfg.rollout.prompts_per_step,
                         gold=parts.task.gold if parts.task is not None else None)
-    result = run_online(setup, cfg.train, name)
+    with parts.placement:
+        result = run_online(setup, cfg.train, name)
     save_final(parts.model, parts.tokenizer, cfg, result.output_dir)
     return OnlineRun(result, parts.model, parts.tokenizer)
 
 
-__all__ = ["Labeller", "MonitorFields", "OnlinePreference", "Parts", "Scorer", "StartingModel",
-           "TIE", "build_parts", "by_prompt", "check_on_policy", "logit", "plan_paired_loss",
+__all__ = ["Labeller", "MonitorFields", "OnlinePreference", "Parts", "RoundSchedule",
+           "SampleObjective", "Scorer", "StartingModel", "TIE", "adjacent_pairs", "batch_tensors",
+           "build_parts", "by_prompt", "check_on_policy", "logit", "plan_paired_loss",
            "preference_value", "round_robin", "run", "sample_ids"]

@@ -24,7 +24,6 @@ score), so annotators and LLM judges fit too.
 
 from __future__ import annotations
 
-import copy
 import random
 import statistics
 from dataclasses import dataclass
@@ -37,6 +36,8 @@ from alignlab.algorithms.online_preference.common import (
     MonitorFields,
     OnlinePreference,
     Parts,
+    RoundSchedule,
+    adjacent_pairs,
     build_parts,
     by_prompt,
     plan_paired_loss,
@@ -60,8 +61,10 @@ from alignlab.core.config import (
     WorldSection,
 )
 from alignlab.core.errors import ConfigError
+from alignlab.engine import distributed
 from alignlab.engine.controller import OnlineRun
 from alignlab.engine.learner import Learner, Units
+from alignlab.models.adapters import adapter_state_dict, frozen_copy, load_adapter_state_dict
 from alignlab.rollout.role import Rollouts
 
 
@@ -70,15 +73,12 @@ def named_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [*model.named_parameters(), *model.named_buffers()]
 
 
-class IterativeDPOSection(PreferenceSection, MonitorFields):
+class IterativeDPOSection(PreferenceSection, MonitorFields, RoundSchedule):
     """The preference trainer's loss fields (``loss``, ``beta``, ``loss_kwargs``), the judge,
-    the round's training schedule, the reference refresh and the offline mix."""
+    the round's training schedule (its units are pairs), the reference refresh and the offline
+    mix."""
 
     loss: str = "sigmoid"
-    epochs: int = Field(2, gt=0)
-    """Passes over each round's pairs."""
-    minibatch_size: int | None = Field(None, gt=0)
-    """Pairs per optimizer step; None: all of the round's pairs (one step per epoch)."""
     pairs: Literal["adjacent", "best_worst"] = "adjacent"
     reference_refresh: Literal["none", "hard", "soft"] = "none"
     refresh_alpha: float = Field(0.5, gt=0, le=1)
@@ -129,13 +129,7 @@ class IterativeDPO(OnlinePreference):
         groups = by_prompt(rollouts)
         pairs: list[tuple[int, int]] = []
         if self.section.pairs == "adjacent":
-            cand = [(g[j], g[j + 1]) for g in groups for j in range(0, len(g) - 1, 2)]
-            verdicts = self.labeller.verdicts([rollouts.prompts[a] for a, _ in cand],
-                                              [rollouts.completions[a] for a, _ in cand],
-                                              [rollouts.completions[b] for _, b in cand], metrics)
-            for (a, b), v in zip(cand, verdicts):
-                if v is not None and v.a_preferred is not None:
-                    pairs.append((a, b) if v.a_preferred else (b, a))
+            pairs = adjacent_pairs(self.labeller, rollouts, metrics)
         else:
             wins = round_robin(self.labeller, rollouts, groups, self.section.preference, metrics)
             for g in groups:
@@ -153,7 +147,9 @@ class IterativeDPO(OnlinePreference):
         r = self.section.offline_ratio
         k = round(len(examples) * r / (1 - r)) if self.offline else 0
         if k:
-            rng = random.Random(self.seed * 1_000_033 + self.iteration)
+            seed = self.seed * 1_000_033 + self.iteration
+            rank = distributed.rank()  # each process mixes in its own offline pairs
+            rng = random.Random(seed if rank == 0 else f"{seed}:{rank}")
             picks = (rng.sample(range(len(self.offline)), k) if k <= len(self.offline)
                      else rng.choices(range(len(self.offline)), k=k))
             examples += [{key: self.offline[i][key]
@@ -175,12 +171,12 @@ class IterativeDPO(OnlinePreference):
         refresh = self.section.reference_refresh
         if refresh != "none" and (self.iteration + 1) % self.section.refresh_every == 0:
             if refresh == "hard":
-                self.reference.load_state_dict(self.learner.model.state_dict())
+                load_adapter_state_dict(self.reference, adapter_state_dict(self.learner.model))
             else:  # TR-DPO's soft update ref + α·(π − ref), once per tensor (tied ones too)
                 policy = dict(named_tensors(self.learner.model))
                 with torch.no_grad():
                     for key, ref in named_tensors(self.reference):
-                        if ref.is_floating_point():
+                        if ref.is_floating_point() and ref is not policy[key]:  # LoRA's base
                             ref.lerp_(policy[key].to(ref.dtype), self.section.refresh_alpha)
             self.refreshes += 1
         metrics["reference_refreshes"] = self.refreshes
@@ -188,13 +184,13 @@ class IterativeDPO(OnlinePreference):
     def extra_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {"refreshes": self.refreshes}
         if self.section.reference_refresh != "none":
-            state["reference"] = self.reference.state_dict()
+            state["reference"] = adapter_state_dict(self.reference)
         return state
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.refreshes = int(state["refreshes"])
         if state.get("reference") is not None:
-            self.reference.load_state_dict(state["reference"])
+            load_adapter_state_dict(self.reference, state["reference"])
 
 
 def train_iterative_dpo(cfg: IterativeDPOConfig) -> OnlineRun:
@@ -209,9 +205,10 @@ def train_iterative_dpo(cfg: IterativeDPOConfig) -> OnlineRun:
         if not offline:
             raise ConfigError(f"field 'iterative_dpo.offline_data': no pairs in "
                               f"{section.offline_data}")
-    # With a refresh the reference moves away from the starting model, so it is its own copy.
+    # With a refresh the reference moves away from the starting model, so it is its own copy
+    # of the policy (under LoRA: of the adapters, the base weights shared).
     reference = (parts.start.model if section.reference_refresh == "none"
-                 else copy.deepcopy(parts.start.model))
+                 else frozen_copy(parts.model).to(parts.device))
     learner = Learner(parts.model, PreferenceObjective(plan), cfg.train, epochs=section.epochs,
                       minibatch_size=section.minibatch_size, seed=cfg.train.seed)
     algorithm = IterativeDPO(parts, learner, section, reference=reference, offline=offline,

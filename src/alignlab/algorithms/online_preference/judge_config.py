@@ -7,7 +7,9 @@
 - ``pool``: a pool of simulated annotators with different biases, each example labelled by one
   (AlpacaFarm: Dubois et al. 2023; ``rewards/annotator_pool.py``);
 - ``llm``: a local causal LM asked "Which response is better, A or B?" (Zheng et al. 2023,
-  "Judging LLM-as-a-Judge"; ``rewards/judges/llm.py``).
+  "Judging LLM-as-a-Judge"; ``rewards/judges/llm.py``);
+- ``preference_model``: a general pairwise preference model trained by ``alignlab train
+  preference_model`` (Munos et al. 2023, NLHF; ``rewards/judges/preference_model.py``).
 
 Every judge is wrapped in the labelling budget (``max_labels``, ``rewards/judges/budget.py``):
 pairs beyond it get no verdict and are skipped, so methods compare at equal feedback cost.
@@ -17,6 +19,8 @@ Settings the chosen kind does not read are refused, naming the field.
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +29,8 @@ from pydantic import Field
 
 from alignlab.core.config import Section, WorldSection
 from alignlab.core.errors import ConfigError
+from alignlab.core.runtime import pick_device
+from alignlab.engine import distributed
 from alignlab.rewards.annotator import SimulatedAnnotator
 from alignlab.rewards.annotator_pool import DEFAULT_POOL, AnnotatorPool, PoolAnnotator
 from alignlab.rewards.judges import (
@@ -34,8 +40,10 @@ from alignlab.rewards.judges import (
     JudgeTemplate,
     LLMJudge,
     PairwiseJudge,
+    PreferenceModelJudge,
     RewardJudge,
 )
+from alignlab.rewards.preference_model import PREFERENCE_MODEL_CONFIG, is_preference_model
 from alignlab.rewards.scoring import build_reward_role
 from alignlab.world.resolve import resolve_model_path
 
@@ -61,6 +69,17 @@ class LLMJudgeSection(Section):
     """Wrap the judge prompt in the tokenizer's chat template."""
 
 
+class PreferenceModelJudgeSection(Section):
+    path: str | None = None
+    """The trained preference model: the ``final/`` folder ``alignlab train preference_model``
+    writes (required for ``kind: preference_model``)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    debias: bool = True
+    """Read both orders and average (P(a ≻ b) = 1 − P(b ≻ a) exactly); off: a shown first."""
+    batch_size: int = Field(16, gt=0)
+    """Sequences per forward pass (a debiased pair is two)."""
+
+
 class PoolAnnotatorSection(Section):
     name: str
     temperature: float = Field(0.05, ge=0)
@@ -76,10 +95,11 @@ class PoolSection(Section):
 
 
 class JudgeSection(Section):
-    kind: Literal["reward", "annotator", "pool", "llm"] = "reward"
+    kind: Literal["reward", "annotator", "pool", "llm", "preference_model"] = "reward"
     """``reward``: Bradley-Terry on a pointwise reward; ``annotator``: a simulated annotator
     whose gold is that reward; ``pool``: a pool of biased simulated annotators (AlpacaFarm);
-    ``llm``: a local LM as the judge."""
+    ``llm``: a local LM as the judge; ``preference_model``: a trained pairwise preference
+    model."""
     reward: str | dict[str, float] = "gold"
     """``gold``, a registered reward (e.g. ``reward_model``), ``module:function`` or weights
     (the gold of ``annotator`` and ``pool``)."""
@@ -97,10 +117,11 @@ class JudgeSection(Section):
     """The labelling budget: new labels allowed over the run (cache hits are free); pairs
     beyond it are skipped. None: unlimited (still counted as ``labels_used``)."""
     cache: str | None = None
-    """JSONL file of the ``annotator``, ``pool`` or ``llm`` judge's labels, reused across runs;
-    None: kept in memory for the run."""
+    """JSONL file of the ``annotator``, ``pool``, ``llm`` or ``preference_model`` judge's
+    labels, reused across runs; None: kept in memory for the run."""
     llm: LLMJudgeSection = LLMJudgeSection()
     pool: PoolSection = PoolSection()
+    preference_model: PreferenceModelJudgeSection = PreferenceModelJudgeSection()
 
 
 _READS = {
@@ -109,6 +130,7 @@ _READS = {
                   "tie_margin", "cache"},
     "pool": {"reward", "reward_params", "flip_rate", "tie_margin", "cache", "pool"},
     "llm": {"cache", "llm"},
+    "preference_model": {"cache", "preference_model"},
 }
 
 
@@ -143,14 +165,39 @@ def load_template(path: str | None, field: str) -> JudgeTemplate:
 
 
 def make_judge(section: JudgeSection, task: Any, seed: int, *, world: WorldSection,
-               device: Any = "cpu", field: str = "online_dpo.judge") -> BudgetedJudge:
-    """The judge ``section`` describes, inside its labelling budget."""
+               device: Any = "cpu", field: str = "online_dpo.judge",
+               place: Callable[[Callable[[], PairwiseJudge]], PairwiseJudge] | None = None
+               ) -> BudgetedJudge:
+    """The judge ``section`` describes, inside its labelling budget (with N processes each
+    judges its own prompts' pairs within its even share of ``max_labels``). ``place`` builds
+    the judge itself from its factory where the run's placement puts it (a Ray reward worker);
+    the budget stays with the caller. A ``device`` string (``train.device``) is resolved where
+    the judge is built."""
     check_judge_section(section, field)
-    return BudgetedJudge(_judge(section, task, seed, world, device, field), section.max_labels)
+    budget = section.max_labels
+    if budget is not None and distributed.world_size() > 1:
+        size, rank = distributed.world_size(), distributed.rank()
+        budget = budget // size + (rank < budget % size)
+    build = functools.partial(_judge, section, task, seed, world, device, field)
+    return BudgetedJudge(build() if place is None else place(build), budget)
 
 
 def _judge(section: JudgeSection, task: Any, seed: int, world: WorldSection, device: Any,
            field: str) -> PairwiseJudge:
+    device = pick_device(device) if isinstance(device, str) else device
+    if section.kind == "preference_model":
+        s = section.preference_model
+        where = f"{field}.preference_model.path"
+        if s.path is None:
+            raise ConfigError(f"field '{where}': required by {field}.kind=preference_model (the "
+                              "final/ folder `alignlab train preference_model` writes)")
+        if not is_preference_model(s.path):
+            raise ConfigError(f"field '{where}': {s.path!r} is not a preference model folder "
+                              f"(no {PREFERENCE_MODEL_CONFIG}; `alignlab train preference_model` "
+                              "writes <output_dir>/final)")
+        return PreferenceModelJudge.from_pretrained(
+            s.path, dtype=s.dtype, device=device, debias=s.debias, batch_size=s.batch_size,
+            cache_path=section.cache)
     if section.kind == "llm":
         s = section.llm
         return LLMJudge.from_pretrained(
@@ -183,4 +230,4 @@ def _judge(section: JudgeSection, task: Any, seed: int, world: WorldSection, dev
 
 
 __all__ = ["JudgeSection", "LLMJudgeSection", "PoolAnnotatorSection", "PoolSection",
-           "check_judge_section", "load_template", "make_judge"]
+           "PreferenceModelJudgeSection", "check_judge_section", "load_template", "make_judge"]

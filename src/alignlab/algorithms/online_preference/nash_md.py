@@ -33,6 +33,8 @@ from alignlab.algorithms.online_preference.common import (
     MonitorFields,
     OnlinePreference,
     Parts,
+    SampleObjective,
+    batch_tensors,
     build_parts,
     check_on_policy,
     run,
@@ -86,19 +88,15 @@ class GeometricMixtureProcessor(TopPMaskProcessor):
         return geometric_mixture(logits, self.logits, mixture_coef=self.mixture_coef)
 
 
-class NashMDObjective:
+class NashMDObjective(SampleObjective):
     """Σ of ``nash_md_pg`` over a micro-batch of the policy's samples; ``num_items`` = samples."""
 
     def __init__(self, kl_coef: float) -> None:
         self.kl_coef = kl_coef
 
-    def num_items(self, batch: dict[str, Any]) -> float:
-        return float(batch["num_groups"])
-
     def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> LossOutput:
         logps = completion_logprobs(model, batch)
-        ref = batch["ref_logps"].to(logps.device)
-        preference = batch["preference"].to(logps.device)
+        ref, preference = batch_tensors(batch, logps.device, "ref_logps", "preference")
         losses = nash_md_pg(logps, ref, preference, kl_coef=self.kl_coef)
         metrics = {"loss/score": float(((preference - 0.5) * logps).detach().mean()),
                    "loss/kl": float((logps - ref).detach().mean())}
@@ -120,6 +118,7 @@ class NashMD(OnlinePreference):
     def judge(self, rows: list[dict[str, Any]], rollouts: Rollouts,
               metrics: dict[str, float]) -> NashPairs:
         n = len(rollouts.completions) // len(rows)
+        self.mixture.prompt_offset = self.parts.rollout.prompt_offset  # this rank's prompts
         opponents = self.mixture.generate([r["prompt"] for r in rows], n,
                                           seed=self.seed * 7919 + self.iteration + MIXTURE_SAMPLES)
         verdicts = self.labeller.verdicts(rollouts.prompts, rollouts.completions,

@@ -35,6 +35,9 @@ from alignlab.algorithms.online_preference.common import (
     TIE,
     MonitorFields,
     OnlinePreference,
+    RoundSchedule,
+    SampleObjective,
+    batch_tensors,
     build_parts,
     by_prompt,
     check_on_policy,
@@ -58,16 +61,14 @@ from alignlab.models.logprobs import completion_logprobs
 from alignlab.rollout.role import Rollouts
 
 
-class P3OSection(MonitorFields):
-    """The judge, the clipping, the KL penalty and the iteration's training schedule."""
+class P3OSection(MonitorFields, RoundSchedule):
+    """The judge, the clipping, the KL penalty and the iteration's training schedule (its units
+    are pairs)."""
 
     clipping: Literal["joint", "separate"] = "joint"
     clip_eps: float = Field(0.2, gt=0, lt=1)
     kl_coef: float = Field(0.05, ge=0)
     """β of the KL-regularised reward r − β·log(π_old/π_ref)."""
-    epochs: int = Field(2, gt=0)
-    minibatch_size: int | None = Field(None, gt=0)
-    """Pairs per optimizer step; None: all of them (one step per epoch)."""
 
 
 class P3OConfig(Section):
@@ -78,23 +79,19 @@ class P3OConfig(Section):
     p3o: P3OSection = P3OSection()
 
 
-class P3OObjective:
+class P3OObjective(SampleObjective):
     """Σ of the clipped pairwise surrogate over a micro-batch of pairs; ``num_items`` = pairs."""
 
     def __init__(self, clipping: str, clip_eps: float) -> None:
         self.term = ONLINE_PREFERENCE_TERMS.get(f"p3o_{clipping}")
         self.clip_eps = clip_eps
 
-    def num_items(self, batch: dict[str, Any]) -> float:
-        return float(batch["num_groups"])
-
     def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> LossOutput:
         flat = completion_logprobs(model, batch)  # slot-major: all y₁, then all y₂
         b = int(batch["num_groups"])
         logps = torch.stack([flat[:b], flat[b:]], dim=1)
-        old = batch["old_logps"].to(logps.device)
-        losses = self.term(logps, old, batch["advantages"].to(logps.device),
-                           clip_eps=self.clip_eps)
+        old, advantages = batch_tensors(batch, logps.device, "old_logps", "advantages")
+        losses = self.term(logps, old, advantages, clip_eps=self.clip_eps)
         log_ratio = (logps - old).detach()
         pair_ratio = torch.exp(log_ratio[:, 0] - log_ratio[:, 1])
         clipped = ((pair_ratio - 1).abs() > self.clip_eps).float().mean()

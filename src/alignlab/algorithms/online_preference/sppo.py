@@ -30,6 +30,9 @@ from pydantic import Field
 from alignlab.algorithms.online_preference.common import (
     MonitorFields,
     OnlinePreference,
+    RoundSchedule,
+    SampleObjective,
+    batch_tensors,
     build_parts,
     by_prompt,
     round_robin,
@@ -52,16 +55,13 @@ from alignlab.models.logprobs import completion_logprobs
 from alignlab.rollout.role import Rollouts
 
 
-class SPPOSection(MonitorFields):
-    """The judge, η and the round's training schedule."""
+class SPPOSection(MonitorFields, RoundSchedule):
+    """The judge, η and the round's training schedule (``epochs`` passes over the iteration's
+    samples, π_t staying the sampling policy)."""
 
     eta: float = Field(1.0, gt=0)
     """η: the log-ratio target of a sample is η·(P̂ − ½)."""
     train_on: Literal["all", "best_worst"] = "all"
-    epochs: int = Field(2, gt=0)
-    """Passes over the iteration's samples (π_t stays the sampling policy)."""
-    minibatch_size: int | None = Field(None, gt=0)
-    """Samples per optimizer step; None: all of them (one step per epoch)."""
 
 
 class SPPOConfig(Section):
@@ -72,19 +72,15 @@ class SPPOConfig(Section):
     sppo: SPPOSection = SPPOSection()
 
 
-class SPPOObjective:
+class SPPOObjective(SampleObjective):
     """Σ of ``sppo_square`` over a micro-batch of samples; ``num_items`` = samples."""
 
     def __init__(self, eta: float) -> None:
         self.eta = eta
 
-    def num_items(self, batch: dict[str, Any]) -> float:
-        return float(batch["num_groups"])
-
     def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> LossOutput:
         logps = completion_logprobs(model, batch)
-        old = batch["old_logps"].to(logps.device)
-        win = batch["win_prob"].to(logps.device)
+        old, win = batch_tensors(batch, logps.device, "old_logps", "win_prob")
         losses = sppo_square(logps, old, win, eta=self.eta)
         return LossOutput(losses.sum(), {"log_ratio": float((logps - old).detach().mean()),
                                          "target_abs": float((self.eta * (win - 0.5)).abs().mean())})

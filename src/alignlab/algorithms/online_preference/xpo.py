@@ -31,6 +31,7 @@ from pydantic import Field
 from alignlab.algorithms.online_preference.common import (
     MonitorFields,
     OnlinePreference,
+    batch_tensors,
     build_parts,
     plan_paired_loss,
     run,
@@ -89,7 +90,8 @@ class XPOObjective(PreferenceObjective):
         out = super().loss(model, batch)
         logps, b = self._logps, int(batch["num_groups"])
         self._logps = None
-        explored = torch.where(batch["explore_slot"].to(logps.device) == 0, logps[:b], logps[b:])
+        (slot,) = batch_tensors(batch, logps.device, "explore_slot")
+        explored = torch.where(slot == 0, logps[:b], logps[b:])
         term = xpo_exploration(explored, alpha=self.alpha)
         out.metrics.update({"loss/xpo": float(term.detach().mean()),
                             "logps/reference_samples": float(explored.detach().mean())})

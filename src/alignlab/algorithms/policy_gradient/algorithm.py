@@ -25,6 +25,7 @@ import torch
 
 from alignlab.algorithms.policy_gradient.config import OnlineRLConfig
 from alignlab.algorithms.policy_gradient.spec import RLAlgorithm
+from alignlab.engine import distributed
 from alignlab.engine.controller import OnlineAlgorithm, Rows
 from alignlab.engine.learner import Learner, Units, rows_of
 from alignlab.engine.scoring import score_units
@@ -39,6 +40,9 @@ from alignlab.rewards.scoring import RewardRole, RewardScores, token_reward_tens
 from alignlab.rollout.role import RolloutRole, Rollouts
 
 Experience = dict[str, torch.Tensor]
+ADVANTAGE_INPUTS = ("loss_mask", "scores", "group_ids", "baseline_scores", "token_rewards",
+                    "old_logprobs", "ref_logprobs")
+"""What ``estimator_advantages`` reads of a rollout batch."""
 
 
 class PolicyGradient(OnlineAlgorithm):
@@ -90,11 +94,17 @@ class PolicyGradient(OnlineAlgorithm):
         valid = exp["scores"][keep]
         metrics["reward_mean"] = float(valid.mean()) if len(valid) else float("nan")
         metrics["reward_std"] = float(valid.std()) if len(valid) > 1 else 0.0
-        if int(keep.sum()) == 0:
+        empty = int(keep.sum()) == 0
+        if empty and not distributed.active():
             return None
         exp = {k: v[keep] for k, v in exp.items()}
-        self._add_logprobs(exp, metrics)
+        if not empty:
+            self._add_logprobs(exp, metrics)
+        # With N processes the advantages gather every rank's rows: a rank left with none
+        # still takes part (and then has nothing to learn from).
         metrics.update(self.advantages(exp))
+        if empty:
+            return None
         for key in ("scores", "group_ids", "baseline_scores", "token_rewards"):
             exp.pop(key, None)
         return rows_of(exp)
@@ -103,18 +113,32 @@ class PolicyGradient(OnlineAlgorithm):
         return f"reward {metrics.get('reward_mean', float('nan')):.3f}"
 
     def state_dict(self) -> dict[str, Any]:
-        return {"reward_skipped": self.rewards.total_skipped, "dropped_groups": self.dropped_total}
+        return self.rank_state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.load_rank_state_dict(state)
+
+    def rank_state_dict(self) -> dict[str, Any]:
+        """Counters of this process's prompts (each rank's own with N processes)."""
+        return {"reward_skipped": self.rewards.total_skipped, "dropped_groups": self.dropped_total}
+
+    def load_rank_state_dict(self, state: dict[str, Any]) -> None:
         self.rewards.total_skipped = int(state.get("reward_skipped", 0))
         self.dropped_total = int(state.get("dropped_groups", 0))
 
     # ------------------------------------------------------------------------------ parts
 
     def advantages(self, exp: Experience) -> dict[str, float]:
-        """Put ``advantages [B,T]`` into ``exp`` (``estimator_advantages``)."""
-        exp["advantages"], metrics = estimator_advantages(self.spec, self.rl, exp)
-        return metrics
+        """Put ``advantages [B,T]`` into ``exp`` (``estimator_advantages``), computed over the
+        rows of every process as one batch (REINFORCE++ whitens over all of them)."""
+        def fn(rows: Experience) -> tuple[Experience, dict[str, float]]:
+            advantages, metrics = estimator_advantages(self.spec, self.rl, rows)
+            return {"advantages": advantages}, metrics
+
+        inputs = {k: exp[k] for k in ADVANTAGE_INPUTS if k in exp}
+        out, metrics = distributed.whole_batch(fn, inputs, offset_keys=("group_ids",))
+        exp["advantages"] = out.get("advantages", torch.zeros(exp["loss_mask"].shape))
+        return metrics or {}
 
     def _keep(self, keep: torch.Tensor, exp: Experience, baseline: torch.Tensor | None,
               metrics: dict[str, float]) -> torch.Tensor:

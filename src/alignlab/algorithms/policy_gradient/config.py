@@ -28,10 +28,15 @@ class RewardSandboxSection(Section):
 class RolloutCorrectionSection(Section):
     """Importance weights from the sampler's to the trainer's log-probs (``losses/rollout_correction.py``)."""
 
-    mode: Literal["tis", "mis"] = "tis"
+    mode: Literal["tis", "mis", "truncated", "masked"] = "tis"
+    """``tis``/``truncated``: w = clip(ρ, low, high); ``mis``/``masked``: w = ρ inside
+    [low, high], else 0 (the token, or with ``level: sequence`` the whole completion, dropped)."""
     level: Literal["token", "sequence"] = "token"
+    """One ρ per token, or per completion (the product of its tokens' ratios)."""
     low: float | None = Field(None, gt=0)
+    """Lower bound of ρ (None: none)."""
     high: float | None = Field(2.0, gt=0)
+    """Upper bound of ρ, the cap C (None: none)."""
 
 
 class RLSection(Section):
@@ -63,7 +68,12 @@ class RLSection(Section):
     """Hyper-parameters of the policy loss (e.g. SAPO's ``tau_pos``, CISPO's ``clip_eps_high``)."""
     rollout_correction: RolloutCorrectionSection | None = None
     """Weight the policy gradient by TIS/MIS weights exp(old − rollout) against the sampler's
-    log-probs; the mismatch is logged as ``rollout_is/*``."""
+    log-probs; the mismatch is logged as ``rollout_is/*``. Defaults to TIS (cap 2) when
+    ``max_staleness`` > 0; set it to null there to train on stale samples uncorrected."""
+    max_staleness: int = Field(0, ge=0)
+    """Asynchronous RL: sample the rollout of iteration k+s in a background thread while
+    iteration k trains, from the weights s updates old (``engine/async_rollout.py``); 0 is
+    synchronous, on-policy RL. Logged as ``staleness``."""
     importance: Literal["token", "sequence"] = "token"
     """``sequence``: GSPO's sequence-level ratio (grpo)."""
     loss_aggregation: Literal["grpo", "dr_grpo", "dapo", "bnpo", "token_mean",
@@ -77,6 +87,15 @@ class RLSection(Section):
     """Compute the policy's and the reference's log-probs with every distinct prompt once and
     no padding work where the model allows it (an SDPA decoder; ``models.logprobs.fast_path``);
     the values equal the plain path up to float rounding."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _correct_stale_rollouts(cls, data: Any) -> Any:
+        # Stale samples are off-policy: correct them unless the config says otherwise.
+        if (isinstance(data, dict) and data.get("max_staleness", 0)
+                and "rollout_correction" not in data):
+            data = {**data, "rollout_correction": {}}
+        return data
 
 
 class OnlineRLConfig(Section):
@@ -98,6 +117,10 @@ class OnlineRLConfig(Section):
     def _check(self) -> "OnlineRLConfig":
         if isinstance(self.rl.reward, dict) and not self.rl.reward:
             raise ValueError("rl.reward: give at least one reward name")
+        if self.rl.max_staleness and self.rollout.vllm.enable_sleep_mode:
+            raise ValueError("rollout.vllm.enable_sleep_mode: vLLM cannot sleep while the "
+                             "trainer updates when rl.max_staleness > 0 (it samples then); "
+                             "turn one of them off")
         if self.train.grad_accum != 1:
             raise ValueError("train.grad_accum is not used by online RL: rl.minibatch_size sets "
                              "the completions per optimizer step, train.batch_size the "

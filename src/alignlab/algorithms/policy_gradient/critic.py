@@ -13,7 +13,6 @@ lines up with ``old_logprobs[b, t]`` and ``loss_mask[b, t]``
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -21,6 +20,7 @@ import torch
 from alignlab.engine.loop import LossOutput
 from alignlab.losses.policy import aggregate, num_items
 from alignlab.losses.value import VALUE_LOSSES
+from alignlab.models.adapters import copy_sharing_frozen, has_adapters
 from alignlab.models.heads import CausalLMWithScalarHead
 from alignlab.models.logprobs import state_values
 
@@ -54,9 +54,13 @@ class ValueObjective:
 def new_critic(policy: torch.nn.Module) -> CausalLMWithScalarHead:
     """A fresh critic on a copy of the policy's backbone (the output embedding is dropped).
 
-    The head starts at 0: random initial values would be noise in the first advantages.
+    The head starts at 0: random initial values would be noise in the first advantages. Under
+    LoRA the critic shares the policy's frozen base weights and trains its own copy of the
+    adapters with the head (the head is outside peft, so it trains whole, as
+    ``modules_to_save`` would); otherwise it trains a full copy.
     """
-    critic = CausalLMWithScalarHead(copy.deepcopy(policy))
+    lora = has_adapters(policy)
+    critic = CausalLMWithScalarHead(copy_sharing_frozen(policy))
     torch.nn.init.zeros_(critic.head.weight)
     torch.nn.init.zeros_(critic.head.bias)
-    return critic.requires_grad_(True)
+    return critic.requires_grad_(True) if not lora else critic

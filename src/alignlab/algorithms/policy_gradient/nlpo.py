@@ -17,7 +17,6 @@ penalty is that of the acting policy π^M and counts the truncation too (−log 
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -26,6 +25,7 @@ from transformers import DynamicCache
 
 from alignlab.algorithms.policy_gradient.objective import PolicyObjective
 from alignlab.algorithms.policy_gradient.ppo import PPO
+from alignlab.models.adapters import adapter_state_dict, frozen_copy, load_adapter_state_dict
 from alignlab.models.logprobs import next_token_logits, restricted_token_logprobs
 from alignlab.rollout.filters import top_p_filter
 
@@ -41,7 +41,7 @@ class ActionMask:
 
     def __init__(self, policy: nn.Module, top_p: float, update_every: int,
                  device: torch.device | str | None = None) -> None:
-        self.model = copy.deepcopy(policy).requires_grad_(False).eval()
+        self.model = frozen_copy(policy)  # under LoRA: the adapters copied, the base shared
         if device is not None:
             self.model.to(device)
         self.top_p, self.update_every = top_p, update_every
@@ -52,7 +52,7 @@ class ActionMask:
         """π_ψ ← π at every ``update_every``-th iteration (not at 0: π_ψ starts as π)."""
         if iteration == 0 or iteration % self.update_every or iteration == self.refreshed_at:
             return False
-        self.model.load_state_dict(policy.state_dict())
+        load_adapter_state_dict(self.model, adapter_state_dict(policy))  # LoRA: the base is shared
         self.refreshes += 1
         self.refreshed_at = iteration
         return True
@@ -71,11 +71,11 @@ class ActionMask:
         return TopPMaskProcessor(self.model, self.top_p)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"weights": self.model.state_dict(), "refreshes": self.refreshes,
+        return {"weights": adapter_state_dict(self.model), "refreshes": self.refreshes,
                 "refreshed_at": self.refreshed_at}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["weights"])
+        load_adapter_state_dict(self.model, state["weights"])
         self.refreshes, self.refreshed_at = int(state["refreshes"]), int(state["refreshed_at"])
 
 

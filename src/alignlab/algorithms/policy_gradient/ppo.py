@@ -24,6 +24,7 @@ import torch
 from alignlab.algorithms.policy_gradient.algorithm import Experience, PolicyGradient
 from alignlab.algorithms.policy_gradient.config import PPORLSection
 from alignlab.algorithms.policy_gradient.critic import ValueObjective, new_critic
+from alignlab.engine import distributed
 from alignlab.engine.learner import Learner, Units
 from alignlab.losses.advantages import (
     AdaptiveKLController,
@@ -34,6 +35,7 @@ from alignlab.losses.advantages import (
     whiten,
 )
 from alignlab.losses.kl import token_kl
+from alignlab.models.adapters import adapter_state_dict, load_adapter_state_dict
 from alignlab.models.logprobs import logprobs_and_values, state_values
 
 
@@ -99,28 +101,41 @@ class PPO(PolicyGradient):
         """Put ``old_values``, ``returns`` and ``advantages`` into ``exp``; step the KL controller.
 
         Per-token reward components (``token_rewards``, already summed into ``scores``) are
-        credited where they occur; the rest of each score on its last token."""
+        credited where they occur; the rest of each score on its last token. With N processes
+        the whitening, the metrics and the KL controller see every rank's rows as one batch."""
         rl, mask = self.rl, exp["loss_mask"]
-        values = self.values(exp)
-        kl = None
+        # a rank without rows (every group dropped) still takes part in the gather below
+        values = self.values(exp) if len(mask) else torch.zeros(mask.shape)
+        rows = {"scores": exp["scores"], "values": values, "loss_mask": mask}
+        if "token_rewards" in exp:
+            rows["token_rewards"] = exp["token_rewards"]
         if "ref_logprobs" in exp:
-            kl = token_kl(exp["old_logprobs"], exp["ref_logprobs"], self.kl_estimator, mask)
+            rows["kl"] = token_kl(exp["old_logprobs"], exp["ref_logprobs"], self.kl_estimator,
+                                  mask)
         beta = self.kl_ctl.kl_coef if self.kl_in_reward else 0.0
-        exp["advantages"], exp["returns"] = ppo_advantages(
-            exp["scores"], values, mask, kl=kl, kl_coef=beta, gamma=rl.gamma, lam=rl.gae_lambda,
-            token_rewards=exp.get("token_rewards"),
-            whiten_rewards=rl.whiten_rewards, whiten_advantages=rl.whiten_advantages)
+
+        def fn(rows: Experience) -> tuple[Experience, dict[str, float]]:
+            mask, values, kl = rows["loss_mask"], rows["values"], rows.get("kl")
+            advantages, returns = ppo_advantages(
+                rows["scores"], values, mask, kl=kl, kl_coef=beta, gamma=rl.gamma,
+                lam=rl.gae_lambda, token_rewards=rows.get("token_rewards"),
+                whiten_rewards=rl.whiten_rewards, whiten_advantages=rl.whiten_advantages)
+            m = {"kl_coef": beta, "value_rollout_mean": float(values[mask.bool()].mean()),
+                 # 1 − Var(R − V)/Var(R) of the critic that produced the advantages (CleanRL).
+                 "explained_variance": float(1 - masked_var(returns - values, mask)
+                                             / masked_var(returns, mask).clamp(min=1e-8))}
+            if kl is not None:
+                seq_kl = float(kl.sum(-1).mean())
+                m["kl_penalty"] = beta * seq_kl
+                if self.kl_in_reward:
+                    self.kl_ctl.update(seq_kl, n_steps=int(mask.shape[0]))
+            return {"advantages": advantages, "returns": returns}, m
+
+        out, m = distributed.whole_batch(fn, rows)
+        exp["advantages"] = out.get("advantages", torch.zeros(mask.shape))
+        exp["returns"] = out.get("returns", torch.zeros(mask.shape))
         exp["old_values"] = values
-        m = {"kl_coef": beta, "value_rollout_mean": float(values[mask.bool()].mean()),
-             # 1 − Var(R − V)/Var(R) of the critic that produced the advantages (CleanRL).
-             "explained_variance": float(1 - masked_var(exp["returns"] - values, mask)
-                                         / masked_var(exp["returns"], mask).clamp(min=1e-8))}
-        if kl is not None:
-            seq_kl = float(kl.sum(-1).mean())
-            m["kl_penalty"] = beta * seq_kl
-            if self.kl_in_reward:
-                self.kl_ctl.update(seq_kl, n_steps=int(mask.shape[0]))
-        return m
+        return m or {}
 
     def after_update(self, units: Units, metrics: dict[str, float]) -> None:
         """The separate critic learns on the same rows (a shared one learned with the policy)."""
@@ -133,7 +148,7 @@ class PPO(PolicyGradient):
         metrics.update({renamed.get(k, k): v for k, v in out.items()})
 
     def state_dict(self) -> dict[str, Any]:
-        critic = ({**self.critic.state_dict(), "weights": self.critic.model.state_dict()}
+        critic = ({**self.critic.state_dict(), "weights": adapter_state_dict(self.critic.model)}
                   if self.critic is not None else {"value_head": self.value_head.state_dict()})
         return {**super().state_dict(), "critic": critic,
                 "kl_controller": self.kl_ctl.state_dict()}
@@ -141,7 +156,7 @@ class PPO(PolicyGradient):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         if self.critic is not None:
-            self.critic.model.load_state_dict(state["critic"]["weights"])
+            load_adapter_state_dict(self.critic.model, state["critic"]["weights"])
             self.critic.load_state_dict(state["critic"])
         else:
             self.value_head.load_state_dict(state["critic"]["value_head"])

@@ -2,13 +2,15 @@
 
 The parts are built in an order that keeps resume exact: seed first; the reference, PPO's
 critic and NLPO's masking policy are copies of the *initial* policy, made before a checkpoint
-is loaded into it.
+is loaded into it. Under LoRA none of them copies the frozen base weights: the reference is the
+policy with its adapters disabled, the critic and the masking policy copy only the adapters
+(``models/adapters.py``).
 """
 
 from __future__ import annotations
 
-import copy
 import functools
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,11 +38,13 @@ from alignlab.core.errors import ConfigError
 from alignlab.core.runtime import pick_device, seed_everything
 from alignlab.engine.controller import OnlineRun, OnlineSetup, run_online
 from alignlab.engine.learner import Learner
+from alignlab.engine.placement import open_placement, refuse_ray
 from alignlab.engine.run import prepare_run
 from alignlab.losses.rollout_correction import RolloutCorrection
+from alignlab.models.adapters import reference_model
 from alignlab.rewards.sandbox import Limits
 from alignlab.rewards.scoring import RewardRole, build_reward_role
-from alignlab.rollout.role import RolloutRole
+from alignlab.rollout.role import RolloutRole, make_backend
 
 ALGORITHM_CLASSES: dict[str, type[PolicyGradient]] = {"ppo": PPO, "nlpo": NLPO}
 """Algorithms with their own hooks; every other name is a ``PolicyGradient`` of its spec."""
@@ -86,19 +90,29 @@ def train_policy_gradient(cfg: OnlineRLConfig, algorithm: str) -> OnlineRun:
     if spec.grouped and cfg.rollout.n < 2:
         raise ConfigError(f"rollout.n: {algorithm} compares the completions of one prompt; "
                           f"set rollout.n >= 2 (got {cfg.rollout.n})")
+    if cfg.rl.max_staleness and (spec.greedy_baseline or cls is NLPO):
+        raise ConfigError(f"field 'rl.max_staleness': {algorithm} samples from the current "
+                          "policy inside its iteration (a greedy baseline, a masking policy), "
+                          "which a rollout thread sampling ahead would race; set 0")
     if cls is NLPO and cfg.rl.critic == "shared":
         raise ConfigError("field 'rl.critic': nlpo takes a separate critic (its policy "
                           "log-probs are restricted to the action mask); use 'separate'")
+    if cls is NLPO:
+        refuse_ray(cfg.train, algorithm, "its masking policy rewrites the logits while the "
+                   "policy samples, in this process; the rollout workers hold the policy alone")
+    if cfg.rollout.backend != "builtin":
+        refuse_ray(cfg.train, f"rollout.backend {cfg.rollout.backend!r}", "the rollout workers "
+                   "sample with alignlab's built-in engine")
     seed_everything(cfg.train.seed)
     prompts, task = load_prompt_source(cfg.rollout, cfg.world, cfg.train.seed)
-    rewards = build_reward(cfg.rl, task)
+    placement = open_placement(cfg.train, algorithm)  # where rollout and reward run
+    rewards = placement.rewards(functools.partial(build_reward, cfg.rl, task))
     model, tokenizer = load_policy(cfg.model, cfg.world)
     render_chat_prompts(prompts, tokenizer)
     max_new = cfg.rollout.max_new_tokens or (task.max_new_tokens if task is not None else 64)
     device = pick_device(cfg.train.device)
     # Copies of the initial policy, made before any checkpoint is loaded into it.
-    reference = (copy.deepcopy(model).requires_grad_(False).eval().to(device)
-                 if cfg.rl.kl_coef > 0 else None)
+    reference = reference_model(model).to(device) if cfg.rl.kl_coef > 0 else None
     parts: dict[str, Any] = {}
     if issubclass(cls, PPO):
         if cfg.rl.critic == "shared":
@@ -118,15 +132,26 @@ def train_policy_gradient(cfg: OnlineRLConfig, algorithm: str) -> OnlineRun:
                           {"params": list(value_head.parameters()),
                            "lr": cfg.rl.critic_lr or cfg.train.lr},))
     mask = parts.get("action_mask")
+    # Sampling ahead needs weights the update does not move: the built-in engine's own copy.
+    # Under Ray the rollout workers hold copies built by the same loader.
+    backend = placement.rollout_backend(
+        functools.partial(load_policy, cfg.model, cfg.world), tokenizer,
+        batch_size=cfg.rollout.batch_size,
+        local=functools.partial(make_backend, cfg.rollout, model, tokenizer,
+                                own_copy=cfg.rl.max_staleness > 0,
+                                train_precision=learner.precision,
+                                work_dir=Path(cfg.train.output_dir) / "rollout_adapters",
+                                logits_processor=mask.processor if mask is not None else None))
     rollout = RolloutRole(model, tokenizer, max_new_tokens=max_new,
                           temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                          batch_size=cfg.rollout.batch_size,
-                          logits_processor=mask.processor if mask is not None else None)
+                          batch_size=cfg.rollout.batch_size, backend=backend)
     alg = cls(spec, cfg, learner=learner, rollout=rollout, rewards=rewards, reference=reference,
               **parts)
     setup = OnlineSetup(prompts, rollout, learner, alg, cfg.rollout.n, cfg.rollout.prompts_per_step,
-                        gold=task.gold if task is not None else None)
-    result = run_online(setup, cfg.train, algorithm)
+                        gold=task.gold if task is not None else None,
+                        max_staleness=cfg.rl.max_staleness)
+    with placement:
+        result = run_online(setup, cfg.train, algorithm)
     save_final(model, tokenizer, cfg, result.output_dir)
     return OnlineRun(result, model, tokenizer)
 

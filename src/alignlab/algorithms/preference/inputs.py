@@ -24,6 +24,7 @@ from torch import Tensor
 from alignlab.algorithms.preference.reference import attach_reference_logps
 from alignlab.core.errors import ConfigError
 from alignlab.data.preference_columns import INPUT_COLUMNS
+from alignlab.engine import distributed
 from alignlab.losses.preference import LossSpec, update_group_weights
 from alignlab.models.logprobs import completion_token_logprobs
 
@@ -164,6 +165,7 @@ class GroupWeights:
         self.names, self.step_size = list(names), step_size
         self.shares = torch.tensor(list(shares), dtype=torch.float64)
         self.weights = torch.full((len(self.names),), 1.0 / len(self.names), dtype=torch.float64)
+        self.synced = self.weights.clone()  # α when the processes last agreed (``sync``)
 
     def update(self, group_mean_losses: Tensor, groups: Tensor) -> None:
         counts = torch.bincount(groups.cpu(), minlength=len(self.names)).double()
@@ -172,6 +174,16 @@ class GroupWeights:
 
     def metrics(self) -> dict[str, float]:
         return {f"group_weight/{name}": float(w) for name, w in zip(self.names, self.weights)}
+
+    def sync(self) -> None:
+        """With N processes: α after every rank's updates since the last sync, the same on
+        every rank. The steps α ∝ α·exp(η·L̂) commute, so this is the α one process reaches
+        after the same micro-batches' updates."""
+        if distributed.active():
+            moved = distributed.global_sum((self.weights.log() - self.synced.log()).tolist())
+            weights = self.synced * torch.tensor(moved, dtype=torch.float64).exp()
+            self.weights = weights / weights.sum()
+        self.synced = self.weights.clone()
 
 
 __all__ = ["GROUP_WEIGHTS", "GroupWeights", "InputNeeds", "attach_references", "check_references",

@@ -53,6 +53,7 @@ from alignlab.data.preference_columns import (
     fill_defaults,
 )
 from alignlab.data.tokenize import TokenizedRows, tokenize_rows
+from alignlab.engine import distributed
 from alignlab.engine.loop import LossOutput, TrainResult, train
 from alignlab.engine.run import prepare_run
 from alignlab.losses.preference import (
@@ -61,6 +62,7 @@ from alignlab.losses.preference import (
     combine_losses,
     loss_spec,
 )
+from alignlab.models.adapters import adapters_disabled, has_adapters
 from alignlab.models.loading import load_reference_model
 from alignlab.models.logprobs import completion_logprobs, preferred_layout
 from alignlab.world.preference_rows import world_preference_rows
@@ -193,6 +195,7 @@ class PreferenceObjective:
                  group_step_size: float = 0.01) -> None:
         self.plan, self.reference_model = plan, reference_model
         self.shift_mean, self.shift_count = 0.0, 0  # BCO's running δ (TRL's RunningMoments)
+        self.synced_shift = (0.0, 0)  # δ when the processes last agreed (``sync_across_ranks``)
         self.group_weights = (GroupWeights(groups[0], group_step_size, groups[1])
                               if plan.group_robust and groups else None)
 
@@ -257,6 +260,21 @@ class PreferenceObjective:
         self.shift_mean = (self.shift_mean * self.shift_count + float(rewards.sum())) / (self.shift_count + n)
         self.shift_count += n
 
+    def sync_across_ranks(self) -> None:
+        """With N processes, after each optimizer step's micro-batches (``engine/loop.py``):
+        δ becomes the running mean over every rank's rewards and α the result of every rank's
+        updates, the same on every rank (within a step each rank's share used the step's
+        starting δ, where one process with accumulation updates it between micro-batches)."""
+        if self.plan.shifted:
+            mean0, count0 = self.synced_shift
+            added, n = distributed.global_sum([self.shift_mean * self.shift_count - mean0 * count0,
+                                               self.shift_count - count0])
+            self.shift_count = count0 + int(round(n))
+            self.shift_mean = (mean0 * count0 + added) / self.shift_count if self.shift_count else 0.0
+            self.synced_shift = (self.shift_mean, self.shift_count)
+        if self.group_weights is not None:
+            self.group_weights.sync()
+
     def inputs(self, logps: torch.Tensor, ref: torch.Tensor | None, batch: dict[str, Any],
                token_logps: torch.Tensor | None = None) -> tuple[PreferenceInputs, dict[str, float]]:
         """Split the flat per-completion log-probs into the loss kind's fields."""
@@ -305,8 +323,10 @@ class PreferenceObjective:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.shift_mean, self.shift_count = float(state["shift_mean"]), int(state["shift_count"])
+        self.synced_shift = (self.shift_mean, self.shift_count)
         if self.group_weights is not None and GROUP_WEIGHTS in state:
             self.group_weights.weights = torch.tensor(state[GROUP_WEIGHTS], dtype=torch.float64)
+            self.group_weights.synced = self.group_weights.weights.clone()
 
 
 class PreferenceConfig(Section):
@@ -396,18 +416,23 @@ def run_preference(cfg: PreferenceConfig) -> PreferenceRun:
     if plan.needs_reference:
         refs = [resolve_model_path(r, cfg.world) for r in cfg.preference.reference_models
                 or [cfg.preference.reference or cfg.model.name_or_path]]
+        own = resolve_model_path(cfg.model.name_or_path, cfg.world)
 
         def load(path: str) -> torch.nn.Module:
+            if path == own and has_adapters(model):  # LoRA: the base under the adapters, no copy
+                return adapters_disabled(model)
             return load_reference_model(path, dtype=cfg.model.dtype,
                                         trust_remote_code=cfg.model.trust_remote_code,
                                         attn_implementation=cfg.model.attn_implementation)
 
         if cfg.preference.precompute_reference:
-            hit = attach_references(examples, refs, tokens=plan.needs.tokens, load=load,
-                                    pad_token_id=pad, output_dir=cfg.train.output_dir,
-                                    batch_size=2 * cfg.train.batch_size, device=device,
-                                    precision=precision,
-                                    layout=None if layout == "shared" else layout)
+            # Rank 0 computes and caches them; the other processes then read its cache.
+            with distributed.main_first():
+                hit = attach_references(examples, refs, tokens=plan.needs.tokens, load=load,
+                                        pad_token_id=pad, output_dir=cfg.train.output_dir,
+                                        batch_size=2 * cfg.train.batch_size, device=device,
+                                        precision=precision,
+                                        layout=None if layout == "shared" else layout)
             print(f"reference log-probs: {'reused' if hit else 'computed'} ({', '.join(refs)})")
         else:
             ref_model = load(refs[0]).to(device)
@@ -433,18 +458,20 @@ def run_preference(cfg: PreferenceConfig) -> PreferenceRun:
     def on_step(step: int, _: dict[str, float]) -> None:
         every = cfg.train.save_every
         # δ and α are trainer state: saved at the checkpoint steps so a resume restores them exactly.
-        if objective.stateful and every and (step % every == 0 or step == cfg.train.max_steps):
+        if objective.stateful and every and (step % every == 0 or step == cfg.train.max_steps) \
+                and distributed.is_main():
             atomic_write_text(state_file, json.dumps(objective.state_dict()))
 
     name = "+".join(plan.weights)
     result = train(model, objective, batches, cfg.train, description=name, on_step=on_step)
     save_final(model, tokenizer, cfg, result.output_dir)
     scores = None
-    if held:
+    if held and distributed.is_main():
         from alignlab.algorithms.preference.heldout import heldout_metrics
 
-        scores = heldout_metrics(model, objective, held, pad, layout=layout, device=device,
-                                 batch_size=2 * cfg.train.batch_size, precision=precision)
+        with distributed.local():  # rank 0 alone: nothing here may wait for the other ranks
+            scores = heldout_metrics(model, objective, held, pad, layout=layout, device=device,
+                                     batch_size=2 * cfg.train.batch_size, precision=precision)
         atomic_write_text(Path(result.output_dir) / "heldout.json", json.dumps(scores, indent=1))
         print(f"held-out ({len(held)} rows): " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
     return PreferenceRun(result, model, tokenizer, objective, examples, layout, hit, scores)

@@ -35,10 +35,12 @@ from alignlab.core.config import (
 from alignlab.core.errors import ConfigError
 from alignlab.core.io import atomic_write_json, atomic_write_text, replace_dir
 from alignlab.data.batches import EpochBatches
+from alignlab.engine import distributed
 from alignlab.engine.loop import LossOutput, TrainResult, train
 from alignlab.engine.metrics import MetricsLogger
 from alignlab.engine.run import prepare_run
 from alignlab.losses.reward import REWARD_MODEL_LOSSES, centering_penalty, loss_format
+from alignlab.models.adapters import ADAPTER_DIR
 
 
 class EnsembleSection(Section):
@@ -111,26 +113,41 @@ def _check_scores(rows: Any, column: str) -> None:
             raise rows.error(i, f"must be a finite number, got {value!r:.40}", column)
 
 
+def load_reward_rows(data: DataSection, world: WorldSection) -> Any:
+    """The rows of ``data.source`` (a ``RowSet``): a file, folder or Hub dataset, or for
+    ``world:<task>`` that task's oracle contrast pairs ordered by gold (:func:`contrast_pairs`;
+    ``data.limit`` of them, default 2048). Shared with the preference-model trainer."""
+    from alignlab.data.loading import load_rows, rows_from_list
+    from alignlab.world.resolve import is_world, world_task
+
+    if is_world(data.source):
+        task = world_task(data.source, world, "data.source")
+        return rows_from_list(contrast_pairs(task, data.limit or 2048, world.seed),
+                              format="preference", source=data.source)
+    return load_rows(data.source, format=data.format, split=data.split, limit=data.limit)
+
+
+def without_ties(rows: Any) -> Any:
+    """``rows`` less the preference rows marked ``tie: true`` (logged when there are any)."""
+    from alignlab.data.loading import RowSet
+
+    tied = [i for i, r in enumerate(rows.rows) if rows.format == "preference" and r.get("tie") is True]
+    if not tied:
+        return rows
+    kept = sorted(set(range(len(rows))) - set(tied))
+    print(f"data {rows.source}: {len(tied)} tied pairs skipped")
+    return RowSet(rows.format, [rows.rows[i] for i in kept], rows.source,
+                  [rows.where(i)[1] for i in kept], rows.position_kind)
+
+
 def load_examples(cfg: RewardConfig, tokenizer: Any) -> tuple[list[dict], int, str]:
     """Tokenised examples for the loss's row format, the pad id, and that format."""
-    from alignlab.data.loading import RowSet, load_rows, rows_from_list
     from alignlab.data.tokenize import tokenize_rows
-    from alignlab.world.resolve import is_world, world_task
 
     fmt = REWARD_MODEL_LOSSES.get(cfg.reward.loss).data_format
     data = cfg.data
-    if is_world(data.source):
-        task = world_task(data.source, cfg.world, "data.source")
-        rows = rows_from_list(contrast_pairs(task, data.limit or 2048, cfg.world.seed),
-                              format="preference", source=data.source)
-    else:
-        rows = load_rows(data.source, format=data.format, split=data.split, limit=data.limit)
-    tied = [i for i, r in enumerate(rows.rows) if rows.format == "preference" and r.get("tie") is True]
-    if tied:  # Bradley-Terry has no tie outcome: a tied pair carries no order to learn
-        kept = sorted(set(range(len(rows))) - set(tied))
-        rows = RowSet(rows.format, [rows.rows[i] for i in kept], rows.source,
-                      [rows.where(i)[1] for i in kept], rows.position_kind)
-        print(f"data {rows.source}: {len(tied)} tied pairs skipped")
+    # Bradley-Terry has no tie outcome: a tied pair carries no order to learn
+    rows = without_ties(load_reward_rows(data, cfg.world))
     # A pair is a ranked list of two, so the listwise loss also learns from preference rows.
     if rows.format != fmt and not (fmt == "ranked" and rows.format == "preference"):
         raise ConfigError(f"data.source {data.source}: rows have format '{rows.format}' but "
@@ -155,17 +172,24 @@ def load_examples(cfg: RewardConfig, tokenizer: Any) -> tuple[list[dict], int, s
     return examples, tokenized.pad_token_id, fmt
 
 
+def held_out_split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, held-out) indices of ``n`` examples: a ``seed`` shuffle, the first
+    ⌈fraction·n⌉ held out. Shared with the preference-model trainer."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_eval = math.ceil(fraction * n) if fraction else 0
+    return order[n_eval:], order[:n_eval]
+
+
 def split_examples(examples: list[dict], cfg: RewardConfig) -> tuple[list[dict], list[dict]]:
     """Held-out eval examples, and train examples each with a 0/1 ``member_mask`` per column."""
-    order = list(range(len(examples)))
-    random.Random(cfg.train.seed).shuffle(order)
-    n_eval = math.ceil(cfg.reward.eval_fraction * len(examples)) if cfg.reward.eval_fraction else 0
-    evals = [examples[i] for i in order[:n_eval]]
+    train_idx, eval_idx = held_out_split(len(examples), cfg.reward.eval_fraction, cfg.train.seed)
+    evals = [examples[i] for i in eval_idx]
     ens = cfg.reward.ensemble
     k = ens.members * ens.num_heads
     rng = random.Random(cfg.train.seed + 1)
     trains = [{**examples[i], "member_mask": [float(rng.random() < ens.subsample) for _ in range(k)]}
-              for i in order[n_eval:]]
+              for i in train_idx]
     return trains, evals
 
 
@@ -223,7 +247,7 @@ class RewardObjective:
 
 def init_model(path: str, cfg: RewardConfig, seed: int) -> torch.nn.Module:
     """A fresh head on a causal LM, or a reward model (scalar-head or *ForSequenceClassification)
-    to keep training."""
+    to keep training; with ``model.lora`` LoRA adapters on its body and the head trained whole."""
     from transformers import AutoConfig
 
     from alignlab.core.runtime import seed_everything
@@ -231,8 +255,6 @@ def init_model(path: str, cfg: RewardConfig, seed: int) -> torch.nn.Module:
     from alignlab.models.loading import from_pretrained_checked
 
     m = cfg.model
-    if m.lora is not None:
-        raise ConfigError("model.lora: the reward trainer trains the full backbone; remove lora")
     seed_everything(seed)  # before any model is built; the head's init differs per member
     config = None if (Path(path) / HEAD_CONFIG).is_file() else from_pretrained_checked(
         AutoConfig, path, trust_remote_code=m.trust_remote_code)
@@ -243,27 +265,41 @@ def init_model(path: str, cfg: RewardConfig, seed: int) -> torch.nn.Module:
         if model.num_heads != cfg.reward.ensemble.num_heads:
             raise ConfigError(f"reward.ensemble.num_heads is {cfg.reward.ensemble.num_heads} but "
                               f"the reward model at {path} has {model.num_heads} heads")
-        return model
+        if m.lora is not None and m.lora.quantize is not None:
+            raise ConfigError("field 'model.lora.quantize': QLoRA starts from a causal LM; "
+                              f"'{path}' is a reward model (train it with LoRA unquantized)")
+        return model if m.lora is None else model.add_lora(m.lora)
     # Comparisons are blind to a constant shift: a bias is learnt only from score regression or
     # centering. Without one, AutoModelForSequenceClassification scores the saved model exactly.
     bias = loss_format(cfg.reward.loss) == "prompt_completion" or cfg.reward.center_coef > 0
     return CausalLMWithScalarHead.from_causal_lm(
         path, num_heads=cfg.reward.ensemble.num_heads, bias=bias, dtype=m.dtype,
-        trust_remote_code=m.trust_remote_code, attn_implementation=m.attn_implementation)
+        trust_remote_code=m.trust_remote_code, attn_implementation=m.attn_implementation,
+        lora=m.lora)
 
 
 def save_reward_model(ensemble: Any, tokenizer: Any, cfg: RewardConfig, output_dir: str | Path) -> Path:
-    """Write ``<output_dir>/final`` (ensemble, tokenizer in it and every member, config) atomically."""
+    """Write ``<output_dir>/final`` (ensemble, tokenizer in it and every member, config)
+    atomically; with N processes rank 0 writes and every rank returns once it is written."""
     final = Path(output_dir) / "final"
+    with distributed.main_first():
+        if distributed.is_main():
+            _save_reward_model(ensemble, tokenizer, cfg, output_dir, final)
+    return final
+
+
+def _save_reward_model(ensemble: Any, tokenizer: Any, cfg: RewardConfig, output_dir: str | Path,
+                       final: Path) -> None:
     tmp = final.with_name(".tmp-final")
     shutil.rmtree(tmp, ignore_errors=True)
     ensemble.save_pretrained(tmp, pad_token_id=tokenizer.pad_token_id)
     for d in [tmp, *sorted(tmp.glob("member_*"))]:
-        tokenizer.save_pretrained(d)
+        for where in (d, d / ADAPTER_DIR):  # a LoRA member's adapters loaded alone need it too
+            if where.is_dir():
+                tokenizer.save_pretrained(where)
     atomic_write_text(tmp / "alignlab_config.yaml", dump_config(cfg))
     replace_dir(tmp, final)
     atomic_write_text(Path(output_dir) / "DONE", "final\n")
-    return final
 
 
 @dataclass
@@ -291,7 +327,10 @@ def run_reward(cfg: RewardConfig) -> RewardRun:
     out, ens, rc = Path(cfg.train.output_dir), cfg.reward.ensemble, cfg.reward
     evaluate = functools.partial(evaluate_rewards, examples=eval_ex, fmt=fmt, pad_token_id=pad_id,
                                  batch_size=rc.eval_batch_size, n_bins=rc.ece_bins)
-    eval_log = MetricsLogger(out / "eval", tensorboard=cfg.train.tensorboard) if eval_ex else None
+    # With N processes rank 0 evaluates (on the whole held-out split) and writes the reports.
+    main = distributed.is_main()
+    eval_log = (MetricsLogger(out / "eval", tensorboard=cfg.train.tensorboard)
+                if eval_ex and main else None)
     objective = RewardObjective(rc.loss, rc.center_coef)
     models, results = [], []
     try:
@@ -314,15 +353,16 @@ def run_reward(cfg: RewardConfig) -> RewardRun:
                                  description="reward" if ens.members == 1 else f"reward member {i}"))
             models.append(model)
         ensemble = RewardEnsemble(models, ens.aggregate, ens.std_coef)
-        metrics = evaluate(ensemble) if eval_ex else {}
+        metrics = evaluate(ensemble) if eval_ex and main else {}
         if eval_log is not None:
             eval_log.log(results[-1].step, {"final": 1, **metrics})
     finally:
         if eval_log is not None:
             eval_log.close()
-    atomic_write_json(out / "reward_eval.json", {"loss": rc.loss, "ensemble_size": ensemble.size,
-                                                 "aggregate": ens.aggregate, "eval_examples": len(eval_ex),
-                                                 "metrics": metrics})
+    if main:
+        atomic_write_json(out / "reward_eval.json", {
+            "loss": rc.loss, "ensemble_size": ensemble.size, "aggregate": ens.aggregate,
+            "eval_examples": len(eval_ex), "metrics": metrics})
     final = save_reward_model(ensemble, tokenizer, cfg, out)
     if metrics:
         print("reward eval: " + ", ".join(f"{k} {metrics[k]:.3f}" for k in ("accuracy", "ece")

@@ -40,6 +40,22 @@ class Verdict:
     """The judge's own record (the annotator's ``PairLabel``, the two rewards)."""
 
 
+TIE_TOLERANCE = 1e-12
+"""|P(a ≻ b) − 1/2| at or below which a model judge's verdict is a tie (float rounding of an
+exact tie)."""
+
+
+def swap_debiased_verdict(p_ab: float, p_ba: float | None) -> Verdict:
+    """A model judge's verdict from its probability that the first-shown response wins, with a
+    shown first (``p_ab``) and, when judged in both orders, b shown first (``p_ba``):
+    ``P(a ≻ b) = (p_ab + 1 − p_ba) / 2`` (``p_ab`` alone when ``p_ba`` is None), a tie within
+    ``TIE_TOLERANCE`` of ½. Swapping a and b gives exactly ``1 − P``, and a judge that only
+    looks at positions says ½."""
+    p = p_ab if p_ba is None else (p_ab + 1.0 - p_ba) / 2
+    tie = abs(p - 0.5) <= TIE_TOLERANCE
+    return Verdict(0.5 if tie else p, None if tie else p > 0.5, {"p_ab": p_ab, "p_ba": p_ba})
+
+
 @runtime_checkable
 class PairwiseJudge(Protocol):
     def judge(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]

@@ -41,7 +41,7 @@ from alignlab.core.errors import AlignlabError, ConfigError
 from alignlab.data.collate import pad_collate
 from alignlab.models.fingerprint import directory_fingerprint, module_fingerprint
 from alignlab.models.logprobs import next_token_logits
-from alignlab.rewards.judges.base import Verdict
+from alignlab.rewards.judges.base import Verdict, swap_debiased_verdict
 from alignlab.rewards.judges.cache import VerdictCache, verdict_key
 
 _FIELD = re.compile(r"\{(prompt|a|b)\}")
@@ -96,8 +96,6 @@ DEFAULT_TEMPLATE = JudgeTemplate(
     version="pairwise-ab-v1")
 
 Mode = Literal["logprob", "generate"]
-_TIE = 1e-12
-"""|P(a ≻ b) − 1/2| at or below which a verdict is a tie (float rounding of an exact tie)."""
 
 
 class LLMJudge:
@@ -188,10 +186,7 @@ class LLMJudge:
                 self.parse_skips += 1
                 out.append(None)
                 continue
-            p = p_ab if p_ba is None else (p_ab + 1.0 - p_ba) / 2
-            tie = abs(p - 0.5) <= _TIE  # e.g. a judge that only looks at positions, debiased
-            out.append(Verdict(0.5 if tie else p, None if tie else p > 0.5,
-                               {"p_ab": p_ab, "p_ba": p_ba}))
+            out.append(swap_debiased_verdict(p_ab, p_ba))
         return out
 
     def _render(self, prompt: str, first: str, second: str) -> str:
