@@ -4,7 +4,10 @@
 Both methods start from the world's base model, get the same number of preference labels from
 the same simulated annotator (gold = the task's VADER reward, Bradley-Terry noise at
 temperature 1, a flip rate), take the same number of optimizer steps on them (each label seen
-once, 16 pairs a step) and use the same paired loss (DPO's sigmoid) at each β of a sweep:
+once, 16 pairs a step) and use the same paired loss (DPO's sigmoid) at each β of a sweep, one
+sweep per method (``--offline-betas``, ``--online-betas``; ``--betas`` sets both): at equal
+labels, steps and lr the same β takes the two very different distances from the base, and
+their gold-vs-KL frontiers only meet when each gets its own range:
 
 - **offline**: the base model samples 2 completions per train prompt, the annotator labels
   ``--labels`` pairs once (``engine/preference_data.py``), DPO trains on them;
@@ -16,9 +19,12 @@ Each run is evaluated against the base model on the task's held-out eval prompts
 Monte-Carlo KL(π ‖ π_base) (mean over samples of Σ log π − log π_base). With ≥ 3 seeds the
 table shows means and 95% t-intervals; the β sweep gives each method a gold-vs-KL frontier, and
 the comparison at *matched KL* interpolates both frontiers linearly at the KL values both
-cover. The paper reports online ahead; this script prints what it measures either way.
+cover, on the mean frontiers and seed by seed (``_matched_kl.py`` says how). The paper reports
+online ahead; this script prints what it measures either way. Each run's row is appended to
+``OUT/rows.jsonl`` as it ends; ``--resume`` reuses the rows run with the same settings.
 
-    python benchmarks/online_vs_offline.py                       # tiny world, 3 seeds, 3 betas
+    python benchmarks/online_vs_offline.py --plot docs/online_vs_offline.png  # tiny, 10 seeds
+    python benchmarks/online_vs_offline.py --seeds 0,1,2 --betas 0.05,0.1,0.3   # the old sweep
     python benchmarks/online_vs_offline.py --preset full --labels 1024
 """
 
@@ -26,6 +32,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import statistics
 import sys
 import tempfile
@@ -35,23 +43,48 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 PAIRS_PER_STEP = 16
+METHODS = ("offline", "online")
+# The same β moves the two methods very different distances from the base at this budget
+# (offline KL 8-15 nats at β 0.05-0.3, online 3-6), so each method gets its own sweep chosen
+# for the two gold-vs-KL frontiers to cover a common KL range on the tiny world.
+DEFAULT_BETAS = {"offline": "0.03,0.1,1", "online": "0.01,0.03,0.1"}
 
 
-def parse() -> argparse.Namespace:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="tiny", choices=["tiny", "full"])
     p.add_argument("--task", default="positive")
     p.add_argument("--labels", type=int, default=256, help="preference labels per run")
-    p.add_argument("--betas", default="0.05,0.1,0.3")
-    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--betas", default=None,
+                   help="one β sweep for both methods (overrides the two defaults below)")
+    p.add_argument("--offline-betas", default=None,
+                   help=f"offline DPO's β sweep (default {DEFAULT_BETAS['offline']})")
+    p.add_argument("--online-betas", default=None,
+                   help=f"online DPO's β sweep (default {DEFAULT_BETAS['online']})")
+    # 3 seeds resolve nothing here (online DPO's KL varies 3-17 nats across seeds at one β)
+    p.add_argument("--seeds", default="0,1,2,3,4,5,6,7,8,9")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--flip-rate", type=float, default=0.1)
     p.add_argument("--eval-prompts", type=int, default=64)
+    p.add_argument("--eval-samples", type=int, default=4, help="samples per eval prompt")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--out", default="runs/online_vs_offline")
-    return p.parse_args()
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the runs already in OUT/rows.jsonl that match these settings")
+    p.add_argument("--plot", default=None, help="also write the PNG here (e.g. docs/...)")
+    return p.parse_args(argv)
+
+
+def beta_sweeps(args: argparse.Namespace) -> dict[str, list[float]]:
+    """Each method's β sweep: its own flag, else ``--betas`` for both, else its default."""
+    def floats(text: str) -> list[float]:
+        return [float(b) for b in text.split(",") if b.strip()]
+
+    return {m: floats(getattr(args, f"{m}_betas") or args.betas or DEFAULT_BETAS[m])
+            for m in METHODS}
 
 
 def annotator_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -108,24 +141,25 @@ def online_run(world, args, beta: float, seed: int, out: Path) -> Any:
     return run.model, labels
 
 
-def t_interval(values: list[float]) -> tuple[float, float]:
-    from alignlab.eval.intervals import t_interval as interval
-
-    ci = interval(values)
-    return ci.mean, ci.half_width
-
-
-def frontier_at(points: list[tuple[float, float]], kl: float) -> float:
-    """Gold at ``kl`` on the piecewise-linear frontier through ``points`` (sorted by KL)."""
-    pts = sorted(points)
-    for (k0, g0), (k1, g1) in zip(pts, pts[1:]):
-        if k0 <= kl <= k1:
-            return g0 if k1 == k0 else g0 + (g1 - g0) * (kl - k0) / (k1 - k0)
-    raise ValueError(f"KL {kl} outside the frontier {pts}")
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What a run's result depends on besides (method, β, seed): a resumed row must match."""
+    return {k: getattr(args, k) for k in ("preset", "task", "labels", "lr", "flip_rate",
+                                          "eval_prompts", "eval_samples")}
 
 
-def main() -> None:
-    args = parse()
+def previous_rows(path: Path, current: dict[str, Any]) -> dict[tuple[str, float, int], dict]:
+    """The rows of ``path`` run with ``current`` settings, by (method, β, seed)."""
+    rows = {}
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            if row.pop("settings", None) == current:
+                rows[(row["method"], row["beta"], row["seed"])] = row
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -134,8 +168,8 @@ def main() -> None:
     from alignlab.world.build import ensure_world
 
     hf_logging.disable_progress_bar()
-    torch.set_num_threads(2)
-    betas = [float(b) for b in args.betas.split(",")]
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    betas = beta_sweeps(args)
     seeds = [int(s) for s in args.seeds.split(",")]
     world = ensure_world(args.preset, seed=0, cache_dir=args.cache_dir, progress=False)
     task = world.task(args.task)
@@ -144,11 +178,17 @@ def main() -> None:
     prompts = task.eval_prompts[:args.eval_prompts]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    done = previous_rows(out / "rows.jsonl", settings(args)) if args.resume else {}
+    if not args.resume:
+        (out / "rows.jsonl").write_text("", encoding="utf-8")
     results: list[dict[str, Any]] = []
     t_start = time.time()
     for seed in seeds:
-        for beta in betas:
-            for method in ("offline", "online"):
+        for method in METHODS:
+            for beta in betas[method]:
+                if (method, beta, seed) in done:
+                    results.append(done[(method, beta, seed)])
+                    continue
                 with tempfile.TemporaryDirectory() as tmp:
                     t0 = time.time()
                     if method == "offline":
@@ -157,74 +197,50 @@ def main() -> None:
                     else:
                         model, labels = online_run(world, args, beta, seed, Path(tmp))
                     m = evaluate_against_reference(model.eval(), tok, task, prompts,
-                                                   reference=base, samples_per_prompt=2,
+                                                   reference=base,
+                                                   samples_per_prompt=args.eval_samples,
                                                    seed=1000 + seed)["metrics"]
                 row = {"method": method, "beta": beta, "seed": seed, "labels": labels,
                        "gold": m["gold_mean"], "kl": m["kl_to_ref"],
-                       "win_rate_gold": m["win_rate_gold"], "seconds": time.time() - t0}
+                       "win_rate_gold": m["win_rate_gold"], "kl_stderr": m["kl_stderr"],
+                       "gold_stderr": m["gold_std"] / math.sqrt(len(prompts) * args.eval_samples),
+                       "seconds": time.time() - t0}
                 results.append(row)
+                with open(out / "rows.jsonl", "a", encoding="utf-8") as f:
+                    f.write(json.dumps({**row, "settings": settings(args)}) + "\n")
                 print(json.dumps(row), flush=True)
-    base_gold = statistics.fmean(r for r in task.gold(*_base_samples(base, tok, prompts)))
-    report(results, base_gold, betas, out, time.time() - t_start)
+    base_gold = statistics.fmean(r for r in task.gold(*_base_samples(base, tok, prompts,
+                                                                           args.eval_samples)))
+    print(f"this invocation: {(time.time() - t_start) / 60:.1f} min", flush=True)
+    # the runs' own times, so that a resumed report still counts every run
+    report(results, base_gold, args, out, sum(r["seconds"] for r in results))
 
 
-def _base_samples(base, tok, prompts) -> tuple[list[str], list[str]]:
+def _base_samples(base, tok, prompts, n: int) -> tuple[list[str], list[str]]:
     from alignlab.rollout.sampling import sample
 
-    s = sample(base, tok, prompts, n=2, seed=1000)
+    s = sample(base, tok, prompts, n=n, seed=1000)
     return s.prompts, s.completions
 
 
-def report(results: list[dict[str, Any]], base_gold: float, betas: list[float], out: Path,
-           seconds: float) -> None:
-    import matplotlib
+def report(results: list[dict[str, Any]], base_gold: float, args: argparse.Namespace,
+           out: Path, seconds: float) -> None:
+    from _matched_kl import matched_kl, matched_table, method_table, plot, summary_line, verdict
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    lines = ["| method | β | labels | gold | KL to base | gold win rate |", "|---|---|---|---|---|---|"]
-    frontier: dict[str, list[tuple[float, float]]] = {}
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in ("offline", "online"):
-        pts = []
-        for beta in betas:
-            rows = [r for r in results if r["method"] == method and r["beta"] == beta]
-            g, gh = t_interval([r["gold"] for r in rows])
-            k, kh = t_interval([r["kl"] for r in rows])
-            w, wh = t_interval([r["win_rate_gold"] for r in rows])
-            labels = statistics.fmean(r["labels"] for r in rows)
-            lines.append(f"| {method} | {beta} | {labels:.0f} | {g:.3f} ± {gh:.3f} | "
-                         f"{k:.2f} ± {kh:.2f} | {w:.3f} ± {wh:.3f} |")
-            pts.append((k, g))
-            ax.errorbar(k, g, xerr=kh, yerr=gh, fmt="o", color="C0" if method == "offline" else "C1")
-        frontier[method] = sorted(pts)
-        ax.plot(*zip(*frontier[method]), "-", color="C0" if method == "offline" else "C1",
-                label=method)
-    ax.axhline(base_gold, color="grey", ls=":", label="base model")
-    ax.set_xlabel("KL(π ‖ π_base), nats (Monte-Carlo)")
-    ax.set_ylabel("gold reward (VADER)")
-    ax.set_title("Online vs offline DPO at equal labels")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "online_vs_offline.png", dpi=120)
-    lo = max(frontier["offline"][0][0], frontier["online"][0][0])
-    hi = min(frontier["offline"][-1][0], frontier["online"][-1][0])
-    if lo <= hi:
-        kls = [lo + (hi - lo) * i / 4 for i in range(5)]
-        diffs = [frontier_at(frontier["online"], k) - frontier_at(frontier["offline"], k)
-                 for k in kls]
-        matched = (f"at matched KL ({lo:.2f}–{hi:.2f} nats, 5 points) online − offline gold: "
-                   + ", ".join(f"{d:+.3f}" for d in diffs))
-        mean_diff = statistics.fmean(diffs)
-    else:
-        matched, mean_diff = "the two frontiers cover no common KL range", float("nan")
-    text = "\n".join([f"base model gold {base_gold:.3f}", *lines, matched,
-                      f"total {seconds / 60:.1f} min"])
+    mk = matched_kl(results)
+    seeds = sorted({r["seed"] for r in results})
+    plot(results, mk, base_gold,
+         [out / "online_vs_offline.png", *([Path(args.plot)] if args.plot else [])])
+    text = "\n".join([
+        f"{args.preset} world, task {args.task}, {args.labels} labels per run, lr {args.lr}, "
+        f"seeds {','.join(map(str, seeds))}, eval {args.eval_prompts} prompts × "
+        f"{args.eval_samples} samples; base model gold {base_gold:.3f}", "",
+        *method_table(results), "", "Matched KL:", "", *matched_table(mk), "", verdict(mk),
+        f"all runs: {seconds / 60:.1f} min (sum of each run's training + evaluation)"])
     (out / "online_vs_offline.md").write_text(text + "\n", encoding="utf-8")
     (out / "online_vs_offline.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
     print(text)
-    print(f"online_minus_offline_gold_at_matched_kl={mean_diff:.4f} "
-          f"kl_overlap_low={lo:.3f} kl_overlap_high={hi:.3f} seconds={seconds:.0f}")
+    print(summary_line(mk, seconds))
 
 
 if __name__ == "__main__":
