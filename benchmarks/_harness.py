@@ -45,3 +45,24 @@ def run_variant(script: str, args: argparse.Namespace, variant: str, folder: Pat
     if proc.returncode != 0 or line is None:
         sys.exit(f"{variant} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return json.loads(line[len(RESULT):])
+
+
+def step_timer():
+    """A transformers ``TrainerCallback`` that keeps each optimizer step's wall time in
+    ``.seconds`` (for TRL's trainers: generation, forward, backward and update)."""
+    import time
+
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
+            self._t = 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.seconds.append(time.perf_counter() - self._t)
+
+    return StepTimer()

@@ -1,13 +1,21 @@
 """Rollout throughput: alignlab's engine vs Hugging Face ``model.generate`` on the same model.
 
-    python benchmarks/rollout_vs_generate.py [--model world|random --prompts 32 --n 4 --max-new-tokens 48]
+    python benchmarks/rollout_vs_generate.py [--model bench --prompts 8 --n 8 --max-new-tokens 128]
+    python benchmarks/rollout_vs_generate.py --quick      # a seconds-long smoke run
 
-Same model (the tiny world's pretrained base, or a random-init tiny Llama), same prompts, same
-``n`` samples per prompt (``num_return_sequences`` for ``generate``), same ``max_new_tokens``,
-sampling on (temperature 1, top-p 0.95) and eos stopping for both, one batch each. Each side is
-timed ``--repeats`` times after a warm-up and the best time is kept. Also times the engine with
-finished rows masked instead of dropped (``compact=False``). Last line:
-``speedup_vs_generate=X``.
+Default: the GRPO benchmark's shape (``grpo_vs_trl.py``): its 44M random-init Llama built
+locally (``--model-size``), 8 review prompts of 64–256 tokens, 8 samples each, up to 128 new
+tokens. ``--model world`` takes the tiny world's pretrained base and its prompts, ``--model
+random`` a 2-layer random Llama. Same prompts, same ``n`` samples per prompt
+(``num_return_sequences`` for ``generate``), same ``max_new_tokens``, sampling on (temperature
+1, top-p 0.95) and eos stopping for both, one batch each. Each side is timed ``--repeats``
+times after a warm-up and the best time is kept. Also times the engine with finished rows
+masked instead of dropped (``compact=False``) and ``generate`` with a static (preallocated)
+cache. What the engine does that ``generate`` does not: each distinct prompt is prefilled once
+(not ``n`` times); the KV cache is written in place (no copy of the whole cache per token); on
+CPU each prompt's keys and values are read once per step for all its samples
+(``rollout/kv_cache.py``); finished rows leave the batch. Last line:
+``speedup_vs_generate=X speedup_vs_generate_static=Y tokens_per_s=Z generate_tokens_per_s=W``.
 """
 
 from __future__ import annotations
@@ -21,7 +29,19 @@ import torch
 
 
 def load(args):
-    if args.model == "world":
+    if args.model == "bench":
+        import tempfile
+        from pathlib import Path
+
+        from _assets import build_model, review_prompts
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        folder = build_model(Path(tempfile.mkdtemp(prefix="rollout-bench-")), args.model_size)
+        tok = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        lo, hi = map(int, args.prompt_tokens.split(","))
+        prompts = review_prompts(tok, args.prompts, lo, hi)
+    elif args.model == "world":
         from transformers import AutoModelForCausalLM
 
         from alignlab.world.build import ensure_world
@@ -30,7 +50,7 @@ def load(args):
         tok = world.tokenizer()
         model = AutoModelForCausalLM.from_pretrained(world.base_dir)
         prompts = world.task("positive").train_prompts
-    else:
+    else:  # random
         from transformers import LlamaConfig, LlamaForCausalLM
 
         torch.manual_seed(0)
@@ -60,13 +80,19 @@ def best_time(fn, repeats: int) -> tuple[float, object]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", choices=["world", "random"], default="world")
+    ap.add_argument("--model", choices=["bench", "world", "random"], default="bench")
+    ap.add_argument("--model-size", default="44m", help="--model bench: 3m, 13m, 44m, 100m or <hidden>x<layers>")
+    ap.add_argument("--prompt-tokens", default="64,256", help="--model bench: min,max prompt tokens")
     ap.add_argument("--cache-dir", default=os.environ.get("ALIGNLAB_TEST_CACHE", "/tmp/alignlab-bench"))
-    ap.add_argument("--prompts", type=int, default=32)
-    ap.add_argument("--n", type=int, default=4)
-    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="a smoke run: 3m model, 2 prompts x 4, 16 tokens")
     args = ap.parse_args()
+    if args.quick:
+        vars(args).update(model_size="3m", prompts=2, n=4, max_new_tokens=16, repeats=1,
+                          prompt_tokens="16,32")
 
     from alignlab.rollout.engine import SamplingParams, rollout
 
@@ -91,10 +117,19 @@ def main() -> None:
 
     warnings.simplefilter("ignore")
     n_completions = len(prompts) * args.n
+    @torch.inference_mode()
+    def hf_static():
+        return model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0,
+                              top_p=0.95, top_k=0, num_return_sequences=args.n,
+                              max_new_tokens=args.max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+                              cache_implementation="static")
+
     t_hf, seqs = best_time(hf, args.repeats)
+    t_static, _ = best_time(hf_static, args.repeats)
     t_ours, rb = best_time(ours, args.repeats)
     t_masked, _ = best_time(lambda: ours(False), args.repeats)
     hf_len = (seqs[:, width:] != pad).sum(1).float().mean().item()
+    our_tokens = n_completions * rb.stats["mean_completion_tokens"]
     print(f"model={args.model} prompts={len(prompts)} n={args.n} max_new_tokens={args.max_new_tokens} "
           f"threads={torch.get_num_threads()}")
     print(f"generate:            {n_completions / t_hf:8.1f} completions/s  ({t_hf:.3f} s, "
@@ -102,8 +137,13 @@ def main() -> None:
     print(f"alignlab (drop done): {n_completions / t_ours:8.1f} completions/s  ({t_ours:.3f} s, "
           f"mean completion {rb.stats['mean_completion_tokens']:.1f} tokens, "
           f"hit length {rb.stats['frac_hit_length_limit']:.0%})")
+    print(f"generate (static):   {n_completions / t_static:8.1f} completions/s  ({t_static:.3f} s)")
     print(f"alignlab (mask done): {n_completions / t_masked:8.1f} completions/s  ({t_masked:.3f} s)")
-    print(f"speedup_vs_generate={t_hf / t_ours:.2f}")
+    # tokens/s ratios: the two sample different tokens, so their lengths differ a little
+    ours_tps, hf_tps = our_tokens / t_ours, n_completions * hf_len / t_hf
+    print(f"speedup_vs_generate={t_hf / t_ours:.2f} speedup_vs_generate_static={t_static / t_ours:.2f} "
+          f"tokens_per_s={ours_tps:.1f} generate_tokens_per_s={hf_tps:.1f} "
+          f"tokens_per_s_ratio={ours_tps / hf_tps:.2f}")
 
 
 if __name__ == "__main__":

@@ -272,16 +272,21 @@ def _cfg(**kw) -> TrainSection:
 
 
 def test_learner_defaults_one_epoch_shuffled_by_its_own_seeded_generator():
+    """Minibatches are drawn by the learner's own seeded generator; inside one, the micro-batches
+    take its units in index order (a prompt's completions stay together for prefix sharing)."""
     units = rows_of({"x": torch.arange(8.0)[:, None]})
     orders = []
     for kw in ({}, {"seed": 0}, {"seed": 1}):
         objective = Recording()
         torch.manual_seed(len(orders))  # the global RNG must not matter
-        learner = Learner(Linear1(0.0), objective, _cfg(), minibatch_size=8, **kw)
-        assert learner.update(units)["optimizer_steps"] == 1  # default: one epoch
+        learner = Learner(Linear1(0.0), objective, _cfg(batch_size=2), minibatch_size=4, **kw)
+        assert learner.update(units)["optimizer_steps"] == 2  # default: one epoch
         orders.append(objective.order)
     assert orders[0] == orders[1] != orders[2]
-    assert sorted(orders[0]) == list(range(8))
+    for order in orders:
+        assert sorted(order) == list(range(8))
+        assert order[:4] == sorted(order[:4]) and order[4:] == sorted(order[4:])
+    assert {tuple(o[:4]) for o in orders} != {tuple(range(4))}  # not the index order overall
 
 
 def test_learner_trains_in_train_mode_with_extra_groups_inside_the_clip():

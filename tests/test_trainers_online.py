@@ -44,7 +44,7 @@ def test_algorithm_raises_gold_sentiment_on_positive(tiny_world, world_cache, tm
     assert len(rows) == 10
     for key in ("reward_mean", "reward_std", "gold_mean", "response_length", "clip_fraction",
                 "frac_hit_length_limit", "dropped_groups", "time_rollout", "time_reward",
-                "time_update"):
+                "time_batches", "time_update"):
         assert key in rows[-1], key
     assert (tmp_path / "final" / "alignlab_config.yaml").exists()
 
@@ -57,6 +57,8 @@ def test_grpo_variants_kl_loss_gspo_clip_higher_dynamic_sampling_run_and_log(
                      "grpo")
     last = run.result.history[-1]
     assert last["kl"] >= 0 and last["kl_ref"] > 0  # the policy has moved off the reference
+    # make_batches ran the old and reference log-prob passes: their time is its own part
+    assert last["time_batches"] > 0 and last["time_update"] > 0
     kept = 32 - 4 * last["dropped_groups"]
     assert last["optimizer_steps"] == 2 * -(-kept // 16)  # epochs x minibatches
     assert "seq_ratio_mean" in last and "entropy" in last

@@ -155,6 +155,7 @@ def run_online(setup: OnlineSetup, cfg: TrainSection, description: str) -> Train
             _rollout_metrics(rolls, m)
             t2 = time.time()
             units = algorithm.make_batches(rows, rolls, judged, m)
+            t3 = time.time()
             n = units.n if units is not None else 0
             if distributed.active():  # every rank updates, or none does
                 n = int(distributed.global_sum([n])[0])
@@ -165,8 +166,9 @@ def run_online(setup: OnlineSetup, cfg: TrainSection, description: str) -> Train
                 m.update(learner.update(units))
                 algorithm.after_update(units, m)
                 updated += 1
-            m.update({"time_rollout": t1 - t0, "time_reward": t2 - t1,
-                      "time_update": time.time() - t2})
+            # time_batches: the algorithm's make_batches (old/reference log-probs, advantages)
+            m.update({"time_rollout": t1 - t0, "time_reward": t2 - t1, "time_batches": t3 - t2,
+                      "time_update": time.time() - t3})
             m = reduce_metrics(m)
             run.step_done(it + 1, m, algorithm.progress_info(m), trainer_state)
     seconds = time.time() - t_run  # the training loop; loading and the final save excluded

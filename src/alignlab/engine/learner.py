@@ -2,7 +2,8 @@
 
 ``update(units)`` runs ``epochs`` passes over shuffled minibatches of prepared *units* — rows of
 a rollout batch, preference pairs, groups of completions: whatever the algorithm's objective
-takes — with one optimizer step per minibatch. A unit is only an index here: ``units.take``
+takes — with one optimizer step per minibatch; a minibatch's micro-batches take its units in
+index order, so the completions of one prompt stay together. A unit is only an index here: ``units.take``
 builds the micro-batch of any list of indices, so the learner never knows the batch's shape.
 Micro-batches go through the offline loop's ``forward_backward``/``optimizer_step``, so the
 ``num_items`` contract holds: the split into micro-batches does not change the update.
@@ -92,6 +93,10 @@ class Learner:
                 idx = order[start:start + mb]
                 if many:
                     idx = idx[(idx >= offset) & (idx < offset + units.n)] - offset
+                # A minibatch's gradient does not depend on the order of its units; in index
+                # order each micro-batch holds whole groups (a prompt's completions are
+                # adjacent), which prefix sharing computes once per prompt.
+                idx = idx.sort().values
                 micro = [units.take(idx[j:j + self.micro_batch_size])
                          for j in range(0, len(idx), self.micro_batch_size)]
                 micro = [m for m in micro if self.objective.num_items(m) > 0]

@@ -44,7 +44,7 @@ def benchmark_steps(model: torch.nn.Module, tokenizer: Any, rows: list[dict[str,
                     steps: int, batch_size: int, loss: str = "dpo", beta: float | None = None,
                     reference: torch.nn.Module | None = None, precision: str = "auto",
                     device: str = "auto", lr: float = 1e-6, max_length: int | None = None,
-                    prefix_sharing: bool | None = None, grad_accum: int = 1) -> dict[str, float]:
+                    prefix_sharing: bool | None = None, grad_accum: int = 1) -> dict[str, Any]:
     """Train ``model`` for ``steps`` optimizer steps of ``loss`` on preference ``rows``
     (prompt/chosen/rejected dicts, the same rows a TRL DPOTrainer gets, or already tokenised
     prompt_ids/chosen_ids/rejected_ids dicts; then ``tokenizer`` only gives the pad id) and time it.
@@ -54,7 +54,8 @@ def benchmark_steps(model: torch.nn.Module, tokenizer: Any, rows: list[dict[str,
     ``tokens`` counts the tokens of the 2·pairs prompt+completion sequences the steps consumed
     (the unshared count, so it compares with a trainer that does not share prefixes).
     Returns ``tokens``, ``pairs``, ``seconds`` (the training steps, wall clock),
-    ``reference_seconds``, ``tokens_per_s``, ``pairs_per_s``, ``layout``."""
+    ``reference_seconds``, ``tokens_per_s``, ``pairs_per_s``, ``layout`` and ``step_seconds``
+    (each optimizer step's forward, backward and update, a list)."""
     import copy
 
     from alignlab.algorithms.preference.trainer import (
@@ -101,8 +102,10 @@ def benchmark_steps(model: torch.nn.Module, tokenizer: Any, rows: list[dict[str,
                            grad_accum=grad_accum, precision=prec, device=str(dev),
                            lr_scheduler="constant", log_every=max(steps, 1), progress=False,
                            tensorboard=False)
+        step_seconds: list[float] = []
         t1 = time.perf_counter()
-        train(model, PreferenceObjective(plan), batches, cfg, description=f"bench {loss}")
+        train(model, PreferenceObjective(plan), batches, cfg, description=f"bench {loss}",
+              on_step=lambda _, m: step_seconds.append(m["step_time"]))
         if dev.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t1
@@ -110,7 +113,7 @@ def benchmark_steps(model: torch.nn.Module, tokenizer: Any, rows: list[dict[str,
     tokens = float(sum(seen))
     return {"tokens": tokens, "pairs": float(pairs), "seconds": seconds,
             "reference_seconds": reference_seconds, "tokens_per_s": tokens / seconds,
-            "pairs_per_s": pairs / seconds, "layout": layout}
+            "pairs_per_s": pairs / seconds, "layout": layout, "step_seconds": step_seconds}
 
 
 __all__ = ["benchmark_steps", "sample_kl"]

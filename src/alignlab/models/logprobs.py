@@ -15,7 +15,7 @@ Every entry point asks :func:`fast_path` which path a batch takes, and gets the 
 gradients on each (tested):
 
 - ``group_pass``: prefix sharing in one padding-free pass, each prompt once with all its
-  completions in one row, attention padded under a block mask (SDPA decoders whose positions
+  completions in one row, attention in padded blocks (SDPA decoders whose positions
   come from ``position_ids``): ``shared`` batches, and flat RL batches that repeat their prompts
   when the caller asks for ``prefix_sharing`` and enough positions are skipped;
 - ``two_pass``: ``shared`` batches on other decoders (the prompts with a KV cache, then the

@@ -1,10 +1,11 @@
 """alignlab's built-in rollout engine: batched sampling with a KV cache from any causal LM.
 
-``rollout(model, prompt_ids, params)`` left-pads the prompts, prefills them once into the model's
-own ``DynamicCache`` (each distinct prompt once: the cache is then repeated ``n`` times, so the
-``n`` samples of a prompt share its prefill), and decodes one token per step for the rows still
-running; rows that finish are dropped from the batch and the cache (``compact=True``; measured
-faster than masking them, see ``benchmarks/rollout_vs_generate.py``).
+``rollout(model, prompt_ids, params)`` left-pads the prompts, prefills them once into a KV cache
+(each distinct prompt once, so the ``n`` samples of a prompt share its prefill), and decodes one
+token per step for the rows still running; rows that finish are dropped from the batch and the
+cache (``compact=True``; measured faster than masking them, see
+``benchmarks/rollout_vs_generate.py``). The cache (``rollout/kv_cache.py``) writes each step in
+place and, on CPU at sizes where it pays, keeps each prompt's keys once for all its samples.
 
 Log-probs. ``RolloutBatch.logprobs[i, t] = log softmax(z_t / T)[y_t]``: the sampling policy's
 distribution after temperature and *before* top-k/top-p/min-p truncation. RL importance ratios
@@ -24,11 +25,11 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
-from transformers import DynamicCache
 
 from alignlab.core.errors import ConfigError
 from alignlab.core.notices import warn_once
 from alignlab.rollout.filters import apply_temperature, truncate
+from alignlab.rollout.kv_cache import rollout_cache
 
 LENGTH_WARNING = ("most completions were cut at max_new_tokens; rewards of truncated completions "
                   "are usually wrong (zero-reward trap): raise max_new_tokens or add a stop")
@@ -200,13 +201,30 @@ def _rollout_chunk(model: nn.Module, prompts: list[list[int]], params: SamplingP
     """Decode one chunk; returns ``(tokens [B,T], logprobs [B,T], lengths [B], reasons)``."""
     device = next(model.parameters()).device
     ids, mask = _left_pad(prompts, pad, device)
+    cache, attention = rollout_cache(model.config, ids.shape[1], params.max_new_tokens, device,
+                                     rows=ids.shape[0], n=params.n)
+    if attention is None:
+        return _decode(model, ids, mask, cache, params, eos_ids=eos_ids, pad=pad,
+                       generator=generator, stop_strings=stop_strings, compact=compact,
+                       processor=processor)
+    attention.set_prompt_mask(mask)
+    with attention:
+        return _decode(model, ids, mask, cache, params, eos_ids=eos_ids, pad=pad,
+                       generator=generator, stop_strings=stop_strings, compact=compact,
+                       processor=processor)
+
+
+def _decode(model: nn.Module, ids: Tensor, mask: Tensor, cache: Any, params: SamplingParams, *,
+            eos_ids: set[int], pad: int, generator: torch.Generator | None,
+            stop_strings: _StopStrings, compact: bool,
+            processor: LogitsProcessor | None) -> tuple[Tensor, Tensor, Tensor, list[str]]:
+    device = ids.device
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.config)
     extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, cache=cache,
                 use_cache=True, **extra)
     logits = out.logits[:, -1]
-    n, big = params.n, len(prompts) * params.n
+    n, big = params.n, ids.shape[0] * params.n
     if processor is not None:
         processor.start(ids, mask, position_ids, n)
     if n > 1:  # n samples of a prompt share its prefill

@@ -8,11 +8,13 @@ if it followed the prompt alone.
 
 The rows run through the decoder *packed* (``[1, S]``, S = the real tokens only), so every
 token-wise op (embeddings, norms, projections, MLP) does no padding work and the prompt is
-computed once. Attention, the one op that mixes positions, is done on the padded ``[P, heads,
-T, d]`` layout: :class:`GroupAttention` intercepts the decoder's SDPA calls, scatters queries,
-keys and values to it, applies the block mask above and gathers the output back. There is no
-KV cache, no repeat of the prompt's keys per completion and no second pass. Scatter and gather
-are differentiable, so values and gradients equal the plain path.
+computed once. Attention, the one op that mixes positions, runs on padded blocks:
+:class:`GroupAttention` intercepts the decoder's SDPA calls and, per :class:`AttentionBlock`,
+gathers queries, keys and values into padded rows, attends under the block's mask and writes
+the outputs back. A ``shared`` batch has two blocks: the prompts (causal), and the completions,
+each a row whose keys are its prompt's and its own (the prompt's keys are gathered once per
+completion; no score against a sibling is computed). There is no KV cache and no second pass.
+Gathers and writes are differentiable, so values and gradients equal the plain path.
 
 Only for decoders whose attention goes through SDPA (``_attn_implementation == "sdpa"``) and
 whose positions come from ``position_ids``; :func:`alignlab.models.logprobs.fast_path` decides.
@@ -32,6 +34,7 @@ from torch.overrides import TorchFunctionMode
 from alignlab.models._fast.cpu_attention import (
     MAX_SCORES,
     attention_with_bias,
+    causal_bias,
     cpu_attention,
     mask_bias,
 )
@@ -52,20 +55,31 @@ def _round_up(x: int, multiple: int) -> int:
 
 
 @dataclass
-class PaddedLayout:
-    """Packed index ``[S']`` ↔ padded slot ``[P·T]`` of a packed decoder input, and which slot
-    may attend which: what :class:`GroupAttention` needs."""
+class AttentionBlock:
+    """``R`` padded rows of queries, each attending keys of its own row, named by packed index.
 
-    slots: Tensor  # [S] padded slot of each real packed token
-    gather: Tensor  # [S'] padded slot each packed row reads back (fillers: any slot)
-    keep: Tensor  # [P, T, T] bool: query slot may attend key slot
-    n_rows: int
-    width: int
+    Pad slots hold index 0 (any real token: its value is masked out or its output unread)."""
+
+    queries: Tensor  # [R, Wq] packed index of each query slot
+    real: Tensor  # [R, Wq] bool: query slots that hold a token (their outputs are written back)
+    keys: Tensor | None = None  # [R, Wk]; None: the queries' own slots, causal (top-left)
+    keep: Tensor | None = None  # [R, Wq, Wk] bool: query slot may attend key slot (with keys)
+
+    def __post_init__(self) -> None:
+        self.dest = self.queries[self.real]  # where the outputs go, row-major
 
     @property
-    def length(self) -> int:
-        """S', the packed length the decoder sees (real tokens, then fillers)."""
-        return int(self.gather.numel())
+    def key_index(self) -> Tensor:
+        return self.queries if self.keys is None else self.keys
+
+
+@dataclass
+class PaddedLayout:
+    """A packed decoder input of ``length`` tokens (real tokens, then fillers) and the padded
+    attention blocks that cover every real token's query: what :class:`GroupAttention` needs."""
+
+    blocks: list[AttentionBlock]
+    length: int  # S', the packed length the decoder sees
 
 
 @dataclass
@@ -81,16 +95,18 @@ class GroupLayout(PaddedLayout):
     ends: Tensor  # packed index of each prompt + completion sequence's last token [N]
 
 
+def _causal_rows(offsets: Tensor, lengths: Tensor) -> AttentionBlock:
+    """One causal row per sequence of ``lengths`` tokens starting at packed ``offsets``."""
+    col = torch.arange(_round_up(int(lengths.max()), WIDTH_MULTIPLE), device=lengths.device)
+    real = col[None] < lengths[:, None]
+    return AttentionBlock(queries=(offsets[:, None] + col[None]) * real, real=real)
+
+
 def sequence_layout(seq_lens: Tensor) -> PaddedLayout:
     """The layout of a padding-free packed row ``[1, Σ seq_lens]`` (``pack_collate``): each
     sequence one padded row, causal attention inside it."""
-    device = seq_lens.device
-    width = _round_up(int(seq_lens.max()), WIDTH_MULTIPLE)
-    col = torch.arange(width, device=device)
-    real = col[None] < seq_lens[:, None]
-    slots = torch.nonzero(real.reshape(-1)).squeeze(1)
-    keep = (col[:, None] >= col[None, :])[None] & real[:, None, :]
-    return PaddedLayout(slots=slots, gather=slots, keep=keep, n_rows=int(seq_lens.numel()), width=width)
+    offsets = seq_lens.cumsum(0) - seq_lens
+    return PaddedLayout(blocks=[_causal_rows(offsets, seq_lens)], length=int(seq_lens.sum()))
 
 
 def packed_sequences_hidden(decoder: nn.Module, batch: dict[str, Any]) -> Tensor:
@@ -110,90 +126,103 @@ def packed_sequences_hidden(decoder: nn.Module, batch: dict[str, Any]) -> Tensor
 
 def group_layout(batch: dict[str, Any]) -> GroupLayout:
     """Lay a ``shared`` batch (right-padded ``prompt_ids [P, W]``, ``completion_ids [N, C]``,
-    ``owner [N]``) out as rows prompt | completions of that prompt."""
+    ``owner [N]``) out as packed rows prompt | completions of that prompt.
+
+    Attention runs in two blocks (:class:`AttentionBlock`): the prompts, causal, one padded row
+    each; and the completions, one padded row each whose keys are its prompt's tokens and its
+    own. A completion never computes scores against its siblings, nor a prompt token against
+    any completion: a group's padded square of (prompt + G completions)² scores shrinks to
+    prompt² + G·completion·(prompt + completion)."""
     prompt_ids, completion_ids = batch["prompt_ids"], batch["completion_ids"]
     prompt_lengths, completion_mask, owner = batch["prompt_lengths"], batch["completion_mask"], batch["owner"]
     device = prompt_ids.device
     lengths, comp_lengths, owners = (t.tolist() for t in (prompt_lengths, completion_mask.sum(1), owner))
     if min(lengths, default=1) < 1:
         raise ValueError("every completion needs a non-empty prompt")
-    n_rows, n = len(lengths), len(owners)
+    n = len(owners)
     free = list(lengths)  # next free column of each row
     start = []
     for o, c in zip(owners, comp_lengths):
         start.append(free[o])
         free[o] += c
-    width = _round_up(max(free), WIDTH_MULTIPLE)
+    row_len = torch.tensor(free, device=device, dtype=torch.long)
+    row_off = row_len.cumsum(0) - row_len
+    total = int(row_len.sum())
     w, c = prompt_ids.shape[1], completion_ids.shape[1]
     p_keep = torch.arange(w, device=device)[None] < prompt_lengths[:, None]
     c_keep = completion_mask.bool()
-    rows = torch.arange(n_rows, device=device)
     start_t = torch.tensor(start, device=device, dtype=torch.long)
-    p_slots = (rows[:, None] * width + torch.arange(w, device=device)[None])[p_keep]
-    c_slots = (owner[:, None] * width + start_t[:, None] + torch.arange(c, device=device)[None])[c_keep]
-    total = n_rows * width
-    ids = torch.zeros(total, dtype=prompt_ids.dtype, device=device)
-    pos = torch.zeros(total, dtype=torch.long, device=device)
-    seg = torch.full((total,), -1, dtype=torch.long, device=device)  # -1 pad, 0 prompt, n+1
-    ids[p_slots], ids[c_slots] = prompt_ids[p_keep], completion_ids[c_keep]
-    pos[p_slots] = torch.arange(w, device=device)[None].expand(n_rows, w)[p_keep]
-    pos[c_slots] = (prompt_lengths[owner][:, None] + torch.arange(c, device=device)[None])[c_keep]
-    seg[p_slots] = 0
-    seg[c_slots] = (torch.arange(n, device=device)[:, None] + 1).expand(n, c)[c_keep]
-    slots = torch.nonzero(seg >= 0).squeeze(1)
-    packed_of = torch.full((total,), -1, dtype=torch.long, device=device)
-    packed_of[slots] = torch.arange(slots.numel(), device=device)
-    s = seg.view(n_rows, width)
-    col = torch.arange(width, device=device)
-    keep = ((col[:, None] >= col[None, :])[None]
-            & ((s[:, None, :] == 0) | (s[:, None, :] == s[:, :, None])) & (s[:, None, :] >= 0))
-    # token t of completion n is predicted at slot start+t-1, its first token at the prompt's end
-    t_idx = torch.arange(c, device=device)[None]
-    pred_slot = owner[:, None] * width + torch.where(
-        t_idx == 0, prompt_lengths[owner][:, None] - 1, start_t[:, None] + t_idx - 1)
+    comp_off = row_off[owner] + start_t  # packed index of each completion's first token
+    p_idx = (row_off[:, None] + torch.arange(w, device=device)[None])[p_keep]
+    c_idx = (comp_off[:, None] + torch.arange(c, device=device)[None])[c_keep]
+    length = _round_up(total, LENGTH_MULTIPLE)
+    ids = torch.zeros(length, dtype=prompt_ids.dtype, device=device)
+    pos = torch.zeros(length, dtype=torch.long, device=device)
+    ids[p_idx], ids[c_idx] = prompt_ids[p_keep], completion_ids[c_keep]
+    pos[p_idx] = torch.arange(w, device=device)[None].expand(len(lengths), w)[p_keep]
+    pos[c_idx] = (prompt_lengths[owner][:, None] + torch.arange(c, device=device)[None])[c_keep]
+    ids[total:] = ids[0]  # fillers repeat the first token (position 0); nothing reads them
+
+    prompts = _causal_rows(row_off, prompt_lengths)
     comp_len_t = completion_mask.sum(1)
-    end_slot = owner * width + torch.where(comp_len_t > 0, start_t + comp_len_t - 1,
-                                           prompt_lengths[owner] - 1)
-    fill = _round_up(slots.numel(), LENGTH_MULTIPLE) - slots.numel()
-    gather = torch.cat([slots, slots[:1].expand(fill)])
+    completions = _causal_rows(comp_off, comp_len_t)
+    wc = completions.queries.shape[1]
+    own = completions.real[:, None, :] & torch.ones(wc, wc, dtype=torch.bool, device=device).tril()[None]
+    completions.keys = torch.cat([prompts.queries[owner], completions.queries], 1)
+    completions.keep = torch.cat([prompts.real[owner][:, None, :].expand(n, wc, -1), own], 2)
+
+    # token t of completion n is predicted at index off+t-1, its first token at the prompt's end
+    t_idx = torch.arange(c, device=device)[None]
+    pred = torch.where(t_idx == 0, (row_off[owner] + prompt_lengths[owner] - 1)[:, None],
+                       comp_off[:, None] + t_idx - 1)
+    end = torch.where(comp_len_t > 0, comp_off + comp_len_t - 1,
+                      row_off[owner] + prompt_lengths[owner] - 1)
     return GroupLayout(
-        slots=slots, gather=gather, keep=keep, n_rows=n_rows, width=width,
-        input_ids=ids[gather][None], position_ids=pos[gather][None],
-        predictors=packed_of[pred_slot[c_keep]],
+        blocks=[prompts, completions], length=length,
+        input_ids=ids[None], position_ids=pos[None], predictors=pred[c_keep],
         targets=completion_ids[c_keep],
-        owners=torch.arange(n, device=device)[:, None].expand(n, c)[c_keep],
-        ends=packed_of[end_slot])
+        owners=torch.arange(n, device=device)[:, None].expand(n, c)[c_keep], ends=end)
 
 
 class GroupAttention(TorchFunctionMode):
-    """Run the decoder's packed SDPA calls as padded attention under the layout's mask."""
+    """Run the decoder's packed SDPA calls block by block (:class:`PaddedLayout`): gather each
+    block's queries, keys and values into padded rows, attend under its mask, and write the
+    outputs back to their packed slots (fillers get zeros: nothing reads them). Gathers and
+    writes are differentiable."""
 
     def __init__(self, layout: PaddedLayout) -> None:
         super().__init__()
         self.layout = layout
         self._bias: dict[tuple, Tensor] = {}  # the same for every layer: built once per pass
 
-    def to_padded(self, x: Tensor) -> Tensor:
-        """``[1, h, S', d]`` → ``[P, h, T, d]`` with zeros in the pad slots."""
-        lay = self.layout
-        _, h, _, d = x.shape
-        rows = x[0, :, :lay.slots.numel()].transpose(0, 1)  # [S, h, d], fillers dropped
-        padded = rows.new_zeros(lay.n_rows * lay.width, h, d).index_copy(0, lay.slots, rows)
-        return padded.view(lay.n_rows, lay.width, h, d).transpose(1, 2)
+    @staticmethod
+    def _gather(rows: Tensor, index: Tensor) -> Tensor:
+        """``rows [S', h, d]`` at ``index [R, W]`` → ``[R, h, W, d]``."""
+        r, w = index.shape
+        return rows.index_select(0, index.reshape(-1)).view(r, w, *rows.shape[1:]).transpose(1, 2)
 
-    def to_packed(self, x: Tensor) -> Tensor:
-        """``[P, h, T, d]`` → ``[1, h, S', d]`` (filler rows read an arbitrary slot: nothing
-        downstream reads them, so they get no gradient)."""
-        p, h, t, d = x.shape
-        return x.transpose(1, 2).reshape(p * t, h, d).index_select(0, self.layout.gather).transpose(0, 1)[None]
-
-    def _cpu_bias(self, heads: int, dtype: torch.dtype) -> Tensor:
-        key = (heads, dtype)
+    def _cpu_bias(self, i: int, block: AttentionBlock, heads: int, dtype: torch.dtype) -> Tensor:
+        key = (i, heads, dtype)
         if key not in self._bias:
-            lay = self.layout
-            self._bias[key] = mask_bias(lay.keep, dtype)[:, None].expand(
-                lay.n_rows, heads, lay.width, lay.width).reshape(-1, lay.width, lay.width)
+            wq = block.queries.shape[1]
+            if block.keep is None:
+                self._bias[key] = causal_bias(wq, wq, dtype, block.queries.device)
+            else:
+                r, _, wk = block.keep.shape
+                self._bias[key] = mask_bias(block.keep, dtype)[:, None].expand(
+                    r, heads, wq, wk).reshape(-1, wq, wk)
         return self._bias[key]
+
+    def _attend(self, i: int, block: AttentionBlock, q: Tensor, k: Tensor, v: Tensor,
+                dropout: float, scale: float | None) -> Tensor:
+        r, heads, wq, _ = q.shape
+        if q.device.type == "cpu" and not dropout and r * heads * wq * k.shape[-2] <= MAX_SCORES:
+            return attention_with_bias(q, k, v, self._cpu_bias(i, block, heads, q.dtype), scale)
+        if block.keep is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout,
+                                                  scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=block.keep[:, None],
+                                              dropout_p=dropout, scale=scale)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -207,16 +236,15 @@ class GroupAttention(TorchFunctionMode):
         if k.shape[-3] != q.shape[-3]:  # grouped-query heads
             k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
             v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
-        qp, kp, vp = (self.to_padded(t) for t in (q, k, v))
-        lay, heads = self.layout, q.shape[-3]
-        dropout = kwargs.get("dropout_p") or 0.0
-        if (q.device.type == "cpu" and not dropout
-                and lay.n_rows * heads * lay.width ** 2 <= MAX_SCORES):
-            out = attention_with_bias(qp, kp, vp, self._cpu_bias(heads, qp.dtype), kwargs.get("scale"))
-        else:
-            out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=lay.keep[:, None],
-                                                 dropout_p=dropout, scale=kwargs.get("scale"))
-        return self.to_packed(out)
+        qr, kr, vr = (t[0].transpose(0, 1) for t in (q, k, v))  # [S', h, d]
+        out = vr.new_zeros(qr.shape[0], qr.shape[1], vr.shape[-1])
+        for i, block in enumerate(self.layout.blocks):
+            keys = block.key_index
+            o = self._attend(i, block, self._gather(qr, block.queries), self._gather(kr, keys),
+                             self._gather(vr, keys), kwargs.get("dropout_p") or 0.0,
+                             kwargs.get("scale"))
+            out = out.index_copy(0, block.dest, o.transpose(1, 2)[block.real])
+        return out.transpose(0, 1)[None]
 
 
 def _rounded_rows(index: Tensor, total: int) -> Tensor:
@@ -292,6 +320,6 @@ def group_pass_logprobs(decoder: nn.Module, head: nn.Module, batch: dict[str, An
     return lp.new_zeros(n).index_add(0, lay.owners, lp)
 
 
-__all__ = ["GroupAttention", "GroupLayout", "PaddedLayout", "group_layout", "group_pass_logprobs",
+__all__ = ["AttentionBlock", "GroupAttention", "GroupLayout", "PaddedLayout", "group_layout", "group_pass_logprobs",
            "packed_sequences_hidden", "predictor_hidden", "scored_logprobs", "sequence_end_hidden",
            "sequence_layout"]
