@@ -33,6 +33,14 @@ def report(result: dict) -> None:
     print(RESULT + json.dumps(result), flush=True)
 
 
+def require_trl() -> None:
+    """Stop with the install command where TRL (the other side of every comparison) is absent."""
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        sys.exit("trl is not installed: pip install -e '.[bench]' (this script installs nothing)")
+
+
 def run_variant(script: str, args: argparse.Namespace, variant: str, folder: Path,
                 skip: tuple[str, ...] = ()) -> dict:
     """Re-run ``script`` with the same options as ``--worker variant``; its result dict."""

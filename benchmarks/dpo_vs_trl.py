@@ -36,7 +36,8 @@ import time
 from pathlib import Path
 
 from _assets import build_model, matmul_params, matmul_peak, review_contexts, token_lengths
-from _harness import add_worker_args, peak_rss_mb, report, run_variant, step_timer
+from _harness import (add_worker_args, peak_rss_mb, report, require_trl, run_variant,
+                      step_timer)
 
 QUICK = {"model_size": "3m", "steps": 2, "batch_size": 2, "prompt_tokens": "16,48"}
 TRL_BEST = {"padding_free": True, "precompute_ref_log_probs": True, "gradient_checkpointing": False}
@@ -165,10 +166,7 @@ def main() -> None:
     if args.worker:
         report(worker(args.worker, Path(args.folder), args))
         return
-    try:
-        import trl  # noqa: F401
-    except ImportError:
-        sys.exit("trl is not installed: pip install -e '.[bench]' (this script installs nothing)")
+    require_trl()
     folder = Path(tempfile.mkdtemp(prefix="dpo-bench-"))
     build_assets(folder, args)
     results = {}

@@ -44,7 +44,8 @@ import time
 from pathlib import Path
 
 from _assets import build_model, matmul_params, matmul_peak, review_prompts, token_lengths
-from _harness import add_worker_args, peak_rss_mb, report, run_variant, step_timer
+from _harness import (add_worker_args, peak_rss_mb, report, require_trl, run_variant,
+                      step_timer)
 
 PARTS = ("rollout", "reward", "logprobs", "update")
 TRL_BEST = {"gradient_checkpointing": False, "cache_implementation": "static"}
@@ -194,10 +195,7 @@ def main() -> None:
     if args.worker:
         report(worker(args.worker, Path(args.folder), args))
         return
-    try:
-        import trl  # noqa: F401
-    except ImportError:
-        sys.exit("trl is not installed: pip install -e '.[bench]' (this script installs nothing)")
+    require_trl()
     from transformers import AutoTokenizer
 
     folder = Path(tempfile.mkdtemp(prefix="grpo-bench-"))

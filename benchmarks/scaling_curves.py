@@ -35,7 +35,7 @@ import tempfile
 from pathlib import Path
 
 from _assets import build_model, review_contexts
-from _harness import add_worker_args, report, run_variant
+from _harness import add_worker_args, report, require_trl, run_variant
 
 FULL = {"base": {"group": 8, "prompt": 128, "model": "13m"},
         "axes": {"group": [2, 4, 8, 16, 32], "prompt": [32, 64, 128, 256, 512, 1024],
@@ -185,10 +185,7 @@ def main() -> None:
     if args.worker:
         report(worker(args.worker, Path(args.folder), args))
         return
-    try:
-        import trl  # noqa: F401
-    except ImportError:
-        sys.exit("trl is not installed: pip install -e '.[bench]' (this script installs nothing)")
+    require_trl()
     plan = QUICK if args.quick else FULL
     folder = Path(tempfile.mkdtemp(prefix="scaling-"))
     (folder / "plan.json").write_text(json.dumps(plan))
