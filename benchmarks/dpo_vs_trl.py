@@ -30,14 +30,12 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from _assets import build_model, matmul_params, matmul_peak, review_contexts, token_lengths
-from _harness import (add_worker_args, peak_rss_mb, report, require_trl, run_variant,
-                      step_timer)
+from _harness import add_worker_args, peak_rss_mb, report, require_trl, run_variant, step_timer
 
 QUICK = {"model_size": "3m", "steps": 2, "batch_size": 2, "prompt_tokens": "16,48"}
 TRL_BEST = {"padding_free": True, "precompute_ref_log_probs": True, "gradient_checkpointing": False}

@@ -44,8 +44,7 @@ import time
 from pathlib import Path
 
 from _assets import build_model, matmul_params, matmul_peak, review_prompts, token_lengths
-from _harness import (add_worker_args, peak_rss_mb, report, require_trl, run_variant,
-                      step_timer)
+from _harness import add_worker_args, peak_rss_mb, report, require_trl, run_variant, step_timer
 
 PARTS = ("rollout", "reward", "logprobs", "update")
 TRL_BEST = {"gradient_checkpointing": False, "cache_implementation": "static"}
