@@ -55,7 +55,25 @@ def checks(base: str) -> dict[str, object]:
     state = sharding.full_state_dict(model)
     state_error = (max(float((state[k] - v).abs().max()) for k, v in plain.state_dict().items())
                    if r == 0 else None)
+    # the online learner's uneven ranks: rank 0 one micro-batch and a zero-weighted padding
+    # one, rank 1 two micro-batches; the gradient is the plain one of the three micro-batches
+    from alignlab.engine.loop import forward_backward
+    from alignlab.engine.objectives import NLLObjective
+
+    for p in [*model.parameters(), *plain.parameters()]:
+        p.grad = None
+    micro = [batches[0]] if r == 0 else [batches[1], batches[1]]
+    padding = [batches[1]] if r == 0 else []
+    loss, items, _ = forward_backward(model, NLLObjective(), micro, torch.device("cpu"),
+                                      padding=padding)
+    with distributed.local():  # one process's run of all three
+        plain_loss, _, _ = forward_backward(plain, NLLObjective(),
+                                            [batches[0], *[batches[1]] * 2], torch.device("cpu"))
+    padding_error = max(float((p.grad.full_tensor() - q.grad).abs().max() / q.grad.abs().max())
+                        for p, q in zip(model.parameters(), plain.parameters()))
     return {"local_fraction": local / full, "grad_error": grad_error,
+            "padding_error": padding_error, "padding_loss_error": abs(loss - plain_loss),
+            "items": items,
             "norm_error": abs(float(norm) / float(plain_norm) - 1), "forward_error": forward_error,
             "state_error": state_error, "state_keys": sorted(state) if r == 0 else state}
 

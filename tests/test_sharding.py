@@ -97,6 +97,10 @@ def test_shard_holds_half_sums_gradients_and_gathers(sharded):
         assert r["grad_error"] < 1e-5
         assert r["norm_error"] < 1e-6
         assert r["forward_error"] < 1e-5  # 1 and 4 forwards inside full_weights: no hang
+        # a zero-weighted padding pass adds nothing: 1 + padding and 2 micro-batches train as
+        # the 3 micro-batches in one process (loss, item count and gradient)
+        assert r["padding_error"] < 1e-5 and r["padding_loss_error"] < 1e-6
+        assert r["items"] == 3 * 2 * 9
     assert rank0["state_error"] == 0.0 and rank1["state_keys"] == {}  # rank 0 holds it
 
 
@@ -182,3 +186,56 @@ def test_accelerate_launch_fsdp2_config(tiny_world, world_cache, tmp_path, famil
     one = family_runs.run("sft", micro=4, accum=2, fast=False)
     for r in rows:  # metrics.jsonl keeps 6 decimals
         assert abs(r["loss"] - one.losses[r["step"]]) <= 2e-6
+
+
+SHARDED_TRAINERS = {  # name: (extra --set values, a file or metric the run must have written)
+    "dpo": (["data.limit=64", "preference.heldout=8"], "heldout.json"),  # rank 0 evaluates
+    "rloo": (["rollout.prompts_per_step=4", "rl.minibatch_size=6"], "reward_mean"),
+    "remax": (["rollout.prompts_per_step=4"], "reward_mean"),  # a greedy baseline sampled too
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SHARDED_TRAINERS))
+def test_more_trainers_run_sharded(name, tiny_world, world_cache, tmp_path):
+    """Trainers with parts the invariant families lack run sharded to the end: DPO's held-out
+    evaluation by rank 0 alone, RLOO with minibatches that split unevenly over the ranks,
+    ReMax's greedy baseline sampled through the gathered weights."""
+    import os
+
+    out = tmp_path / "run"
+    sets = [f"world.cache_dir={world_cache}", "world.preset=tiny", f"train.output_dir={out}",
+            "train.max_steps=3", "train.save_every=2", "train.progress=false",
+            "train.tensorboard=false", "train.device=cpu", "train.batch_size=8",
+            "train.log_every=1", "train.sharding=fsdp", *SHARDED_TRAINERS[name][0]]
+    if name != "dpo":
+        sets += ["rollout.max_new_tokens=12", "train.batch_size=4"]
+    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1",
+           "ALIGNLAB_DIST_TIMEOUT_MIN": "10", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "alignlab", "train", name, "--num-processes",
+                           "2", *(a for s in sets for a in ("--set", s))], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "train.sharding fsdp: 2 decoder layers" in done.stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and (out / "DONE").exists()
+    what = SHARDED_TRAINERS[name][1]
+    assert (out / what).exists() if what.endswith(".json") else what in rows[-1]
+
+
+@pytest.mark.slow
+def test_sharded_grpo_resumes_exactly(tiny_world, world_cache, tmp_path):
+    """GRPO sharded, killed after iteration 3 and resumed from iteration 2: the learner's
+    AdamW moments and each rank's state come back; losses and weights equal the whole run."""
+    import torch
+
+    plan = [["grpo", "grpo", OPTIONS["grpo"], None],
+            ["grpo-resumed", "grpo", {**OPTIONS["grpo"], "save_every": 2}, 3]]
+    done = launch(2, [str(tmp_path), json.dumps(plan)], ROOT,
+                  {"ALIGNLAB_TEST_CACHE": world_cache, **FSDP_ENV}, module="tests.fsdp_worker")
+    assert done.returncode == 0, done.stderr[-4000:]
+    outcomes = torch.load(tmp_path / "outcomes.pt", weights_only=False)
+    whole, resumed = (Outcome(**{k: v for k, v in outcomes[n].items() if k != "world_size"})
+                      for n in ("grpo", "grpo-resumed"))
+    d = difference(whole, resumed)
+    assert d.loss == d.weight == d.metric == 0.0, d
