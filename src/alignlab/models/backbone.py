@@ -68,8 +68,10 @@ def _has_logit_postprocessing(lm: nn.Module) -> bool:
 def _is_fsdp(model: nn.Module) -> bool:
     """FSDP2 (``fully_shard``): the root's weights (embeddings, the tied output embedding) are
     gathered in the root's forward, which calling the decoder and the head apart bypasses."""
-    from torch.distributed.fsdp import FSDPModule
-
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch built without distributed support
+        return False
     return isinstance(model, FSDPModule)
 
 
