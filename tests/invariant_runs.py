@@ -67,6 +67,7 @@ class Outcome:
     start: dict[str, torch.Tensor]  # the trained model's weights before the first step
     weights: dict[str, torch.Tensor]  # and after the last
     paths: set[str] = field(default_factory=set)  # fast_path names taken by the log-prob calls
+    output_dir: str = ""  # the run directory (final/, checkpoints/)
 
     @property
     def losses(self) -> dict[int, float]:
@@ -159,7 +160,11 @@ def _one_thread():
 
 
 def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    """The full weights; a model sharded by FSDP2 gathers them (every rank calls this)."""
+    from torch.distributed.tensor import DTensor
+
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().clone()
+            for k, v in model.state_dict().items()}
 
 
 class FamilyRuns:
@@ -188,7 +193,7 @@ class FamilyRuns:
         assert first > 1, f"{family}: the resumed run started at step {first}, not at a checkpoint"
         metrics = {s: m for s, m in killed.metrics.items() if s < first} | resumed.metrics
         return Outcome(family, metrics, resumed.start, resumed.weights,
-                       killed.paths | resumed.paths)
+                       killed.paths | resumed.paths, str(out))
 
     def _run(self, family: str, o: Options, out: Path, *, kill_after: int | None = None,
              resume: bool = False) -> Outcome:
@@ -228,7 +233,7 @@ class FamilyRuns:
             except Killed:
                 pass
         (model, start), = trained  # one TrainingRun: no ensemble members here
-        return Outcome(family, logged, start, _weights(model), paths)
+        return Outcome(family, logged, start, _weights(model), paths, str(out))
 
 
 @dataclass

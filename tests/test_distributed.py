@@ -251,13 +251,17 @@ def test_accelerate_launch(tiny_world, world_cache, tmp_path, family_runs):
     _check_cli_run(done, out, family_runs)
 
 
-@pytest.mark.parametrize("var,name", [("ACCELERATE_USE_FSDP", "FSDP"),
-                                      ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
-def test_sharded_accelerate_configs_are_refused(var, name, monkeypatch):
-    """An accelerate config asking for sharding would otherwise train replicated, silently."""
+@pytest.mark.parametrize("var,match", [
+    ("ACCELERATE_USE_FSDP", "asks for FSDP version 1.*fsdp_version: 2"),
+    ("ACCELERATE_USE_DEEPSPEED", "asks for DeepSpeed.*configs/accelerate/fsdp2.yaml"),
+    ("ACCELERATE_USE_MEGATRON_LM", "asks for Megatron-LM.*configs/accelerate/ddp.yaml")])
+def test_sharded_accelerate_configs_alignlab_cannot_run_are_refused(var, match, monkeypatch):
+    """An accelerate config asking for sharding alignlab does not run would otherwise train
+    replicated, silently (FSDP2 runs: tests/test_sharding.py)."""
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("FSDP_VERSION", raising=False)
     monkeypatch.setenv(var, "true")
-    with pytest.raises(ConfigError, match=f"asks for {name}.*configs/accelerate/ddp.yaml"):
+    with pytest.raises(ConfigError, match=match):
         distributed.setup("cpu")
     assert not distributed.active()
 

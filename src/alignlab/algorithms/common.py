@@ -22,7 +22,7 @@ from alignlab.core.runtime import seed_everything
 from alignlab.data.formats import SFT_FORMATS, check_trainer_format
 from alignlab.data.loading import RowSet, load_rows, rows_from_list
 from alignlab.data.tokenize import TokenizedRows, tokenize_rows
-from alignlab.engine import distributed
+from alignlab.engine import distributed, sharding
 from alignlab.engine.prompts import PromptSource
 from alignlab.models.adapters import ADAPTER_DIR, has_adapters, is_quantized, merged, save_adapters
 from alignlab.models.loading import load_adapter, load_model, load_tokenizer, model_load_kwargs
@@ -96,16 +96,18 @@ def save_final(model: torch.nn.Module, tokenizer: Any, cfg: BaseModel, output_di
     ``PeftModel.from_pretrained`` read it). The merge makes new tensors on the CPU for the
     adapted layers only and leaves the trained model as it is; a QLoRA run's adapters are merged
     into its base reloaded unquantized on the CPU (merging into 4-bit weights would round them
-    again). With N processes rank 0 writes it and every rank returns once it is written."""
+    again). With N processes rank 0 writes it and every rank returns once it is written; a
+    model sharded by FSDP2 is written from its full state dict, gathered on every rank."""
     final = Path(output_dir) / "final"
+    weights = sharding.full_state_dict(model)
     with distributed.main_first():
         if distributed.is_main():
-            _save_final(model, tokenizer, cfg, output_dir, final)
+            _save_final(model, tokenizer, cfg, output_dir, final, weights)
     return final
 
 
 def _save_final(model: torch.nn.Module, tokenizer: Any, cfg: BaseModel, output_dir: str | Path,
-                final: Path) -> None:
+                final: Path, weights: dict[str, torch.Tensor] | None = None) -> None:
     tmp = final.with_name(".tmp-final")
     shutil.rmtree(tmp, ignore_errors=True)
     lora = has_adapters(model)
@@ -117,7 +119,7 @@ def _save_final(model: torch.nn.Module, tokenizer: Any, cfg: BaseModel, output_d
         to_save = load_adapter(tmp / ADAPTER_DIR, model_load_kwargs("auto", trust, None))
     else:
         to_save = merged(model, device="cpu") if lora else model
-    to_save.save_pretrained(tmp)
+    to_save.save_pretrained(tmp, **({} if weights is None else {"state_dict": weights}))
     tokenizer.save_pretrained(tmp)
     atomic_write_text(tmp / "alignlab_config.yaml", dump_config(cfg))
     replace_dir(tmp, final)

@@ -7,7 +7,7 @@ completion-only or full-sequence, padded or padding-free packed batches.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -26,6 +26,7 @@ from alignlab.engine.run import prepare_run
 
 
 class SFTConfig(Section):
+    SHARDABLE: ClassVar[bool] = True  # train.sharding: fsdp (engine/sharding.py)
     model: ModelSection = ModelSection()
     data: DataSection = DataSection()
     train: TrainSection = TrainSection(output_dir="runs/sft", lr=1e-4, max_steps=100)

@@ -166,6 +166,11 @@ class TrainSection(Section):
     gradient_checkpointing: bool = False
     """Recompute each decoder layer in backward: less activation memory for about a third more
     compute; turn it on only when memory needs it."""
+    sharding: Literal["none", "fsdp"] = "none"
+    """With N processes: ``none`` (data parallel: every process holds the whole model and its
+    optimizer state) or ``fsdp`` (FSDP2: each decoder layer's weights, gradients and AdamW
+    state sharded over the processes; ``docs/scaling.md``). ``accelerate launch`` with
+    ``configs/accelerate/fsdp2.yaml`` sets it too. One process ignores it."""
 
 
 class VLLMSection(Section):

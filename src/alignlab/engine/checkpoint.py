@@ -3,7 +3,9 @@
 A checkpoint directory ``step-000100/`` holds ``model.safetensors`` (every trainable module's
 state), ``trainer_state.pt`` (optimizer, scheduler, RNG states, data position, step; loaded
 with ``weights_only=True`` so nothing is unpickled) and ``meta.json``. It is written under a
-temporary name and renamed into place; ``latest`` names the newest complete one.
+temporary name and renamed into place; ``latest`` names the newest complete one. A model sharded
+by FSDP2 (``sharding.py``) is written from its full state dict, the same file as an unsharded
+run's, and loaded back into the shards of every rank.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from alignlab.core.errors import AlignlabError
 from alignlab.core.io import atomic_write_text, replace_dir
+from alignlab.engine import sharding
 
 
 def rng_state() -> dict[str, Any]:
@@ -56,8 +59,10 @@ def _step_of(path: Path) -> int:
 
 
 def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module,
-                    trainer_state: dict[str, Any], keep: int = 2) -> Path:
+                    trainer_state: dict[str, Any], keep: int = 2,
+                    weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``checkpoints/step-N`` atomically, point ``latest`` at it, keep the newest ``keep``.
+    ``weights``: the model's full state dict when it is sharded (``sharding.full_state_dict``).
 
     A failed write (a full disk) removes the partial copy and leaves the previous checkpoint
     and ``latest`` as they were."""
@@ -68,7 +73,11 @@ def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module,
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        save_model(model, str(tmp / "model.safetensors"))
+        if weights is not None:
+            save_file({k: v.contiguous() for k, v in weights.items()},
+                      str(tmp / "model.safetensors"))
+        else:
+            save_model(model, str(tmp / "model.safetensors"))
         torch.save({**trainer_state, "rng": rng_state(), "step": step}, tmp / "trainer_state.pt")
         (tmp / "meta.json").write_text(json.dumps({"step": step}) + "\n")
         replace_dir(tmp, ckpt_root / name)
@@ -110,7 +119,10 @@ def earlier_checkpoints(path: Path) -> list[Path]:
 def load_checkpoint(path: str | Path, model: torch.nn.Module) -> dict[str, Any]:
     path = Path(path)
     try:
-        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+        if sharding.is_sharded(model):
+            unexpected = sharding.load_full_state_dict(model, load_file(path / "model.safetensors"))
+        else:
+            missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
         state = torch.load(path / "trainer_state.pt", weights_only=True, map_location="cpu")
     except (OSError, RuntimeError, EOFError, SafetensorError, pickle.UnpicklingError) as exc:
         raise CheckpointError(f"checkpoint {path} is damaged: {exc}") from None

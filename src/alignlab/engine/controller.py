@@ -36,7 +36,7 @@ from typing import Any
 
 from alignlab.core.config import TrainSection
 from alignlab.core.errors import ConfigError, TrainingError
-from alignlab.engine import distributed
+from alignlab.engine import distributed, sharding
 from alignlab.engine.async_rollout import rollout_source
 from alignlab.engine.learner import Learner, Units
 from alignlab.engine.loop import TrainResult
@@ -144,18 +144,21 @@ def run_online(setup: OnlineSetup, cfg: TrainSection, description: str) -> Train
             rows = setup.prompts.batch(it, setup.prompts_per_step)[part]
             m: dict[str, float] = {}
             t0 = time.time()
-            algorithm.begin_iteration(it)
-            rolls, staleness = source.get(it, rows)
-            if setup.max_staleness:
-                m["staleness"] = staleness
-            t1 = time.time()
-            judged = algorithm.judge(rows, rolls, m)
-            if setup.gold is not None:
-                m["gold_mean"] = statistics.fmean(setup.gold(rolls.prompts, rolls.completions))
-            _rollout_metrics(rolls, m)
-            t2 = time.time()
-            units = algorithm.make_batches(rows, rolls, judged, m)
-            t3 = time.time()
+            # FSDP2: sampling and no-grad scoring run as many forwards as each rank's rows need
+            with sharding.full_weights(learner.model):
+                algorithm.begin_iteration(it)
+                rolls, staleness = source.get(it, rows)
+                if setup.max_staleness:
+                    m["staleness"] = staleness
+                t1 = time.time()
+                judged = algorithm.judge(rows, rolls, m)
+                if setup.gold is not None:
+                    m["gold_mean"] = statistics.fmean(setup.gold(rolls.prompts,
+                                                                 rolls.completions))
+                _rollout_metrics(rolls, m)
+                t2 = time.time()
+                units = algorithm.make_batches(rows, rolls, judged, m)
+                t3 = time.time()
             n = units.n if units is not None else 0
             if distributed.active():  # every rank updates, or none does
                 n = int(distributed.global_sum([n])[0])

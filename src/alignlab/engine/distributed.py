@@ -21,6 +21,10 @@ Semantics, the same for every trainer (``docs/scaling.md``):
   checkpoint on resume. Work that must happen once (the reference log-prob cache) runs on rank
   0 first while the others wait (``main_first``); the world build takes a file lock instead.
 
+- ``train.sharding: fsdp`` (or ``accelerate launch`` with an FSDP2 config) shards the model
+  instead of replicating it: ``engine/sharding.py``. DeepSpeed and FSDP version 1 configs are
+  refused (``refuse_sharded_launch``).
+
 Every function here is a no-op (or the identity) in a single process and inside ``local()``.
 """
 
@@ -39,7 +43,8 @@ from alignlab.core.errors import ConfigError
 
 SHARDED_ENV = {"FSDP": "ACCELERATE_USE_FSDP", "DeepSpeed": "ACCELERATE_USE_DEEPSPEED",
                "Megatron-LM": "ACCELERATE_USE_MEGATRON_LM"}
-"""What ``accelerate launch`` sets for sharded training, which alignlab refuses."""
+"""What ``accelerate launch`` sets for sharded training. FSDP version 2 is run by
+``engine/sharding.py``; the others are refused."""
 BUCKET_BYTES = 64 << 20  # gradients are summed in flat buckets of at most this size
 _local_depth = 0  # > 0 inside local(): the code runs as one process
 
@@ -74,13 +79,7 @@ def setup(device: str = "auto") -> bool:
     CUDA: each process takes ``cuda:LOCAL_RANK`` and nccl; otherwise gloo."""
     if not launched() or _local_depth:
         return False
-    sharded = [name for name, var in SHARDED_ENV.items()
-               if os.environ.get(var, "").lower() in ("true", "1")]
-    if sharded:
-        raise ConfigError(f"accelerate launch: the config asks for {sharded[0]}, which alignlab "
-                          "does not run yet (every process would hold the whole model, not a "
-                          "shard); use data parallel (configs/accelerate/ddp.yaml, "
-                          "docs/scaling.md)")
+    refuse_sharded_launch()
     if not dist.is_initialized():
         cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
         if cuda:
@@ -89,6 +88,26 @@ def setup(device: str = "auto") -> bool:
         dist.init_process_group("nccl" if cuda else "gloo",
                                 timeout=datetime.timedelta(minutes=minutes))
     return active()
+
+
+def refuse_sharded_launch() -> None:
+    """A ConfigError for an accelerate config asking for sharding alignlab does not run (every
+    process would otherwise train the whole model while the user believes it sharded)."""
+    sharded = [name for name, var in SHARDED_ENV.items()
+               if os.environ.get(var, "").lower() in ("true", "1")]
+    if not sharded:
+        return
+    if sharded[0] == "FSDP":
+        version = os.environ.get("FSDP_VERSION", "1")
+        if version == "2":
+            return  # engine/sharding.py
+        raise ConfigError(f"accelerate launch: the config asks for FSDP version {version}; "
+                          "alignlab shards with FSDP2 only: set fsdp_version: 2 "
+                          "(configs/accelerate/fsdp2.yaml)")
+    raise ConfigError(f"accelerate launch: the config asks for {sharded[0]}, which alignlab "
+                      "does not run yet (every process would hold the whole model, not a "
+                      "shard); use FSDP2 (configs/accelerate/fsdp2.yaml) or data parallel "
+                      "(configs/accelerate/ddp.yaml); docs/scaling.md")
 
 
 def shutdown() -> None:
@@ -179,6 +198,10 @@ def reduce_gradients(params: Sequence[torch.Tensor]) -> None:
     ranks touched gets zeros on the others first."""
     if not active():
         return
+    from torch.distributed.tensor import DTensor
+
+    # FSDP2's sharded parameters: their gradients were reduce-scattered in backward
+    params = [p for p in params if not isinstance(p, DTensor)]
     flags = torch.tensor([p.grad is not None for p in params], dtype=torch.float32,
                          device=_device())
     dist.all_reduce(flags)
@@ -299,5 +322,5 @@ def launch(num_processes: int, argv: Sequence[str]) -> int:
 
 __all__ = ["active", "any_rank", "barrier", "broadcast", "broadcast_module", "check_split", "gather",
            "global_sum", "is_main", "launch", "launched", "local", "main_first",
-           "reduce_gradients", "rank", "setup", "share", "shutdown", "whole_batch",
+           "reduce_gradients", "rank", "refuse_sharded_launch", "setup", "share", "shutdown", "whole_batch",
            "world_size"]

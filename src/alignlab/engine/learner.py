@@ -10,7 +10,10 @@ Micro-batches go through the offline loop's ``forward_backward``/``optimizer_ste
 
 With N processes each rank holds the units of its own prompts. The minibatches are drawn from
 one permutation of *all* ranks' units (the same generator on every rank), each rank training
-on those of its own: the update is the one-process update of the concatenated units.
+on those of its own: the update is the one-process update of the concatenated units. With
+``train.sharding: fsdp`` the model is sharded here (``sharding.py``) and a rank with fewer
+micro-batches in a minibatch than another runs zero-weighted ones (FSDP2's forwards and
+backwards are collectives).
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ from typing import Any
 import torch
 
 from alignlab.core.config import TrainSection
+from alignlab.core.errors import ConfigError, TrainingError
 from alignlab.core.runtime import pick_device, resolve_precision
-from alignlab.engine import distributed
+from alignlab.engine import distributed, sharding
 from alignlab.engine.loop import (
     Algorithm,
     build_optimizer,
@@ -65,12 +69,17 @@ class Learner:
         model.to(self.device)
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model)
+        self.sharded = sharding.shard(model, cfg)
+        if self.sharded and extra_groups:
+            raise ConfigError("field 'train.sharding': 'fsdp' with parameters outside the model "
+                              "(a shared critic's value head) is not supported yet")
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(model, cfg)
         for group in extra_groups:
             self.optimizer.add_param_group({"weight_decay": 0.0, **group})
             self.params += list(group["params"])
-        distributed.broadcast([*model.parameters(), *model.buffers(), *self.params])
+        if not self.sharded:  # sharding took rank 0's weights already
+            distributed.broadcast([*model.parameters(), *model.buffers(), *self.params])
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.epochs, self.minibatch_size = epochs, minibatch_size
         self.micro_batch_size = micro_batch_size or cfg.batch_size
@@ -103,7 +112,8 @@ class Learner:
                 if not micro and not many:
                     continue
                 window = forward_backward(self.model, self.objective, micro, self.device,
-                                          self.precision, step=self.updates + 1, allow_empty=True)
+                                          self.precision, step=self.updates + 1, allow_empty=True,
+                                          padding=self._padding(micro, units))
                 if window is None:  # no rank had anything to learn from in this minibatch
                     continue
                 loss, _, metrics = window
@@ -119,12 +129,27 @@ class Learner:
         out["optimizer_steps"] = count
         return out
 
+    def _padding(self, micro: list[dict[str, Any]], units: Units) -> list[dict[str, Any]]:
+        """Under FSDP2: as many copies of one of this rank's units as it runs fewer
+        micro-batches than the rank with the most (``forward_backward`` weights them 0)."""
+        if not self.sharded:
+            return []
+        most = max(int(n) for n in distributed.gather(len(micro)))
+        if len(micro) == most:
+            return []
+        if units.n == 0:
+            raise TrainingError("train.sharding fsdp: this rank has no rows in this iteration "
+                                "(all its groups were dropped) while another trains; a sharded "
+                                "update needs every rank's passes; use train.sharding 'none'")
+        return [units.take(torch.arange(1))] * (most - len(micro))
+
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+        return {"optimizer": sharding.optimizer_state_dict(self.model, self.optimizer),
+                "scheduler": self.scheduler.state_dict(),
                 "generator": self.generator.get_state(), "updates": self.updates}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        sharding.load_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])
         self.updates = int(state["updates"])

@@ -35,7 +35,7 @@ from alignlab.core.runtime import (
     seed_everything,
     to_device,
 )
-from alignlab.engine import distributed
+from alignlab.engine import distributed, sharding
 from alignlab.engine.run import TrainingRun
 from alignlab.models.checkpointing import enable_gradient_checkpointing
 
@@ -108,27 +108,29 @@ def train(model: torch.nn.Module, algorithm: Algorithm, batches: Iterable[dict[s
     model.train()
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    params = [p for p in model.parameters() if p.requires_grad]
     if distributed.active():
         if not hasattr(batches, "shard"):
             raise ConfigError("train: with several processes the micro-batches must come from "
                               "a stream that can be sharded (data.batches.EpochBatches)")
         batches.shard(distributed.share(cfg.batch_size, "examples per micro-batch",
                                         "train.batch_size"))
-        distributed.broadcast_module(model)
+        if not sharding.shard(model, cfg):  # FSDP2 (train.sharding), else replicas
+            distributed.broadcast_module(model)
+    params = [p for p in model.parameters() if p.requires_grad]  # sharded ones under FSDP
     opt = build_optimizer(model, cfg)
     sched = build_scheduler(opt, cfg)
 
     run = TrainingRun(cfg, model, description)
     start_step, state = run.resume()
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
+        sharding.load_optimizer_state_dict(model, opt, state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         if hasattr(batches, "load_state_dict") and state.get("data") is not None:
             batches.load_state_dict(state["data"])
 
     def trainer_state() -> dict[str, Any]:
-        return {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+        return {"optimizer": sharding.optimizer_state_dict(model, opt),
+                "scheduler": sched.state_dict(),
                 "data": batches.state_dict() if hasattr(batches, "state_dict") else None}
 
     stream: Iterator[dict[str, Any]] = iter(batches)
@@ -155,7 +157,8 @@ def train(model: torch.nn.Module, algorithm: Algorithm, batches: Iterable[dict[s
 
 def forward_backward(model: torch.nn.Module, algorithm: Algorithm, micro: list[dict[str, Any]],
                      device: torch.device, precision: str = "fp32", *, step: int = 0,
-                     context: dict[str, Any] | None = None, allow_empty: bool = False
+                     context: dict[str, Any] | None = None, allow_empty: bool = False,
+                     padding: list[dict[str, Any]] = ()
                      ) -> tuple[float, float, dict[str, float]] | None:
     """Accumulate the gradient of one optimizer step over ``micro``-batches.
 
@@ -165,7 +168,10 @@ def forward_backward(model: torch.nn.Module, algorithm: Algorithm, micro: list[d
     a mean over the loss's items (tokens, pairs) is the window's mean however it is split.
     With N processes the window is every rank's micro-batches: ``num_items``, the loss and the
     metrics are summed over the ranks (the gradients are summed by ``optimizer_step``).
-    ``allow_empty``: a window with no items returns None instead of raising.
+    ``allow_empty``: a window with no items returns None instead of raising. ``padding``:
+    micro-batches run after ``micro`` with their loss multiplied by 0, so that a rank of a
+    sharded model runs as many forwards and backwards as the others (FSDP2's collectives);
+    they add nothing to the gradient, the loss or the metrics.
     """
     items = [float(algorithm.num_items(b)) for b in micro]
     many = distributed.active()
@@ -178,10 +184,18 @@ def forward_backward(model: torch.nn.Module, algorithm: Algorithm, micro: list[d
     sums: dict[str, float] = defaultdict(float)
     loss_total = 0.0
     failure = None
-    for i, b in enumerate(micro):
+    # FSDP2 reduce-scatters in every backward: each rank runs all of its passes, even after a
+    # failure (the others learn of it below, so every rank stops together)
+    sharded = sharding.is_sharded(model)
+    for i, b in enumerate([*micro, *padding]):
+        if failure is not None and not sharded:
+            break
         b = to_device(b, device)
         with autocast(device, precision):
             out = algorithm.loss(model, b)
+        if i >= len(micro) or failure is not None:  # the collectives run, the gradient gains 0
+            (out.loss_sum.float() * 0.0).backward()
+            continue
         loss = out.loss_sum.float() / denom
         if not torch.isfinite(loss):
             failure = (f"step {step}, micro-batch {i + 1}"
@@ -190,7 +204,9 @@ def forward_backward(model: torch.nn.Module, algorithm: Algorithm, micro: list[d
                        "Try a lower train.lr, train.precision=fp32, or check the data and rewards.")
             if not many:
                 raise NonFiniteError(failure)
-            break  # the other ranks learn of it below, so every rank stops together
+            if sharded:
+                (out.loss_sum.float() * 0.0).backward()
+            continue
         loss.backward()
         loss_total += loss.item()
         for k, v in out.metrics.items():
@@ -224,8 +240,11 @@ def optimizer_step(params: list[torch.Tensor], opt: torch.optim.Optimizer,
     """Sum the gradient over the ranks (with N processes), clip it, refuse a non-finite one,
     step and zero it; the grad norm (the same on every rank)."""
     distributed.reduce_gradients(params)
-    grad_norm = (torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-                 if max_grad_norm else _grad_norm(params))
+    if sharding.holds_shards(params):
+        grad_norm = sharding.grad_norm(params, max_grad_norm)
+    else:
+        grad_norm = (torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                     if max_grad_norm else _grad_norm(params))
     if not torch.isfinite(grad_norm):
         raise NonFiniteError(f"step {step}: the gradient norm is {grad_norm.item()}; "
                              "training stopped before the weights were corrupted.")

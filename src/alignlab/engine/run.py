@@ -37,7 +37,7 @@ from alignlab.core import notices
 from alignlab.core.config import TrainSection, dump_config
 from alignlab.core.errors import AlignlabError, ConfigError
 from alignlab.core.io import atomic_write_text
-from alignlab.engine import distributed
+from alignlab.engine import distributed, sharding
 from alignlab.engine.checkpoint import (
     CheckpointError,
     earlier_checkpoints,
@@ -110,6 +110,7 @@ def prepare_run(cfg: Any) -> Path:
     rewrites it with the config it resumed with."""
     if distributed.setup(cfg.train.device):
         check_processes(cfg, distributed.world_size())
+        sharding.check(cfg)
     out = prepare_output_dir(cfg.train)
     if "wandb" in cfg.train.report_to and importlib.util.find_spec("wandb") is None:
         raise ConfigError("field 'train.report_to': 'wandb' needs the wandb package "
@@ -199,9 +200,10 @@ class TrainingRun:
         stop = distributed.any_rank(self._signal is not None)
         if stop or (self.cfg.save_every and (step % self.cfg.save_every == 0 or last)):
             trainer_state = state()  # on every rank: it may gather each rank's part
+            weights = sharding.full_state_dict(self.model)  # on every rank: FSDP2 gathers
             if distributed.is_main():
                 save_checkpoint(self.output_dir, step, self.model, trainer_state,
-                                keep=self.cfg.save_total_limit)
+                                keep=self.cfg.save_total_limit, weights=weights)
         if stop:
             name = signal.Signals(self._signal or signal.SIGTERM).name
             raise Interrupted(f"{name} at step {step}: checkpoint written to "

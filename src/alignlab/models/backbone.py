@@ -16,6 +16,7 @@ post-process logits (Gemma-2 soft-capping, Cohere ``logit_scale``, Granite ``log
 ...), LoRA on the output embedding, prompt-learning PEFT methods, and wrappers whose output
 embedding cannot be found make :func:`find_backbone_and_head` return None; callers then go
 through ``model(...)``, which gives the same numbers with the full logits tensor in memory.
+So does a model sharded by FSDP2, whose weights are gathered in its modules' own forwards.
 """
 
 from __future__ import annotations
@@ -64,6 +65,16 @@ def _has_logit_postprocessing(lm: nn.Module) -> bool:
     return any(getattr(lm, a, None) is not None for a in _LOGIT_POSTPROCESSING_MODULE_ATTRS)
 
 
+def _is_fsdp(model: nn.Module) -> bool:
+    """FSDP2 (``fully_shard``): the root's weights (embeddings, the tied output embedding) are
+    gathered in the root's forward, which calling the decoder and the head apart bypasses."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch built without distributed support
+        return False
+    return isinstance(model, FSDPModule)
+
+
 def find_decoder(model: nn.Module) -> nn.Module | None:
     """The transformer body of a causal LM (PEFT wrappers unwrapped; LoRA layers stay inside).
 
@@ -93,7 +104,7 @@ def find_backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | No
     PEFT); callers then use ``model(...)``.
     """
     lm, peft_changes_forward = _unwrap_peft(model)
-    if peft_changes_forward or _has_logit_postprocessing(lm):
+    if peft_changes_forward or _has_logit_postprocessing(lm) or _is_fsdp(model):
         return None
     get_head = getattr(lm, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None

@@ -3,7 +3,7 @@ aggregation) and the critic/KL-controller/NLPO fields PPO and NLPO add to it."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, create_model, field_validator, model_validator
 
@@ -99,6 +99,7 @@ class RLSection(Section):
 
 
 class OnlineRLConfig(Section):
+    SHARDABLE: ClassVar[bool] = True  # train.sharding: fsdp, not ppo or nlpo (engine/sharding.py)
     model: ModelSection = ModelSection()
     world: WorldSection = WorldSection()
     train: OnlineTrainSection = OnlineTrainSection()

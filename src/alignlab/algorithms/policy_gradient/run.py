@@ -36,6 +36,7 @@ from alignlab.algorithms.policy_gradient.spec import RL_ALGORITHMS, RLAlgorithm
 from alignlab.algorithms.registry import ALGORITHMS, AlgorithmEntry
 from alignlab.core.errors import ConfigError
 from alignlab.core.runtime import pick_device, seed_everything
+from alignlab.engine import distributed, sharding
 from alignlab.engine.controller import OnlineRun, OnlineSetup, run_online
 from alignlab.engine.learner import Learner
 from alignlab.engine.placement import open_placement, refuse_ray
@@ -94,6 +95,11 @@ def train_policy_gradient(cfg: OnlineRLConfig, algorithm: str) -> OnlineRun:
         raise ConfigError(f"field 'rl.max_staleness': {algorithm} samples from the current "
                           "policy inside its iteration (a greedy baseline, a masking policy), "
                           "which a rollout thread sampling ahead would race; set 0")
+    if sharding.mode(cfg.train) == "fsdp" and distributed.active() and (
+            issubclass(cls, PPO) or cls is NLPO):
+        raise ConfigError(f"field 'train.sharding': 'fsdp' is not supported by {algorithm} yet "
+                          "(its critic or masking policy is a second trained or refreshed "
+                          "model); set it to 'none'")
     if cls is NLPO and cfg.rl.critic == "shared":
         raise ConfigError("field 'rl.critic': nlpo takes a separate critic (its policy "
                           "log-probs are restricted to the action mask); use 'separate'")

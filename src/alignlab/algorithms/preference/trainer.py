@@ -13,10 +13,11 @@ Per-token, multi-reference, tie, group and reward inputs: ``trainers/preference_
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -53,7 +54,7 @@ from alignlab.data.preference_columns import (
     fill_defaults,
 )
 from alignlab.data.tokenize import TokenizedRows, tokenize_rows
-from alignlab.engine import distributed
+from alignlab.engine import distributed, sharding
 from alignlab.engine.loop import LossOutput, TrainResult, train
 from alignlab.engine.run import prepare_run
 from alignlab.losses.preference import (
@@ -330,6 +331,7 @@ class PreferenceObjective:
 
 
 class PreferenceConfig(Section):
+    SHARDABLE: ClassVar[bool] = True  # train.sharding: fsdp (engine/sharding.py)
     model: ModelSection = ModelSection()
     data: DataSection = DataSection()
     train: TrainSection = TrainSection(output_dir="runs/preference", lr=1e-5, max_steps=200, batch_size=8)
@@ -466,14 +468,19 @@ def run_preference(cfg: PreferenceConfig) -> PreferenceRun:
     result = train(model, objective, batches, cfg.train, description=name, on_step=on_step)
     save_final(model, tokenizer, cfg, result.output_dir)
     scores = None
-    if held and distributed.is_main():
-        from alignlab.algorithms.preference.heldout import heldout_metrics
+    # FSDP2: every rank gathers the weights, so rank 0 evaluates with no collective
+    with sharding.full_weights(model) if held else contextlib.nullcontext():
+        if held and distributed.is_main():
+            from alignlab.algorithms.preference.heldout import heldout_metrics
 
-        with distributed.local():  # rank 0 alone: nothing here may wait for the other ranks
-            scores = heldout_metrics(model, objective, held, pad, layout=layout, device=device,
-                                     batch_size=2 * cfg.train.batch_size, precision=precision)
-        atomic_write_text(Path(result.output_dir) / "heldout.json", json.dumps(scores, indent=1))
-        print(f"held-out ({len(held)} rows): " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+            with distributed.local():  # rank 0 alone: nothing here may wait for the other ranks
+                scores = heldout_metrics(model, objective, held, pad, layout=layout,
+                                         device=device, batch_size=2 * cfg.train.batch_size,
+                                         precision=precision)
+            atomic_write_text(Path(result.output_dir) / "heldout.json",
+                              json.dumps(scores, indent=1))
+            print(f"held-out ({len(held)} rows): "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
     return PreferenceRun(result, model, tokenizer, objective, examples, layout, hit, scores)
 
 
