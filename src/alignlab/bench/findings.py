@@ -33,6 +33,7 @@ REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE, ABSENT = (
     "reproduced", "not reproduced", "inconclusive", "not in this run")
 MATCHED_POINTS = 5
 MIN_SPEARMAN, MIN_RANKED = 0.8, 5
+BY_SIGN = {1: "reproduced", -1: "not reproduced", 0: "inconclusive"}
 PESSIMISTIC = [("best_of_n_mean_minus_std", "best_of_n"), ("best_of_n_min", "best_of_n"),
                ("grpo_mean_minus_std", "grpo_proxy")]
 
@@ -197,14 +198,13 @@ def matched(view: RunView, a: str, b: str) -> tuple[str, str, dict[str, Any]]:
             "per_seed_gap": _iv(gap)}
     if ov is None:
         return INCONCLUSIVE, f"{a} vs {b}: no common KL range ({a} {_span(fa)}, {b} {_span(fb)}) → {INCONCLUSIVE}", nums
-    v = {1: REPRODUCED, -1: NOT_REPRODUCED, 0: INCONCLUSIVE}[sign(gap)]
+    v = BY_SIGN[sign(gap)]
     return v, (f"{a} − {b} gold at matched KL [{ov[0]:.2f}, {ov[1]:.2f}]: {mean_gap(fa, fb):+.3f} "
                f"on the mean frontiers, {fmt(gap)} per seed → {v}"), nums
 
 
 def _span(f: list[tuple[float, float]]) -> str:
     return f"KL [{f[0][0]:.2f}, {f[-1][0]:.2f}]"
-
 
 
 def fall(view: RunView, name: str) -> dict[str, Any]:
@@ -292,7 +292,7 @@ def finding_pessimistic(view: RunView) -> Finding:
         if fb["at"] == "last" or sign(fb["drop"]) <= 0:
             v = INCONCLUSIVE
         else:
-            v = {1: REPRODUCED, -1: NOT_REPRODUCED, 0: INCONCLUSIVE}[sign(red)]
+            v = BY_SIGN[sign(red)]
         verdicts.append(v)
         lines.append(f"{_fall_line(pess, fp)}; {_fall_line(base, fb)}; reduction {fmt(red)}; gold at "
                      f"KL {hi:.2f}: {at_hi[0]:.3f} vs {at_hi[1]:.3f} → {v}")
