@@ -239,6 +239,14 @@ def test_the_leaderboard_aggregates_seeds_with_t_intervals(tmp_path):
     # annotator and gold win rates order the five rows alike (ties included): ρ = 1
     assert "gold win rates over 5 rows = 1.000" in md
     assert json.loads(paths["json"].read_text())["ranking_agreement"]["positive"] == {"spearman": 1.0, "rows": 5}
+    # the findings of the run's algorithms: best-of-n's gold still rises at its largest n (no
+    # fall); DPO peaks at β 0.5 (KL 1) and falls by 0.1 in both seeds at β 0.1 (KL 2); ρ = 1
+    verdicts = ["not in this run", "not reproduced", "not in this run", "reproduced",
+                "not in this run", "reproduced"]
+    found = json.loads(paths["findings_json"].read_text())["positive"]
+    assert [f["verdict"] for f in found] == verdicts
+    assert found[3]["numbers"]["dpo"]["drop"] == {"mean": pytest.approx(0.1), "ci95": pytest.approx(0.0), "n": 2}
+    assert "| 4 | DAAs over-optimise |" in paths["findings_markdown"].read_text()
     header = paths["csv"].read_text().splitlines()[0]
     assert header.startswith("task,algorithm,name,setting,seeds,gold_mean_mean,gold_mean_ci95")
     for task in ("positive", "arithmetic"):
@@ -260,7 +268,8 @@ window.addEventListener("load", () => {
     decoded: imgs.filter(i => i.complete && i.naturalWidth > 0 && i.naturalHeight > 0).length,
     tables: document.querySelectorAll("table.leaderboard").length,
     rows: document.querySelectorAll("table.leaderboard tbody tr").length,
-    headers: [...document.querySelectorAll("table.leaderboard th")].map(th => th.textContent)});
+    headers: [...document.querySelectorAll("table.leaderboard th")].map(th => th.textContent),
+    findings: [...document.querySelectorAll("table.findings td[data-verdict]")].map(td => td.textContent)});
   document.body.appendChild(out);
 });
 </script>"""
@@ -286,6 +295,8 @@ def test_the_html_report_renders_in_headless_chromium(tmp_path):
     assert found["images"] == 6 and found["decoded"] == 6
     assert found["tables"] == 2 and found["rows"] == 10
     assert {"gold", "KL(π‖ref)", "win (gold BT)", "win (annotator)", "pass@1"} <= set(found["headers"])
+    assert found["findings"] == 2 * ["not in this run", "not reproduced", "not in this run", "reproduced",
+                                     "not in this run", "reproduced"]
 
 
 # ---- the CLI ---------------------------------------------------------------------------------
@@ -299,6 +310,7 @@ def test_the_cli_reports_a_run_and_names_a_bad_suite_field(tmp_path):
     res = CliRunner().invoke(app, ["bench", "report", str(run), "--out", str(tmp_path / "rep")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "rep" / "report.html").exists() and "| dpo | beta=0.5 |" in res.output
+    assert "| 6 | Annotator vs gold ranking |" in res.output and "and 6 plots" in res.output
     bad = _suite_file(tmp_path, {**MINIMAL, "seedz": [1]})
     res = CliRunner().invoke(app, ["bench", "run", str(bad)])
     assert res.exit_code != 0 and "field 'seedz': unknown field" in str(res.exception)

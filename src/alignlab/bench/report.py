@@ -1,5 +1,6 @@
-"""``alignlab bench report RUN_DIR``: the leaderboard (Markdown, CSV, JSON), PNG plots and one
-self-contained HTML page (tables, and the plots embedded as base64 PNG).
+"""``alignlab bench report RUN_DIR``: the leaderboard (Markdown, CSV, JSON), PNG plots, the
+paper-findings table (``findings.md``/``.json``, ``findings.py``) and one self-contained HTML page
+(tables, and the plots embedded as base64 PNG).
 
 Every number is a mean over the seeds of a (task, algorithm, sweep point) with its 95%
 Student-t interval ``± t_{0.975, k−1}·s/√k`` (``eval/intervals.py``); a single seed has none.
@@ -14,7 +15,7 @@ import io
 import math
 from pathlib import Path
 
-from alignlab.bench import plots
+from alignlab.bench import findings, plots
 from alignlab.bench.results import Row, aggregate, columns, load_cells, ranking_agreement
 from alignlab.core.errors import AlignlabError
 from alignlab.core.io import atomic_write_json, atomic_write_text
@@ -79,16 +80,39 @@ def csv_text(rows: list[Row]) -> str:
     return buf.getvalue()
 
 
+def findings_html(per_task: dict[str, list[findings.Finding]]) -> list[str]:
+    """The findings tables (one per task, class ``findings``) and their rules."""
+    e = html.escape
+    parts = ["<h2>Paper findings</h2>"]
+    for task, fs in per_task.items():
+        parts.append(f"<h3>Task <code>{e(task)}</code></h3><table class=\"findings\" "
+                     f"data-task=\"{e(task)}\"><thead><tr><th>#</th><th>finding</th>"
+                     "<th>paper's claim</th><th>cells</th><th>numbers</th><th>verdict</th></tr>"
+                     "</thead><tbody>")
+        parts += [f"<tr><td>{f.number}</td><td>{e(f.title)}</td><td class=\"text\">{e(f.claim)}</td>"
+                  f"<td class=\"text\">{e(', '.join(f.cells) or '–')}</td><td class=\"text\">"
+                  + "<br>".join(e(d) for d in f.details)
+                  + f"</td><td data-verdict=\"{e(f.verdict)}\"><b>{e(f.verdict)}</b></td></tr>"
+                  for f in fs]
+        parts.append("</tbody></table>")
+    parts += ["<ol class=\"rules\">", *(f"<li>{e(t)}: {e(rule)}</li>" for t, _, rule in
+                                         findings.FINDINGS.values()), "</ol>"]
+    return parts
+
+
 def html_page(rows: list[Row], images: dict[str, dict[str, Path]], title: str,
-              description: str) -> str:
-    """One self-contained page: a table per task and every plot inlined as a data: URI."""
+              description: str, per_task: dict[str, list[findings.Finding]] | None = None) -> str:
+    """One self-contained page: a table per task, every plot inlined as a data: URI, and the
+    paper-findings tables."""
     e = html.escape
     parts = ["<!DOCTYPE html>", "<html lang=\"en\"><head><meta charset=\"utf-8\">",
              f"<title>{e(title)}</title>",
              "<style>body{font-family:sans-serif;margin:2em;max-width:1200px}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
              "padding:4px 8px;text-align:right;white-space:nowrap}td:nth-child(-n+2),th:nth-child(-n+2)"
-             "{text-align:left}th{background:#f3f3f3}img{max-width:100%;margin:1em 0}</style>",
+             "{text-align:left}th{background:#f3f3f3}img{max-width:100%;margin:1em 0}"
+             "td.text{white-space:normal;text-align:left;min-width:12em}table.findings th{text-align:left}"
+             "</style>",
              "</head><body>", f"<h1>{e(title)}</h1>"]
     if description:
         parts.append(f"<p>{e(description)}</p>")
@@ -107,13 +131,16 @@ def html_page(rows: list[Row], images: dict[str, dict[str, Path]], title: str,
             caption = plots.CAPTIONS[kind]
             parts.append(f"<figure><img alt=\"{e(caption)}\" src=\"data:image/png;base64,{data}\">"
                          f"<figcaption>{e(caption)}</figcaption></figure>")
+    if per_task:
+        parts += findings_html(per_task)
     parts += ["<h2>Notes</h2><ul>", *(f"<li>{e(n)}</li>" for n in NOTES), "</ul></body></html>"]
     return "\n".join(parts) + "\n"
 
 
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
-    """Write ``leaderboard.md``, ``leaderboard.csv``, ``leaderboard.json``, the plots and
-    ``report.html`` into ``out_dir`` (default ``RUN_DIR/report``); returns their paths."""
+    """Write ``leaderboard.md``, ``leaderboard.csv``, ``leaderboard.json``, ``findings.md``,
+    ``findings.json``, the plots and ``report.html`` into ``out_dir`` (default
+    ``RUN_DIR/report``); returns their paths."""
     run_dir = Path(run_dir)
     cells = load_cells(run_dir)
     if not cells:
@@ -129,7 +156,8 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
     name, description = suite.get("name", run_dir.name), suite.get("description", "")
     title = f"alignlab bench: {name}"
     paths = {"markdown": out / "leaderboard.md", "csv": out / "leaderboard.csv",
-             "json": out / "leaderboard.json", "html": out / "report.html"}
+             "json": out / "leaderboard.json", "html": out / "report.html",
+             "findings_markdown": out / "findings.md", "findings_json": out / "findings.json"}
     atomic_write_text(paths["markdown"], markdown(rows, title))
     atomic_write_text(paths["csv"], csv_text(rows))
     atomic_write_json(paths["json"], {"rows": [{
@@ -140,8 +168,11 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
         "ranking_agreement": {task: {"spearman": _finite(rho), "rows": n}
                               for task in dict.fromkeys(r.task for r in rows)
                               for rho, n in [ranking_agreement(rows, task)]}})
+    per_task = {task: findings.findings(rows, cells, task) for task in dict.fromkeys(r.task for r in rows)}
+    atomic_write_text(paths["findings_markdown"], findings.markdown(per_task, title))
+    atomic_write_json(paths["findings_json"], findings.as_json(per_task))
     images = plots.plot_all(rows, out)
-    atomic_write_text(paths["html"], html_page(rows, images, title, description))
+    atomic_write_text(paths["html"], html_page(rows, images, title, description, per_task))
     return {**paths, **{f"{kind}_{task}": p for task, per in images.items() for kind, p in per.items()}}
 
 

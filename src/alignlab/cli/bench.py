@@ -45,10 +45,14 @@ def run(suite: Annotated[str, typer.Argument(help="A suite YAML file, or a shipp
 @bench_app.command("report")
 def report_cmd(run_dir: Annotated[Path, typer.Argument(help="A folder written by `alignlab bench run`.")],
                out: Annotated[Optional[Path], typer.Option(help="Report folder (default RUN_DIR/report).")] = None) -> None:
-    """Leaderboard (Markdown, CSV), PNG plots and a self-contained HTML report of a run."""
+    """Leaderboard (Markdown, CSV), the paper-findings table, PNG plots and a self-contained
+    HTML report of a run."""
     from alignlab.bench.report import write_report
 
     paths = write_report(run_dir, out)
     console.print(paths["markdown"].read_text(encoding="utf-8"), markup=False, highlight=False,
                   soft_wrap=True)
-    console.print(f"wrote {paths['html']}, {paths['csv']} and {len(paths) - 4} plots")
+    console.print(paths["findings_markdown"].read_text(encoding="utf-8"), markup=False,
+                  highlight=False, soft_wrap=True)
+    n_plots = sum(p.suffix == ".png" for p in paths.values())
+    console.print(f"wrote {paths['html']}, {paths['csv']}, {paths['findings_json']} and {n_plots} plots")
