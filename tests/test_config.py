@@ -54,3 +54,28 @@ def test_override_syntax_errors():
         apply_overrides({"train": 3}, ["train.lr=1"])
     with pytest.raises(ConfigError, match="--set empty key"):
         apply_overrides({}, [".=1"])
+
+
+@pytest.mark.parametrize("name,section,field,value", [
+    ("ipo", "preference", "loss", "ipo"), ("kto", "preference", "loss", "kto"),
+    ("online_dpo", "rollout", "n", 2), ("sppo", "rollout", "n", 4)])
+def test_an_alias_keeps_its_section_defaults_under_overrides(name, section, field, value, tmp_path):
+    """A trainer whose default section sets a field (``alignlab train ipo``: the loss) keeps it
+    when the user sets another field of that section: pydantic alone rebuilt the section from
+    the user's keys, and ``--set preference.beta=0.3`` on ``ipo`` trained DPO."""
+    from alignlab.algorithms.registry import ALGORITHMS
+
+    cls = ALGORITHMS.get(name).config_cls
+    other = "beta=0.3" if section == "preference" else "prompts_per_step=3"
+    cfg = load_config(cls, None, [f"{section}.{other}"])
+    assert getattr(getattr(cfg, section), field) == value
+    assert getattr(getattr(cfg, section), other.split("=")[0]) == (0.3 if section == "preference" else 3)
+    path = tmp_path / "c.yaml"  # the same from a YAML file, and the user's own value still wins
+    path.write_text(f"{section}:\n  {other.replace('=', ': ')}\n")
+    assert getattr(getattr(load_config(cls, path), section), field) == value
+    mine = "sigmoid" if section == "preference" else 6
+    cfg = load_config(cls, path, [f"{section}.{field}={mine}"])
+    assert getattr(getattr(cfg, section), field) == mine
+    # the alias's train defaults survive a train override too
+    cfg = load_config(cls, None, ["train.max_steps=3"])
+    assert cfg.train.max_steps == 3 and cfg.train.output_dir == cls().train.output_dir

@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from alignlab.bench.config import BEST_OF_N, PLACEHOLDERS, BestOfNSection, StageSpec, SuiteConfig
-from alignlab.core.config import format_validation_error, set_dotted
+from alignlab.core.config import format_validation_error, set_dotted, with_section_defaults
 from alignlab.core.errors import ConfigError
 
 
@@ -104,7 +104,7 @@ def train_config(stage: StageSpec | Any, *, defaults: dict[str, Any], point: dic
     from pydantic import ValidationError
 
     try:
-        cfg = cls.model_validate(data)
+        cfg = cls.model_validate(with_section_defaults(cls, data))
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, cls, where)) from None
     return cfg.model_dump(mode="json")

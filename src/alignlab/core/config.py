@@ -283,6 +283,26 @@ def set_dotted(data: dict[str, Any], key: str, value: Any, *, merge: bool = Fals
         node[last] = value
 
 
+def with_section_defaults(cls: type[BaseModel], data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with, under each section the user gave, the values a config class's own default
+    section sets (``alignlab train ipo``'s ``PreferenceSection(loss="ipo")``, its
+    ``TrainSection(lr=1e-5, ...)``), the user's keys winning. Pydantic builds a section the
+    user names afresh from the user's mapping alone, so without this ``--set preference.beta=0.3``
+    on ``ipo`` trained DPO (the section's class default loss), silently."""
+    out = dict(data)
+    for name, info in cls.model_fields.items():
+        key = info.alias or name
+        default = info.default
+        if isinstance(default, BaseModel) and isinstance(out.get(key), dict):
+            kept = default.model_dump(exclude_unset=True, by_alias=True)
+            if kept:
+                merged: dict[str, Any] = {}
+                set_dotted(merged, key, kept)
+                set_dotted(merged, key, out[key], merge=True)
+                out[key] = merged[key]
+    return out
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``a.b=c`` overrides; values are parsed as YAML (``1e-4``, ``true``, ``[1,2]``)."""
     for item in overrides:
@@ -361,6 +381,7 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
     if overrides:
         data = apply_overrides(data, list(overrides))
         source += " (with --set overrides)"
+    data = with_section_defaults(cls, data)
     try:
         return cls.model_validate(data)
     except ValidationError as err:
