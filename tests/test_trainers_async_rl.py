@@ -59,7 +59,8 @@ def _train(cfg, *, kill_after=None, machinery=False):
             mp.setattr(TrainingRun, "step_done", step_done)
             if machinery:
                 mp.setattr(controller, "rollout_source",
-                           lambda role, p, n, k, seed, s: AsyncRollouts(role, p, n, k, seed, 0))
+                           lambda role, p, n, k, seed, s, part=slice(None): AsyncRollouts(
+                               role, p, n, k, seed, 0, part))
                 mp.setattr(pg_run, "make_backend",
                            lambda *a, **kw: make_backend(*a, **{**kw, "own_copy": True}))
             run = None
@@ -71,7 +72,7 @@ def _train(cfg, *, kill_after=None, machinery=False):
     return logged, weights, run
 
 
-TIMES = ("time_rollout", "time_reward", "time_update")
+TIMES = ("time_rollout", "time_reward", "time_batches", "time_update")
 
 
 def test_the_async_machinery_at_staleness_zero_equals_synchronous_rl_bit_for_bit(
