@@ -110,7 +110,7 @@ def test_the_quick_suite_plans_every_family_at_fixed_budgets(tmp_path):
 
 def test_the_paper_findings_suite_validates_every_cell(tmp_path):
     jobs = plan(load_suite("paper-findings"), tmp_path)
-    assert len(jobs) == 135 and len(load_suite("paper-findings").seeds) == 3
+    assert len(jobs) == 147 and len(load_suite("paper-findings").seeds) == 3
     mms = next(j for j in jobs if j.spec.get("name") == "best_of_n_mean_minus_std")
     assert mms.spec["best_of_n"] == {"n": 2, "reward": "proxy", "aggregate": "mean_minus_std",
                                      "std_coef": 1.0}
