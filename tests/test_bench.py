@@ -117,7 +117,7 @@ def test_the_paper_findings_suite_validates_every_cell(tmp_path):
     # a swept preference.beta on the ipo alias keeps its loss (it once reset it to DPO's)
     ipo = [j for j in jobs if j.spec.get("name") == "ipo"]
     assert {j.spec["train"]["config"]["preference"]["loss"] for j in ipo} == {"ipo"}
-    assert {j.spec["train"]["config"]["preference"]["beta"] for j in ipo} == {0.03, 0.1, 0.3, 1.0}
+    assert {j.spec["train"]["config"]["preference"]["beta"] for j in ipo} == {0.01, 0.03, 0.1, 0.3, 1.0}
 
 
 def test_unknown_placeholders_and_bad_cell_configs_name_the_cell(tmp_path):
