@@ -30,7 +30,7 @@ class AlgorithmEntry:
 
 ALGORITHMS: Registry[AlgorithmEntry] = Registry("algorithm", builtins=(
     "alignlab.algorithms.sft",
-    "alignlab.algorithms.preference.trainer",
+    "alignlab.algorithms.preference.aliases",
     "alignlab.algorithms.reward_model.trainer",
     "alignlab.algorithms.preference_model.trainer",
     "alignlab.algorithms.policy_gradient.run",

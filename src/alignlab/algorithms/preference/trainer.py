@@ -484,33 +484,6 @@ def run_preference(cfg: PreferenceConfig) -> PreferenceRun:
     return PreferenceRun(result, model, tokenizer, objective, examples, layout, hit, scores)
 
 
-ALIASES = ("dpo", "ipo", "simpo", "orpo", "kto", "cpo", "bco", "lipo_lambda")
-
-
-def alias_config(loss: str) -> type[PreferenceConfig]:
-    """``PreferenceConfig`` whose default loss is ``loss`` (so ``alignlab train kto`` works)."""
-    return type(f"{loss.upper()}Config", (PreferenceConfig,), {
-        "__annotations__": {"preference": PreferenceSection, "train": TrainSection},
-        "preference": PreferenceSection(loss=loss),
-        "train": TrainSection(output_dir=f"runs/{loss}", lr=1e-5, max_steps=200, batch_size=8)})
-
-
-def _register() -> None:
-    from alignlab.algorithms.registry import ALGORITHMS, AlgorithmEntry
-
-    ALGORITHMS.register("preference")(AlgorithmEntry(
-        PreferenceConfig, run_preference,
-        "Offline preference optimisation with any registered loss or mixture (DPO family; "
-        "paired, unpaired, listwise)."))
-    for loss in ALIASES:
-        ALGORITHMS.register(loss)(AlgorithmEntry(
-            alias_config(loss), run_preference,
-            f"The preference trainer with preference.loss={loss} "
-            f"({PREFERENCE_LOSSES.summary(loss)})"))
-
-
-_register()
-
-__all__ = ["ALIASES", "LossPlan", "PreferenceConfig", "PreferenceObjective", "PreferenceRun",
-           "PreferenceSection", "alias_config", "choose_layout", "load_preference_examples",
+__all__ = ["LossPlan", "PreferenceConfig", "PreferenceObjective", "PreferenceRun",
+           "PreferenceSection", "choose_layout", "load_preference_examples",
            "plan_losses", "run_preference"]
