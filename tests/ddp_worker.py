@@ -10,7 +10,6 @@ metrics, the trained model's weights before and after), and rank 0 saves them to
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -20,7 +19,7 @@ import torch
 
 from alignlab.engine import distributed
 
-from tests.invariant_runs import FamilyRuns
+from tests.invariant_runs import FamilyRuns, run_plan_on_ranks
 
 
 def collectives() -> dict[str, object]:
@@ -75,13 +74,7 @@ def main(out: Path, plan: list[list]) -> None:
     checks = distributed.gather(collectives())
     runs = FamilyRuns(os.environ["ALIGNLAB_TEST_CACHE"], out)
     outcomes: dict[str, object] = {"collectives": checks}
-    for name, family, options, kill_after in plan:
-        outcome = (runs.resumed(family, kill_after, **options) if kill_after
-                   else runs.run(family, **options))
-        outcomes[name] = dataclasses.asdict(outcome) | {"world_size": distributed.world_size()}
-    if distributed.is_main():
-        torch.save(outcomes, out / "outcomes.pt")
-    distributed.shutdown()
+    run_plan_on_ranks(runs, plan, out, outcomes)
 
 
 if __name__ == "__main__":

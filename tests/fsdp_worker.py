@@ -10,7 +10,6 @@ sharding helpers are checked on the tiny world's model (``checks``); rank 0 save
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -22,7 +21,7 @@ from alignlab.core.config import TrainSection
 from alignlab.engine import distributed, sharding
 from alignlab.world.resolve import resolve_model_path
 
-from tests.invariant_runs import FamilyRuns
+from tests.invariant_runs import FamilyRuns, run_plan_on_ranks
 
 
 def checks(base: str) -> dict[str, object]:
@@ -84,13 +83,7 @@ def main(out: Path, plan: list[list]) -> None:
     runs = FamilyRuns(os.environ["ALIGNLAB_TEST_CACHE"], out)
     base = resolve_model_path("world:base", runs.world)
     outcomes: dict[str, object] = {"checks": distributed.gather(checks(base))}
-    for name, family, options, kill_after in plan:
-        outcome = (runs.resumed(family, kill_after, **options) if kill_after
-                   else runs.run(family, **options))
-        outcomes[name] = dataclasses.asdict(outcome) | {"world_size": distributed.world_size()}
-    if distributed.is_main():
-        torch.save(outcomes, out / "outcomes.pt")
-    distributed.shutdown()
+    run_plan_on_ranks(runs, plan, out, outcomes)
 
 
 if __name__ == "__main__":

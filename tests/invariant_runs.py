@@ -270,3 +270,21 @@ def assert_equivalent(a: Outcome, b: Outcome) -> Difference:
     assert d.loss <= LOSS_TOL and d.update <= UPDATE_TOL, d
     assert d.weight <= WEIGHT_TOL and d.metric <= METRIC_TOL, d
     return d
+
+
+def run_plan_on_ranks(runs: FamilyRuns, plan: list[list], out: Path,
+                      outcomes: dict[str, object]) -> None:
+    """The distributed workers' loop: each ``[name, family, options, kill_after]`` of ``plan``
+    run (or killed and resumed) on every rank, rank 0 saving ``outcomes`` to
+    ``out/outcomes.pt``; then the process group is shut down."""
+    import dataclasses
+
+    from alignlab.engine import distributed
+
+    for name, family, options, kill_after in plan:
+        outcome = (runs.resumed(family, kill_after, **options) if kill_after
+                   else runs.run(family, **options))
+        outcomes[name] = dataclasses.asdict(outcome) | {"world_size": distributed.world_size()}
+    if distributed.is_main():
+        torch.save(outcomes, out / "outcomes.pt")
+    distributed.shutdown()
