@@ -8,6 +8,7 @@ completions, not a preference order: each term reads the preference from its own
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -65,7 +66,7 @@ def pair_logps(score: Callable[[Rollouts, Sequence[int]], torch.Tensor], rollout
     return as_pairs(score(rollouts, [a for a, _ in pairs] + [b for _, b in pairs]), pairs)
 
 
-class PairObjective:
+class PairObjective(ABC):
     """Σ of a per-pair term over a micro-batch of pairs; ``num_items`` = pairs. ``terms`` gets
     the policy's ``[B, 2]`` log-probs and the batch's ``inputs`` (row-aligned tensors, on the
     log-probs' device) and returns the per-pair losses and the metrics."""
@@ -75,9 +76,10 @@ class PairObjective:
     def num_items(self, batch: dict[str, Any]) -> float:
         return float(batch["num_groups"])
 
+    @abstractmethod
     def terms(self, logps: torch.Tensor, **inputs: torch.Tensor
               ) -> tuple[torch.Tensor, dict[str, float]]:
-        raise NotImplementedError
+        """The per-pair losses ``[B]`` and the metrics (each method's own term)."""
 
     def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> LossOutput:
         logps = as_pairs(completion_logprobs(model, batch), int(batch["num_groups"]))
