@@ -128,3 +128,61 @@ def test_the_cache_kind_follows_the_model_the_device_and_the_size():
     model.config.use_sliding_window = True
     cache, mode = rollout_cache(model.config, 256, 5, torch.device("cpu"), **big)
     assert mode is None and not any(isinstance(x, (BufferLayer, PrefixSharedLayer)) for x in cache.layers)
+
+
+def _shared_mode(monkeypatch, model, rows=3, n=4, width=19):
+    monkeypatch.setattr(kv_cache, "MIN_SHARED_PROMPT_KEYS", 1)
+    return rollout_cache(model.config, width, 8, torch.device("cpu"), rows=rows, n=n)
+
+
+def test_the_attention_implementation_is_restored_after_a_rollout(monkeypatch):
+    """The mode swaps the model's attention implementation only while it is entered, even when
+    the body raises; a forward in another thread meanwhile runs plain SDPA (same logits)."""
+    import threading
+
+    model = _llama(4)
+    cache, mode = _shared_mode(monkeypatch, model)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    seen = {}
+
+    def other_thread():
+        assert model.config._attn_implementation == kv_cache.ATTENTION_NAME
+        with torch.no_grad():
+            seen["logits"] = model(input_ids=ids).logits
+
+    with mode:
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join()
+    assert torch.allclose(seen["logits"], expected, atol=1e-6)
+    assert model.config._attn_implementation == "sdpa"
+    with pytest.raises(ZeroDivisionError), mode:
+        assert model.config._attn_implementation == kv_cache.ATTENTION_NAME
+        1 / 0
+    assert model.config._attn_implementation == "sdpa" and mode.current is None
+
+
+def test_a_model_whose_attention_skips_the_interface_is_refused(monkeypatch):
+    """If a decode step's keys reach no attention call through transformers' interface, the
+    prompt keys were never attended to: the next layer's cache update raises."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    model, prompts = _llama(4), _prompts()[:3]
+    cache, mode = _shared_mode(monkeypatch, model)
+    ids, mask = engine._left_pad(prompts, 0, torch.device("cpu"))
+    mode.set_prompt_mask(mask)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad(), mode:
+        model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+        cache.batch_repeat_interleave(4)
+        mask = torch.cat([mask.repeat_interleave(4, 0), torch.ones(12, 1, dtype=mask.dtype)], 1)
+        # as a model with its own attention code: it attends to the keys it is given, no more
+        AttentionInterface.register("test_own_attention", lambda module, q, k, v, mask, **kw:
+                                    sdpa_attention_forward(module, q, k, v, None, **kw))
+        model.config._attn_implementation = "test_own_attention"
+        with pytest.raises(RuntimeError, match="attention interface"):
+            model(input_ids=torch.full((12, 1), 3), attention_mask=mask,
+                  position_ids=pos[:, -1:].repeat_interleave(4, 0) + 1, cache=cache, use_cache=True)

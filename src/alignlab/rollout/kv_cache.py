@@ -20,15 +20,17 @@ Figures: benchmarks/README.md.
 
 from __future__ import annotations
 
+import threading
+
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
-from transformers import DynamicCache
+from transformers import AttentionInterface, DynamicCache
 from transformers.cache_utils import DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 # The prefix-shared decode pays when the repeated prompt keys it does not read (rows x prompt
-# width x key width, per layer) outweigh its Python mode's per-op cost: measured on CPU, a
+# width x key width, per layer) outweigh its extra per-layer ops (reshapes by prompt, two score matmuls): measured on CPU, a
 # 2-layer 64-wide model sampling 15 rows of ~20-token prompts ran 2x slower with it, the GRPO
 # benchmark's 64 rows x 256 x 768 ran faster (benchmarks/README.md). Break-even ~2M keys.
 MIN_SHARED_PROMPT_KEYS = 1 << 22
@@ -123,6 +125,7 @@ class PrefixSharedLayer(DynamicLayer):
         self.prefix_k: Tensor | None = None
         self.prefix_v: Tensor | None = None
         self.owner: Tensor | None = None
+        self._operands: tuple[Tensor, Tensor] | None = None
         self.suffix = BufferLayer(capacity)
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs
@@ -135,10 +138,27 @@ class PrefixSharedLayer(DynamicLayer):
             return key_states, value_states
         if self.owner is None:
             self.set_owner(torch.arange(self.prefix_k.shape[0], device=self.device))
+        if self.shared.current is not None:  # the last layer's keys went to no attention call
+            raise RuntimeError("rollout: the model's attention does not go through transformers' "
+                               "attention interface, so the prefix-shared decode cannot see the "
+                               "prompt keys; set MIN_SHARED_PROMPT_KEYS higher to turn it off")
         k, v = self.suffix.update(key_states, value_states)
         self.keys, self.values = k, v
         self.shared.current = self
         return k, v
+
+    def prompt_operands(self, heads: int) -> tuple[Tensor, Tensor]:
+        """The prompts' keys transposed ``[P, heads, d, W]`` and values ``[P, heads, W, d]``,
+        contiguous and with grouped-query heads repeated (as transformers does), made once per
+        rollout: a matmul on the transposed (strided) keys copied them on every decode step,
+        12% of the GRPO benchmark's rollout time."""
+        if self._operands is None or self._operands[1].shape[1] != heads:
+            pk, pv = self.prefix_k, self.prefix_v
+            if pk.shape[1] != heads:
+                pk = pk.repeat_interleave(heads // pk.shape[1], dim=1)
+                pv = pv.repeat_interleave(heads // pv.shape[1], dim=1)
+            self._operands = (pk.transpose(-1, -2).contiguous(), pv.contiguous())
+        return self._operands
 
     def set_owner(self, owner: Tensor) -> None:
         self.owner = owner
@@ -154,7 +174,7 @@ class PrefixSharedLayer(DynamicLayer):
         return self.prefix_k.shape[-2] + self.suffix.get_seq_length()
 
     def reset(self) -> None:
-        self.prefix_k = self.prefix_v = self.owner = None
+        self.prefix_k = self.prefix_v = self.owner = self._operands = None
         self.suffix = BufferLayer(self.capacity)
         super().reset()
 
@@ -176,50 +196,85 @@ class PrefixSharedLayer(DynamicLayer):
         raise NotImplementedError("the rollout cache does not reorder rows (no beam search)")
 
 
-class PrefixSharedAttention(TorchFunctionMode):
-    """Inside, a decode step's SDPA call on a :class:`PrefixSharedLayer`'s keys computes
-    ``softmax([q·K_prompt + mask, q·K_own] · scale) · [V_prompt; V_own]`` with the prompt part as
-    one matmul per prompt; every other call (the prefill) runs unchanged. ``prompt_keep [P, W]``
-    (the left-padded prompts' attention mask) is set by the engine after the prefill."""
+ATTENTION_NAME = "alignlab_prefix_shared"
+_active = threading.local()  # .mode: the PrefixSharedAttention this thread decodes under
 
-    def __init__(self) -> None:
-        super().__init__()
+
+def _attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
+               attention_mask: Tensor | None, **kwargs) -> tuple[Tensor, None]:
+    """transformers' attention function under :data:`ATTENTION_NAME`: a decode step on a
+    :class:`PrefixSharedLayer` (the layer's ``update`` just ran) goes to
+    :meth:`PrefixSharedAttention.attend`; everything else (the prefill, another thread's
+    forward) to transformers' SDPA, with the mask transformers built for SDPA."""
+    mode = getattr(_active, "mode", None)
+    layer = mode.current if mode is not None else None
+    if layer is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    mode.current = None
+    if kwargs.get("dropout") or any(kwargs.get(k) is not None for k in UNSUPPORTED):
+        raise RuntimeError("rollout decode attention: unexpected options "
+                           f"{sorted(k for k in UNSUPPORTED if kwargs.get(k) is not None)}")
+    b, heads, m, d = query.shape
+    kv_heads = key.shape[1]
+    if kv_heads != heads:  # grouped-query: a kv head's query heads as extra queries (pack_gqa)
+        out = mode.attend(layer, query.reshape(b, kv_heads, heads // kv_heads * m, d), key, value,
+                          kwargs.get("scaling"))
+        out = out.reshape(b, heads, m, value.shape[-1])
+    else:
+        out = mode.attend(layer, query, key, value, kwargs.get("scaling"))
+    return out.transpose(1, 2).contiguous(), None
+
+
+UNSUPPORTED = ("softcap", "position_bias", "sliding_window", "s_aux")
+AttentionInterface.register(ATTENTION_NAME, _attention)
+AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+class PrefixSharedAttention:
+    """Entered around a rollout's prefill and decode on a model whose layers hold
+    :class:`PrefixSharedLayer` caches: the model's attention becomes :func:`_attention`, so a
+    decode step computes ``softmax([q·K_prompt + mask, q·K_own] · scale) · [V_prompt; V_own]``
+    with the prompt part as one matmul per prompt, and the prefill runs transformers' SDPA
+    unchanged. ``prompt_keep [P, W]`` (the left-padded prompts' attention mask) is set by the
+    engine after the prefill.
+
+    Through transformers' attention interface (``config._attn_implementation``, restored on
+    exit; the rollout owns the model meanwhile, and async RL samples with its own copy), not a
+    ``TorchFunctionMode``: a mode intercepts every torch call of the forward in Python, which
+    cost 3-5% of the GRPO benchmark's rollout."""
+
+    def __init__(self, config=None) -> None:
+        self.config = config
         self.current: PrefixSharedLayer | None = None
         self.bias: Tensor | None = None
+        self._saved: tuple[str | None, object] | None = None
 
     def set_prompt_mask(self, prompt_keep: Tensor) -> None:
         """The prompts' attention mask ``[P, W]`` (left padding 0) as an additive bias."""
         self.bias = torch.zeros(prompt_keep.shape, device=prompt_keep.device).masked_fill_(
             ~prompt_keep.bool(), float("-inf"))
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        layer = self.current
-        if func is not F.scaled_dot_product_attention or layer is None:
-            return func(*args, **kwargs)
+    def __enter__(self) -> "PrefixSharedAttention":
+        if self.config is None:
+            raise RuntimeError("PrefixSharedAttention needs the model's config to enter")
+        self._saved = (self.config._attn_implementation, getattr(_active, "mode", None))
+        self.config._attn_implementation = ATTENTION_NAME
+        _active.mode = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        implementation, previous = self._saved
+        self.config._attn_implementation = implementation
+        _active.mode = previous
         self.current = None
-        q, k, v = (args[i] if i < len(args) else kwargs[name]
-                   for i, name in enumerate(("query", "key", "value")))
-        if kwargs.get("is_causal") or kwargs.get("dropout_p") or k.shape[0] != q.shape[0]:
-            raise RuntimeError("rollout decode attention: unexpected SDPA call "
-                               f"(query {tuple(q.shape)}, keys {tuple(k.shape)}, {sorted(kwargs)})")
-        b, heads, m, d = q.shape
-        if kwargs.get("enable_gqa") and k.shape[1] != heads:  # as transformers' pack_gqa
-            out = self.attend(layer, q.reshape(b, k.shape[1], heads // k.shape[1] * m, d), k, v,
-                              kwargs.get("scale"))
-            return out.reshape(b, heads, m, v.shape[-1])
-        return self.attend(layer, q, k, v, kwargs.get("scale"))
 
     def attend(self, layer: PrefixSharedLayer, q: Tensor, k: Tensor, v: Tensor,
                scale: float | None) -> Tensor:
         """``q [B, h, m, d]`` (m queries per row sharing its keys), ``k, v [B, h, t, d]`` the
         rows' own sampled keys → ``[B, h, m, d]``."""
-        pk, pv = layer.prefix_k, layer.prefix_v
-        if pk.shape[1] != q.shape[1]:  # grouped-query heads, repeated as transformers does
-            pk = pk.repeat_interleave(q.shape[1] // pk.shape[1], dim=1)
-            pv = pv.repeat_interleave(q.shape[1] // pv.shape[1], dim=1)
+        pk_t, pv = layer.prompt_operands(q.shape[1])
         b, heads, m, d = q.shape
-        n_prompts, width = pk.shape[0], pk.shape[2]
+        n_prompts, width = pv.shape[0], pv.shape[2]
         rows = layer.rows_per_prompt
         scale = scale if scale is not None else d ** -0.5
 
@@ -234,7 +289,7 @@ class PrefixSharedAttention(TorchFunctionMode):
             x = x.reshape(n_prompts, heads, rows, m, x.shape[-1]).permute(0, 2, 1, 3, 4)
             return x.reshape(b, heads, m, x.shape[-1]) if layer.uniform else x[layer.owner, layer.slot]
 
-        prompt_scores = torch.matmul(by_prompt(q), pk.transpose(-1, -2)).mul_(scale)
+        prompt_scores = torch.matmul(by_prompt(q), pk_t).mul_(scale)
         prompt_scores.add_(self.bias.to(q.dtype)[:, None, None, :])
         own_scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
         scores = torch.cat([by_row(prompt_scores), own_scores], dim=-1)
@@ -262,7 +317,7 @@ def rollout_cache(config, prompt_width: int, max_new_tokens: int, device: torch.
     keys = rows * n * prompt_width * heads * head_dim
     if (device.type == "cpu" and n > 1 and keys >= MIN_SHARED_PROMPT_KEYS
             and getattr(config, "_attn_implementation", None) == "sdpa"):
-        mode = PrefixSharedAttention()
+        mode = PrefixSharedAttention(config)
         cache.layers = [PrefixSharedLayer(max_new_tokens, mode) for _ in cache.layers]
         return cache, mode
     cache.layers = [BufferLayer(prompt_width + max_new_tokens) for _ in cache.layers]
