@@ -74,9 +74,9 @@ def check(cfg: Any) -> None:
     name = type(cfg).__name__
     if not getattr(type(cfg), "SHARDABLE", False):
         raise ConfigError(f"field 'train.sharding': 'fsdp' is not supported by this trainer "
-                          f"({name}) yet; it runs with sft, the preference (DPO) family and the "
-                          "grpo-like policy-gradient trainers (docs/scaling.md); set it to "
-                          "'none' (data parallel)")
+                          f"({name}) yet; it runs with sft, the preference (DPO) family, reward "
+                          "models and the grpo-like policy-gradient trainers (docs/scaling.md); "
+                          "set it to 'none' (data parallel)")
     model = getattr(cfg, "model", None)
     if model is not None and model.lora is not None:
         raise ConfigError("field 'train.sharding': 'fsdp' with model.lora is not supported yet "
