@@ -28,8 +28,13 @@ from alignlab.models import fast_path
 from tests.invariant_runs import Outcome, assert_equivalent, difference
 from tests.test_distributed import ONE_PROCESS, OPTIONS, ROOT, SRC, launch
 
-FAMILIES = ("sft", "dpo", "reward", "grpo")
-RESUMED = ("sft", "reward")  # killed after step 3, resumed from the checkpoint of step 2
+FAMILIES = ("sft", "dpo", "reward", "grpo", "online_dpo", "ppo")
+RESUMED = ("sft", "reward", "ppo")  # killed after step 3, resumed from the checkpoint of step 2
+# Online DPO: 4 pairs an iteration, 2 a rank (one micro-batch) against 2 micro-batches of 2 in
+# one process; PPO: 8 rows, 4 a rank, against 2 micro-batches of 4 (the critic's too).
+ONLINE = {"online_dpo": {"micro": 2, "rollout_batch": 4}, "ppo": {"micro": 4, "rollout_batch": 4}}
+OPTIONS, ONE_PROCESS = {**OPTIONS, **ONLINE}, {**ONE_PROCESS, **ONLINE}
+SHARDED_MODELS = {"ppo": 2}  # the policy and the critic, each sharded
 FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
 
 
@@ -132,8 +137,10 @@ def test_shard_holds_half_sums_gradients_and_gathers(sharded):
 def test_fast_paths_turn_off_with_one_line_per_process(sharded):
     log = sharded["log"]
     assert log.count("fast log-prob paths are off (train.sharding=fsdp") == 2  # one per rank
-    # the helper check, sft, dpo, reward, grpo, and the killed and the resumed sft and reward
-    assert log.count("train.sharding fsdp: 2 decoder layers and the root sharded") == 9
+    # the helper check, every family, and the killed and the resumed runs; PPO shards two
+    models = 1 + sum(SHARDED_MODELS.get(f, 1) for f in FAMILIES)
+    models += 2 * sum(SHARDED_MODELS.get(f, 1) for f in RESUMED)
+    assert log.count("train.sharding fsdp: 2 decoder layers and the root sharded") == models
 
 
 class _Config:

@@ -178,6 +178,16 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
                                                                  cpu_offload=True))
 
 
+def gathered_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()``; for a sharded ``model`` its full tensors on every rank (every
+    rank must call it): what a rank copies into a model of its own (a refreshed reference)."""
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+
+
 def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
     """Load a full state dict into a sharded ``model`` on every rank; the unexpected keys."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -236,5 +246,5 @@ def grad_norm(params: Sequence[torch.Tensor], max_norm: float | None) -> torch.T
 
 
 __all__ = ["FAST_PATHS_OFF", "accelerate_fsdp", "check", "decoder_layers", "full_state_dict",
-           "full_weights", "grad_norm", "holds_shards", "is_sharded", "load_full_state_dict",
+           "full_weights", "gathered_state_dict", "grad_norm", "holds_shards", "is_sharded", "load_full_state_dict",
            "load_optimizer_state_dict", "mode", "optimizer_state_dict", "shard"]

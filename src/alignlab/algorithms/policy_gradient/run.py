@@ -36,7 +36,7 @@ from alignlab.algorithms.policy_gradient.spec import RL_ALGORITHMS, RLAlgorithm
 from alignlab.algorithms.registry import ALGORITHMS, AlgorithmEntry
 from alignlab.core.errors import ConfigError
 from alignlab.core.runtime import pick_device, seed_everything
-from alignlab.engine import distributed, sharding
+from alignlab.engine import sharding
 from alignlab.engine.controller import OnlineRun, OnlineSetup, run_online
 from alignlab.engine.learner import Learner
 from alignlab.engine.placement import open_placement, refuse_ray
@@ -95,11 +95,14 @@ def train_policy_gradient(cfg: OnlineRLConfig, algorithm: str) -> OnlineRun:
         raise ConfigError(f"field 'rl.max_staleness': {algorithm} samples from the current "
                           "policy inside its iteration (a greedy baseline, a masking policy), "
                           "which a rollout thread sampling ahead would race; set 0")
-    if sharding.mode(cfg.train) == "fsdp" and distributed.active() and (
-            issubclass(cls, PPO) or cls is NLPO):
+    if sharding.mode(cfg.train) == "fsdp" and cls is NLPO:
         raise ConfigError(f"field 'train.sharding': 'fsdp' is not supported by {algorithm} yet "
-                          "(its critic or masking policy is a second trained or refreshed "
-                          "model); set it to 'none'")
+                          "(its masking policy is a copy of the policy refreshed while it "
+                          "samples); set it to 'none'")
+    if sharding.mode(cfg.train) == "fsdp" and issubclass(cls, PPO) and cfg.rl.critic == "shared":
+        raise ConfigError("field 'train.sharding': 'fsdp' with rl.critic 'shared' is not "
+                          "supported yet (the value head is trained outside the sharded "
+                          "model); set rl.critic to 'separate' (the critic is sharded too)")
     if cls is NLPO and cfg.rl.critic == "shared":
         raise ConfigError("field 'rl.critic': nlpo takes a separate critic (its policy "
                           "log-probs are restricted to the action mask); use 'separate'")
