@@ -181,8 +181,28 @@ def _ppo(world: WorldSection, train: TrainSection, o: Options) -> tuple[Any, Cal
     return cfg, lambda c: train_policy_gradient(c, "ppo")
 
 
+# The other online preference trainers, as ``online_dpo`` (4 prompts x 2 samples); the extra
+# section fields exercise a part the defaults leave out (TR-DPO's soft reference refresh) or
+# keep every rank with pairs to learn from (DNO's margin filter: a sharded update needs them).
+ONLINE_PREFERENCE = {"nash_md": {}, "xpo": {}, "vpo": {}, "sppo": {}, "dno": {"margin": 0.0}, "inpo": {},
+                     "selm": {}, "p3o": {}, "iterative_dpo": {"reference_refresh": "soft"}}
+
+
+def _online_preference(name: str) -> Callable:
+    def build(world: WorldSection, train: TrainSection, o: Options) -> tuple[Any, Callable]:
+        from alignlab.algorithms.registry import ALGORITHMS
+
+        entry = ALGORITHMS.get(name)
+        cfg = entry.config_cls(world=world, train=train.model_dump() | {"grad_accum": 1},
+                               rollout=_online(o, 2), **{name: ONLINE_PREFERENCE[name]})
+        return cfg, entry.run
+    return build
+
+
 BUILDERS = {"sft": _sft, "dpo": _dpo, "reward": _reward, "grpo": _grpo,
-            "online_dpo": _online_dpo, "ppo": _ppo}
+            "online_dpo": _online_dpo, "ppo": _ppo,
+            **{name: _online_preference(name) for name in ONLINE_PREFERENCE}}
+METRICS.update({name: ("grad_norm", "kl_ref") for name in ONLINE_PREFERENCE})
 
 
 @contextlib.contextmanager

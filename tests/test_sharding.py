@@ -25,7 +25,15 @@ from alignlab.core.errors import ConfigError
 from alignlab.engine import sharding
 from alignlab.models import fast_path
 
-from tests.invariant_runs import Outcome, assert_equivalent, difference
+from tests.invariant_runs import (
+    LOSS_TOL,
+    METRIC_TOL,
+    UPDATE_TOL,
+    WEIGHT_TOL,
+    Outcome,
+    assert_equivalent,
+    difference,
+)
 from tests.test_distributed import ONE_PROCESS, OPTIONS, ROOT, SRC, launch
 
 FAMILIES = ("sft", "dpo", "reward", "grpo", "online_dpo", "ppo")
@@ -316,3 +324,34 @@ def test_sharded_reward_ensemble_evaluates_and_saves(tiny_world, world_cache, tm
     again = evaluate_reward_model(ensemble, held, fmt, pad)
     for key, value in reported.items():  # rank 0 evaluated the full (gathered) weights
         assert abs(again[key] - value) <= 1e-5 * max(1.0, abs(value)), key
+
+
+@pytest.mark.slow
+def test_more_online_preference_trainers_shard_like_one_process(tiny_world, world_cache,
+                                                                tmp_path, family_runs):
+    """Nash-MD, XPO, VPO, SPPO, DNO, INPO, SELM, P3O and iterative DPO (with TR-DPO's soft
+    refresh of its reference from the gathered policy) sharded on 2 processes train like one
+    process over 2 iterations, to the invariant tolerances."""
+    import torch
+
+    from tests.invariant_runs import ONLINE_PREFERENCE
+
+    options = {**ONLINE["online_dpo"], "steps": 2}
+    plan = [[name, name, options, None] for name in ONLINE_PREFERENCE]
+    done = launch(2, [str(tmp_path), json.dumps(plan)], ROOT,
+                  {"ALIGNLAB_TEST_CACHE": world_cache, **FSDP_ENV}, module="tests.fsdp_worker")
+    errors = [line for line in done.stderr.splitlines() if "Error" in line]
+    assert done.returncode == 0, "\n".join(errors[:20]) or done.stderr[-4000:]
+    outcomes = torch.load(tmp_path / "outcomes.pt", weights_only=False)
+    for name in ONLINE_PREFERENCE:
+        two = Outcome(**{k: v for k, v in outcomes[name].items() if k != "world_size"})
+        one = family_runs.run(name, **options, fast=False)
+        assert sorted(two.metrics) == [1, 2], name
+        d = difference(one, two)
+        # the squared losses (SPPO, INPO, DNO's regression) reach O(100): relative to max(1, |l|)
+        loss = max(abs(one.losses[s] - two.losses[s]) / max(1.0, abs(one.losses[s]))
+                   for s in one.losses)
+        print(f"{name}: relative loss {loss:.2e}, {d}")
+        assert loss <= LOSS_TOL and d.update <= UPDATE_TOL, (name, loss, d)
+        assert d.weight <= WEIGHT_TOL and d.metric <= METRIC_TOL, (name, d)
+    assert outcomes["iterative_dpo"]["metrics"][2]["reference_refreshes"] == 2
