@@ -182,6 +182,20 @@ def test_what_is_not_sharded_yet_is_refused(monkeypatch):
     vllm = OnlineRLConfig(train={"sharding": "fsdp"}, rollout={"backend": "vllm"})
     with pytest.raises(ConfigError, match="rollout.backend builtin"):
         sharding.check(vllm)
+    from alignlab.algorithms.online_preference.egpo import EGPOConfig
+    from alignlab.algorithms.policy_gradient.run import refuse_sharding
+    from alignlab.algorithms.registry import ALGORITHMS
+
+    with pytest.raises(ConfigError, match=r"not supported by this trainer \(EGPOConfig\).*"
+                                          r"online preference trainers but egpo, ppo"):
+        sharding.check(EGPOConfig(train={"sharding": "fsdp"}))
+    nlpo = ALGORITHMS.get("nlpo").config_cls(train={"sharding": "fsdp"})
+    with pytest.raises(ConfigError, match="'train.sharding': 'fsdp' is not supported by nlpo"):
+        refuse_sharding(nlpo, "nlpo")
+    ppo = ALGORITHMS.get("ppo").config_cls
+    with pytest.raises(ConfigError, match="with rl.critic 'shared'.*set rl.critic to 'separate'"):
+        refuse_sharding(ppo(train={"sharding": "fsdp"}, rl={"critic": "shared"}), "ppo")
+    refuse_sharding(ppo(train={"sharding": "fsdp"}), "ppo")  # the separate critic: sharded
     # accelerate's FSDP2 launch asks for it without the field
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "2")
@@ -191,6 +205,8 @@ def test_what_is_not_sharded_yet_is_refused(monkeypatch):
     try:
         sharding.check(OnlineRLConfig(train={"sharding": "fsdp"}))  # grpo-like: runs
         assert not fast_path.fast_paths_enabled()
+        for name in ("reward", "online_dpo", "xpo", "iterative_dpo"):  # opted in
+            sharding.check(ALGORITHMS.get(name).config_cls(train={"sharding": "fsdp"}))
     finally:
         fast_path.set_fast_paths(True)
 

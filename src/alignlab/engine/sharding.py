@@ -19,9 +19,11 @@ and its gradients reduce-scattered in its backward, so:
   leaves those gradients alone;
 - work one rank does alone or ranks do unevenly (sampling rollouts, no-grad scoring, rank 0's
   held-out evaluation) runs inside ``full_weights``: every layer gathered once, no collective
-  until it ends;
+  until it ends (online, the policy's and every ``OnlineAlgorithm.scoring_models``: PPO's
+  critic, a second sharded model with its own learner);
 - checkpoints and ``final/`` hold the full state dict (gathered on every rank, written by
-  rank 0), so they are the files of an unsharded run; every rank loads them back.
+  rank 0), so they are the files of an unsharded run; every rank loads them back (a reward
+  model's ``final/`` too: ``CausalLMWithScalarHead.save_pretrained(state_dict=...)``).
 
 Every function is a no-op (or the plain single-model operation) for a model ``shard`` did not
 shard.
@@ -67,15 +69,19 @@ def mode(cfg: TrainSection) -> str:
 def check(cfg: Any) -> None:
     """A ConfigError naming ``train.sharding`` for what alignlab does not shard yet (before
     anything is loaded): LoRA, asynchronous or vLLM rollouts, trainers not listed in
-    ``docs/scaling.md``. A trainer's config class opts in with ``SHARDABLE = True``. Then the
-    fast paths are turned off, before a trainer picks a batch layout by them."""
+    ``docs/scaling.md`` (the preference model, EGPO, whose extrapolation step trains and
+    restores the policy inside its sampling). A trainer's config class opts in with
+    ``SHARDABLE = True``; NLPO and PPO's shared critic are refused by
+    ``policy_gradient/run.py``. Then the fast paths are turned off, before a trainer picks a
+    batch layout by them."""
     if mode(cfg.train) != "fsdp":
         return
     name = type(cfg).__name__
     if not getattr(type(cfg), "SHARDABLE", False):
         raise ConfigError(f"field 'train.sharding': 'fsdp' is not supported by this trainer "
                           f"({name}) yet; it runs with sft, the preference (DPO) family, reward "
-                          "models and the grpo-like policy-gradient trainers (docs/scaling.md); "
+                          "models, the online preference trainers but egpo, ppo (separate "
+                          "critic) and the grpo-like policy-gradient trainers (docs/scaling.md); "
                           "set it to 'none' (data parallel)")
     model = getattr(cfg, "model", None)
     if model is not None and model.lora is not None:
