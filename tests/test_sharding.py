@@ -1,7 +1,9 @@
 """FSDP2 (``train.sharding: fsdp``, ``engine/sharding.py``) on 2 CPU processes (gloo): SFT, DPO,
-a reward model and GRPO sharded train like one process with the batch split in 2 accumulated micro-batches,
-a killed sharded run resumes to the uninterrupted one, ``final/`` and the checkpoints are plain
-full-weight files, and what is not sharded yet is refused naming the field.
+a reward model, GRPO, online DPO and PPO (policy and critic sharded) train like one process with
+the batch split in 2 accumulated micro-batches, a killed sharded run (SFT, reward, PPO) resumes to
+the uninterrupted one, ``final/`` and the checkpoints are plain full-weight files (the reward
+model's a plain sequence classifier), and what is not sharded yet is refused naming the field.
+Slow: a sharded reward ensemble evaluated by rank 0, the other online preference trainers.
 
 One launch (``tests/fsdp_worker.py``, with the environment ``accelerate launch`` sets for
 ``configs/accelerate/fsdp2.yaml``) runs every sharded run; the 1-process runs are the
