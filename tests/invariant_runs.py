@@ -57,7 +57,11 @@ class Killed(Exception):
 METRICS = {"sft": ("grad_norm", "nll_per_token"),
            "dpo": ("grad_norm", "logps/chosen", "logps/rejected", "kl_proxy"),
            "reward": ("grad_norm", "chosen_reward", "rejected_reward"),
-           "grpo": ("grad_norm", "reward_mean", "kl_ref", "kl")}
+           "grpo": ("grad_norm", "reward_mean", "kl_ref", "kl"),
+           "online_dpo": ("grad_norm", "logps/chosen", "logps/rejected", "kl_ref",
+                          "win_rate_gold"),
+           "ppo": ("grad_norm", "reward_mean", "critic_loss", "critic_grad_norm",
+                   "value_rollout_mean", "explained_variance")}
 
 
 @dataclass
@@ -144,7 +148,61 @@ def _grpo(world: WorldSection, train: TrainSection, o: Options) -> tuple[Any, Ca
     return cfg, lambda c: train_policy_gradient(c, "grpo")
 
 
-BUILDERS = {"sft": _sft, "dpo": _dpo, "reward": _reward, "grpo": _grpo}
+def _online(o: Options, n: int) -> Any:
+    from alignlab.core.config import RolloutSection
+
+    return RolloutSection(prompts="world:positive", prompts_per_step=4, n=n, max_new_tokens=16,
+                          batch_size=o.rollout_batch)
+
+
+def _online_dpo(world: WorldSection, train: TrainSection, o: Options) -> tuple[Any, Callable]:
+    from alignlab.algorithms.online_preference.online_dpo import (
+        OnlineDPOConfig,
+        train_online_dpo,
+    )
+
+    # 4 prompts x 2 samples = 4 judged pairs an iteration, one optimizer step over all of them
+    # in micro-batches of ``micro`` pairs; win rates against the starting model's samples.
+    cfg = OnlineDPOConfig(world=world, train=train.model_dump() | {"grad_accum": 1},
+                          rollout=_online(o, 2))
+    return cfg, train_online_dpo
+
+
+def _ppo(world: WorldSection, train: TrainSection, o: Options) -> tuple[Any, Callable]:
+    from alignlab.algorithms.policy_gradient.config import OnlineRLConfig
+    from alignlab.algorithms.policy_gradient.run import train_policy_gradient
+    from alignlab.algorithms.registry import ALGORITHMS
+
+    # The separate critic (a second trained model, its own learner) learns on the same rows;
+    # 4 prompts x 2 completions, one minibatch: one policy and one critic step an iteration.
+    cls: type[OnlineRLConfig] = ALGORITHMS.get("ppo").config_cls
+    cfg = cls(world=world, train=train.model_dump() | {"grad_accum": 1}, rollout=_online(o, 2),
+              rl={"kl_coef": 0.05, "minibatch_size": 8, "epochs": 1})
+    return cfg, lambda c: train_policy_gradient(c, "ppo")
+
+
+# The other online preference trainers, as ``online_dpo`` (4 prompts x 2 samples); the extra
+# section fields exercise a part the defaults leave out (TR-DPO's soft reference refresh) or
+# keep every rank with pairs to learn from (DNO's margin filter: a sharded update needs them).
+ONLINE_PREFERENCE = {"nash_md": {}, "xpo": {}, "vpo": {}, "sppo": {}, "dno": {"margin": 0.0}, "inpo": {},
+                     "selm": {}, "p3o": {}, "iterative_dpo": {"reference_refresh": "soft"}}
+
+
+def _online_preference(name: str) -> Callable:
+    def build(world: WorldSection, train: TrainSection, o: Options) -> tuple[Any, Callable]:
+        from alignlab.algorithms.registry import ALGORITHMS
+
+        entry = ALGORITHMS.get(name)
+        cfg = entry.config_cls(world=world, train=train.model_dump() | {"grad_accum": 1},
+                               rollout=_online(o, 2), **{name: ONLINE_PREFERENCE[name]})
+        return cfg, entry.run
+    return build
+
+
+BUILDERS = {"sft": _sft, "dpo": _dpo, "reward": _reward, "grpo": _grpo,
+            "online_dpo": _online_dpo, "ppo": _ppo,
+            **{name: _online_preference(name) for name in ONLINE_PREFERENCE}}
+METRICS.update({name: ("grad_norm", "kl_ref") for name in ONLINE_PREFERENCE})
 
 
 @contextlib.contextmanager
@@ -232,7 +290,8 @@ class FamilyRuns:
                 run(cfg)
             except Killed:
                 pass
-        (model, start), = trained  # one TrainingRun: no ensemble members here
+        (model, start), = trained  # one TrainingRun: no ensemble members here (PPO's
+        # critic has its own Learner, not a TrainingRun)
         return Outcome(family, logged, start, _weights(model), paths, str(out))
 
 

@@ -1,7 +1,9 @@
-"""FSDP2 (``train.sharding: fsdp``, ``engine/sharding.py``) on 2 CPU processes (gloo): SFT, DPO
-and GRPO sharded train like one process with the batch split in 2 accumulated micro-batches,
-a killed sharded run resumes to the uninterrupted one, ``final/`` and the checkpoints are plain
-full-weight files, and what is not sharded yet is refused naming the field.
+"""FSDP2 (``train.sharding: fsdp``, ``engine/sharding.py``) on 2 CPU processes (gloo): SFT, DPO,
+a reward model, GRPO, online DPO and PPO (policy and critic sharded) train like one process with
+the batch split in 2 accumulated micro-batches, a killed sharded run (SFT, reward, PPO) resumes to
+the uninterrupted one, ``final/`` and the checkpoints are plain full-weight files (the reward
+model's a plain sequence classifier), and what is not sharded yet is refused naming the field.
+Slow: a sharded reward ensemble evaluated by rank 0, the other online preference trainers.
 
 One launch (``tests/fsdp_worker.py``, with the environment ``accelerate launch`` sets for
 ``configs/accelerate/fsdp2.yaml``) runs every sharded run; the 1-process runs are the
@@ -25,10 +27,24 @@ from alignlab.core.errors import ConfigError
 from alignlab.engine import sharding
 from alignlab.models import fast_path
 
-from tests.invariant_runs import Outcome, assert_equivalent, difference
+from tests.invariant_runs import (
+    LOSS_TOL,
+    METRIC_TOL,
+    UPDATE_TOL,
+    WEIGHT_TOL,
+    Outcome,
+    assert_equivalent,
+    difference,
+)
 from tests.test_distributed import ONE_PROCESS, OPTIONS, ROOT, SRC, launch
 
-FAMILIES = ("sft", "dpo", "grpo")
+FAMILIES = ("sft", "dpo", "reward", "grpo", "online_dpo", "ppo")
+RESUMED = ("sft", "reward", "ppo")  # killed after step 3, resumed from the checkpoint of step 2
+# Online DPO: 4 pairs an iteration, 2 a rank (one micro-batch) against 2 micro-batches of 2 in
+# one process; PPO: 8 rows, 4 a rank, against 2 micro-batches of 4 (the critic's too).
+ONLINE = {"online_dpo": {"micro": 2, "rollout_batch": 4}, "ppo": {"micro": 4, "rollout_batch": 4}}
+OPTIONS, ONE_PROCESS = {**OPTIONS, **ONLINE}, {**ONE_PROCESS, **ONLINE}
+SHARDED_MODELS = {"ppo": 2}  # the policy and the critic, each sharded
 FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
 
 
@@ -38,7 +54,7 @@ def sharded(tiny_world, world_cache, tmp_path_factory) -> dict:
 
     out = tmp_path_factory.mktemp("fsdp")
     plan = [[f, f, OPTIONS[f], None] for f in FAMILIES]
-    plan += [["sft-resumed", "sft", {**OPTIONS["sft"], "save_every": 2}, 3]]
+    plan += [[f"{f}-resumed", f, {**OPTIONS[f], "save_every": 2}, 3] for f in RESUMED]
     done = launch(2, [str(out), json.dumps(plan)], ROOT,
                   {"ALIGNLAB_TEST_CACHE": world_cache, **FSDP_ENV}, module="tests.fsdp_worker")
     (out / "launch.log").write_text(done.stdout + done.stderr)
@@ -62,8 +78,9 @@ def test_fsdp_trains_like_one_process_with_accumulation(family, sharded, family_
         assert set(two.metrics[step]) == set(metrics)
 
 
-def test_fsdp_run_resumes_to_the_uninterrupted_one(sharded):
-    whole, resumed = sharded["sft"], sharded["sft-resumed"]
+@pytest.mark.parametrize("family", RESUMED)
+def test_fsdp_run_resumes_to_the_uninterrupted_one(family, sharded):
+    whole, resumed = sharded[family], sharded[f"{family}-resumed"]
     assert sorted(resumed.metrics) == [1, 2, 3, 4]
     d = difference(whole, resumed)  # optimizer moments resharded from the full state dict
     assert d.loss == d.weight == d.metric == 0.0, d
@@ -89,6 +106,29 @@ def test_final_and_checkpoints_are_plain_full_weights(sharded):
     assert moments["exp_avg"].shape == model.model.layers[0].mlp.up_proj.weight.shape  # full
 
 
+def test_sharded_reward_model_final_is_a_plain_classifier(sharded):
+    """The reward model's ``final/`` (written from the gathered full state dict) loads as a plain
+    ``AutoModelForSequenceClassification`` with the trained body and head, and alignlab's loader
+    scores with it exactly."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from alignlab.models.heads import load_reward_model
+
+    run = sharded["reward"]
+    final = Path(run.output_dir) / "final"
+    classifier = AutoModelForSequenceClassification.from_pretrained(final)
+    state = classifier.state_dict()
+    assert torch.equal(state["score.weight"], run.weights["head.weight"])
+    body = {k.removeprefix("backbone."): v for k, v in run.weights.items()
+            if k.startswith("backbone.")}
+    for key, value in body.items():
+        assert torch.equal(state[f"model.{key}"], value), key
+    loaded = load_reward_model(final)
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, run.weights[key]), key
+
+
 def test_shard_holds_half_sums_gradients_and_gathers(sharded):
     rank0, rank1 = sharded["checks"]
     for r in (rank0, rank1):
@@ -107,8 +147,10 @@ def test_shard_holds_half_sums_gradients_and_gathers(sharded):
 def test_fast_paths_turn_off_with_one_line_per_process(sharded):
     log = sharded["log"]
     assert log.count("fast log-prob paths are off (train.sharding=fsdp") == 2  # one per rank
-    # the helper check, sft, dpo, grpo, and the killed and the resumed sft run
-    assert log.count("train.sharding fsdp: 2 decoder layers and the root sharded") == 6
+    # the helper check, every family, and the killed and the resumed runs; PPO shards two
+    models = 1 + sum(SHARDED_MODELS.get(f, 1) for f in FAMILIES)
+    models += 2 * sum(SHARDED_MODELS.get(f, 1) for f in RESUMED)
+    assert log.count("train.sharding fsdp: 2 decoder layers and the root sharded") == models
 
 
 class _Config:
@@ -142,6 +184,20 @@ def test_what_is_not_sharded_yet_is_refused(monkeypatch):
     vllm = OnlineRLConfig(train={"sharding": "fsdp"}, rollout={"backend": "vllm"})
     with pytest.raises(ConfigError, match="rollout.backend builtin"):
         sharding.check(vllm)
+    from alignlab.algorithms.online_preference.egpo import EGPOConfig
+    from alignlab.algorithms.policy_gradient.run import refuse_sharding
+    from alignlab.algorithms.registry import ALGORITHMS
+
+    with pytest.raises(ConfigError, match=r"not supported by this trainer \(EGPOConfig\).*"
+                                          r"online preference trainers but egpo, ppo"):
+        sharding.check(EGPOConfig(train={"sharding": "fsdp"}))
+    nlpo = ALGORITHMS.get("nlpo").config_cls(train={"sharding": "fsdp"})
+    with pytest.raises(ConfigError, match="'train.sharding': 'fsdp' is not supported by nlpo"):
+        refuse_sharding(nlpo, "nlpo")
+    ppo = ALGORITHMS.get("ppo").config_cls
+    with pytest.raises(ConfigError, match="with rl.critic 'shared'.*set rl.critic to 'separate'"):
+        refuse_sharding(ppo(train={"sharding": "fsdp"}, rl={"critic": "shared"}), "ppo")
+    refuse_sharding(ppo(train={"sharding": "fsdp"}), "ppo")  # the separate critic: sharded
     # accelerate's FSDP2 launch asks for it without the field
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "2")
@@ -151,6 +207,8 @@ def test_what_is_not_sharded_yet_is_refused(monkeypatch):
     try:
         sharding.check(OnlineRLConfig(train={"sharding": "fsdp"}))  # grpo-like: runs
         assert not fast_path.fast_paths_enabled()
+        for name in ("reward", "online_dpo", "xpo", "iterative_dpo"):  # opted in
+            sharding.check(ALGORITHMS.get(name).config_cls(train={"sharding": "fsdp"}))
     finally:
         fast_path.set_fast_paths(True)
 
@@ -239,3 +297,79 @@ def test_sharded_grpo_resumes_exactly(tiny_world, world_cache, tmp_path):
                       for n in ("grpo", "grpo-resumed"))
     d = difference(whole, resumed)
     assert d.loss == d.weight == d.metric == 0.0, d
+
+
+@pytest.mark.slow
+def test_sharded_reward_ensemble_evaluates_and_saves(tiny_world, world_cache, tmp_path):
+    """``alignlab train reward`` sharded with 2 members: each member is sharded in turn, rank 0
+    evaluates inside the gathered weights (every 2 steps and at the end), and ``final/`` holds
+    both members as plain files whose held-out metrics are the ones the run reported."""
+    import os
+
+    from alignlab.algorithms.reward_model.evaluate import evaluate_reward_model
+    from alignlab.algorithms.reward_model.trainer import (
+        RewardConfig,
+        load_examples,
+        split_examples,
+    )
+    from alignlab.core.config import WorldSection
+    from alignlab.models.loading import load_tokenizer
+    from alignlab.rewards.reward_model import RewardEnsemble
+
+    out = tmp_path / "run"
+    sets = [f"world.cache_dir={world_cache}", "world.preset=tiny", f"train.output_dir={out}",
+            "train.max_steps=2", "train.progress=false", "train.tensorboard=false",
+            "train.device=cpu", "train.batch_size=8", "train.sharding=fsdp", "data.limit=48",
+            "reward.eval_fraction=0.25", "reward.eval_every=2", "reward.ensemble.members=2"]
+    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1",
+           "ALIGNLAB_DIST_TIMEOUT_MIN": "10", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "alignlab", "train", "reward", "--num-processes",
+                           "2", *(a for s in sets for a in ("--set", s))], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count("train.sharding fsdp: 2 decoder layers") == 2  # one per member
+    rows = [json.loads(line) for line in (out / "eval" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r.get("member"), r.get("final")) for r in rows] == [
+        (2, 0, None), (2, 1, None), (2, None, 1)]
+    reported = json.loads((out / "reward_eval.json").read_text())["metrics"]
+    cfg = RewardConfig(world=WorldSection(preset="tiny", cache_dir=world_cache),
+                       data={"limit": 48}, reward={"eval_fraction": 0.25})
+    ensemble = RewardEnsemble.from_pretrained(out / "final")
+    assert ensemble.size == 2
+    tokenizer = load_tokenizer(str(out / "final" / "member_0"))
+    examples, pad, fmt = load_examples(cfg, tokenizer)
+    _, held = split_examples(examples, cfg)
+    again = evaluate_reward_model(ensemble, held, fmt, pad)
+    for key, value in reported.items():  # rank 0 evaluated the full (gathered) weights
+        assert abs(again[key] - value) <= 1e-5 * max(1.0, abs(value)), key
+
+
+@pytest.mark.slow
+def test_more_online_preference_trainers_shard_like_one_process(tiny_world, world_cache,
+                                                                tmp_path, family_runs):
+    """Nash-MD, XPO, VPO, SPPO, DNO, INPO, SELM, P3O and iterative DPO (with TR-DPO's soft
+    refresh of its reference from the gathered policy) sharded on 2 processes train like one
+    process over 2 iterations, to the invariant tolerances."""
+    import torch
+
+    from tests.invariant_runs import ONLINE_PREFERENCE
+
+    options = {**ONLINE["online_dpo"], "steps": 2}
+    plan = [[name, name, options, None] for name in ONLINE_PREFERENCE]
+    done = launch(2, [str(tmp_path), json.dumps(plan)], ROOT,
+                  {"ALIGNLAB_TEST_CACHE": world_cache, **FSDP_ENV}, module="tests.fsdp_worker")
+    errors = [line for line in done.stderr.splitlines() if "Error" in line]
+    assert done.returncode == 0, "\n".join(errors[:20]) or done.stderr[-4000:]
+    outcomes = torch.load(tmp_path / "outcomes.pt", weights_only=False)
+    for name in ONLINE_PREFERENCE:
+        two = Outcome(**{k: v for k, v in outcomes[name].items() if k != "world_size"})
+        one = family_runs.run(name, **options, fast=False)
+        assert sorted(two.metrics) == [1, 2], name
+        d = difference(one, two)
+        # the squared losses (SPPO, INPO, DNO's regression) reach O(100): relative to max(1, |l|)
+        loss = max(abs(one.losses[s] - two.losses[s]) / max(1.0, abs(one.losses[s]))
+                   for s in one.losses)
+        print(f"{name}: relative loss {loss:.2e}, {d}")
+        assert loss <= LOSS_TOL and d.update <= UPDATE_TOL, (name, loss, d)
+        assert d.weight <= WEIGHT_TOL and d.metric <= METRIC_TOL, (name, d)
+    assert outcomes["iterative_dpo"]["metrics"][2]["reference_refreshes"] == 2

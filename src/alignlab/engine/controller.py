@@ -26,6 +26,7 @@ ahead.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from abc import ABC, abstractmethod
@@ -72,6 +73,11 @@ class OnlineAlgorithm(ABC):
     def progress_info(self, metrics: dict[str, float]) -> str:
         """A short text for the progress bar."""
         return ""
+
+    def scoring_models(self) -> list[Any]:
+        """Trained models besides the learner's that the hooks run no-grad forwards through (a
+        separate critic's values): under FSDP2 they are gathered with the policy (``sharding``)."""
+        return []
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -145,7 +151,9 @@ def run_online(setup: OnlineSetup, cfg: TrainSection, description: str) -> Train
             m: dict[str, float] = {}
             t0 = time.time()
             # FSDP2: sampling and no-grad scoring run as many forwards as each rank's rows need
-            with sharding.full_weights(learner.model):
+            with contextlib.ExitStack() as gathered:
+                for model in (learner.model, *algorithm.scoring_models()):
+                    gathered.enter_context(sharding.full_weights(model))
                 algorithm.begin_iteration(it)
                 rolls, staleness = source.get(it, rows)
                 if setup.max_staleness:
@@ -188,7 +196,7 @@ def run_online(setup: OnlineSetup, cfg: TrainSection, description: str) -> Train
 # under a prefix ("win_rate/labels").
 SUMMED = frozenset({"pairs", "samples", "online_pairs", "offline_pairs", "reward_skipped",
                     "dropped_groups", "dropped_groups_total", "labels", "labels_total", "ties",
-                    "skipped", "dropped_identical"})
+                    "skipped", "dropped_identical", "labels_used", "judge_cache_hits"})
 
 
 def reduce_metrics(m: dict[str, float]) -> dict[str, float]:

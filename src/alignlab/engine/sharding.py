@@ -19,9 +19,11 @@ and its gradients reduce-scattered in its backward, so:
   leaves those gradients alone;
 - work one rank does alone or ranks do unevenly (sampling rollouts, no-grad scoring, rank 0's
   held-out evaluation) runs inside ``full_weights``: every layer gathered once, no collective
-  until it ends;
+  until it ends (online, the policy's and every ``OnlineAlgorithm.scoring_models``: PPO's
+  critic, a second sharded model with its own learner);
 - checkpoints and ``final/`` hold the full state dict (gathered on every rank, written by
-  rank 0), so they are the files of an unsharded run; every rank loads them back.
+  rank 0), so they are the files of an unsharded run; every rank loads them back (a reward
+  model's ``final/`` too: ``CausalLMWithScalarHead.save_pretrained(state_dict=...)``).
 
 Every function is a no-op (or the plain single-model operation) for a model ``shard`` did not
 shard.
@@ -67,16 +69,20 @@ def mode(cfg: TrainSection) -> str:
 def check(cfg: Any) -> None:
     """A ConfigError naming ``train.sharding`` for what alignlab does not shard yet (before
     anything is loaded): LoRA, asynchronous or vLLM rollouts, trainers not listed in
-    ``docs/scaling.md``. A trainer's config class opts in with ``SHARDABLE = True``. Then the
-    fast paths are turned off, before a trainer picks a batch layout by them."""
+    ``docs/scaling.md`` (the preference model, EGPO, whose extrapolation step trains and
+    restores the policy inside its sampling). A trainer's config class opts in with
+    ``SHARDABLE = True``; NLPO and PPO's shared critic are refused by
+    ``policy_gradient/run.py``. Then the fast paths are turned off, before a trainer picks a
+    batch layout by them."""
     if mode(cfg.train) != "fsdp":
         return
     name = type(cfg).__name__
     if not getattr(type(cfg), "SHARDABLE", False):
         raise ConfigError(f"field 'train.sharding': 'fsdp' is not supported by this trainer "
-                          f"({name}) yet; it runs with sft, the preference (DPO) family and the "
-                          "grpo-like policy-gradient trainers (docs/scaling.md); set it to "
-                          "'none' (data parallel)")
+                          f"({name}) yet; it runs with sft, the preference (DPO) family, reward "
+                          "models, the online preference trainers but egpo, ppo (separate "
+                          "critic) and the grpo-like policy-gradient trainers (docs/scaling.md); "
+                          "set it to 'none' (data parallel)")
     model = getattr(cfg, "model", None)
     if model is not None and model.lora is not None:
         raise ConfigError("field 'train.sharding': 'fsdp' with model.lora is not supported yet "
@@ -178,6 +184,16 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
                                                                  cpu_offload=True))
 
 
+def gathered_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()``; for a sharded ``model`` its full tensors on every rank (every
+    rank must call it): what a rank copies into a model of its own (a refreshed reference)."""
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+
+
 def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
     """Load a full state dict into a sharded ``model`` on every rank; the unexpected keys."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -236,5 +252,5 @@ def grad_norm(params: Sequence[torch.Tensor], max_norm: float | None) -> torch.T
 
 
 __all__ = ["FAST_PATHS_OFF", "accelerate_fsdp", "check", "decoder_layers", "full_state_dict",
-           "full_weights", "grad_norm", "holds_shards", "is_sharded", "load_full_state_dict",
+           "full_weights", "gathered_state_dict", "grad_norm", "holds_shards", "is_sharded", "load_full_state_dict",
            "load_optimizer_state_dict", "mode", "optimizer_state_dict", "shard"]

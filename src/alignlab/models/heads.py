@@ -121,7 +121,8 @@ class CausalLMWithScalarHead(nn.Module):
         applies (:func:`alignlab.models.logprobs.sequence_values`)."""
         return sequence_values(self, batch)
 
-    def save_pretrained(self, directory: str | os.PathLike, *, pad_token_id: int | None = None) -> None:
+    def save_pretrained(self, directory: str | os.PathLike, *, pad_token_id: int | None = None,
+                        state_dict: dict[str, Tensor] | None = None) -> None:
         """The standard ``XForSequenceClassification`` layout (what TRL's RewardTrainer writes):
         the body under the class's prefix, ``score.weight`` (float32) with ``num_labels`` =
         ``num_heads``, ``pad_token_id`` in config.json, so ``AutoModelForSequenceClassification``
@@ -131,9 +132,15 @@ class CausalLMWithScalarHead(nn.Module):
         unchanged; zero for heads trained without a bias). Architectures without a
         sequence-classification class keep the older layout (backbone + ``scalar_head.*``).
         With LoRA the body is saved merged, and the adapters with the head in ``adapter/``
-        (a QLoRA body is merged into its base reloaded unquantized on the CPU)."""
+        (a QLoRA body is merged into its base reloaded unquantized on the CPU). ``state_dict``:
+        this module's full weights to write instead of its own (a model sharded by FSDP2 holds
+        only its shards; ``engine.sharding.full_state_dict`` gathers them)."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
+        full = state_dict if state_dict is not None else {
+            k: v.detach() for k, v in self.state_dict().items()}
+        body = {k.removeprefix("backbone."): v for k, v in full.items() if k.startswith("backbone.")}
+        head = {k.removeprefix("head."): v for k, v in full.items() if k.startswith("head.")}
         if has_adapters(self.backbone):
             save_adapters(self.backbone, out / ADAPTER_DIR)
             self._save_head(out / ADAPTER_DIR)
@@ -143,7 +150,8 @@ class CausalLMWithScalarHead(nn.Module):
             return
         name = _classifier_class_name(self.config)
         if name is None:
-            self._save_scalar_head_layout(out)
+            self.backbone.save_pretrained(out, state_dict=body)
+            self._save_head(out, head)
             return
         import transformers
 
@@ -156,25 +164,24 @@ class CausalLMWithScalarHead(nn.Module):
         elif getattr(config, "pad_token_id", None) is None:
             eos = getattr(config, "eos_token_id", None)
             config.pad_token_id = eos[0] if isinstance(eos, list) else eos
-        if self.head.bias is not None:
-            config.alignlab_score_bias = [float(b) for b in self.head.bias.detach().cpu().tolist()]
+        if "bias" in head:
+            config.alignlab_score_bias = [float(b) for b in head["bias"].cpu().tolist()]
         with torch.device("meta"):  # only the wrapper is built; body and score are ours
             classifier = cls(config)
         setattr(classifier, cls.base_model_prefix, self.backbone)
         score = nn.Linear(self.head.in_features, self.num_heads, bias=False)
-        score.weight = nn.Parameter(self.head.weight.detach().to("cpu", torch.float32).clone())
+        score.weight = nn.Parameter(head["weight"].to("cpu", torch.float32).clone())
         classifier.score = score
-        classifier.save_pretrained(out)
+        prefix = cls.base_model_prefix
+        classifier.save_pretrained(out, state_dict={
+            **{f"{prefix}.{k}": v for k, v in body.items()}, "score.weight": score.weight})
 
-    def _save_scalar_head_layout(self, out: Path) -> None:
-        self.backbone.save_pretrained(out)
-        self._save_head(out)
-
-    def _save_head(self, out: Path) -> None:
+    def _save_head(self, out: Path, head: dict[str, Tensor] | None = None) -> None:
         from safetensors.torch import save_file
 
         out.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}
+        head = {k: v.detach() for k, v in self.head.state_dict().items()} if head is None else head
+        tensors = {k: v.contiguous().cpu() for k, v in head.items()}
         save_file(tensors, str(out / HEAD_WEIGHTS))
         meta = {"format": _FORMAT, "version": 1, "num_heads": self.num_heads,
                 "hidden_size": self.head.in_features, "bias": self.head.bias is not None}

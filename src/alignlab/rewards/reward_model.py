@@ -73,15 +73,18 @@ class RewardEnsemble(nn.Module):
         """The aggregated reward ``[S]``."""
         return aggregate_rewards(self.member_rewards(batch), self.aggregate, self.std_coef)
 
-    def save_pretrained(self, directory: str | os.PathLike, *, pad_token_id: int | None = None) -> None:
-        """One member: its own layout; several: ``member_i/`` each. Plus ``reward_model.json``."""
+    def save_pretrained(self, directory: str | os.PathLike, *, pad_token_id: int | None = None,
+                        state_dicts: list[dict[str, Tensor] | None] | None = None) -> None:
+        """One member: its own layout; several: ``member_i/`` each. Plus ``reward_model.json``.
+        ``state_dicts``: each member's full weights to write (None: its own), for members
+        sharded by FSDP2."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        if len(self.members) == 1:
-            self.members[0].save_pretrained(out, pad_token_id=pad_token_id)
-        else:
-            for i, member in enumerate(self.members):
-                member.save_pretrained(out / f"member_{i}", pad_token_id=pad_token_id)
+        states = state_dicts or [None] * len(self.members)
+        for i, (member, state) in enumerate(zip(self.members, states, strict=True)):
+            where = out if len(self.members) == 1 else out / f"member_{i}"
+            member.save_pretrained(where, pad_token_id=pad_token_id,
+                                   **({} if state is None else {"state_dict": state}))
         meta = {"members": len(self.members), "num_heads": [m.num_heads for m in self.members],
                 "aggregate": self.aggregate, "std_coef": self.std_coef}
         (out / ENSEMBLE_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")

@@ -27,7 +27,7 @@ from __future__ import annotations
 import random
 import statistics
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -61,7 +61,7 @@ from alignlab.core.config import (
     WorldSection,
 )
 from alignlab.core.errors import ConfigError
-from alignlab.engine import distributed
+from alignlab.engine import distributed, sharding
 from alignlab.engine.controller import OnlineRun
 from alignlab.engine.learner import Learner, Units
 from alignlab.models.adapters import adapter_state_dict, frozen_copy, load_adapter_state_dict
@@ -102,6 +102,8 @@ class IterativeDPOSection(PreferenceSection, MonitorFields, RoundSchedule):
 
 
 class IterativeDPOConfig(Section):
+    SHARDABLE: ClassVar[bool] = True  # train.sharding: fsdp (engine/sharding.py)
+
     model: ModelSection = ModelSection()
     world: WorldSection = WorldSection()
     train: OnlineTrainSection = OnlineTrainSection(output_dir="runs/iterative_dpo", lr=5e-6)
@@ -170,7 +172,9 @@ class IterativeDPO(OnlinePreference):
     def after_update(self, units: Units, metrics: dict[str, float]) -> None:
         refresh = self.section.reference_refresh
         if refresh != "none" and (self.iteration + 1) % self.section.refresh_every == 0:
-            if refresh == "hard":
+            if sharding.is_sharded(self.learner.model):  # FSDP2: from the gathered weights
+                self._refresh_from(sharding.gathered_state_dict(self.learner.model), refresh)
+            elif refresh == "hard":
                 load_adapter_state_dict(self.reference, adapter_state_dict(self.learner.model))
             else:  # TR-DPO's soft update ref + α·(π − ref), once per tensor (tied ones too)
                 policy = dict(named_tensors(self.learner.model))
@@ -180,6 +184,17 @@ class IterativeDPO(OnlinePreference):
                             ref.lerp_(policy[key].to(ref.dtype), self.section.refresh_alpha)
             self.refreshes += 1
         metrics["reference_refreshes"] = self.refreshes
+
+    def _refresh_from(self, policy: dict[str, torch.Tensor], refresh: str) -> None:
+        """The refresh of a reference from the policy's full state dict (no LoRA here)."""
+        with torch.no_grad():
+            for key, ref in named_tensors(self.reference):
+                if ref.is_floating_point() and key in policy:
+                    value = policy[key].to(ref.device, ref.dtype)
+                    if refresh == "hard":
+                        ref.copy_(value)
+                    else:
+                        ref.lerp_(value, self.section.refresh_alpha)
 
     def extra_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {"refreshes": self.refreshes}

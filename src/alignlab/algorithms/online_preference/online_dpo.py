@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -69,6 +70,8 @@ class OnlineDPOSection(PreferenceSection, MonitorFields):
 
 
 class OnlineDPOConfig(Section):
+    SHARDABLE: ClassVar[bool] = True  # train.sharding: fsdp (engine/sharding.py)
+
     model: ModelSection = ModelSection()
     world: WorldSection = WorldSection()
     train: OnlineTrainSection = OnlineTrainSection(output_dir="runs/online_dpo", lr=5e-6)

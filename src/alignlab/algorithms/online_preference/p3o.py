@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -72,6 +72,8 @@ class P3OSection(MonitorFields, RoundSchedule):
 
 
 class P3OConfig(Section):
+    SHARDABLE: ClassVar[bool] = True  # train.sharding: fsdp (engine/sharding.py)
+
     model: ModelSection = ModelSection()
     world: WorldSection = WorldSection()
     train: OnlineTrainSection = OnlineTrainSection(output_dir="runs/p3o", lr=5e-6)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import Field
 
@@ -69,6 +69,8 @@ class SELMSection(PreferenceSection, MonitorFields, RoundSchedule):
 
 
 class SELMConfig(Section):
+    SHARDABLE: ClassVar[bool] = True  # train.sharding: fsdp (engine/sharding.py)
+
     model: ModelSection = ModelSection()
     world: WorldSection = WorldSection()
     train: OnlineTrainSection = OnlineTrainSection(output_dir="runs/selm", lr=5e-6)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -99,6 +99,8 @@ class VPOSection(PreferenceSection, MonitorFields, RoundSchedule):
 
 
 class VPOConfig(Section):
+    SHARDABLE: ClassVar[bool] = True  # train.sharding: fsdp (engine/sharding.py)
+
     model: ModelSection = ModelSection()
     world: WorldSection = WorldSection()
     train: OnlineTrainSection = OnlineTrainSection(output_dir="runs/vpo", lr=5e-6)

@@ -23,7 +23,7 @@ training verdicts (no extra labels), ``win_rate_gold`` from the gold reward.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from pydantic import Field
@@ -65,6 +65,8 @@ class XPOSection(PreferenceSection, MonitorFields):
 
 
 class XPOConfig(Section):
+    SHARDABLE: ClassVar[bool] = True  # train.sharding: fsdp (engine/sharding.py)
+
     model: ModelSection = ModelSection()
     world: WorldSection = WorldSection()
     train: OnlineTrainSection = OnlineTrainSection(output_dir="runs/xpo", lr=5e-6)

@@ -99,7 +99,7 @@ class RLSection(Section):
 
 
 class OnlineRLConfig(Section):
-    SHARDABLE: ClassVar[bool] = True  # train.sharding: fsdp, not ppo or nlpo (engine/sharding.py)
+    SHARDABLE: ClassVar[bool] = True  # train.sharding: fsdp, not nlpo (engine/sharding.py)
     model: ModelSection = ModelSection()
     world: WorldSection = WorldSection()
     train: OnlineTrainSection = OnlineTrainSection()

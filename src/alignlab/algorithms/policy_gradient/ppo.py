@@ -24,7 +24,7 @@ import torch
 from alignlab.algorithms.policy_gradient.algorithm import Experience, PolicyGradient
 from alignlab.algorithms.policy_gradient.config import PPORLSection
 from alignlab.algorithms.policy_gradient.critic import ValueObjective, new_critic
-from alignlab.engine import distributed
+from alignlab.engine import distributed, sharding
 from alignlab.engine.learner import Learner, Units
 from alignlab.losses.advantages import (
     AdaptiveKLController,
@@ -147,16 +147,28 @@ class PPO(PolicyGradient):
                    "optimizer_steps": "critic_optimizer_steps"}
         metrics.update({renamed.get(k, k): v for k, v in out.items()})
 
+    def scoring_models(self) -> list[torch.nn.Module]:
+        return [self.critic.model] if self.critic is not None else []
+
     def state_dict(self) -> dict[str, Any]:
-        critic = ({**self.critic.state_dict(), "weights": adapter_state_dict(self.critic.model)}
+        critic = ({**self.critic.state_dict(), "weights": self._critic_weights()}
                   if self.critic is not None else {"value_head": self.value_head.state_dict()})
         return {**super().state_dict(), "critic": critic,
                 "kl_controller": self.kl_ctl.state_dict()}
 
+    def _critic_weights(self) -> dict[str, torch.Tensor]:
+        """The separate critic's weights for a checkpoint; sharded by FSDP2, its full state dict
+        (gathered on every rank; rank 0's is the one written)."""
+        weights = sharding.full_state_dict(self.critic.model)
+        return adapter_state_dict(self.critic.model) if weights is None else weights
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         if self.critic is not None:
-            load_adapter_state_dict(self.critic.model, state["critic"]["weights"])
+            if sharding.is_sharded(self.critic.model):  # FSDP2: each rank takes its shards
+                sharding.load_full_state_dict(self.critic.model, state["critic"]["weights"])
+            else:
+                load_adapter_state_dict(self.critic.model, state["critic"]["weights"])
             self.critic.load_state_dict(state["critic"])
         else:
             self.value_head.load_state_dict(state["critic"]["value_head"])

@@ -12,13 +12,14 @@ al. 2024). Held-out pairwise accuracy, ECE and reward statistics are written to
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -35,7 +36,7 @@ from alignlab.core.config import (
 from alignlab.core.errors import ConfigError
 from alignlab.core.io import atomic_write_json, atomic_write_text, replace_dir
 from alignlab.data.batches import EpochBatches
-from alignlab.engine import distributed
+from alignlab.engine import distributed, sharding
 from alignlab.engine.loop import LossOutput, TrainResult, train
 from alignlab.engine.metrics import MetricsLogger
 from alignlab.engine.run import prepare_run
@@ -78,6 +79,8 @@ class RewardSection(Section):
 
 
 class RewardConfig(Section):
+    SHARDABLE: ClassVar[bool] = True  # train.sharding: fsdp, ensembles too (engine/sharding.py)
+
     model: ModelSection = ModelSection()
     data: DataSection = DataSection(source="world:positive", limit=2048)
     train: TrainSection = TrainSection(output_dir="runs/reward", lr=1e-4, max_steps=200)
@@ -282,17 +285,19 @@ def save_reward_model(ensemble: Any, tokenizer: Any, cfg: RewardConfig, output_d
     """Write ``<output_dir>/final`` (ensemble, tokenizer in it and every member, config)
     atomically; with N processes rank 0 writes and every rank returns once it is written."""
     final = Path(output_dir) / "final"
+    # FSDP2: each member's full state dict, gathered on every rank (None for a plain member)
+    states = [sharding.full_state_dict(m) for m in ensemble.members]
     with distributed.main_first():
         if distributed.is_main():
-            _save_reward_model(ensemble, tokenizer, cfg, output_dir, final)
+            _save_reward_model(ensemble, tokenizer, cfg, output_dir, final, states)
     return final
 
 
 def _save_reward_model(ensemble: Any, tokenizer: Any, cfg: RewardConfig, output_dir: str | Path,
-                       final: Path) -> None:
+                       final: Path, states: list) -> None:
     tmp = final.with_name(".tmp-final")
     shutil.rmtree(tmp, ignore_errors=True)
-    ensemble.save_pretrained(tmp, pad_token_id=tokenizer.pad_token_id)
+    ensemble.save_pretrained(tmp, pad_token_id=tokenizer.pad_token_id, state_dicts=states)
     for d in [tmp, *sorted(tmp.glob("member_*"))]:
         for where in (d, d / ADAPTER_DIR):  # a LoRA member's adapters loaded alone need it too
             if where.is_dir():
@@ -327,7 +332,8 @@ def run_reward(cfg: RewardConfig) -> RewardRun:
     out, ens, rc = Path(cfg.train.output_dir), cfg.reward.ensemble, cfg.reward
     evaluate = functools.partial(evaluate_rewards, examples=eval_ex, fmt=fmt, pad_token_id=pad_id,
                                  batch_size=rc.eval_batch_size, n_bins=rc.ece_bins)
-    # With N processes rank 0 evaluates (on the whole held-out split) and writes the reports.
+    # With N processes rank 0 evaluates (on the whole held-out split) and writes the reports;
+    # under FSDP2 inside full_weights, which every rank enters (``gathered``).
     main = distributed.is_main()
     eval_log = (MetricsLogger(out / "eval", tensorboard=cfg.train.tensorboard)
                 if eval_ex and main else None)
@@ -344,16 +350,19 @@ def run_reward(cfg: RewardConfig) -> RewardRun:
                 collate, fmt=fmt, pad_token_id=pad_id, packed=cfg.data.packing, columns=columns),
                 seed=seed)
             on_step = None
-            if eval_log is not None and rc.eval_every:
+            if eval_ex and rc.eval_every:
                 def on_step(step: int, _: dict, model=model, i=i) -> None:
                     if step % rc.eval_every == 0:
-                        one = RewardEnsemble([model], ens.aggregate, ens.std_coef)
-                        eval_log.log(step, {"member": i, **evaluate(one)})
+                        with gathered([model]):
+                            if eval_log is not None:
+                                one = RewardEnsemble([model], ens.aggregate, ens.std_coef)
+                                eval_log.log(step, {"member": i, **evaluate(one)})
             results.append(train(model, objective, batches, train_cfg, on_step=on_step,
                                  description="reward" if ens.members == 1 else f"reward member {i}"))
             models.append(model)
         ensemble = RewardEnsemble(models, ens.aggregate, ens.std_coef)
-        metrics = evaluate(ensemble) if eval_ex and main else {}
+        with gathered(models if eval_ex else []):
+            metrics = evaluate(ensemble) if eval_ex and main else {}
         if eval_log is not None:
             eval_log.log(results[-1].step, {"final": 1, **metrics})
     finally:
@@ -370,6 +379,17 @@ def run_reward(cfg: RewardConfig) -> RewardRun:
     whole = TrainResult(results[-1].step, [h for r in results for h in r.history], out,
                         sum(r.seconds for r in results))
     return RewardRun(whole, results, ensemble, tokenizer, metrics, final)
+
+
+@contextlib.contextmanager
+def gathered(models: list[torch.nn.Module]) -> Any:
+    """Every weight of ``models`` (sharded by FSDP2 or not) on every rank, and rank 0 running
+    alone: the block may run forwards on rank 0 only. Every rank must enter."""
+    with contextlib.ExitStack() as stack:
+        for model in models:
+            stack.enter_context(sharding.full_weights(model))
+        with distributed.local() if distributed.is_main() else contextlib.nullcontext():
+            yield
 
 
 def _register() -> None:
