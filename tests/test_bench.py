@@ -126,6 +126,7 @@ def test_the_paper_findings_suite_validates_every_cell(tmp_path):
     ipo = [j for j in jobs if j.spec.get("name") == "ipo"]
     assert {j.spec["train"]["config"]["preference"]["loss"] for j in ipo} == {"ipo"}
     assert {j.spec["train"]["config"]["preference"]["beta"] for j in ipo} == {0.01, 0.1, 1.0}
+    assert {j.spec["train"]["config"]["train"]["lr"] for j in ipo} == {1e-3}  # to reach gold's fall
     ppo = [j for j in jobs if j.spec.get("name") == "ppo_gold"]
     assert {j.spec["train"]["config"]["rl"]["epochs"] for j in ppo} == {1}
     # one annotator, with a taste for length, labels the pairs and judges online DPO
