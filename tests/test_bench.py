@@ -110,14 +110,30 @@ def test_the_quick_suite_plans_every_family_at_fixed_budgets(tmp_path):
 
 def test_the_paper_findings_suite_validates_every_cell(tmp_path):
     jobs = plan(load_suite("paper-findings"), tmp_path)
-    assert len(jobs) == 147 and len(load_suite("paper-findings").seeds) == 3
+    # per task 3 prepare stages; 3 seeds × (reference + 7 cells) on positive, × (1 + 22) on
+    # positive_short: the trim that fits the hour on 2 cores
+    assert len(jobs) == 96 and len(load_suite("paper-findings").seeds) == 3
+    names = {t: {j.spec["name"] for j in jobs if j.kind == "cell" and j.spec["task"] == t}
+             for t in ("positive", "positive_short")}
+    assert names["positive"] == {"reference", "dpo", "online_dpo", "ppo_gold"}
+    assert names["positive_short"] == {"reference", "ipo", "slic", "grpo_proxy", "grpo_mean_minus_std",
+                                       "best_of_n", "best_of_n_mean_minus_std", "best_of_n_min"}
     mms = next(j for j in jobs if j.spec.get("name") == "best_of_n_mean_minus_std")
     assert mms.spec["best_of_n"] == {"n": 2, "reward": "proxy", "aggregate": "mean_minus_std",
                                      "std_coef": 1.0}
+    assert sorted({j.spec["best_of_n"]["n"] for j in jobs if j.spec.get("name") == "best_of_n"}) == [2, 4, 16]
     # a swept preference.beta on the ipo alias keeps its loss (it once reset it to DPO's)
     ipo = [j for j in jobs if j.spec.get("name") == "ipo"]
     assert {j.spec["train"]["config"]["preference"]["loss"] for j in ipo} == {"ipo"}
-    assert {j.spec["train"]["config"]["preference"]["beta"] for j in ipo} == {0.01, 0.03, 0.1, 0.3, 1.0}
+    assert {j.spec["train"]["config"]["preference"]["beta"] for j in ipo} == {0.01, 0.1, 1.0}
+    assert {j.spec["train"]["config"]["train"]["lr"] for j in ipo} == {1e-3}  # to reach gold's fall
+    ppo = [j for j in jobs if j.spec.get("name") == "ppo_gold"]
+    assert {j.spec["train"]["config"]["rl"]["epochs"] for j in ppo} == {1}
+    # one annotator, with a taste for length, labels the pairs and judges online DPO
+    prefs = [j for j in jobs if j.kind == "preferences"]
+    assert [j.spec["annotator"]["length_bias"] for j in prefs] == [0.03, 0.03]
+    online = next(j for j in jobs if j.spec.get("name") == "online_dpo")
+    assert online.spec["train"]["config"]["online_dpo"]["judge"]["length_bias"] == 0.03
 
 
 def test_unknown_placeholders_and_bad_cell_configs_name_the_cell(tmp_path):
