@@ -49,6 +49,12 @@ def test_helpers_interpolate_only_inside_and_read_intervals():
     assert F.overlap([(1, 0), (3, 0)], [(2, 0), (4, 0)]) == (2, 3)
     assert F.overlap([(1, 0), (2, 0)], [(3, 0), (4, 0)]) is None
     assert math.isnan(F.mean_gap([(1, 0), (2, 0)], [(3, 0), (4, 0)]))
+    # as in a paper-findings run: lo + (hi - lo) rounds one ulp past hi, the overlap's end
+    lo, hi = 0.8073415429726827, 3.0546690399448075
+    assert lo + (hi - lo) > hi
+    a = [(lo, 0.87757109375), (hi, 0.925569140625)]
+    b = [(0.5, 0.8), (lo, 0.85), (hi, 0.9), (4.0, 0.91)]
+    assert F.mean_gap(a, b) == pytest.approx(0.0266, abs=1e-3)
     iv = F.Interval
     assert [F.sign(iv(0.2, 0.1, 3)), F.sign(iv(-0.2, 0.1, 3)), F.sign(iv(0.2, 0.3, 3)),
             F.sign(iv(0.2, math.nan, 1))] == [1, -1, 0, 0]

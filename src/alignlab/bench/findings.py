@@ -161,7 +161,9 @@ def mean_gap(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> floa
     if ov is None:
         return math.nan
     lo, hi = ov
-    kls = [lo] if hi == lo else [lo + (hi - lo) * i / (MATCHED_POINTS - 1) for i in range(MATCHED_POINTS)]
+    # the last point is hi itself: lo + (hi - lo) can round one ulp past the frontier's end
+    kls = [lo] if hi == lo else [lo + (hi - lo) * i / (MATCHED_POINTS - 1)
+                                 for i in range(MATCHED_POINTS - 1)] + [hi]
     return statistics.fmean(frontier_at(a, k) - frontier_at(b, k) for k in kls)
 
 
