@@ -56,6 +56,24 @@ def test_samples_equal_those_of_transformers_dynamic_cache(monkeypatch, kv_heads
     assert len(lengths) >= 2 and 30 in lengths  # early stops and full-length rows both ran
 
 
+def _prefill(model, cache, mode, prompts, n):
+    """Prefill ``prompts`` into ``cache`` under ``mode`` (entered by the caller) and repeat each
+    ``n`` times; ``(ids, step)``, ``step()`` running one decode step of token 3 on every row."""
+    ids, mask = engine._left_pad(prompts, 0, torch.device("cpu"))
+    mode.set_prompt_mask(mask)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+    cache.batch_repeat_interleave(n)
+    rows = len(prompts) * n
+    mask = torch.cat([mask.repeat_interleave(n, 0), torch.ones(rows, 1, dtype=mask.dtype)], 1)
+
+    def step():
+        return model(input_ids=torch.full((rows, 1), 3), attention_mask=mask,
+                     position_ids=pos[:, -1:].repeat_interleave(n, 0) + 1, cache=cache, use_cache=True)
+
+    return ids, step
+
+
 def test_prefix_shared_layers_keep_each_prompt_once(monkeypatch):
     """After the prefill and the repeat, each layer holds the P prompts' keys once and the
     sampled keys of P·n rows; dropping rows keeps the owners in order."""
@@ -66,15 +84,9 @@ def test_prefix_shared_layers_keep_each_prompt_once(monkeypatch):
     cache, mode = rollout_cache(model.config, 19, 8, torch.device("cpu"), rows=3, n=4)
     assert isinstance(mode, PrefixSharedAttention)
     assert all(isinstance(layer, PrefixSharedLayer) for layer in cache.layers)
-    ids, mask = engine._left_pad(prompts, 0, torch.device("cpu"))
-    mode.set_prompt_mask(mask)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad(), mode:
-        model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
-        cache.batch_repeat_interleave(4)
-        mask = torch.cat([mask.repeat_interleave(4, 0), torch.ones(12, 1, dtype=mask.dtype)], 1)
-        model(input_ids=torch.full((12, 1), 3), attention_mask=mask,
-              position_ids=pos[:, -1:].repeat_interleave(4, 0) + 1, cache=cache, use_cache=True)
+        ids, step = _prefill(model, cache, mode, prompts, n=4)
+        step()
     layer = cache.layers[0]
     assert layer.prefix_k.shape[0] == 3 and layer.suffix.keys.shape[:3] == (12, 4, 1)
     assert cache.get_seq_length() == ids.shape[1] + 1
@@ -172,17 +184,11 @@ def test_a_model_whose_attention_skips_the_interface_is_refused(monkeypatch):
 
     model, prompts = _llama(4), _prompts()[:3]
     cache, mode = _shared_mode(monkeypatch, model)
-    ids, mask = engine._left_pad(prompts, 0, torch.device("cpu"))
-    mode.set_prompt_mask(mask)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad(), mode:
-        model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
-        cache.batch_repeat_interleave(4)
-        mask = torch.cat([mask.repeat_interleave(4, 0), torch.ones(12, 1, dtype=mask.dtype)], 1)
+        _, step = _prefill(model, cache, mode, prompts, n=4)
         # as a model with its own attention code: it attends to the keys it is given, no more
         AttentionInterface.register("test_own_attention", lambda module, q, k, v, mask, **kw:
                                     sdpa_attention_forward(module, q, k, v, None, **kw))
         model.config._attn_implementation = "test_own_attention"
         with pytest.raises(RuntimeError, match="attention interface"):
-            model(input_ids=torch.full((12, 1), 3), attention_mask=mask,
-                  position_ids=pos[:, -1:].repeat_interleave(4, 0) + 1, cache=cache, use_cache=True)
+            step()

@@ -193,11 +193,12 @@ class PrefixSharedLayer(DynamicLayer):
         self.suffix.batch_select_indices(indices)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("the rollout cache does not reorder rows (no beam search)")
+        raise RuntimeError("the rollout cache does not reorder rows (no beam search)")
 
 
 ATTENTION_NAME = "alignlab_prefix_shared"
 _active = threading.local()  # .mode: the PrefixSharedAttention this thread decodes under
+UNSUPPORTED = ("softcap", "position_bias", "sliding_window", "s_aux")  # attention options refused
 
 
 def _attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
@@ -225,7 +226,6 @@ def _attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tenso
     return out.transpose(1, 2).contiguous(), None
 
 
-UNSUPPORTED = ("softcap", "position_bias", "sliding_window", "s_aux")
 AttentionInterface.register(ATTENTION_NAME, _attention)
 AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
@@ -243,7 +243,7 @@ class PrefixSharedAttention:
     ``TorchFunctionMode``: a mode intercepts every torch call of the forward in Python, which
     cost 3-5% of the GRPO benchmark's rollout."""
 
-    def __init__(self, config=None) -> None:
+    def __init__(self, config) -> None:
         self.config = config
         self.current: PrefixSharedLayer | None = None
         self.bias: Tensor | None = None
@@ -255,8 +255,6 @@ class PrefixSharedAttention:
             ~prompt_keep.bool(), float("-inf"))
 
     def __enter__(self) -> "PrefixSharedAttention":
-        if self.config is None:
-            raise RuntimeError("PrefixSharedAttention needs the model's config to enter")
         self._saved = (self.config._attn_implementation, getattr(_active, "mode", None))
         self.config._attn_implementation = ATTENTION_NAME
         _active.mode = self
