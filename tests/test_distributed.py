@@ -45,7 +45,8 @@ RESUMED = ("sft", "grpo")  # killed after step 3, resumed from the checkpoint of
 def launch(n: int, args: list[str], cwd: Path, env: dict[str, str] | None = None,
            module: str = "tests.ddp_worker") -> subprocess.CompletedProcess:
     """``python -m torch.distributed.run --standalone --nproc-per-node n -m module *args``."""
-    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{ROOT}", "HF_HUB_OFFLINE": "1", "ALIGNLAB_DIST_TIMEOUT_MIN": "10",
+    path = os.pathsep.join(filter(None, [str(SRC), str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "ALIGNLAB_DIST_TIMEOUT_MIN": "10",
            "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            f"--nproc-per-node={n}", "-m", module, *args],
@@ -253,11 +254,11 @@ def test_accelerate_launch(tiny_world, world_cache, tmp_path, family_runs):
 
 @pytest.mark.parametrize("var,match", [
     ("ACCELERATE_USE_FSDP", "asks for FSDP version 1.*fsdp_version: 2"),
-    ("ACCELERATE_USE_DEEPSPEED", "asks for DeepSpeed.*configs/accelerate/fsdp2.yaml"),
     ("ACCELERATE_USE_MEGATRON_LM", "asks for Megatron-LM.*configs/accelerate/ddp.yaml")])
 def test_sharded_accelerate_configs_alignlab_cannot_run_are_refused(var, match, monkeypatch):
     """An accelerate config asking for sharding alignlab does not run would otherwise train
-    replicated, silently (FSDP2 runs: tests/test_sharding.py)."""
+    replicated, silently (FSDP2 runs: tests/test_sharding.py; DeepSpeed ZeRO-1/2 runs and
+    stage 3 is refused: tests/test_zero.py)."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("FSDP_VERSION", raising=False)
     monkeypatch.setenv(var, "true")
@@ -322,11 +323,15 @@ def rank_one_constant(prompts, completions, **_):
 
 
 @pytest.mark.slow
-def test_a_rank_whose_groups_are_all_dropped_still_takes_part(tiny_world, world_cache, tmp_path):
+@pytest.mark.parametrize("sharding", ["none", "fsdp"])
+def test_a_rank_whose_groups_are_all_dropped_still_takes_part(sharding, tiny_world, world_cache,
+                                                              tmp_path):
     """GRPO with dynamic sampling on 2 processes where rank 1 drops every group: it has no rows
-    but joins the advantages' gather and the learner's steps; rank 0's groups train."""
+    but joins the advantages' gather and the learner's steps; rank 0's groups train. Under
+    FSDP2 rank 1 runs zero-weighted passes on a row rank 0 lends it (its collectives)."""
     out = tmp_path / "run"
-    sets = [f"world.cache_dir={world_cache}", "world.preset=tiny", f"train.output_dir={out}",
+    sets = [f"train.sharding={sharding}",
+            f"world.cache_dir={world_cache}", "world.preset=tiny", f"train.output_dir={out}",
             "train.max_steps=2", "train.progress=false", "train.tensorboard=false",
             "train.device=cpu", "rollout.max_new_tokens=8", "rollout.prompts_per_step=4",
             "rl.reward=tests.test_distributed:rank_one_constant", "rl.dynamic_sampling=true",

@@ -166,11 +166,13 @@ class TrainSection(Section):
     gradient_checkpointing: bool = False
     """Recompute each decoder layer in backward: less activation memory for about a third more
     compute; turn it on only when memory needs it."""
-    sharding: Literal["none", "fsdp"] = "none"
+    sharding: Literal["none", "fsdp", "zero1", "zero2"] = "none"
     """With N processes: ``none`` (data parallel: every process holds the whole model and its
-    optimizer state) or ``fsdp`` (FSDP2: each decoder layer's weights, gradients and AdamW
-    state sharded over the processes; ``docs/scaling.md``). ``accelerate launch`` with
-    ``configs/accelerate/fsdp2.yaml`` sets it too. One process ignores it."""
+    optimizer state), ``fsdp`` (FSDP2: each decoder layer's weights, gradients and AdamW
+    state sharded over the processes), ``zero1`` / ``zero2`` (DeepSpeed ZeRO stage 1: the
+    AdamW state partitioned; stage 2: the gradients too; needs ``pip install deepspeed``);
+    ``docs/scaling.md``. ``accelerate launch`` with ``configs/accelerate/fsdp2.yaml`` or
+    ``zero2.yaml`` sets it too. One process ignores it."""
 
 
 class VLLMSection(Section):

@@ -73,6 +73,8 @@ def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module,
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
+        if weights is None and _views_of_one_buffer(model):
+            weights = _own_tensors(model)
         if weights is not None:
             save_file({k: v.contiguous() for k, v in weights.items()},
                       str(tmp / "model.safetensors"))
@@ -92,6 +94,24 @@ def save_checkpoint(output_dir: str | Path, step: int, model: torch.nn.Module,
     for old in older[:max(0, len(older) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
     return ckpt_root / name
+
+
+def _views_of_one_buffer(model: torch.nn.Module) -> bool:
+    """Whether distinct parameters are views of one storage: DeepSpeed ZeRO flattens each
+    parameter group into one buffer (``engine/zero.py``), which safetensors' ``save_model`` and
+    ``load_model`` refuse as shared tensors they cannot tell apart from tied ones."""
+    ptrs = [p.untyped_storage().data_ptr() for p in model.parameters()]
+    return len(set(ptrs)) < len(ptrs)
+
+
+def _own_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each tensor copied out of its buffer; of tied names (one parameter
+    under several) the first in sorted order, as ``save_model`` keeps."""
+    seen: dict[int, str] = {}
+    for name, tensor in sorted(model.state_dict(keep_vars=True).items()):
+        seen.setdefault(id(tensor), name)
+    state = model.state_dict()
+    return {name: state[name].detach().clone() for name in seen.values()}
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -121,6 +141,9 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module) -> dict[str, Any]:
     try:
         if sharding.is_sharded(model):
             unexpected = sharding.load_full_state_dict(model, load_file(path / "model.safetensors"))
+        elif _views_of_one_buffer(model):  # copied into the views, in place
+            loaded = model.load_state_dict(load_file(path / "model.safetensors"), strict=False)
+            unexpected = loaded.unexpected_keys
         else:
             missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
         state = torch.load(path / "trainer_state.pt", weights_only=True, map_location="cpu")

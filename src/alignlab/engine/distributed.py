@@ -22,8 +22,10 @@ Semantics, the same for every trainer (``docs/scaling.md``):
   0 first while the others wait (``main_first``); the world build takes a file lock instead.
 
 - ``train.sharding: fsdp`` (or ``accelerate launch`` with an FSDP2 config) shards the model
-  instead of replicating it: ``engine/sharding.py``. DeepSpeed and FSDP version 1 configs are
-  refused (``refuse_sharded_launch``).
+  instead of replicating it: ``engine/sharding.py``; ``train.sharding: zero1|zero2`` (or an
+  accelerate DeepSpeed config) partitions the optimizer state (and gradients) with DeepSpeed
+  ZeRO: ``engine/zero.py``. FSDP version 1 and Megatron-LM configs are refused
+  (``refuse_sharded_launch``), so is ZeRO stage 3 (``zero.check``).
 
 Every function here is a no-op (or the identity) in a single process and inside ``local()``.
 """
@@ -44,7 +46,7 @@ from alignlab.core.errors import ConfigError
 SHARDED_ENV = {"FSDP": "ACCELERATE_USE_FSDP", "DeepSpeed": "ACCELERATE_USE_DEEPSPEED",
                "Megatron-LM": "ACCELERATE_USE_MEGATRON_LM"}
 """What ``accelerate launch`` sets for sharded training. FSDP version 2 is run by
-``engine/sharding.py``; the others are refused."""
+``engine/sharding.py``, DeepSpeed ZeRO-1/2 by ``engine/zero.py``; Megatron-LM is refused."""
 BUCKET_BYTES = 64 << 20  # gradients are summed in flat buckets of at most this size
 _local_depth = 0  # > 0 inside local(): the code runs as one process
 
@@ -97,6 +99,8 @@ def refuse_sharded_launch() -> None:
                if os.environ.get(var, "").lower() in ("true", "1")]
     if not sharded:
         return
+    if sharded[0] == "DeepSpeed":
+        return  # ZeRO-1/2: engine/zero.py (its stage and settings are checked by zero.check)
     if sharded[0] == "FSDP":
         version = os.environ.get("FSDP_VERSION", "1")
         if version == "2":
@@ -105,8 +109,9 @@ def refuse_sharded_launch() -> None:
                           "alignlab shards with FSDP2 only: set fsdp_version: 2 "
                           "(configs/accelerate/fsdp2.yaml)")
     raise ConfigError(f"accelerate launch: the config asks for {sharded[0]}, which alignlab "
-                      "does not run yet (every process would hold the whole model, not a "
-                      "shard); use FSDP2 (configs/accelerate/fsdp2.yaml) or data parallel "
+                      "does not run (every process would hold the whole model, not a shard); "
+                      "use FSDP2 (configs/accelerate/fsdp2.yaml), DeepSpeed ZeRO-2 "
+                      "(configs/accelerate/zero2.yaml) or data parallel "
                       "(configs/accelerate/ddp.yaml); docs/scaling.md")
 
 
@@ -172,6 +177,16 @@ def gather(obj: Any) -> list[Any]:
         return [obj]
     out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_to_main(obj: Any) -> list[Any] | None:
+    """Every rank's ``obj`` (picklable), in rank order, on rank 0; None on the others (what
+    only rank 0 writes, without every rank holding all of it)."""
+    if not active():
+        return [obj]
+    out: list[Any] | None = [None] * world_size() if is_main() else None
+    dist.gather_object(obj, out, dst=0)
     return out
 
 
@@ -321,6 +336,6 @@ def launch(num_processes: int, argv: Sequence[str]) -> int:
 
 
 __all__ = ["active", "any_rank", "barrier", "broadcast", "broadcast_module", "check_split", "gather",
-           "global_sum", "is_main", "launch", "launched", "local", "main_first",
+           "gather_to_main", "global_sum", "is_main", "launch", "launched", "local", "main_first",
            "reduce_gradients", "rank", "refuse_sharded_launch", "setup", "share", "shutdown", "whole_batch",
            "world_size"]

@@ -25,9 +25,9 @@ from typing import Any
 import torch
 
 from alignlab.core.config import TrainSection
-from alignlab.core.errors import ConfigError, TrainingError
+from alignlab.core.errors import ConfigError
 from alignlab.core.runtime import pick_device, resolve_precision
-from alignlab.engine import distributed, sharding
+from alignlab.engine import distributed, sharding, zero
 from alignlab.engine.loop import (
     Algorithm,
     build_optimizer,
@@ -80,7 +80,8 @@ class Learner:
             self.params += list(group["params"])
         if not self.sharded:  # sharding took rank 0's weights already
             distributed.broadcast([*model.parameters(), *model.buffers(), *self.params])
-        self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.optimizer = zero.wrap(model, self.optimizer, cfg)  # DeepSpeed ZeRO-1/2
+        self.scheduler = build_scheduler(zero.torch_optimizer(self.optimizer), cfg)
         self.epochs, self.minibatch_size = epochs, minibatch_size
         self.micro_batch_size = micro_batch_size or cfg.batch_size
         self.generator = torch.Generator().manual_seed(seed)
@@ -113,7 +114,8 @@ class Learner:
                     continue
                 window = forward_backward(self.model, self.objective, micro, self.device,
                                           self.precision, step=self.updates + 1, allow_empty=True,
-                                          padding=self._padding(micro, units))
+                                          padding=self._padding(micro, units),
+                                          optimizer=self.optimizer)
                 if window is None:  # no rank had anything to learn from in this minibatch
                     continue
                 loss, _, metrics = window
@@ -130,18 +132,19 @@ class Learner:
         return out
 
     def _padding(self, micro: list[dict[str, Any]], units: Units) -> list[dict[str, Any]]:
-        """Under FSDP2: as many copies of one of this rank's units as it runs fewer
-        micro-batches than the rank with the most (``forward_backward`` weights them 0)."""
-        if not self.sharded:
+        """Under FSDP2 and ZeRO-2 (collectives in every backward): as many copies of one unit as
+        this rank runs fewer micro-batches than the rank with the most (``forward_backward``
+        weights them 0). A rank with no unit of its own pads with one of the first rank that
+        has units."""
+        if not (self.sharded or zero.even_backwards(self.optimizer)):
             return []
-        most = max(int(n) for n in distributed.gather(len(micro)))
-        if len(micro) == most:
-            return []
-        if units.n == 0:
-            raise TrainingError("train.sharding fsdp: this rank has no rows in this iteration "
-                                "(all its groups were dropped) while another trains; a sharded "
-                                "update needs every rank's passes; use train.sharding 'none'")
-        return [units.take(torch.arange(1))] * (most - len(micro))
+        counts = distributed.gather((len(micro), units.n))
+        most = max(c for c, _ in counts)
+        sample = units.take(torch.arange(1)) if units.n else None
+        if any(c < most and n == 0 for c, n in counts):  # every rank takes part in the gather
+            donated = next(u for u in distributed.gather(sample) if u is not None)
+            sample = sample if sample is not None else donated
+        return [sample] * (most - len(micro)) if len(micro) < most else []
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": sharding.optimizer_state_dict(self.model, self.optimizer),

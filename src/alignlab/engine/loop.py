@@ -35,7 +35,7 @@ from alignlab.core.runtime import (
     seed_everything,
     to_device,
 )
-from alignlab.engine import distributed, sharding
+from alignlab.engine import distributed, sharding, zero
 from alignlab.engine.run import TrainingRun
 from alignlab.models.checkpointing import enable_gradient_checkpointing
 
@@ -117,8 +117,8 @@ def train(model: torch.nn.Module, algorithm: Algorithm, batches: Iterable[dict[s
         if not sharding.shard(model, cfg):  # FSDP2 (train.sharding), else replicas
             distributed.broadcast_module(model)
     params = [p for p in model.parameters() if p.requires_grad]  # sharded ones under FSDP
-    opt = build_optimizer(model, cfg)
-    sched = build_scheduler(opt, cfg)
+    opt = zero.wrap(model, build_optimizer(model, cfg), cfg)  # DeepSpeed ZeRO-1/2 (train.sharding)
+    sched = build_scheduler(zero.torch_optimizer(opt), cfg)
 
     run = TrainingRun(cfg, model, description)
     start_step, state = run.resume()
@@ -141,7 +141,8 @@ def train(model: torch.nn.Module, algorithm: Algorithm, batches: Iterable[dict[s
             micro = [next(stream) for _ in range(cfg.grad_accum)]
             t_step = time.time()
             loss_total, denom, sums = forward_backward(model, algorithm, micro, device, precision,
-                                                       step=step + 1, context=_last(run.history))
+                                                       step=step + 1, context=_last(run.history),
+                                                       optimizer=opt)
             grad_norm = optimizer_step(params, opt, cfg.max_grad_norm, step=step + 1)
             sched.step()
             step += 1
@@ -158,7 +159,7 @@ def train(model: torch.nn.Module, algorithm: Algorithm, batches: Iterable[dict[s
 def forward_backward(model: torch.nn.Module, algorithm: Algorithm, micro: list[dict[str, Any]],
                      device: torch.device, precision: str = "fp32", *, step: int = 0,
                      context: dict[str, Any] | None = None, allow_empty: bool = False,
-                     padding: list[dict[str, Any]] = ()
+                     padding: list[dict[str, Any]] = (), optimizer: Any = None
                      ) -> tuple[float, float, dict[str, float]] | None:
     """Accumulate the gradient of one optimizer step over ``micro``-batches.
 
@@ -171,7 +172,8 @@ def forward_backward(model: torch.nn.Module, algorithm: Algorithm, micro: list[d
     ``allow_empty``: a window with no items returns None instead of raising. ``padding``:
     micro-batches run after ``micro`` with their loss multiplied by 0, so that a rank of a
     sharded model runs as many forwards and backwards as the others (FSDP2's collectives);
-    they add nothing to the gradient, the loss or the metrics.
+    they add nothing to the gradient, the loss or the metrics. ``optimizer``: the step's
+    optimizer; DeepSpeed's (``zero.ZeroOptimizer``) runs the backward passes.
     """
     items = [float(algorithm.num_items(b)) for b in micro]
     many = distributed.active()
@@ -184,19 +186,20 @@ def forward_backward(model: torch.nn.Module, algorithm: Algorithm, micro: list[d
     sums: dict[str, float] = defaultdict(float)
     loss_total = 0.0
     failure = None
-    # FSDP2 reduce-scatters in every backward: each rank runs all of its passes, even after a
-    # failure (the others learn of it below, so every rank stops together)
-    sharded = sharding.is_sharded(model)
+    # FSDP2 and ZeRO-2 reduce-scatter in every backward: each rank runs all of its passes, even
+    # after a failure (the others learn of it below, so every rank stops together)
+    sharded = sharding.is_sharded(model) or zero.even_backwards(optimizer)
+    backward = zero.backward_of(optimizer)
     for i, b in enumerate([*micro, *padding]):
         if failure is not None and not sharded:
             break
         b = to_device(b, device)
         with autocast(device, precision):
-            out = algorithm.loss(model, b)
+            loss_sum, metrics = zero.loss_of(optimizer, algorithm, model, b)
         if i >= len(micro) or failure is not None:  # the collectives run, the gradient gains 0
-            (out.loss_sum.float() * 0.0).backward()
+            backward(loss_sum.float() * 0.0)
             continue
-        loss = out.loss_sum.float() / denom
+        loss = loss_sum.float() / denom
         if not torch.isfinite(loss):
             failure = (f"step {step}, micro-batch {i + 1}"
                        f"{f' of rank {distributed.rank()}' if many else ''}: the loss is "
@@ -205,11 +208,11 @@ def forward_backward(model: torch.nn.Module, algorithm: Algorithm, micro: list[d
             if not many:
                 raise NonFiniteError(failure)
             if sharded:
-                (out.loss_sum.float() * 0.0).backward()
+                backward(loss_sum.float() * 0.0)
             continue
-        loss.backward()
+        backward(loss)
         loss_total += loss.item()
-        for k, v in out.metrics.items():
+        for k, v in metrics.items():
             sums[k] += float(v) * items[i] / denom
     if many:
         sync = getattr(algorithm, "sync_across_ranks", None)
@@ -235,10 +238,13 @@ def _sum_over_ranks(loss: float, sums: dict[str, float], failure: str | None
     return sum(p[0] for p in parts), total, None
 
 
-def optimizer_step(params: list[torch.Tensor], opt: torch.optim.Optimizer,
+def optimizer_step(params: list[torch.Tensor], opt: torch.optim.Optimizer | zero.ZeroOptimizer,
                    max_grad_norm: float | None, *, step: int = 0) -> torch.Tensor:
     """Sum the gradient over the ranks (with N processes), clip it, refuse a non-finite one,
-    step and zero it; the grad norm (the same on every rank)."""
+    step and zero it; the grad norm (the same on every rank). DeepSpeed's engine does all of
+    it for a ``zero.ZeroOptimizer`` (clipping to the ``max_grad_norm`` of its config)."""
+    if isinstance(opt, zero.ZeroOptimizer):
+        return opt.step(step)
     distributed.reduce_gradients(params)
     if sharding.holds_shards(params):
         grad_norm = sharding.grad_norm(params, max_grad_norm)

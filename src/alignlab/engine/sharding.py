@@ -42,7 +42,7 @@ from torch import nn
 
 from alignlab.core.config import TrainSection
 from alignlab.core.errors import ConfigError
-from alignlab.engine import distributed
+from alignlab.engine import distributed, zero
 from alignlab.models.adapters import has_adapters
 from alignlab.models.fast_path import set_fast_paths
 
@@ -66,36 +66,49 @@ def mode(cfg: TrainSection) -> str:
     return "fsdp" if cfg.sharding == "fsdp" or accelerate_fsdp() else "none"
 
 
+def sharded_by(cfg: TrainSection) -> str | None:
+    """``fsdp``, ``zero1`` or ``zero2`` when the run asks for sharding (``train.sharding`` or
+    an accelerate launch), else None."""
+    if mode(cfg) == "fsdp":
+        return "fsdp"
+    stage = zero.stage(cfg)
+    return f"zero{stage}" if stage else None
+
+
 def check(cfg: Any) -> None:
     """A ConfigError naming ``train.sharding`` for what alignlab does not shard yet (before
-    anything is loaded): LoRA, asynchronous or vLLM rollouts, trainers not listed in
+    anything is loaded), under FSDP2 and DeepSpeed ZeRO (``engine/zero.py``, whose own settings
+    ``zero.check`` refuses first): LoRA, asynchronous or vLLM rollouts, trainers not listed in
     ``docs/scaling.md`` (the preference model, EGPO, whose extrapolation step trains and
     restores the policy inside its sampling). A trainer's config class opts in with
     ``SHARDABLE = True``; NLPO and PPO's shared critic are refused by
-    ``policy_gradient/run.py``. Then the fast paths are turned off, before a trainer picks a
-    batch layout by them."""
-    if mode(cfg.train) != "fsdp":
+    ``policy_gradient/run.py``. Under FSDP2 the fast paths are then turned off, before a
+    trainer picks a batch layout by them (ZeRO-1/2 keep the whole weights on every rank)."""
+    zero.check(cfg.train, distributed.world_size())
+    kind = sharded_by(cfg.train)
+    if kind is None:
         return
     name = type(cfg).__name__
     if not getattr(type(cfg), "SHARDABLE", False):
-        raise ConfigError(f"field 'train.sharding': 'fsdp' is not supported by this trainer "
+        raise ConfigError(f"field 'train.sharding': '{kind}' is not supported by this trainer "
                           f"({name}) yet; it runs with sft, the preference (DPO) family, reward "
                           "models, the online preference trainers but egpo, ppo (separate "
                           "critic) and the grpo-like policy-gradient trainers (docs/scaling.md); "
                           "set it to 'none' (data parallel)")
     model = getattr(cfg, "model", None)
     if model is not None and model.lora is not None:
-        raise ConfigError("field 'train.sharding': 'fsdp' with model.lora is not supported yet "
-                          "(LoRA already keeps the optimizer state small); set it to 'none'")
+        raise ConfigError(f"field 'train.sharding': '{kind}' with model.lora is not supported "
+                          "yet (LoRA already keeps the optimizer state small); set it to 'none'")
     rl, rollout = getattr(cfg, "rl", None), getattr(cfg, "rollout", None)
     if rl is not None and getattr(rl, "max_staleness", 0):
-        raise ConfigError("field 'train.sharding': 'fsdp' samples through the sharded policy, "
-                          "which a rollout thread sampling ahead cannot share; set "
-                          "rl.max_staleness to 0 or train.sharding to 'none'")
+        raise ConfigError(f"field 'train.sharding': '{kind}' is run with synchronous rollouts "
+                          "only (a rollout thread sampling ahead of a sharded update is not "
+                          "written yet); set rl.max_staleness to 0 or train.sharding to 'none'")
     if rollout is not None and getattr(rollout, "backend", "builtin") != "builtin":
-        raise ConfigError("field 'train.sharding': 'fsdp' is run with rollout.backend builtin "
+        raise ConfigError(f"field 'train.sharding': '{kind}' is run with rollout.backend builtin "
                           "only (the vLLM weight sync of a sharded policy is not written yet)")
-    set_fast_paths(False, FAST_PATHS_OFF)
+    if kind == "fsdp":
+        set_fast_paths(False, FAST_PATHS_OFF)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -253,4 +266,4 @@ def grad_norm(params: Sequence[torch.Tensor], max_norm: float | None) -> torch.T
 
 __all__ = ["FAST_PATHS_OFF", "accelerate_fsdp", "check", "decoder_layers", "full_state_dict",
            "full_weights", "gathered_state_dict", "grad_norm", "holds_shards", "is_sharded", "load_full_state_dict",
-           "load_optimizer_state_dict", "mode", "optimizer_state_dict", "shard"]
+           "load_optimizer_state_dict", "mode", "optimizer_state_dict", "shard", "sharded_by"]

@@ -83,16 +83,17 @@ def make_objective(spec: RLAlgorithm, cfg: OnlineRLConfig, max_tokens: int, *,
         loss_kwargs=rl.policy_loss_kwargs, rollout_correction=correction)
 
 
-def refuse_sharding(cfg: OnlineRLConfig, algorithm: str) -> None:
-    """A ConfigError naming the field for what ``train.sharding: fsdp`` does not run yet here:
-    NLPO, and PPO's shared critic (PPO's separate critic is sharded like the policy)."""
+def refuse_sharding(cfg: OnlineRLConfig, algorithm: str, kind: str = "fsdp") -> None:
+    """A ConfigError naming the field for what ``train.sharding`` (``kind``: fsdp, zero1,
+    zero2) does not run yet here: NLPO, and PPO's shared critic (PPO's separate critic is
+    sharded like the policy)."""
     cls = ALGORITHM_CLASSES.get(algorithm, PolicyGradient)
     if cls is NLPO:
-        raise ConfigError(f"field 'train.sharding': 'fsdp' is not supported by {algorithm} yet "
+        raise ConfigError(f"field 'train.sharding': '{kind}' is not supported by {algorithm} yet "
                           "(its masking policy is a copy of the policy refreshed while it "
                           "samples); set it to 'none'")
     if issubclass(cls, PPO) and cfg.rl.critic == "shared":
-        raise ConfigError("field 'train.sharding': 'fsdp' with rl.critic 'shared' is not "
+        raise ConfigError(f"field 'train.sharding': '{kind}' with rl.critic 'shared' is not "
                           "supported yet (the value head is trained outside the sharded "
                           "model); set rl.critic to 'separate' (the critic is sharded too)")
 
@@ -109,8 +110,8 @@ def train_policy_gradient(cfg: OnlineRLConfig, algorithm: str) -> OnlineRun:
         raise ConfigError(f"field 'rl.max_staleness': {algorithm} samples from the current "
                           "policy inside its iteration (a greedy baseline, a masking policy), "
                           "which a rollout thread sampling ahead would race; set 0")
-    if sharding.mode(cfg.train) == "fsdp" and distributed.active():
-        refuse_sharding(cfg, algorithm)
+    if sharding.sharded_by(cfg.train) and distributed.active():
+        refuse_sharding(cfg, algorithm, sharding.sharded_by(cfg.train))
     if cls is NLPO and cfg.rl.critic == "shared":
         raise ConfigError("field 'rl.critic': nlpo takes a separate critic (its policy "
                           "log-probs are restricted to the action mask); use 'separate'")

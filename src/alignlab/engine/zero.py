@@ -1,0 +1,275 @@
+"""DeepSpeed ZeRO stages 1 and 2 under alignlab's loop (``train.sharding: zero1|zero2``, or
+``accelerate launch`` with ``configs/accelerate/zero2.yaml``).
+
+ZeRO (Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training Trillion Parameter
+Models"): stage 1 partitions the AdamW moments and the fp32 master weights over the N
+processes, stage 2 the gradients too; every rank keeps the whole model's weights, so the
+log-prob fast paths, rollouts and ``final/`` work as in data parallel. DeepSpeed's engine
+(``deepspeed.initialize`` with alignlab's torch AdamW as the client optimizer) does the
+partitioned reduction, the clipping and the step; alignlab's loop keeps its own micro-batches,
+normalisation and schedule:
+
+- ``managed_gradient_accumulation: false``: the loop's ``step()`` is DeepSpeed's accumulation
+  boundary, so a window of any number of micro-batches is one optimizer step (the online
+  learner's windows differ between steps). Stage 2 reduces gradients inside each backward, so
+  its ranks run the same number of backward passes (the learner pads, as under FSDP2);
+- DeepSpeed *averages* the gradients over the ranks, the loop's normalisation expects their
+  *sum* (each rank divides by the global item count): the loss is multiplied by N;
+- DeepSpeed clips to ``train.max_grad_norm`` and skips a step whose gradient is not finite;
+  the loop then stops with an error (the weights were not updated);
+- the checkpoint holds every rank's partition of the optimizer state (DeepSpeed's own
+  ``state_dict``, its non-tensor objects left out so ``trainer_state.pt`` still loads with
+  ``weights_only=True``); a resumed run needs the same number of processes.
+
+Stage 3 (the weights partitioned too) is refused: FSDP2 (``train.sharding: fsdp``,
+``engine/sharding.py``) runs that layout. So are a DeepSpeed config's own ``optimizer``,
+``scheduler``, ``fp16`` and ``bf16`` sections (alignlab's ``train.*`` decides those).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alignlab.core.config import TrainSection
+from alignlab.core.errors import ConfigError, NonFiniteError
+from alignlab.engine import distributed
+
+log = logging.getLogger(__name__)
+
+STAGES = {"zero1": 1, "zero2": 2}
+# what DeepSpeed's state_dict holds that is not a tensor or plain data (rebuilt on load)
+_OBJECTS = ("loss_scaler", "param_slice_mappings")
+
+
+def _truthy(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("true", "1")
+
+
+def launch_config() -> dict[str, Any] | None:
+    """The DeepSpeed settings ``accelerate launch`` put in the environment (its JSON config file
+    when it names one), None when it asked for no DeepSpeed."""
+    if not _truthy("ACCELERATE_USE_DEEPSPEED"):
+        return None
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+    if path and path.lower() != "none":
+        try:
+            return json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"deepspeed_config_file {path}: cannot be read as JSON: {exc}") from None
+    zero: dict[str, Any] = {"stage": int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))}
+    offload = os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none")
+    if offload != "none":
+        zero["offload_optimizer"] = {"device": offload}
+    out: dict[str, Any] = {"zero_optimization": zero}
+    # accelerate always passes the plugin's accumulation (default 1): only another value says
+    # something, which must then match train.grad_accum
+    steps = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")
+    if steps not in ("1", "", "none"):
+        out["gradient_accumulation_steps"] = int(steps)
+    clipping = os.environ.get("ACCELERATE_GRADIENT_CLIPPING", "none").lower()
+    if clipping not in ("none", ""):
+        out["gradient_clipping"] = float(clipping)
+    return out
+
+
+def stage(cfg: TrainSection) -> int:
+    """The ZeRO stage the run asks for (``train.sharding`` or an accelerate DeepSpeed launch);
+    0 for none."""
+    launched = launch_config()
+    if launched is not None:
+        if cfg.sharding == "fsdp":
+            raise ConfigError("field 'train.sharding': 'fsdp' while accelerate launch asks for "
+                              "DeepSpeed; choose one")
+        return int(launched.get("zero_optimization", {}).get("stage", 0))
+    return STAGES.get(cfg.sharding, 0)
+
+
+def check(cfg: TrainSection, processes: int) -> int:
+    """Refuse, before anything is loaded, a DeepSpeed setting alignlab does not run; the stage."""
+    s = stage(cfg)
+    if not s:
+        return 0
+    if s == 3:
+        raise ConfigError("ZeRO stage 3 (DeepSpeed) is not run by alignlab: FSDP2 shards the "
+                          "weights, gradients and AdamW state the same way; use "
+                          "configs/accelerate/fsdp2.yaml or train.sharding=fsdp (docs/scaling.md)")
+    if s not in (1, 2):
+        raise ConfigError(f"zero_optimization.stage: {s}; alignlab runs DeepSpeed ZeRO stages 1 "
+                          "and 2 (3: use FSDP2, train.sharding=fsdp)")
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"field 'train.sharding': ZeRO stage {s} needs DeepSpeed, which is not "
+                          "installed: pip install 'alignlab[deepspeed]' (or pip install "
+                          "deepspeed); or use train.sharding=fsdp") from None
+    ds_config(cfg, processes)  # its own refusals, before anything is loaded
+    return s
+
+
+def ds_config(cfg: TrainSection, processes: int) -> dict[str, Any]:
+    """The DeepSpeed config of a run: the launch's (or ``{"zero_optimization": {"stage": s}}``)
+    with the batch, accumulation and clipping set from ``train.*``. A value of the launch's
+    config that contradicts ``train.*`` is refused with both names (``"auto"`` is filled)."""
+    user = launch_config() or {"zero_optimization": {"stage": STAGES[cfg.sharding]}}
+    for section in ("optimizer", "scheduler", "fp16", "bf16"):
+        if section in user and (section not in ("fp16", "bf16")
+                                or user[section].get("enabled") not in (False, "auto")):
+            raise ConfigError(f"DeepSpeed config section '{section}': alignlab builds AdamW and "
+                              "its schedule from train.lr/adam_betas/weight_decay/lr_scheduler and "
+                              "its precision from train.precision; remove the section")
+    micro = max(1, cfg.batch_size // max(1, processes))
+    # what a DeepSpeed config may say, in DeepSpeed's terms, and the alignlab field it must match
+    expected = {"train_micro_batch_size_per_gpu": (micro, "train.batch_size / processes"),
+                "gradient_accumulation_steps": (cfg.grad_accum, "train.grad_accum"),
+                "train_batch_size": (cfg.batch_size * cfg.grad_accum,
+                                     "train.batch_size × train.grad_accum"),
+                "gradient_clipping": (float(cfg.max_grad_norm or 0.0), "train.max_grad_norm")}
+    for key, (value, field) in expected.items():
+        given = user.get(key, "auto")
+        if given != "auto" and float(given) != float(value):
+            raise ConfigError(f"DeepSpeed config '{key}': {given}, but alignlab's {field} gives "
+                              f"{value}; set it to {value} or 'auto'")
+    # The loop accumulates its own micro-batches and calls step() once per window (the
+    # boundary, managed_gradient_accumulation off), so DeepSpeed sees one micro-batch per step.
+    ours = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1,
+            "train_batch_size": micro * max(1, processes),
+            "gradient_clipping": expected["gradient_clipping"][0]}
+    return {**user, **ours, "managed_gradient_accumulation": False,
+            "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False,
+            "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False}
+
+
+class _Objective(torch.nn.Module):
+    """The module DeepSpeed's engine runs: an algorithm's loss on the model. The engine's
+    forward marks its outputs so their backward pass enters ZeRO's gradient hooks (the log-prob
+    interface calls the model's sub-modules, which the engine would not see)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.algorithm: Any = None
+
+    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        out = self.algorithm.loss(self.model, batch)
+        return out.loss_sum, out.metrics
+
+
+class ZeroOptimizer:
+    """A DeepSpeed engine seen as the loop's optimizer: ``loss`` (the forward through the
+    engine), ``backward``, ``step`` (reduce, clip, update, zero the gradients), and the state of
+    every rank's partition."""
+
+    def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainSection,
+                 zero_stage: int) -> None:
+        import deepspeed
+
+        # DeepSpeed flattens each group: an empty one (no no-decay parameter) has nothing to hold
+        opt.param_groups[:] = [g for g in opt.param_groups if g["params"]]
+        self.base, self.stage = opt, zero_stage
+        self.processes = distributed.world_size()
+        self.objective = _Objective(model)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=self.objective, optimizer=opt, config=ds_config(cfg, self.processes),
+            dist_init_required=False)
+        if distributed.is_main():
+            print(f"train.sharding zero{zero_stage}: DeepSpeed ZeRO stage {zero_stage} over "
+                  f"{self.processes} processes (AdamW state"
+                  f"{' and gradients' if zero_stage == 2 else ''} partitioned)")
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.base.param_groups
+
+    def loss(self, algorithm: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        """``algorithm.loss(model, batch)`` run by the engine: (loss sum, metrics)."""
+        self.objective.algorithm = algorithm
+        return self.engine(batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # DeepSpeed averages over the ranks; the loop's loss is already this rank's share of
+        # the global sum, so N times it averages to that sum
+        self.engine.backward(loss * self.processes, scale_wrt_gas=False)
+
+    def step(self, step: int = 0) -> torch.Tensor:
+        """Reduce, clip and apply the window's gradient; its norm (before clipping)."""
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        norm = torch.tensor(float("nan") if norm is None else float(norm))
+        if not torch.isfinite(norm):
+            raise NonFiniteError(f"step {step}: the gradient norm is {norm.item()}; training "
+                                 "stopped (DeepSpeed skipped the update, the weights are those "
+                                 "of the step before).")
+        return norm
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every rank's partition on rank 0, which writes the checkpoint (``partitions`` is None
+        on the others); a collective: every rank must call it."""
+        own = {k: v for k, v in self.optimizer.state_dict().items() if k not in _OBJECTS}
+        if "zero_stage" in own:  # an IntEnum: weights_only loading takes the int
+            own["zero_stage"] = int(own["zero_stage"])
+        return {"zero_stage": self.stage, "partitions": distributed.gather_to_main(own)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        parts = state.get("partitions")
+        if parts is None:
+            raise ConfigError("train.resume: the checkpoint's optimizer state is not DeepSpeed "
+                              "ZeRO's (it was written without train.sharding zero1/zero2); "
+                              "resume it with the sharding it was written with")
+        if len(parts) != self.processes or state.get("zero_stage") != self.stage:
+            raise ConfigError(f"train.resume: the checkpoint holds ZeRO stage "
+                              f"{state.get('zero_stage')} partitions of {len(parts)} processes; "
+                              f"resume it with {len(parts)} processes and that stage (this run: "
+                              f"stage {self.stage}, {self.processes} processes)")
+        # the fp32 master partitions come from the checkpoint, not from the weights
+        self.optimizer.load_state_dict(parts, load_from_fp32_weights=True)
+
+
+def wrap(model: torch.nn.Module, opt: torch.optim.Optimizer,
+         cfg: TrainSection) -> torch.optim.Optimizer | ZeroOptimizer:
+    """``opt`` under DeepSpeed ZeRO when the run asks for it and several processes run; else
+    ``opt`` itself. Call after the replicas took rank 0's weights."""
+    s = stage(cfg)
+    if not s or not distributed.active():
+        return opt
+    own = {id(p) for p in model.parameters()}
+    if any(id(p) not in own for g in opt.param_groups for p in g["params"]):
+        raise ConfigError(f"field 'train.sharding': 'zero{s}' with parameters outside the model "
+                          "(a shared critic's value head) is not supported yet")
+    return ZeroOptimizer(model, opt, cfg, s)
+
+
+def even_backwards(opt: Any) -> bool:
+    """Whether every rank must run the same number of backward passes per step (stage 2
+    reduce-scatters inside each one)."""
+    return isinstance(opt, ZeroOptimizer) and opt.stage >= 2
+
+
+def backward_of(opt: Any) -> Callable[[torch.Tensor], None]:
+    """How the loop runs a backward pass for ``opt``: through DeepSpeed's engine, or plainly."""
+    return opt.backward if isinstance(opt, ZeroOptimizer) else torch.Tensor.backward
+
+
+def loss_of(opt: Any, algorithm: Any, model: torch.nn.Module,
+            batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    """``algorithm.loss(model, batch)`` as (loss sum, metrics): through DeepSpeed's engine for a
+    ``ZeroOptimizer``, else directly."""
+    if isinstance(opt, ZeroOptimizer):
+        return opt.loss(algorithm, batch)
+    out = algorithm.loss(model, batch)
+    return out.loss_sum, out.metrics
+
+
+def torch_optimizer(opt: Any) -> torch.optim.Optimizer:
+    """The torch optimizer whose parameter groups carry the learning rate (for the schedule)."""
+    return opt.base if isinstance(opt, ZeroOptimizer) else opt
+
+
+__all__ = ["STAGES", "ZeroOptimizer", "backward_of", "check", "ds_config", "even_backwards", "launch_config", "loss_of",
+           "stage", "torch_optimizer", "wrap"]
