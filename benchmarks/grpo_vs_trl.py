@@ -1,16 +1,13 @@
 """GRPO throughput: alignlab vs TRL's GRPOTrainer on the same model, prompts, reward and shape.
 
     pip install -e '.[bench]'          # installs trl; this script installs nothing itself
-    python benchmarks/grpo_vs_trl.py [--model-size 44m --steps 20 --prompts-per-step 2 \
+    python benchmarks/grpo_vs_trl.py [--model-size 44m --steps 20 --prompts-per-step 8 \
         --group-size 8 --prompt-tokens 64,256 --max-completion-length 128]
     python benchmarks/grpo_vs_trl.py --quick     # a seconds-long smoke run at toy shapes
 
 Default shape: a 44M-parameter random-init Llama built locally (``_assets.py``: world
 tokenizer, hidden 768, 6 layers), review prompts of 64–256 tokens, 8 completions per prompt of
-up to 128 new tokens, 2 prompts per step (16 completions), 20 steps. (The issue fixes the
-group, lengths and steps, not the prompts per step; one run at 8 prompts is estimated at 1.5–2 h
-on 2 cores, mostly TRL's side, and time grows linearly in prompts, so the default keeps three quiet
-runs within a session; ``--prompts-per-step 8`` runs the larger step.) Every side samples ``group_size``
+up to 128 new tokens, 8 prompts per step, 20 steps. Every side samples ``group_size``
 completions of each prompt per step (same max completion length, temperature 1, top-p 1),
 scores them with the same VADER sentiment reward and takes one optimizer step per batch with
 group-normalised advantages, no KL term (TRL's default beta=0), the same learning rate and
@@ -179,7 +176,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-size", default="44m", help="3m, 13m, 44m, 100m or <hidden>x<layers>")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--prompts-per-step", type=int, default=2)
+    p.add_argument("--prompts-per-step", type=int, default=8)
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--prompt-tokens", default="64,256", help="min,max prompt length in tokens")
     p.add_argument("--max-completion-length", type=int, default=128)
