@@ -17,7 +17,10 @@ step's completions, which it samples in one ``generate`` call as alignlab does).
 so its peak RSS is its own; time is the training loop (generation included; model loading and
 the final save excluded on both sides; alignlab writes no checkpoint, TRL ``save_strategy="no"``).
 
-Variants: ``alignlab``; ``trl_default`` (TRL's defaults: gradient checkpointing on,
+Variants: ``alignlab`` (with gradient checkpointing, the memory policy of TRL's defaults: at this
+shape the update's activations, not the weights, decide the peak, ~0.9 GB of a micro-batch
+without it); ``alignlab_fast`` (without; not run unless named in ``--variants``: faster
+updates, more memory; its ratios print as ``fast_*``); ``trl_default`` (TRL's defaults: gradient checkpointing on,
 ``model.generate`` with transformers' DynamicCache); ``trl_best`` (the fastest TRL options
 measured on CPU: gradient checkpointing off and ``cache_implementation="static"``, whose
 preallocated cache sampled 1.8x faster than the default; transformers' continuous batching
@@ -61,7 +64,8 @@ def micro_batch(args: argparse.Namespace) -> int:
     return micro
 
 
-def alignlab_worker(folder: Path, args: argparse.Namespace, bf16: bool) -> dict:
+def alignlab_worker(folder: Path, args: argparse.Namespace, bf16: bool,
+                    checkpointing: bool = False) -> dict:
     from alignlab.algorithms.policy_gradient.config import OnlineRLConfig, RLSection
     from alignlab.algorithms.policy_gradient.run import train_policy_gradient
     from alignlab.core.config import ModelSection, OnlineTrainSection, RolloutSection
@@ -72,7 +76,7 @@ def alignlab_worker(folder: Path, args: argparse.Namespace, bf16: bool) -> dict:
         train=OnlineTrainSection(output_dir=tempfile.mkdtemp(), max_steps=args.steps, lr=args.lr,
                                  precision="bf16" if bf16 else "fp32", device="cpu",
                                  batch_size=micro_batch(args), save_every=None, progress=False,
-                                 tensorboard=False),
+                                 tensorboard=False, gradient_checkpointing=checkpointing),
         rollout=RolloutSection(prompts=str(folder / "prompts.jsonl"),
                                prompts_per_step=args.prompts_per_step, n=args.group_size,
                                max_new_tokens=args.max_completion_length, batch_size=rows),
@@ -156,8 +160,8 @@ def worker(variant: str, folder: Path, args: argparse.Namespace) -> dict:
 
     bf16 = args.precision == "bf16" or (args.precision == "auto" and cpu_supports_bf16())
     torch.manual_seed(0)
-    if variant == "alignlab":
-        out = alignlab_worker(folder, args, bf16)
+    if variant.startswith("alignlab"):
+        out = alignlab_worker(folder, args, bf16, checkpointing=variant == "alignlab")
     else:
         out = trl_worker(folder, args, bf16, best=variant == "trl_best")
     n_completions = args.steps * args.prompts_per_step * args.group_size
@@ -170,6 +174,10 @@ def worker(variant: str, folder: Path, args: argparse.Namespace) -> dict:
             "completions_per_s": n_completions / seconds, "step_s": seconds / args.steps,
             "split_per_step": {k: v / args.steps for k, v in out["split"].items()},
             "flops_per_s": flops / seconds, "n_params": n, "peak_rss_mb": peak_rss_mb(), "bf16": bf16}
+
+
+def _ratio(a: dict, b: dict | None, key: str) -> float:
+    return a[key] / b[key] if b is not None else float("nan")
 
 
 def main() -> None:
@@ -225,7 +233,7 @@ def main() -> None:
         return
 
     def ratio(variant: str, key: str) -> float:
-        return ours[key] / results[variant][key] if variant in results else float("nan")
+        return _ratio(ours, results.get(variant), key)
 
     trl_mem = min((r["peak_rss_mb"] for k, r in results.items() if k.startswith("trl")), default=float("nan"))
     best = json.dumps({**TRL_BEST, **json.loads(args.trl_best)}, separators=(",", ":"))
@@ -235,6 +243,12 @@ def main() -> None:
               "mfu": f"{ours['flops_per_s'] / peak:.3f}",
               "peak_gflops": f"{peak / 1e9:.1f}",
               "trl_best": best.replace(" ", "")}
+    fast = results.get("alignlab_fast")
+    if fast is not None:
+        fields.update({
+            "fast_speedup_vs_trl": f"{_ratio(fast, results.get('trl_default'), 'completions_per_s'):.3f}",
+            "fast_speedup_vs_trl_best": f"{_ratio(fast, results.get('trl_best'), 'completions_per_s'):.3f}",
+            "fast_mem_ratio_vs_trl": f"{fast['peak_rss_mb'] / trl_mem:.3f}"})
     for variant, r in results.items():
         for part in PARTS:
             fields[f"{variant}_{part}_s"] = f"{r['split_per_step'][part]:.3f}"
