@@ -207,3 +207,26 @@ def test_checkpoint_holds_both_partitions_and_loads_safely(zero_runs):
     assert "lm_head.weight" in weights and "model.embed_tokens.weight" not in weights
     total = sum(v.numel() for v in weights.values())
     assert sum(sizes) == total and min(sizes) > 0.45 * total  # two halves of the fp32 weights
+
+
+@needs_deepspeed
+@pytest.mark.slow
+def test_cli_train_sharding_zero1(tiny_world, world_cache, tmp_path, family_runs):
+    """``alignlab train sft --num-processes 2 --set train.sharding=zero1`` (the field, no
+    accelerate environment) equals the 1-process run with 2 accumulated micro-batches, and its
+    ``final/`` is a plain model."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_distributed import SRC, _check_cli_run, _sft_command
+
+    out = tmp_path / "run"
+    path = os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))
+    env = {**{k: v for k, v in os.environ.items() if k not in ACCELERATE_VARS},
+           "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "ALIGNLAB_DIST_TIMEOUT_MIN": "10"}
+    done = subprocess.run([sys.executable, "-m", "alignlab", *_sft_command(out, world_cache),
+                           "--num-processes", "2", "--set", "train.sharding=zero1"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
+    assert "train.sharding zero1: DeepSpeed ZeRO stage 1 over 2 processes" in done.stdout
+    _check_cli_run(done, out, family_runs)
