@@ -164,6 +164,12 @@ def plot(found: dict, plan: dict, path: Path, title: str) -> None:
                     label=f"{algo.upper()} {side}: slope {k:.2f}")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        if axis != "model":  # the measured values as plain ticks, not 3×10⁰
+            from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+            ax.set_xticks(plan["axes"][axis])
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(AXIS_LABEL[axis])
         ax.set_ylabel("seconds per step")
         ax.grid(True, which="both", alpha=0.3)

@@ -229,4 +229,6 @@ def test_cli_train_sharding_zero1(tiny_world, world_cache, tmp_path, family_runs
                            "--num-processes", "2", "--set", "train.sharding=zero1"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
     assert "train.sharding zero1: DeepSpeed ZeRO stage 1 over 2 processes" in done.stdout
-    _check_cli_run(done, out, family_runs)
+    # DeepSpeed's reduction averages (the loss is multiplied by 2, the sum divided by 2) and
+    # AdamW updates its flat fp32 partitions: a weight may land an ulp (~1.2e-7 near 1) away
+    _check_cli_run(done, out, family_runs, weight_tol=3e-7)
