@@ -44,7 +44,8 @@ def benchmark_steps(model: torch.nn.Module, tokenizer: Any, rows: list[dict[str,
                     steps: int, batch_size: int, loss: str = "dpo", beta: float | None = None,
                     reference: torch.nn.Module | None = None, precision: str = "auto",
                     device: str = "auto", lr: float = 1e-6, max_length: int | None = None,
-                    prefix_sharing: bool | None = None, grad_accum: int = 1) -> dict[str, Any]:
+                    prefix_sharing: bool | None = None, grad_accum: int = 1,
+                    gradient_checkpointing: bool = False) -> dict[str, Any]:
     """Train ``model`` for ``steps`` optimizer steps of ``loss`` on preference ``rows``
     (prompt/chosen/rejected dicts, the same rows a TRL DPOTrainer gets, or already tokenised
     prompt_ids/chosen_ids/rejected_ids dicts; then ``tokenizer`` only gives the pad id) and time it.
@@ -55,7 +56,8 @@ def benchmark_steps(model: torch.nn.Module, tokenizer: Any, rows: list[dict[str,
     (the unshared count, so it compares with a trainer that does not share prefixes).
     Returns ``tokens``, ``pairs``, ``seconds`` (the training steps, wall clock),
     ``reference_seconds``, ``tokens_per_s``, ``pairs_per_s``, ``layout`` and ``step_seconds``
-    (each optimizer step's forward, backward and update, a list)."""
+    (each optimizer step's forward, backward and update, a list). ``gradient_checkpointing``
+    recomputes each decoder layer in backward (``train.gradient_checkpointing``)."""
     import copy
 
     from alignlab.algorithms.preference.trainer import (
@@ -101,7 +103,7 @@ def benchmark_steps(model: torch.nn.Module, tokenizer: Any, rows: list[dict[str,
         cfg = TrainSection(output_dir=out, max_steps=steps, batch_size=batch_size, lr=lr,
                            grad_accum=grad_accum, precision=prec, device=str(dev),
                            lr_scheduler="constant", log_every=max(steps, 1), progress=False,
-                           tensorboard=False)
+                           tensorboard=False, gradient_checkpointing=gradient_checkpointing)
         step_seconds: list[float] = []
         t1 = time.perf_counter()
         train(model, PreferenceObjective(plan), batches, cfg, description=f"bench {loss}",
