@@ -29,7 +29,6 @@ Stage 3 (the weights partitioned too) is refused: FSDP2 (``train.sharding: fsdp`
 from __future__ import annotations
 
 import json
-import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -40,8 +39,6 @@ import torch
 from alignlab.core.config import TrainSection
 from alignlab.core.errors import ConfigError, NonFiniteError
 from alignlab.engine import distributed
-
-log = logging.getLogger(__name__)
 
 STAGES = {"zero1": 1, "zero2": 2}
 # what DeepSpeed's state_dict holds that is not a tensor or plain data (rebuilt on load)
