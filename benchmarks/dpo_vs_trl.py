@@ -9,10 +9,13 @@ tokenizer, hidden 768, 6 layers), prompts of 128–512 tokens (a few reviews of 
 review to continue), two short answers of ~10–30 tokens, 8 pairs per step, 20 steps.
 Each variant runs in its own subprocess (so peak RSS is its own) on the same model, the same
 prompt/chosen/rejected rows, the same batch, steps, learning rate, precision and max length.
-Variants: alignlab (with gradient checkpointing, the memory policy of TRL's defaults: in a 3-step
-probe at this shape it halved the peak RSS, 3.3 → 1.8 GB, at the same speed; ``alignlab_fast``,
-without it, on request), TRL with its defaults (which include gradient checkpointing), and TRL's best
-configuration (padding_free, precompute_ref_log_probs, no gradient checkpointing). Time counts
+Variants: alignlab (selective gradient checkpointing: the matmul outputs kept, the element-wise
+ops recomputed; TRL's defaults checkpoint too), TRL with its defaults (which include gradient
+checkpointing), and TRL's best configuration (padding_free, precompute_ref_log_probs, no gradient
+checkpointing). On request: ``alignlab_full`` (every layer recomputed whole), ``alignlab_fast``
+(no checkpointing) and ``alignlab_int8ref`` (as alignlab, the reference's matmuls in int8:
+``preference.reference_quantization``, log-probs within the bound its test states); their ratios
+print prefixed ``full_``, ``fast_``, ``int8ref_``. Time counts
 the whole training call, reference log-probs included.
 tokens/s counts every pair's two prompt+completion sequences (the prompt twice, as a trainer
 without prefix sharing consumes them), the same count for every variant, so throughput ratios
@@ -41,6 +44,10 @@ from _harness import add_worker_args, peak_rss_mb, report, require_trl, run_vari
 
 QUICK = {"model_size": "3m", "steps": 2, "batch_size": 2, "prompt_tokens": "16,48"}
 TRL_BEST = {"padding_free": True, "precompute_ref_log_probs": True, "gradient_checkpointing": False}
+# alignlab's variants: train.gradient_checkpointing, preference.reference_quantization
+CHECKPOINTING = {"alignlab": "selective", "alignlab_full": True, "alignlab_int8ref": "selective",
+                 "alignlab_fast": False}
+QUANTIZATION = {"alignlab_int8ref": "int8"}
 
 
 def build_assets(folder: Path, args: argparse.Namespace) -> None:
@@ -94,9 +101,11 @@ def worker(variant: str, folder: Path, args: argparse.Namespace) -> dict:
         stats = benchmark_steps(model, tok, rows, steps=args.steps, batch_size=args.batch_size,
                                 loss="dpo", beta=0.1, precision="bf16" if bf16 else "fp32",
                                 device="cpu", lr=args.lr, max_length=args.max_length,
-                                gradient_checkpointing=variant == "alignlab")
+                                gradient_checkpointing=CHECKPOINTING[variant],
+                                reference_quantization=QUANTIZATION.get(variant, "none"))
         extra = {"layout": stats["layout"], "step_seconds": stats["step_seconds"],
-                 "gradient_checkpointing": variant == "alignlab",
+                 "gradient_checkpointing": CHECKPOINTING[variant],
+                 "reference_quantization": QUANTIZATION.get(variant, "none"),
                  "precomputed_reference_seconds": stats["reference_seconds"]}
         reference, seconds = stats["reference_seconds"], stats["seconds"] + stats["reference_seconds"]
     else:
@@ -201,9 +210,18 @@ def main() -> None:
     split = " ".join(f"{v}_{part}_s={r[f'{part}_seconds'] / args.steps:.3f}"
                      for v, r in results.items() for part in ("reference", "train"))
     best = json.dumps(TRL_BEST, separators=(",", ":"))
+    others = ""  # the other alignlab variants' ratios, prefixed with their suffix (int8ref_, ...)
+    for v, r in results.items():
+        if v.startswith("alignlab_"):
+            tag = v[len("alignlab_"):]
+            for key, other in (("speedup_vs_trl_default", "trl_default"), ("speedup_vs_trl_best", "trl_best")):
+                if other in results:
+                    others += f" {tag}_{key}={r['tokens_per_s'] / results[other]['tokens_per_s']:.3f}"
+            others += (f" {tag}_mem_ratio_vs_trl={r['peak_rss_mb'] / trl_mem:.3f}"
+                       f" {tag}_mfu={r['flops_per_s'] / peak:.3f}")
     print(f"speedup_vs_trl_default={sd:.3f} speedup_vs_trl_best={sb:.3f} "
           f"mem_ratio_vs_trl={ours['peak_rss_mb'] / trl_mem:.3f} mfu={mfu:.3f} "
-          f"peak_gflops={peak / 1e9:.1f} trl_best={best} {split}")
+          f"peak_gflops={peak / 1e9:.1f} trl_best={best} {split}{others}")
 
 
 if __name__ == "__main__":

@@ -16,12 +16,13 @@ from tests.conftest import random_llama
 from tests.test_models_prefix_sharing import _examples, _values_and_grads
 
 
+@pytest.mark.parametrize("mode", [True, "selective"])
 @pytest.mark.parametrize("layout", ["shared", "flat", "packed"])
-def test_checkpointed_values_and_gradients_equal_plain(layout):
+def test_checkpointed_values_and_gradients_equal_plain(layout, mode):
     examples = _examples("listwise")
     plain = random_llama(seed=7).float().train()
     checkpointed = random_llama(seed=7).float().train()
-    enable_gradient_checkpointing(checkpointed)
+    enable_gradient_checkpointing(checkpointed, mode)
     assert checkpointing_enabled(checkpointed) and not checkpointing_enabled(plain)
     lp_a, g_a, _ = _values_and_grads(plain, examples, layout)
     lp_b, g_b, _ = _values_and_grads(checkpointed, examples, layout)
@@ -37,6 +38,35 @@ def test_two_pass_prefix_sharing_refuses_checkpointing_and_unsupported_models_ar
         completion_logprobs(model, collate_groups(_examples("paired"), 0, layout="shared"))
     with pytest.raises(ConfigError, match="train.gradient_checkpointing.*Linear"):
         enable_gradient_checkpointing(torch.nn.Linear(2, 2))
+    with pytest.raises(ConfigError, match="train.gradient_checkpointing.*'some'.*selective"):
+        enable_gradient_checkpointing(model, "some")
+
+
+def test_selective_checkpointing_keeps_the_matmuls_and_reruns_the_rest(monkeypatch):
+    """What ``selective`` keeps for backward: the outputs of the matmuls (projections, attention
+    scores), not those of the element-wise ops (norms, SiLU, products, softmax), which rerun —
+    fewer bytes than every op's output."""
+    import alignlab.models.checkpointing as ckpt
+
+    decisions = []
+    policy = ckpt._keep_matmuls
+
+    def recording(ctx, op, *args, **kwargs):
+        decision = policy(ctx, op, *args, **kwargs)
+        if not ctx.is_recompute and isinstance(ctx.op_output, torch.Tensor):
+            decisions.append((op, decision, ctx.op_output.numel()))
+        return decision
+
+    monkeypatch.setattr(ckpt, "_keep_matmuls", recording)
+    model = random_llama(seed=7).float().train()
+    enable_gradient_checkpointing(model, "selective")
+    completion_logprobs(model, collate_groups(_examples("paired"), 0, layout="flat")).sum().backward()
+    kept = {str(op).split(".")[1] for op, d, _ in decisions if d == ckpt.CheckpointPolicy.MUST_SAVE}
+    rerun = {str(op).split(".")[1] for op, d, _ in decisions if d != ckpt.CheckpointPolicy.MUST_SAVE}
+    assert "mm" in kept and ({"bmm", "baddbmm"} & kept or "_scaled_dot_product_flash_attention_for_cpu" in kept)
+    assert {"rsqrt", "silu", "mul"} <= rerun and not kept & rerun
+    kept_size = sum(n for _, d, n in decisions if d == ckpt.CheckpointPolicy.MUST_SAVE)
+    assert kept_size < 0.6 * sum(n for *_, n in decisions)
 
 
 def _losses(history, key="loss"):

@@ -163,9 +163,11 @@ class TrainSection(Section):
     needs ``pip install wandb``; project and mode from ``WANDB_PROJECT``/``WANDB_MODE``)."""
     progress: bool = True
     """Show a progress bar."""
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | Literal["selective"] = False
     """Recompute each decoder layer in backward: less activation memory for about a third more
-    compute; turn it on only when memory needs it."""
+    compute; turn it on only when memory needs it. ``selective`` keeps the matmuls' outputs and
+    recomputes only the element-wise ops between them: part of the saving for a few percent
+    more compute (``models/checkpointing.py``)."""
     sharding: Literal["none", "fsdp", "zero1", "zero2"] = "none"
     """With N processes: ``none`` (data parallel: every process holds the whole model and its
     optimizer state), ``fsdp`` (FSDP2: each decoder layer's weights, gradients and AdamW

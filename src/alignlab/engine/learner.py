@@ -68,7 +68,7 @@ class Learner:
         self.precision = resolve_precision(cfg.precision, self.device)
         model.to(self.device)
         if cfg.gradient_checkpointing:
-            enable_gradient_checkpointing(model)
+            enable_gradient_checkpointing(model, cfg.gradient_checkpointing)
         self.sharded = sharding.shard(model, cfg)
         if self.sharded and extra_groups:
             raise ConfigError("field 'train.sharding': 'fsdp' with parameters outside the model "

@@ -107,7 +107,7 @@ def train(model: torch.nn.Module, algorithm: Algorithm, batches: Iterable[dict[s
     model.to(device)
     model.train()
     if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model, cfg.gradient_checkpointing)
     if distributed.active():
         if not hasattr(batches, "shard"):
             raise ConfigError("train: with several processes the micro-batches must come from "

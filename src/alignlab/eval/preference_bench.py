@@ -45,7 +45,8 @@ def benchmark_steps(model: torch.nn.Module, tokenizer: Any, rows: list[dict[str,
                     reference: torch.nn.Module | None = None, precision: str = "auto",
                     device: str = "auto", lr: float = 1e-6, max_length: int | None = None,
                     prefix_sharing: bool | None = None, grad_accum: int = 1,
-                    gradient_checkpointing: bool = False) -> dict[str, Any]:
+                    gradient_checkpointing: bool | str = False,
+                    reference_quantization: str = "none") -> dict[str, Any]:
     """Train ``model`` for ``steps`` optimizer steps of ``loss`` on preference ``rows``
     (prompt/chosen/rejected dicts, the same rows a TRL DPOTrainer gets, or already tokenised
     prompt_ids/chosen_ids/rejected_ids dicts; then ``tokenizer`` only gives the pad id) and time it.
@@ -57,7 +58,9 @@ def benchmark_steps(model: torch.nn.Module, tokenizer: Any, rows: list[dict[str,
     Returns ``tokens``, ``pairs``, ``seconds`` (the training steps, wall clock),
     ``reference_seconds``, ``tokens_per_s``, ``pairs_per_s``, ``layout`` and ``step_seconds``
     (each optimizer step's forward, backward and update, a list). ``gradient_checkpointing``
-    recomputes each decoder layer in backward (``train.gradient_checkpointing``)."""
+    recomputes each decoder layer in backward (``train.gradient_checkpointing``: True, or
+    ``"selective"`` for the element-wise ops only); ``reference_quantization`` ``int8`` runs the
+    reference's decoder matmuls in int8 (``preference.reference_quantization``)."""
     import copy
 
     from alignlab.algorithms.preference.trainer import (
@@ -68,6 +71,8 @@ def benchmark_steps(model: torch.nn.Module, tokenizer: Any, rows: list[dict[str,
     )
     from alignlab.core.config import DataSection
     from alignlab.core.runtime import pick_device, resolve_precision
+    from alignlab.models.loading import freeze
+    from alignlab.models.quantize import quantize_frozen
 
     section = PreferenceSection(loss=loss, beta=beta, prefix_sharing=prefix_sharing)
     plan = plan_losses(section)
@@ -82,7 +87,9 @@ def benchmark_steps(model: torch.nn.Module, tokenizer: Any, rows: list[dict[str,
     prec = resolve_precision(precision, dev)
     t0 = time.perf_counter()
     if plan.needs_reference:
-        ref = reference if reference is not None else copy.deepcopy(model).eval()
+        ref = reference if reference is not None else freeze(copy.deepcopy(model))
+        ref = quantize_frozen(ref, reference_quantization, device=dev, precision=prec,
+                              field="reference_quantization")
         values = compute_reference_logps(ref.to(dev), examples, pad, batch_size=2 * batch_size,
                                          device=dev, precision=prec, layout=layout)
         for e, v in zip(examples, values):

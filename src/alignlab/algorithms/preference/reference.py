@@ -107,20 +107,23 @@ def attach_reference_logps(examples: list[dict[str, Any]], load_model: Any, refe
                            pad_token_id: int, *, output_dir: str | Path, batch_size: int,
                            device: torch.device, precision: str, layout: str | None = None,
                            field: str = "ref_logps", cache_file: str = CACHE_FILE,
-                           per_token: bool = False) -> bool:
+                           per_token: bool = False, quantization: str = "none") -> bool:
     """Set ``example[field]`` for every example, from the cache or by computing them with
     the model ``load_model()`` returns (called on a cache miss, and to fingerprint a reference
     that is not a local directory). Returns True on a hit.
 
     ``layout`` None: prefix sharing when it is exact for the reference model, else padded
-    (always padded or packed when ``per_token``)."""
+    (always padded or packed when ``per_token``). ``quantization`` names what ``load_model``
+    does to the weights (``models/quantize.py``), part of the cache key."""
     path = Path(output_dir) / cache_file
     # Keyed on the reference's content, not its path: new weights saved at the same path recompute.
     fingerprint, model = directory_fingerprint(reference), None
     if fingerprint is None:
         model = load_model()
         fingerprint = module_fingerprint(model)
-    key = reference_key(examples, fingerprint + ("#per_token" if per_token else ""), precision)
+    # the cached values are those of the model as run: per-token, or int8 (``load_model``'s)
+    tags = ("#per_token" if per_token else "") + ("" if quantization == "none" else f"#{quantization}")
+    key = reference_key(examples, fingerprint + tags, precision)
     values = load_reference_cache(path, key)
     hit = values is not None
     if not hit:

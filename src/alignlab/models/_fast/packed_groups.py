@@ -118,8 +118,10 @@ def packed_sequences_hidden(decoder: nn.Module, batch: dict[str, Any]) -> Tensor
         1, 1, lay.length, lay.length)
     # entered (and registered for checkpoint recomputation) in this order: the innermost mode
     # sees SDPA first, so GroupAttention must sit inside CpuAttention
-    with cpu_attention(batch["input_ids"].device), recompute_with(lambda: GroupAttention(lay)), \
-            GroupAttention(lay):
+    # the recomputation re-enters the same instance: its per-pass bias cache, built by the
+    # first layer's forward, is then not rebuilt inside a later layer's selective recomputation
+    attention = GroupAttention(lay)
+    with cpu_attention(batch["input_ids"].device), recompute_with(lambda: attention), attention:
         return decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                        attention_mask=dummy, use_cache=False).last_hidden_state
 
@@ -267,8 +269,9 @@ def _hidden_at(decoder: nn.Module, lay: GroupLayout, rows: Tensor) -> Tensor:
     # the last layer runs its query/output projections and MLP only where a hidden state is read
     needed = _rounded_rows(rows, lay.length)
     dummy = torch.ones((), dtype=torch.bool, device=lay.input_ids.device).expand(1, 1, lay.length, lay.length)
-    contexts = (lambda: last_layer_only_at(decoder, needed), lambda: GroupAttention(lay))
-    with recompute_with(*contexts), contexts[0](), contexts[1]():
+    attention = GroupAttention(lay)  # one instance, re-entered by the recomputation (above)
+    contexts = (lambda: last_layer_only_at(decoder, needed), lambda: attention)
+    with recompute_with(*contexts), contexts[0](), attention:
         hidden = decoder(input_ids=lay.input_ids, position_ids=lay.position_ids,
                          attention_mask=dummy, use_cache=False).last_hidden_state
     return hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
