@@ -61,7 +61,11 @@ METRICS = {"sft": ("grad_norm", "nll_per_token"),
            "online_dpo": ("grad_norm", "logps/chosen", "logps/rejected", "kl_ref",
                           "win_rate_gold"),
            "ppo": ("grad_norm", "reward_mean", "critic_loss", "critic_grad_norm",
-                   "value_rollout_mean", "explained_variance")}
+                   "value_rollout_mean", "explained_variance"),
+           "ppo_shared": ("grad_norm", "reward_mean", "value_loss", "value_rollout_mean",
+                          "explained_variance"),
+           "nlpo": ("grad_norm", "reward_mean", "critic_loss", "critic_grad_norm",
+                    "value_rollout_mean")}
 
 
 @dataclass
@@ -168,17 +172,27 @@ def _online_dpo(world: WorldSection, train: TrainSection, o: Options) -> tuple[A
     return cfg, train_online_dpo
 
 
-def _ppo(world: WorldSection, train: TrainSection, o: Options) -> tuple[Any, Callable]:
-    from alignlab.algorithms.policy_gradient.config import OnlineRLConfig
-    from alignlab.algorithms.policy_gradient.run import train_policy_gradient
-    from alignlab.algorithms.registry import ALGORITHMS
+def _ppo_like(algorithm: str, **rl: Any) -> Callable:
+    def build(world: WorldSection, train: TrainSection, o: Options) -> tuple[Any, Callable]:
+        from alignlab.algorithms.policy_gradient.config import OnlineRLConfig
+        from alignlab.algorithms.policy_gradient.run import train_policy_gradient
+        from alignlab.algorithms.registry import ALGORITHMS
 
-    # The separate critic (a second trained model, its own learner) learns on the same rows;
-    # 4 prompts x 2 completions, one minibatch: one policy and one critic step an iteration.
-    cls: type[OnlineRLConfig] = ALGORITHMS.get("ppo").config_cls
-    cfg = cls(world=world, train=train.model_dump() | {"grad_accum": 1}, rollout=_online(o, 2),
-              rl={"kl_coef": 0.05, "minibatch_size": 8, "epochs": 1})
-    return cfg, lambda c: train_policy_gradient(c, "ppo")
+        # 4 prompts x 2 completions, one minibatch: one policy step an iteration (and one of
+        # the separate critic, a second trained model with its own learner, on the same rows)
+        cls: type[OnlineRLConfig] = ALGORITHMS.get(algorithm).config_cls
+        cfg = cls(world=world, train=train.model_dump() | {"grad_accum": 1},
+                  rollout=_online(o, 2), rl={"kl_coef": 0.05, "minibatch_size": 8, "epochs": 1, **rl})
+        return cfg, lambda c: train_policy_gradient(c, algorithm)
+    return build
+
+
+_ppo = _ppo_like("ppo")
+# PPO's shared critic: a value head on the policy, trained in the policy's loss and optimizer
+_ppo_shared = _ppo_like("ppo", critic="shared")
+# NLPO: its masking policy refreshed from the policy every 2 iterations (after 2, and a run
+# killed after 3 resumes past it)
+_nlpo = _ppo_like("nlpo", nlpo_update_every=2)
 
 
 # The other online preference trainers, as ``online_dpo`` (4 prompts x 2 samples); the extra
@@ -200,7 +214,7 @@ def _online_preference(name: str) -> Callable:
 
 
 BUILDERS = {"sft": _sft, "dpo": _dpo, "reward": _reward, "grpo": _grpo,
-            "online_dpo": _online_dpo, "ppo": _ppo,
+            "online_dpo": _online_dpo, "ppo": _ppo, "ppo_shared": _ppo_shared, "nlpo": _nlpo,
             **{name: _online_preference(name) for name in ONLINE_PREFERENCE}}
 METRICS.update({name: ("grad_norm", "kl_ref") for name in ONLINE_PREFERENCE})
 

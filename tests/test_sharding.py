@@ -42,7 +42,8 @@ FAMILIES = ("sft", "dpo", "reward", "grpo", "online_dpo", "ppo")
 RESUMED = ("sft", "reward", "ppo")  # killed after step 3, resumed from the checkpoint of step 2
 # Online DPO: 4 pairs an iteration, 2 a rank (one micro-batch) against 2 micro-batches of 2 in
 # one process; PPO: 8 rows, 4 a rank, against 2 micro-batches of 4 (the critic's too).
-ONLINE = {"online_dpo": {"micro": 2, "rollout_batch": 4}, "ppo": {"micro": 4, "rollout_batch": 4}}
+ONLINE = {"online_dpo": {"micro": 2, "rollout_batch": 4},
+          **{f: {"micro": 4, "rollout_batch": 4} for f in ("ppo", "ppo_shared", "nlpo")}}
 OPTIONS, ONE_PROCESS = {**OPTIONS, **ONLINE}, {**ONE_PROCESS, **ONLINE}
 SHARDED_MODELS = {"ppo": 2}  # the policy and the critic, each sharded
 FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
@@ -185,19 +186,11 @@ def test_what_is_not_sharded_yet_is_refused(monkeypatch):
     with pytest.raises(ConfigError, match="rollout.backend builtin"):
         sharding.check(vllm)
     from alignlab.algorithms.online_preference.egpo import EGPOConfig
-    from alignlab.algorithms.policy_gradient.run import refuse_sharding
     from alignlab.algorithms.registry import ALGORITHMS
 
     with pytest.raises(ConfigError, match=r"not supported by this trainer \(EGPOConfig\).*"
                                           r"online preference trainers but egpo, ppo"):
         sharding.check(EGPOConfig(train={"sharding": "fsdp"}))
-    nlpo = ALGORITHMS.get("nlpo").config_cls(train={"sharding": "fsdp"})
-    with pytest.raises(ConfigError, match="'train.sharding': 'fsdp' is not supported by nlpo"):
-        refuse_sharding(nlpo, "nlpo")
-    ppo = ALGORITHMS.get("ppo").config_cls
-    with pytest.raises(ConfigError, match="with rl.critic 'shared'.*set rl.critic to 'separate'"):
-        refuse_sharding(ppo(train={"sharding": "fsdp"}, rl={"critic": "shared"}), "ppo")
-    refuse_sharding(ppo(train={"sharding": "fsdp"}), "ppo")  # the separate critic: sharded
     # accelerate's FSDP2 launch asks for it without the field
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "2")
@@ -207,7 +200,7 @@ def test_what_is_not_sharded_yet_is_refused(monkeypatch):
     try:
         sharding.check(OnlineRLConfig(train={"sharding": "fsdp"}))  # grpo-like: runs
         assert not fast_path.fast_paths_enabled()
-        for name in ("reward", "online_dpo", "xpo", "iterative_dpo"):  # opted in
+        for name in ("reward", "online_dpo", "xpo", "iterative_dpo", "nlpo"):  # opted in
             sharding.check(ALGORITHMS.get(name).config_cls(train={"sharding": "fsdp"}))
     finally:
         fast_path.set_fast_paths(True)
@@ -279,6 +272,34 @@ def test_more_trainers_run_sharded(name, tiny_world, world_cache, tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3] and (out / "DONE").exists()
     what = SHARDED_TRAINERS[name][1]
     assert (out / what).exists() if what.endswith(".json") else what in rows[-1]
+
+
+@pytest.mark.slow
+def test_nlpo_and_the_shared_critic_shard_like_one_process(tiny_world, world_cache, tmp_path,
+                                                           family_runs):
+    """NLPO (its masking policy refreshed from the gathered policy) and PPO with a shared critic
+    (the value head whole on every rank beside the sharded policy, its gradient summed, the
+    clipping norm over both) sharded on 2 processes train like one process with accumulation;
+    the shared critic, killed after iteration 3, resumes to the uninterrupted run exactly."""
+    import torch
+
+    plan = [["nlpo", "nlpo", OPTIONS["nlpo"], None],
+            ["ppo_shared", "ppo_shared", OPTIONS["ppo_shared"], None],
+            ["ppo_shared-resumed", "ppo_shared", {**OPTIONS["ppo_shared"], "save_every": 2}, 3]]
+    done = launch(2, [str(tmp_path), json.dumps(plan)], ROOT,
+                  {"ALIGNLAB_TEST_CACHE": world_cache, **FSDP_ENV}, module="tests.fsdp_worker")
+    errors = [line for line in done.stderr.splitlines() if "Error" in line]
+    assert done.returncode == 0, "\n".join(errors[:20]) or done.stderr[-4000:]
+    outcomes = torch.load(tmp_path / "outcomes.pt", weights_only=False)
+    two = {n: Outcome(**{k: v for k, v in o.items() if k != "world_size"})
+           for n, o in outcomes.items() if n != "checks"}
+    for family in ("nlpo", "ppo_shared"):
+        one = family_runs.run(family, **ONE_PROCESS[family], fast=False)
+        assert sorted(two[family].metrics) == [1, 2, 3, 4] and two[family].paths == {"plain"}
+        assert_equivalent(one, two[family])
+    assert two["nlpo"].metrics[4]["nlpo_mask_refreshes"] >= 1  # the refresh was compared too
+    d = difference(two["ppo_shared"], two["ppo_shared-resumed"])
+    assert d.loss == d.weight == d.metric == 0.0, d
 
 
 @pytest.mark.slow

@@ -1,9 +1,11 @@
 """DeepSpeed ZeRO stages 1 and 2 (``train.sharding: zero1|zero2``, ``engine/zero.py``) on 2 CPU
 processes (gloo), with the environment ``accelerate launch`` sets for
-``configs/accelerate/zero2.yaml``: SFT, DPO, a reward model, GRPO, online DPO and PPO (its
-critic a second engine) train like one process with the batch split in 2 accumulated
-micro-batches, fast paths on; killed runs (SFT, PPO) resume to the uninterrupted ones from the
-partitions in the checkpoint; each rank holds half of the AdamW state. The config merge and
+``configs/accelerate/zero2.yaml``: SFT, DPO, a reward model, GRPO, online DPO, PPO (its
+critic a second engine), PPO with a shared critic (the value head partitioned with the policy)
+and NLPO (its masking policy refreshed from the policy) train like one process with the batch
+split in 2 accumulated micro-batches, fast paths on; killed runs (SFT, both PPOs) resume to the
+uninterrupted ones from the partitions in the checkpoint; each rank holds half of the AdamW
+state. The config merge and
 the refusals are tested without DeepSpeed; the runs need it (``pip install
 'alignlab[deepspeed]'``) and skip without it.
 
@@ -27,8 +29,8 @@ from tests.invariant_runs import Outcome, assert_equivalent, difference
 from tests.test_distributed import ONE_PROCESS, OPTIONS, ROOT, launch
 from tests.test_sharding import ONLINE, _Config
 
-FAMILIES = ("sft", "dpo", "reward", "grpo", "online_dpo", "ppo")
-RESUMED = ("sft", "ppo")
+FAMILIES = ("sft", "dpo", "reward", "grpo", "online_dpo", "ppo", "ppo_shared", "nlpo")
+RESUMED = ("sft", "ppo", "ppo_shared")
 OPTIONS, ONE_PROCESS = {**OPTIONS, **ONLINE}, {**ONE_PROCESS, **ONLINE}
 ZERO2_ENV = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2",
              "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "1", "ACCELERATE_GRADIENT_CLIPPING": "1.0",
@@ -113,7 +115,6 @@ def test_what_zero_does_not_run_is_refused(clean_env):
 def test_trainers_not_sharded_yet_are_refused_under_zero(clean_env):
     clean_env.setattr(zero, "check", lambda cfg, processes: zero.stage(cfg))  # no DeepSpeed needed
     from alignlab.algorithms.online_preference.egpo import EGPOConfig
-    from alignlab.algorithms.policy_gradient.run import refuse_sharding
     from alignlab.algorithms.registry import ALGORITHMS
 
     with pytest.raises(ConfigError, match=r"'zero2' is not supported by this trainer \(EGPOConfig\)"):
@@ -122,9 +123,6 @@ def test_trainers_not_sharded_yet_are_refused_under_zero(clean_env):
         lora = _Config(sharding="zero1")
         lora.model = lora.model.model_copy(update={"lora": {"r": 4}})
         sharding.check(lora)
-    nlpo = ALGORITHMS.get("nlpo").config_cls(train={"sharding": "zero2"})
-    with pytest.raises(ConfigError, match="'zero2' is not supported by nlpo"):
-        refuse_sharding(nlpo, "nlpo", "zero2")
     from alignlab.models import fast_path
 
     sharding.check(ALGORITHMS.get("dpo").config_cls(train={"sharding": "zero2"}))

@@ -25,7 +25,6 @@ from typing import Any
 import torch
 
 from alignlab.core.config import TrainSection
-from alignlab.core.errors import ConfigError
 from alignlab.core.runtime import pick_device, resolve_precision
 from alignlab.engine import distributed, sharding, zero
 from alignlab.engine.loop import (
@@ -57,7 +56,8 @@ class Learner:
     """Owns the trained model, its optimizer and schedule; ``update(units) -> metrics``.
 
     ``extra_groups`` are parameter groups trained by the same optimizer (a shared critic's
-    value head with its own lr). The LR schedule advances once per ``update``."""
+    value head with its own lr): under FSDP2 they stay whole on every rank, under ZeRO they join
+    the engine's partitions. The LR schedule advances once per ``update``."""
 
     def __init__(self, model: torch.nn.Module, objective: Algorithm, cfg: TrainSection, *,
                  epochs: int = 1, minibatch_size: int | None = None,
@@ -69,10 +69,9 @@ class Learner:
         model.to(self.device)
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(model, cfg.gradient_checkpointing)
+        # parameters outside the model (a shared critic's value head) stay whole on every rank
+        # under FSDP2, their gradients summed like data parallel's (``optimizer_step``)
         self.sharded = sharding.shard(model, cfg)
-        if self.sharded and extra_groups:
-            raise ConfigError("field 'train.sharding': 'fsdp' with parameters outside the model "
-                              "(a shared critic's value head) is not supported yet")
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(model, cfg)
         for group in extra_groups:

@@ -81,8 +81,7 @@ def check(cfg: Any) -> None:
     ``zero.check`` refuses first): LoRA, asynchronous or vLLM rollouts, trainers not listed in
     ``docs/scaling.md`` (the preference model, EGPO, whose extrapolation step trains and
     restores the policy inside its sampling). A trainer's config class opts in with
-    ``SHARDABLE = True``; NLPO and PPO's shared critic are refused by
-    ``policy_gradient/run.py``. Under FSDP2 the fast paths are then turned off, before a
+    ``SHARDABLE = True``. Under FSDP2 the fast paths are then turned off, before a
     trainer picks a batch layout by them (ZeRO-1/2 keep the whole weights on every rank)."""
     zero.check(cfg.train, distributed.world_size())
     kind = sharded_by(cfg.train)
@@ -92,8 +91,8 @@ def check(cfg: Any) -> None:
     if not getattr(type(cfg), "SHARDABLE", False):
         raise ConfigError(f"field 'train.sharding': '{kind}' is not supported by this trainer "
                           f"({name}) yet; it runs with sft, the preference (DPO) family, reward "
-                          "models, the online preference trainers but egpo, ppo (separate "
-                          "critic) and the grpo-like policy-gradient trainers (docs/scaling.md); "
+                          "models, the online preference trainers but egpo, ppo (either "
+                          "critic), nlpo and the grpo-like policy-gradient trainers (docs/scaling.md); "
                           "set it to 'none' (data parallel)")
     model = getattr(cfg, "model", None)
     if model is not None and model.lora is not None:
@@ -227,8 +226,21 @@ def optimizer_state_dict(model: nn.Module, opt: torch.optim.Optimizer) -> dict[s
         get_optimizer_state_dict,
     )
 
-    return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True,
-                                                                          cpu_offload=True))
+    return get_optimizer_state_dict(_holder(model, opt), opt, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True))
+
+
+def _holder(model: nn.Module, opt: torch.optim.Optimizer) -> nn.Module:
+    """``model``, or a module holding it and the optimizer's parameters outside it (a shared
+    critic's value head): torch's optimizer state dicts name every parameter by its path in the
+    module they are given."""
+    own = {id(p) for p in model.parameters()}
+    extra = [p for g in opt.param_groups for p in g["params"] if id(p) not in own]
+    if not extra:
+        return model
+    holder = nn.Module()
+    holder.model, holder.extra = model, nn.ParameterList(extra)
+    return holder
 
 
 def load_optimizer_state_dict(model: nn.Module, opt: torch.optim.Optimizer,
@@ -241,7 +253,8 @@ def load_optimizer_state_dict(model: nn.Module, opt: torch.optim.Optimizer,
         set_optimizer_state_dict,
     )
 
-    set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(_holder(model, opt), opt, state,
+                             options=StateDictOptions(full_state_dict=True))
 
 
 def holds_shards(params: Sequence[torch.Tensor]) -> bool:
@@ -252,16 +265,26 @@ def holds_shards(params: Sequence[torch.Tensor]) -> bool:
 
 
 def grad_norm(params: Sequence[torch.Tensor], max_norm: float | None) -> torch.Tensor:
-    """The global gradient norm (clipped to ``max_norm`` when given) of sharded parameters: the
-    norm over every rank's shards, the same on every rank."""
+    """The global gradient norm (clipped to ``max_norm`` when given) of sharded parameters, and
+    of whole ones beside them (a shared critic's value head, its gradient already summed over
+    the ranks): the norm over every rank's shards, the same on every rank."""
     from torch.distributed.tensor import DTensor
 
-    if max_norm:
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    else:
-        grads = [p.grad for p in params if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
-    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+    grads = [p.grad for p in params if p.grad is not None]
+    shards = [g for g in grads if isinstance(g, DTensor)]
+    whole = [g for g in grads if not isinstance(g, DTensor)]
+    norms = []
+    if shards:
+        n = torch.nn.utils.get_total_norm(shards)
+        norms.append(n.full_tensor() if isinstance(n, DTensor) else n)
+    if whole:
+        norms.append(torch.nn.utils.get_total_norm(whole))
+    norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.tensor(0.0)
+    if max_norm:  # clip_grad_norm_'s rule (in float32), which cannot mix DTensor and tensor norms
+        coef = float(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+        for g in grads:
+            g.mul_(coef)
+    return norm
 
 
 __all__ = ["FAST_PATHS_OFF", "accelerate_fsdp", "check", "decoder_layers", "full_state_dict",

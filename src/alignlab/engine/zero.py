@@ -148,9 +148,12 @@ class _Objective(torch.nn.Module):
     forward marks its outputs so their backward pass enters ZeRO's gradient hooks (the log-prob
     interface calls the model's sub-modules, which the engine would not see)."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, extra: list[torch.nn.Parameter]) -> None:
         super().__init__()
         self.model = model
+        # parameters the optimizer trains beside the model's (a shared critic's value head):
+        # registered here too, so the engine partitions and reduces them with the model's
+        self.extra = torch.nn.ParameterList(extra)
         self.algorithm: Any = None
 
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -164,14 +167,14 @@ class ZeroOptimizer:
     every rank's partition."""
 
     def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainSection,
-                 zero_stage: int) -> None:
+                 zero_stage: int, extra: list[torch.nn.Parameter] | None = None) -> None:
         import deepspeed
 
         # DeepSpeed flattens each group: an empty one (no no-decay parameter) has nothing to hold
         opt.param_groups[:] = [g for g in opt.param_groups if g["params"]]
         self.base, self.stage = opt, zero_stage
         self.processes = distributed.world_size()
-        self.objective = _Objective(model)
+        self.objective = _Objective(model, extra or [])
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=self.objective, optimizer=opt, config=ds_config(cfg, self.processes),
             dist_init_required=False)
@@ -236,10 +239,8 @@ def wrap(model: torch.nn.Module, opt: torch.optim.Optimizer,
     if not s or not distributed.active():
         return opt
     own = {id(p) for p in model.parameters()}
-    if any(id(p) not in own for g in opt.param_groups for p in g["params"]):
-        raise ConfigError(f"field 'train.sharding': 'zero{s}' with parameters outside the model "
-                          "(a shared critic's value head) is not supported yet")
-    return ZeroOptimizer(model, opt, cfg, s)
+    extra = [p for g in opt.param_groups for p in g["params"] if id(p) not in own]
+    return ZeroOptimizer(model, opt, cfg, s, extra)
 
 
 def even_backwards(opt: Any) -> bool:

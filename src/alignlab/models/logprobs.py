@@ -107,13 +107,7 @@ def _token_logprobs(model: nn.Module, batch: dict[str, Any], path: FastPath,
                                    with_entropy=return_entropy)
     else:
         logits = model(**backbone_kwargs(batch)).logits
-        rows = logits[:, :-1][scored]
-        # The model already built the full logits; the float32 copy is kept to scored rows only.
-        with torch.autocast(rows.device.type, enabled=False):
-            z = rows.float() / temperature
-            logz = torch.log_softmax(z, dim=-1)
-            lp = logz.gather(-1, targets[:, None]).squeeze(-1)
-            ent = -(logz.exp() * logz).sum(-1) if return_entropy else None
+        lp, ent = _full_logit_logprobs(logits[:, :-1][scored], targets, temperature, return_entropy)
     out = _scatter_scored(lp, scored, input_ids.shape)
     return (out, _scatter_scored(ent, scored, input_ids.shape)) if return_entropy else out
 
@@ -143,6 +137,16 @@ def token_logprobs(model: nn.Module, batch: dict[str, Any], *, temperature: floa
         path, groups = route(model, batch, prefix_sharing)
     return _token_logprobs(model, batch, path, groups, temperature=temperature,
                            chunk_size=chunk_size, return_entropy=return_entropy, chunked=chunked)
+
+
+def _full_logit_logprobs(rows: Tensor, targets: Tensor, temperature: float,
+                         with_entropy: bool) -> tuple[Tensor, Tensor | None]:
+    """``(log p(target), entropy or None)`` of the scored rows of a model's own full logits."""
+    # The model already built the full logits; the float32 copy is kept to scored rows only.
+    with torch.autocast(rows.device.type, enabled=False):
+        logz = torch.log_softmax(rows.float() / temperature, dim=-1)
+        lp = logz.gather(-1, targets[:, None]).squeeze(-1)
+        return lp, (-(logz.exp() * logz).sum(-1) if with_entropy else None)
 
 
 def restricted_token_logprobs(model: nn.Module, batch: dict[str, Any], allowed: Tensor, *,
@@ -316,12 +320,21 @@ def logprobs_and_values(model: nn.Module, value_head: nn.Linear, batch: dict[str
     them: ``V(s_t) = value_head(h_{t-1})``, read from the hidden state that predicts token t
     (a value head on the policy's own backbone, PPO's ``rl.critic: shared``)."""
     parts = find_backbone_and_head(model)
+    scored = scored_positions(batch)
     if parts is None:
-        raise ConfigError("logprobs_and_values needs a policy with a plain output embedding "
-                          "(its hidden states feed the value head)")
+        # No parts to call (FSDP2 gathers weights in the root's own forward): one forward of the
+        # root, its full logits and its last hidden state (after the final norm, what the
+        # decoder returns), the value head on the same rows.
+        out = model(**backbone_kwargs(batch), output_hidden_states=True)
+        rows = out.hidden_states[-1][:, :-1][scored]
+        lp, ent = _full_logit_logprobs(out.logits[:, :-1][scored],
+                                       batch["input_ids"][:, 1:][scored], temperature, with_entropy)
+        values = value_head(rows.float()).squeeze(-1)
+        shape = batch["input_ids"].shape
+        return (_scatter_scored(lp, scored, shape), _scatter_scored(values, scored, shape),
+                _scatter_scored(ent, scored, shape) if with_entropy else None)
     decoder, head = parts
     path, groups = route(model, batch, prefix_sharing)
-    scored = scored_positions(batch)
     if path.name == "group_pass":
         rows, targets = _shared.group_predictor_hidden(decoder, batch, groups)
     else:

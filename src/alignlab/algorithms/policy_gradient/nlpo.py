@@ -25,6 +25,7 @@ from transformers import DynamicCache
 
 from alignlab.algorithms.policy_gradient.objective import PolicyObjective
 from alignlab.algorithms.policy_gradient.ppo import PPO
+from alignlab.engine import sharding
 from alignlab.models.adapters import adapter_state_dict, frozen_copy, load_adapter_state_dict
 from alignlab.models.logprobs import next_token_logits, restricted_token_logprobs
 from alignlab.rollout.filters import top_p_filter
@@ -52,7 +53,10 @@ class ActionMask:
         """π_ψ ← π at every ``update_every``-th iteration (not at 0: π_ψ starts as π)."""
         if iteration == 0 or iteration % self.update_every or iteration == self.refreshed_at:
             return False
-        load_adapter_state_dict(self.model, adapter_state_dict(policy))  # LoRA: the base is shared
+        if sharding.is_sharded(policy):  # FSDP2: the full weights, gathered on every rank
+            self.model.load_state_dict(sharding.gathered_state_dict(policy))
+        else:  # LoRA: the adapters (the base is shared); ZeRO-1/2 keep whole weights on each rank
+            load_adapter_state_dict(self.model, adapter_state_dict(policy))
         self.refreshes += 1
         self.refreshed_at = iteration
         return True

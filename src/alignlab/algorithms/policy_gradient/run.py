@@ -36,7 +36,6 @@ from alignlab.algorithms.policy_gradient.spec import RL_ALGORITHMS, RLAlgorithm
 from alignlab.algorithms.registry import ALGORITHMS, AlgorithmEntry
 from alignlab.core.errors import ConfigError
 from alignlab.core.runtime import pick_device, seed_everything
-from alignlab.engine import distributed, sharding
 from alignlab.engine.controller import OnlineRun, OnlineSetup, run_online
 from alignlab.engine.learner import Learner
 from alignlab.engine.placement import open_placement, refuse_ray
@@ -83,21 +82,6 @@ def make_objective(spec: RLAlgorithm, cfg: OnlineRLConfig, max_tokens: int, *,
         loss_kwargs=rl.policy_loss_kwargs, rollout_correction=correction)
 
 
-def refuse_sharding(cfg: OnlineRLConfig, algorithm: str, kind: str = "fsdp") -> None:
-    """A ConfigError naming the field for what ``train.sharding`` (``kind``: fsdp, zero1,
-    zero2) does not run yet here: NLPO, and PPO's shared critic (PPO's separate critic is
-    sharded like the policy)."""
-    cls = ALGORITHM_CLASSES.get(algorithm, PolicyGradient)
-    if cls is NLPO:
-        raise ConfigError(f"field 'train.sharding': '{kind}' is not supported by {algorithm} yet "
-                          "(its masking policy is a copy of the policy refreshed while it "
-                          "samples); set it to 'none'")
-    if issubclass(cls, PPO) and cfg.rl.critic == "shared":
-        raise ConfigError(f"field 'train.sharding': '{kind}' with rl.critic 'shared' is not "
-                          "supported yet (the value head is trained outside the sharded "
-                          "model); set rl.critic to 'separate' (the critic is sharded too)")
-
-
 def train_policy_gradient(cfg: OnlineRLConfig, algorithm: str) -> OnlineRun:
     """Train ``cfg.train.max_steps`` RL iterations of ``algorithm`` and save the final policy."""
     prepare_run(cfg)  # before anything slow is loaded
@@ -110,8 +94,6 @@ def train_policy_gradient(cfg: OnlineRLConfig, algorithm: str) -> OnlineRun:
         raise ConfigError(f"field 'rl.max_staleness': {algorithm} samples from the current "
                           "policy inside its iteration (a greedy baseline, a masking policy), "
                           "which a rollout thread sampling ahead would race; set 0")
-    if sharding.sharded_by(cfg.train) and distributed.active():
-        refuse_sharding(cfg, algorithm, sharding.sharded_by(cfg.train))
     if cls is NLPO and cfg.rl.critic == "shared":
         raise ConfigError("field 'rl.critic': nlpo takes a separate critic (its policy "
                           "log-probs are restricted to the action mask); use 'separate'")
