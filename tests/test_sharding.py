@@ -185,12 +185,12 @@ def test_what_is_not_sharded_yet_is_refused(monkeypatch):
     vllm = OnlineRLConfig(train={"sharding": "fsdp"}, rollout={"backend": "vllm"})
     with pytest.raises(ConfigError, match="rollout.backend builtin"):
         sharding.check(vllm)
-    from alignlab.algorithms.online_preference.egpo import EGPOConfig
+    from alignlab.algorithms.preference_model.trainer import PreferenceModelConfig
     from alignlab.algorithms.registry import ALGORITHMS
 
-    with pytest.raises(ConfigError, match=r"not supported by this trainer \(EGPOConfig\).*"
-                                          r"online preference trainers but egpo, ppo"):
-        sharding.check(EGPOConfig(train={"sharding": "fsdp"}))
+    with pytest.raises(ConfigError, match=r"not supported by this trainer "
+                                          r"\(PreferenceModelConfig\).*online preference trainers"):
+        sharding.check(PreferenceModelConfig(train={"sharding": "fsdp"}))
     # accelerate's FSDP2 launch asks for it without the field
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "2")
@@ -200,7 +200,7 @@ def test_what_is_not_sharded_yet_is_refused(monkeypatch):
     try:
         sharding.check(OnlineRLConfig(train={"sharding": "fsdp"}))  # grpo-like: runs
         assert not fast_path.fast_paths_enabled()
-        for name in ("reward", "online_dpo", "xpo", "iterative_dpo", "nlpo"):  # opted in
+        for name in ("reward", "online_dpo", "xpo", "iterative_dpo", "nlpo", "egpo"):  # opted in
             sharding.check(ALGORITHMS.get(name).config_cls(train={"sharding": "fsdp"}))
     finally:
         fast_path.set_fast_paths(True)

@@ -1,11 +1,11 @@
 """DeepSpeed ZeRO stages 1 and 2 (``train.sharding: zero1|zero2``, ``engine/zero.py``) on 2 CPU
 processes (gloo), with the environment ``accelerate launch`` sets for
 ``configs/accelerate/zero2.yaml``: SFT, DPO, a reward model, GRPO, online DPO, PPO (its
-critic a second engine), PPO with a shared critic (the value head partitioned with the policy)
-and NLPO (its masking policy refreshed from the policy) train like one process with the batch
-split in 2 accumulated micro-batches, fast paths on; killed runs (SFT, both PPOs) resume to the
-uninterrupted ones from the partitions in the checkpoint; each rank holds half of the AdamW
-state. The config merge and
+critic a second engine), PPO with a shared critic (the value head partitioned with the policy),
+NLPO (its masking policy refreshed from the policy) and EGPO (its extrapolation step undone from
+each rank's own partition) train like one process with the batch split in 2 accumulated
+micro-batches, fast paths on; killed runs (SFT, both PPOs, EGPO) resume to the uninterrupted
+ones from the partitions in the checkpoint; each rank holds half of the AdamW state. The config merge and
 the refusals are tested without DeepSpeed; the runs need it (``pip install
 'alignlab[deepspeed]'``) and skip without it.
 
@@ -29,8 +29,9 @@ from tests.invariant_runs import Outcome, assert_equivalent, difference
 from tests.test_distributed import ONE_PROCESS, OPTIONS, ROOT, launch
 from tests.test_sharding import ONLINE, _Config
 
-FAMILIES = ("sft", "dpo", "reward", "grpo", "online_dpo", "ppo", "ppo_shared", "nlpo")
-RESUMED = ("sft", "ppo", "ppo_shared")
+FAMILIES = ("sft", "dpo", "reward", "grpo", "online_dpo", "ppo", "ppo_shared", "nlpo", "egpo")
+RESUMED = ("sft", "ppo", "ppo_shared", "egpo")
+ONLINE = {**ONLINE, "egpo": ONLINE["online_dpo"]}  # EGPO: 4 judged pairs, one extrapolation step
 OPTIONS, ONE_PROCESS = {**OPTIONS, **ONLINE}, {**ONE_PROCESS, **ONLINE}
 ZERO2_ENV = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2",
              "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "1", "ACCELERATE_GRADIENT_CLIPPING": "1.0",
@@ -114,11 +115,12 @@ def test_what_zero_does_not_run_is_refused(clean_env):
 
 def test_trainers_not_sharded_yet_are_refused_under_zero(clean_env):
     clean_env.setattr(zero, "check", lambda cfg, processes: zero.stage(cfg))  # no DeepSpeed needed
-    from alignlab.algorithms.online_preference.egpo import EGPOConfig
+    from alignlab.algorithms.preference_model.trainer import PreferenceModelConfig
     from alignlab.algorithms.registry import ALGORITHMS
 
-    with pytest.raises(ConfigError, match=r"'zero2' is not supported by this trainer \(EGPOConfig\)"):
-        sharding.check(EGPOConfig(train={"sharding": "zero2"}))
+    with pytest.raises(ConfigError, match=r"'zero2' is not supported by this trainer "
+                                          r"\(PreferenceModelConfig\)"):
+        sharding.check(PreferenceModelConfig(train={"sharding": "zero2"}))
     with pytest.raises(ConfigError, match="'zero1' with model.lora"):
         lora = _Config(sharding="zero1")
         lora.model = lora.model.model_copy(update={"lora": {"r": 4}})

@@ -30,7 +30,7 @@ import contextlib
 import statistics
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
@@ -61,6 +61,11 @@ class OnlineAlgorithm(ABC):
     @abstractmethod
     def judge(self, rows: Rows, rollouts: Rollouts, metrics: dict[str, float]) -> Any:
         """Score the rollouts (rows are the prompts' data rows, one per prompt)."""
+
+    trains_in_make_batches = False
+    """True for an algorithm whose ``make_batches`` runs an update of its own (EGPO's
+    extrapolation step): under FSDP2 it then runs outside the gathered weights (no backward may
+    run inside), and gathers what it samples or scores itself with :func:`gathered`."""
 
     @abstractmethod
     def make_batches(self, rows: Rows, rollouts: Rollouts, judged: Any,
@@ -151,9 +156,7 @@ def run_online(setup: OnlineSetup, cfg: TrainSection, description: str) -> Train
             m: dict[str, float] = {}
             t0 = time.time()
             # FSDP2: sampling and no-grad scoring run as many forwards as each rank's rows need
-            with contextlib.ExitStack() as gathered:
-                for model in (learner.model, *algorithm.scoring_models()):
-                    gathered.enter_context(sharding.full_weights(model))
+            with gathered(learner, algorithm):
                 algorithm.begin_iteration(it)
                 rolls, staleness = source.get(it, rows)
                 if setup.max_staleness:
@@ -165,8 +168,11 @@ def run_online(setup: OnlineSetup, cfg: TrainSection, description: str) -> Train
                                                                  rolls.completions))
                 _rollout_metrics(rolls, m)
                 t2 = time.time()
+                if not algorithm.trains_in_make_batches:
+                    units = algorithm.make_batches(rows, rolls, judged, m)
+            if algorithm.trains_in_make_batches:
                 units = algorithm.make_batches(rows, rolls, judged, m)
-                t3 = time.time()
+            t3 = time.time()
             n = units.n if units is not None else 0
             if distributed.active():  # every rank updates, or none does
                 n = int(distributed.global_sum([n])[0])
@@ -190,6 +196,16 @@ def run_online(setup: OnlineSetup, cfg: TrainSection, description: str) -> Train
                             f"iterations were skipped (nothing scored or judged to learn from); "
                             f"see {run.output_dir / 'metrics.jsonl'}")
     return TrainResult(cfg.max_steps, run.history, run.output_dir, seconds)
+
+
+@contextlib.contextmanager
+def gathered(learner: Learner, algorithm: OnlineAlgorithm) -> Iterator[None]:
+    """Under FSDP2, the policy's and ``algorithm.scoring_models()``' weights gathered on every
+    rank (``sharding.full_weights``; collective, no backward inside); else nothing."""
+    with contextlib.ExitStack() as stack:
+        for model in (learner.model, *algorithm.scoring_models()):
+            stack.enter_context(sharding.full_weights(model))
+        yield
 
 
 # Per-iteration counts (and running totals) of one rank's prompts: summed over the ranks, also
@@ -242,4 +258,4 @@ def _rollout_metrics(rolls: Rollouts, m: dict[str, float]) -> None:
     m["frac_hit_length_limit"] = length_limit_fraction(rolls.finish_reasons)  # warns once a run
 
 
-__all__ = ["OnlineAlgorithm", "OnlineRun", "OnlineSetup", "run_online"]
+__all__ = ["OnlineAlgorithm", "OnlineRun", "OnlineSetup", "gathered", "run_online"]

@@ -18,6 +18,7 @@ backwards are collectives).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -145,6 +146,20 @@ class Learner:
             sample = sample if sample is not None else donated
         return [sample] * (most - len(micro)) if len(micro) < most else []
 
+    def snapshot(self) -> dict[str, Any]:
+        """This rank's own copy of the weights, optimizer and schedule, on the CPU, for
+        :meth:`restore` in the same run (EGPO's extrapolation step is undone so): no collective,
+        FSDP2's shards and ZeRO's partition as this rank holds them."""
+        return {"weights": _to_cpu(self.model.state_dict()),
+                "optimizer": _to_cpu(zero.local_state_dict(self.optimizer)),
+                "scheduler": copy.deepcopy(self.scheduler.state_dict())}
+
+    def restore(self, snap: dict[str, Any]) -> None:
+        """Back to a :meth:`snapshot`: the weights in place (the optimizer's tensors stay)."""
+        self.model.load_state_dict(snap["weights"])
+        zero.load_local_state_dict(self.optimizer, snap["optimizer"])
+        self.scheduler.load_state_dict(snap["scheduler"])
+
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": sharding.optimizer_state_dict(self.model, self.optimizer),
                 "scheduler": self.scheduler.state_dict(),
@@ -155,3 +170,14 @@ class Learner:
         self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])
         self.updates = int(state["updates"])
+
+
+def _to_cpu(state: Any) -> Any:
+    """A deep copy of ``state`` with every tensor (DTensor shards too) detached and on the CPU."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: _to_cpu(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_to_cpu(v) for v in state)
+    return copy.deepcopy(state)

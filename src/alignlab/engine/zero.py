@@ -211,10 +211,21 @@ class ZeroOptimizer:
     def state_dict(self) -> dict[str, Any]:
         """Every rank's partition on rank 0, which writes the checkpoint (``partitions`` is None
         on the others); a collective: every rank must call it."""
-        own = {k: v for k, v in self.optimizer.state_dict().items() if k not in _OBJECTS}
-        if "zero_stage" in own:  # an IntEnum: weights_only loading takes the int
-            own["zero_stage"] = int(own["zero_stage"])
+        own = self.local_state_dict()  # its zero_stage an int: weights_only loading takes it
         return {"zero_stage": self.stage, "partitions": distributed.gather_to_main(own)}
+
+    def local_state_dict(self) -> dict[str, Any]:
+        """This rank's partition alone (no collective), for :meth:`load_local_state_dict`."""
+        own = {k: v for k, v in self.optimizer.state_dict().items() if k not in _OBJECTS}
+        if "zero_stage" in own:
+            own["zero_stage"] = int(own["zero_stage"])
+        return own
+
+    def load_local_state_dict(self, own: dict[str, Any]) -> None:
+        """Back to this rank's partition of :meth:`local_state_dict`. DeepSpeed merges the
+        partitions it is given and takes this rank's slice: given this rank's own in every
+        slot, the slice is its own (the partitions are of equal, aligned size)."""
+        self.optimizer.load_state_dict([own] * self.processes, load_from_fp32_weights=True)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         parts = state.get("partitions")
@@ -264,10 +275,24 @@ def loss_of(opt: Any, algorithm: Any, model: torch.nn.Module,
     return out.loss_sum, out.metrics
 
 
+def local_state_dict(opt: Any) -> dict[str, Any]:
+    """``opt``'s state as this rank holds it (no collective): ZeRO's own partition, else
+    ``opt.state_dict()`` (FSDP2's shards are this rank's)."""
+    return opt.local_state_dict() if isinstance(opt, ZeroOptimizer) else opt.state_dict()
+
+
+def load_local_state_dict(opt: Any, state: dict[str, Any]) -> None:
+    """Load what :func:`local_state_dict` gave, on the same rank of the same run."""
+    if isinstance(opt, ZeroOptimizer):
+        opt.load_local_state_dict(state)
+    else:
+        opt.load_state_dict(state)
+
+
 def torch_optimizer(opt: Any) -> torch.optim.Optimizer:
     """The torch optimizer whose parameter groups carry the learning rate (for the schedule)."""
     return opt.base if isinstance(opt, ZeroOptimizer) else opt
 
 
-__all__ = ["STAGES", "ZeroOptimizer", "backward_of", "check", "ds_config", "even_backwards", "launch_config", "loss_of",
-           "stage", "torch_optimizer", "wrap"]
+__all__ = ["STAGES", "ZeroOptimizer", "backward_of", "check", "ds_config", "even_backwards", "launch_config",
+           "load_local_state_dict", "local_state_dict", "loss_of", "stage", "torch_optimizer", "wrap"]

@@ -33,10 +33,9 @@ from a geometric mixture with π_ref; not here). Each iteration labels two round
 
 from __future__ import annotations
 
-import copy
 import statistics
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -66,13 +65,22 @@ from alignlab.core.config import (
     Section,
     WorldSection,
 )
-from alignlab.engine.controller import OnlineRun
+from alignlab.engine import distributed
+from alignlab.engine.controller import OnlineRun, gathered
 from alignlab.engine.learner import Learner, Units
 from alignlab.losses.online_preference import online_ipo
 from alignlab.rollout.role import Rollouts
 
 EXTRAPOLATED_SAMPLES = 3_000_003
 """Seed offset of π_{t+1/2}'s samples (apart from the controller's and ``common``'s)."""
+
+
+def _no_rows(idx: torch.Tensor) -> dict[str, Any]:
+    raise AssertionError("a rank without pairs was asked for a micro-batch")
+
+
+NO_UNITS = Units(0, _no_rows)
+"""A rank's share of an update it has no pairs for (the learner pads it under sharding)."""
 
 
 class EGPOSection(MonitorFields):
@@ -85,6 +93,8 @@ class EGPOSection(MonitorFields):
 
 
 class EGPOConfig(Section):
+    SHARDABLE: ClassVar[bool] = True  # train.sharding: fsdp, zero1/2 (engine/sharding.py)
+
     model: ModelSection = ModelSection()
     world: WorldSection = WorldSection()
     train: OnlineTrainSection = OnlineTrainSection(output_dir="runs/egpo", lr=5e-6)
@@ -116,25 +126,6 @@ class GamePairs:
     pairs: list[Pair]
     win_margin: list[float]
     ref_logps: torch.Tensor
-
-
-@dataclass
-class Snapshot:
-    """θ_t and the optimizer's and schedule's state, on the CPU."""
-
-    weights: dict[str, torch.Tensor]
-    optimizer: dict[str, Any]
-    scheduler: dict[str, Any]
-
-
-def _to_cpu(state: Any) -> Any:
-    if isinstance(state, torch.Tensor):
-        return state.detach().to("cpu", copy=True)
-    if isinstance(state, dict):
-        return {k: _to_cpu(v) for k, v in state.items()}
-    if isinstance(state, list):
-        return [_to_cpu(v) for v in state]
-    return copy.deepcopy(state)
 
 
 class EGPO(OnlinePreference):
@@ -169,33 +160,29 @@ class EGPO(OnlinePreference):
         self.monitor(rows, rollouts, metrics, game.ref_logps)
         return game
 
-    def snapshot(self) -> Snapshot:
-        learner = self.learner
-        return Snapshot(_to_cpu(learner.model.state_dict()), _to_cpu(learner.optimizer.state_dict()),
-                        copy.deepcopy(learner.scheduler.state_dict()))
-
-    def restore(self, snap: Snapshot) -> None:
-        self.learner.model.load_state_dict(snap.weights)  # in place: the optimizer's tensors stay
-        self.learner.optimizer.load_state_dict(snap.optimizer)
-        self.learner.scheduler.load_state_dict(snap.scheduler)
+    trains_in_make_batches = True  # the extrapolation step (controller.OnlineAlgorithm)
 
     def make_batches(self, rows: list[dict[str, Any]], rollouts: Rollouts, judged: GamePairs,
                      metrics: dict[str, float]) -> Units | None:
         metrics["pairs"] = len(judged.pairs)
-        if not judged.pairs:
+        # with N processes every rank steps, or none: a rank without pairs of its own takes part
+        if not int(distributed.global_sum([len(judged.pairs)])[0]):
             return None
-        # a, b. the extrapolation step from θ_t, on the game at π_t
-        theta_t = self.snapshot()
-        half = self.learner.update(self.units(rollouts, judged))
+        # a, b. the extrapolation step from θ_t, on the game at π_t (every rank takes part,
+        # with or without pairs of its own: the learner's update is collective)
+        theta_t = self.learner.snapshot()  # this rank's shards/partition under sharding
+        half = self.learner.update(self.units(rollouts, judged) if judged.pairs else NO_UNITS)
         metrics.update({f"extrapolation/{k}": v for k, v in half.items() if k != "lr"})
-        # c. the game at π_{t+1/2}: its samples on the same prompts, judged
-        n = len(rollouts.completions) // len(rows)
-        self.parts.rollout.sync_weights()  # a sampler with its own weights (Ray) takes θ_{t+1/2}
-        extrapolated = self.parts.rollout.generate(
-            [r["prompt"] for r in rows], n,
-            seed=self.seed * 7919 + self.iteration + EXTRAPOLATED_SAMPLES)
-        counts: dict[str, float] = {}
-        game = self.game(extrapolated, counts)
+        # c. the game at π_{t+1/2}: its samples on the same prompts, judged (under FSDP2 with
+        # the weights gathered: ranks sample different numbers of forwards)
+        n = len(rollouts.completions) // max(len(rows), 1)
+        with gathered(self.learner, self):
+            self.parts.rollout.sync_weights()  # a sampler with its own weights (Ray) takes θ_{t+1/2}
+            extrapolated = self.parts.rollout.generate(
+                [r["prompt"] for r in rows], n,
+                seed=self.seed * 7919 + self.iteration + EXTRAPOLATED_SAMPLES)
+            counts: dict[str, float] = {}
+            game = self.game(extrapolated, counts)
         for key in ("labels", "ties", "dropped_identical", "skipped"):
             if key in counts:
                 metrics[key] = metrics.get(key, 0) + counts[key]
@@ -205,7 +192,7 @@ class EGPO(OnlinePreference):
             metrics["extrapolated_gold_mean"] = statistics.fmean(
                 self.parts.start.gold(extrapolated.prompts, extrapolated.completions))
         # d. back to θ_t; the controller's update steps from there on π_{t+1/2}'s game
-        self.restore(theta_t)
+        self.learner.restore(theta_t)
         return self.units(extrapolated, game) if game.pairs else None
 
 
