@@ -234,8 +234,14 @@ def _one_thread():
 
 
 def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The full weights; a model sharded by FSDP2 gathers them (every rank calls this)."""
+    """The full weights; a model sharded by FSDP2 or ZeRO-3 gathers them (every rank calls
+    this)."""
     from torch.distributed.tensor import DTensor
+
+    from alignlab.engine import zero3
+
+    if zero3.partitioned(model):
+        return {k: v.clone() for k, v in zero3.state_dict(model, everywhere=True).items()}
 
     return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().clone()
             for k, v in model.state_dict().items()}

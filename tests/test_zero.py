@@ -103,8 +103,9 @@ def test_accelerate_launch_environment_and_config_file(clean_env, tmp_path):
 
 def test_what_zero_does_not_run_is_refused(clean_env):
     clean_env.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    clean_env.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
-    with pytest.raises(ConfigError, match="ZeRO stage 3.*FSDP2.*train.sharding=fsdp"):
+    clean_env.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "4")
+    with pytest.raises(ConfigError, match="zero_optimization.stage: 4; alignlab runs DeepSpeed "
+                                          "ZeRO stages 1, 2 and 3"):
         zero.check(TrainSection(), 2)
     clean_env.delenv("ACCELERATE_USE_DEEPSPEED")
     clean_env.setitem(__import__("sys").modules, "deepspeed", None)  # not installed
@@ -139,7 +140,10 @@ def zero_runs(tiny_world, world_cache, tmp_path_factory) -> dict:
     for stage, plan in ((2, [[f, f, OPTIONS[f], None] for f in FAMILIES]
                          + [[f"{f}-resumed", f, {**OPTIONS[f], "save_every": 2}, 3]
                             for f in RESUMED]),
-                        (1, [["sft", "sft", OPTIONS["sft"], None]])):
+                        (1, [["sft", "sft", OPTIONS["sft"], None]]),
+                        (3, [[f, f, {**OPTIONS[f], "fast": False}, None] for f in FAMILIES]
+                         + [[f"{f}-resumed", f, {**OPTIONS[f], "fast": False, "save_every": 2}, 3]
+                            for f in RESUMED])):
         out = tmp_path_factory.mktemp(f"zero{stage}")
         env = {**ZERO2_ENV, "ACCELERATE_DEEPSPEED_ZERO_STAGE": str(stage),
                "ALIGNLAB_TEST_CACHE": world_cache}
@@ -151,7 +155,7 @@ def zero_runs(tiny_world, world_cache, tmp_path_factory) -> dict:
         result[f"log{stage}"] = done.stdout + done.stderr
         for name, o in outcomes.items():
             assert o.pop("world_size") == 2
-            result[name if stage == 2 else f"{name}-zero1"] = Outcome(**o)
+            result[name if stage == 2 else f"{name}-zero{stage}"] = Outcome(**o)
     return result
 
 
@@ -165,6 +169,27 @@ def test_zero2_trains_like_one_process_with_accumulation(family, zero_runs, fami
     assert_equivalent(one, two)
     for step, metrics in one.metrics.items():
         assert set(two.metrics[step]) == set(metrics)
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("family", FAMILIES)
+def test_zero3_trains_like_one_process_with_accumulation(family, zero_runs, family_runs):
+    """Stage 3 partitions the weights too: log-probs through model(...) (the fast paths off, as
+    the one-process run here), sampling and scoring inside the gathered weights."""
+    one = family_runs.run(family, **ONE_PROCESS[family], fast=False)
+    three = zero_runs[f"{family}-zero3"]
+    assert sorted(three.metrics) == [1, 2, 3, 4] and three.paths == {"plain"}
+    assert_equivalent(one, three)
+    for step, metrics in one.metrics.items():
+        assert set(three.metrics[step]) == set(metrics)
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("family", RESUMED)
+def test_zero3_run_resumes_to_the_uninterrupted_one(family, zero_runs):
+    whole, resumed = zero_runs[f"{family}-zero3"], zero_runs[f"{family}-resumed-zero3"]
+    d = difference(whole, resumed)  # the partitions of weights and AdamW state restored
+    assert d.loss == d.weight == d.metric == 0.0, d
 
 
 @needs_deepspeed
@@ -183,7 +208,11 @@ def test_zero2_run_resumes_to_the_uninterrupted_one(family, zero_runs):
 
 @needs_deepspeed
 def test_each_rank_holds_half_of_the_optimizer_state(zero_runs):
-    for stage in (1, 2):
+    checks = zero_runs["checks3"]  # stage 3: half of the weights too
+    assert [c["stage"] for c in checks] == [3, 3]
+    assert all(c["weights"] == pytest.approx(0.5, abs=1e-3) for c in checks)
+    assert "DeepSpeed ZeRO stage 3 over 2 processes (weights, gradients" in zero_runs["log3"]
+    for stage in (1, 2, 3):
         checks = zero_runs[f"checks{stage}"]
         assert [c["stage"] for c in checks] == [stage, stage]
         assert sum(c["fraction"] for c in checks) == pytest.approx(1.0, abs=1e-3)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from alignlab.core.config import TrainSection
-from alignlab.engine import distributed, zero
+from alignlab.engine import distributed, zero, zero3
 from alignlab.engine.loop import build_optimizer
 from alignlab.world.resolve import resolve_model_path
 
@@ -26,14 +26,19 @@ from tests.invariant_runs import FamilyRuns, run_plan_on_ranks
 
 
 def checks(base: str) -> dict[str, object]:
-    """The share of the fp32 master weights (and so of the AdamW moments) this rank holds."""
+    """The share of the fp32 master weights (and so of the AdamW moments) this rank holds, and
+    under stage 3 of the model's weights."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     cfg = TrainSection(device="cpu", batch_size=2)  # the stage comes from the environment
+    total = sum(p.numel() for p in model.parameters())
     opt = zero.wrap(model, build_optimizer(model, cfg), cfg)
+    if opt.stage == 3:  # the weights' partition (the fp32 masters and moments are as large)
+        held = sum(t.numel() for t in opt.optimizer.fp32_partitioned_groups_flat)
+        return {"stage": 3, "fraction": held / total, "weights": zero3.held_fraction(model)}
     held = sum(t.numel() for t in opt.optimizer.single_partition_of_fp32_groups)
-    return {"stage": opt.stage, "fraction": held / sum(p.numel() for p in model.parameters())}
+    return {"stage": opt.stage, "fraction": held / total}
 
 
 def main(out: Path, plan: list[list]) -> None:

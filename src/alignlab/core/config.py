@@ -168,13 +168,14 @@ class TrainSection(Section):
     compute; turn it on only when memory needs it. ``selective`` keeps the matmuls' outputs and
     recomputes only the element-wise ops between them: part of the saving for a few percent
     more compute (``models/checkpointing.py``)."""
-    sharding: Literal["none", "fsdp", "zero1", "zero2"] = "none"
+    sharding: Literal["none", "fsdp", "zero1", "zero2", "zero3"] = "none"
     """With N processes: ``none`` (data parallel: every process holds the whole model and its
     optimizer state), ``fsdp`` (FSDP2: each decoder layer's weights, gradients and AdamW
-    state sharded over the processes), ``zero1`` / ``zero2`` (DeepSpeed ZeRO stage 1: the
-    AdamW state partitioned; stage 2: the gradients too; needs ``pip install deepspeed``);
-    ``docs/scaling.md``. ``accelerate launch`` with ``configs/accelerate/fsdp2.yaml`` or
-    ``zero2.yaml`` sets it too. One process ignores it."""
+    state sharded over the processes), ``zero1`` / ``zero2`` / ``zero3`` (DeepSpeed ZeRO stage
+    1: the AdamW state partitioned; stage 2: the gradients too; stage 3: the weights too; needs
+    ``pip install deepspeed``); ``docs/scaling.md``. ``accelerate launch`` with
+    ``configs/accelerate/fsdp2.yaml``, ``zero2.yaml`` or ``zero3.yaml`` sets it too. One process
+    ignores it."""
 
 
 class VLLMSection(Section):

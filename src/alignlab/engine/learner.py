@@ -27,7 +27,7 @@ import torch
 
 from alignlab.core.config import TrainSection
 from alignlab.core.runtime import pick_device, resolve_precision
-from alignlab.engine import distributed, sharding, zero
+from alignlab.engine import distributed, sharding, zero, zero3
 from alignlab.engine.loop import (
     Algorithm,
     build_optimizer,
@@ -57,13 +57,15 @@ class Learner:
     """Owns the trained model, its optimizer and schedule; ``update(units) -> metrics``.
 
     ``extra_groups`` are parameter groups trained by the same optimizer (a shared critic's
-    value head with its own lr): under FSDP2 they stay whole on every rank, under ZeRO they join
-    the engine's partitions. The LR schedule advances once per ``update``."""
+    value head with its own lr), ``extra_modules`` the modules they belong to: under FSDP2 they
+    stay whole on every rank, under ZeRO they join the engine's partitions (stage 3 gathers a
+    module's weights in that module's forward). The LR schedule advances once per ``update``."""
 
     def __init__(self, model: torch.nn.Module, objective: Algorithm, cfg: TrainSection, *,
                  epochs: int = 1, minibatch_size: int | None = None,
                  micro_batch_size: int | None = None, seed: int = 0,
-                 extra_groups: tuple[dict[str, Any], ...] = ()) -> None:
+                 extra_groups: tuple[dict[str, Any], ...] = (),
+                 extra_modules: tuple[torch.nn.Module, ...] = ()) -> None:
         self.model, self.objective, self.cfg = model, objective, cfg
         self.device = pick_device(cfg.device)
         self.precision = resolve_precision(cfg.precision, self.device)
@@ -80,7 +82,7 @@ class Learner:
             self.params += list(group["params"])
         if not self.sharded:  # sharding took rank 0's weights already
             distributed.broadcast([*model.parameters(), *model.buffers(), *self.params])
-        self.optimizer = zero.wrap(model, self.optimizer, cfg)  # DeepSpeed ZeRO-1/2
+        self.optimizer = zero.wrap(model, self.optimizer, cfg, extra_modules)  # DeepSpeed ZeRO
         self.scheduler = build_scheduler(zero.torch_optimizer(self.optimizer), cfg)
         self.epochs, self.minibatch_size = epochs, minibatch_size
         self.micro_batch_size = micro_batch_size or cfg.batch_size
@@ -150,13 +152,15 @@ class Learner:
         """This rank's own copy of the weights, optimizer and schedule, on the CPU, for
         :meth:`restore` in the same run (EGPO's extrapolation step is undone so): no collective,
         FSDP2's shards and ZeRO's partition as this rank holds them."""
-        return {"weights": _to_cpu(self.model.state_dict()),
-                "optimizer": _to_cpu(zero.local_state_dict(self.optimizer)),
+        # ZeRO-3's weights are partitions the optimizer's own state restores
+        weights = None if zero3.partitioned(self.model) else _to_cpu(self.model.state_dict())
+        return {"weights": weights, "optimizer": _to_cpu(zero.local_state_dict(self.optimizer)),
                 "scheduler": copy.deepcopy(self.scheduler.state_dict())}
 
     def restore(self, snap: dict[str, Any]) -> None:
         """Back to a :meth:`snapshot`: the weights in place (the optimizer's tensors stay)."""
-        self.model.load_state_dict(snap["weights"])
+        if snap["weights"] is not None:
+            self.model.load_state_dict(snap["weights"])
         zero.load_local_state_dict(self.optimizer, snap["optimizer"])
         self.scheduler.load_state_dict(snap["scheduler"])
 

@@ -42,7 +42,7 @@ from torch import nn
 
 from alignlab.core.config import TrainSection
 from alignlab.core.errors import ConfigError
-from alignlab.engine import distributed, zero
+from alignlab.engine import distributed, zero, zero3
 from alignlab.models.adapters import has_adapters
 from alignlab.models.fast_path import set_fast_paths
 
@@ -51,6 +51,9 @@ log = logging.getLogger(__name__)
 FAST_PATHS_OFF = ("train.sharding=fsdp: FSDP2 gathers each layer's weights in that module's own "
                   "forward, which the fast paths and the chunked output projection bypass by "
                   "calling sub-modules; log-probs go through model(...) with the full logits")
+ZERO3_FAST_PATHS_OFF = ("train.sharding=zero3: DeepSpeed gathers a module's weights in its own "
+                        "forward, which the fast paths and the chunked output projection bypass "
+                        "by reading weights directly; log-probs go through model(...)")
 _RESHARD = "_alignlab_reshard_after_forward"  # per FSDP module: its setting outside full_weights
 
 
@@ -107,6 +110,8 @@ def check(cfg: Any) -> None:
                           "only (the vLLM weight sync of a sharded policy is not written yet)")
     if kind == "fsdp":
         set_fast_paths(False, FAST_PATHS_OFF)
+    elif kind == "zero3":
+        set_fast_paths(False, ZERO3_FAST_PATHS_OFF)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -118,6 +123,14 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model``'s weights are split over the ranks: by FSDP2, or by DeepSpeed ZeRO-3
+    (``engine/zero3.py``; every function here then runs its stage-3 form)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule) or zero3.partitioned(model)
+
+
+def _fsdp(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
@@ -171,6 +184,10 @@ def full_weights(model: nn.Module) -> Iterator[None]:
     """Inside, ``model`` holds every weight on every rank and its forwards call no collective:
     ranks may run different numbers of them (rollouts, scoring) or one rank alone (rank 0's
     evaluation). Entering and leaving are collective (every rank must). No backward inside."""
+    if zero3.partitioned(model):
+        with zero3.full_weights(model):
+            yield
+        return
     modules = _fsdp_modules(model) if is_sharded(model) else []
     for m in modules:
         m.set_reshard_after_forward(False, recurse=False)
@@ -189,6 +206,8 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
     rank must call it); None when ``model`` is not sharded."""
     if not is_sharded(model):
         return None
+    if zero3.partitioned(model):
+        return zero3.state_dict(model)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
@@ -200,6 +219,8 @@ def gathered_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     rank must call it): what a rank copies into a model of its own (a refreshed reference)."""
     if not is_sharded(model):
         return model.state_dict()
+    if zero3.partitioned(model):
+        return zero3.state_dict(model, everywhere=True)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
@@ -207,6 +228,8 @@ def gathered_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
     """Load a full state dict into a sharded ``model`` on every rank; the unexpected keys."""
+    if zero3.partitioned(model):
+        return zero3.load_state_dict(model, state)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     own = set(model.state_dict())
@@ -217,8 +240,9 @@ def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> li
 
 def optimizer_state_dict(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
     """``opt.state_dict()``; for a sharded ``model`` the full one (parameter names as keys) on
-    rank 0 (every rank must call it), which ``load_optimizer_state_dict`` reshards."""
-    if not is_sharded(model):
+    rank 0 (every rank must call it), which ``load_optimizer_state_dict`` reshards (DeepSpeed's
+    optimizer: every rank's partition, ``zero.ZeroOptimizer.state_dict``)."""
+    if not _fsdp(model) or isinstance(opt, zero.ZeroOptimizer):
         return opt.state_dict()
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -244,7 +268,7 @@ def _holder(model: nn.Module, opt: torch.optim.Optimizer) -> nn.Module:
 
 def load_optimizer_state_dict(model: nn.Module, opt: torch.optim.Optimizer,
                               state: dict[str, Any]) -> None:
-    if not is_sharded(model):
+    if not _fsdp(model) or isinstance(opt, zero.ZeroOptimizer):
         opt.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import (

@@ -1,5 +1,5 @@
-"""DeepSpeed ZeRO stages 1 and 2 under alignlab's loop (``train.sharding: zero1|zero2``, or
-``accelerate launch`` with ``configs/accelerate/zero2.yaml``).
+"""DeepSpeed ZeRO stages 1, 2 and 3 under alignlab's loop (``train.sharding: zero1|zero2|zero3``,
+or ``accelerate launch`` with ``configs/accelerate/zero2.yaml`` / ``zero3.yaml``).
 
 ZeRO (Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training Trillion Parameter
 Models"): stage 1 partitions the AdamW moments and the fp32 master weights over the N
@@ -21,9 +21,9 @@ normalisation and schedule:
   ``state_dict``, its non-tensor objects left out so ``trainer_state.pt`` still loads with
   ``weights_only=True``); a resumed run needs the same number of processes.
 
-Stage 3 (the weights partitioned too) is refused: FSDP2 (``train.sharding: fsdp``,
-``engine/sharding.py``) runs that layout. So are a DeepSpeed config's own ``optimizer``,
-``scheduler``, ``fp16`` and ``bf16`` sections (alignlab's ``train.*`` decides those).
+Stage 3 partitions the weights too: what that changes (no fast paths, gathered weights for
+sampling and checkpoints) is in ``engine/zero3.py``. A DeepSpeed config's own ``optimizer``,
+``scheduler``, ``fp16`` and ``bf16`` sections are refused (alignlab's ``train.*`` decides those).
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ import torch
 
 from alignlab.core.config import TrainSection
 from alignlab.core.errors import ConfigError, NonFiniteError
-from alignlab.engine import distributed
+from alignlab.engine import distributed, zero3
 
-STAGES = {"zero1": 1, "zero2": 2}
+STAGES = {"zero1": 1, "zero2": 2, "zero3": 3}
 # what DeepSpeed's state_dict holds that is not a tensor or plain data (rebuilt on load)
 _OBJECTS = ("loss_scaler", "param_slice_mappings")
 
@@ -93,13 +93,9 @@ def check(cfg: TrainSection, processes: int) -> int:
     s = stage(cfg)
     if not s:
         return 0
-    if s == 3:
-        raise ConfigError("ZeRO stage 3 (DeepSpeed) is not run by alignlab: FSDP2 shards the "
-                          "weights, gradients and AdamW state the same way; use "
-                          "configs/accelerate/fsdp2.yaml or train.sharding=fsdp (docs/scaling.md)")
-    if s not in (1, 2):
-        raise ConfigError(f"zero_optimization.stage: {s}; alignlab runs DeepSpeed ZeRO stages 1 "
-                          "and 2 (3: use FSDP2, train.sharding=fsdp)")
+    if s not in (1, 2, 3):
+        raise ConfigError(f"zero_optimization.stage: {s}; alignlab runs DeepSpeed ZeRO stages 1, "
+                          "2 and 3")
     try:
         import deepspeed  # noqa: F401
     except ImportError:
@@ -148,12 +144,16 @@ class _Objective(torch.nn.Module):
     forward marks its outputs so their backward pass enters ZeRO's gradient hooks (the log-prob
     interface calls the model's sub-modules, which the engine would not see)."""
 
-    def __init__(self, model: torch.nn.Module, extra: list[torch.nn.Parameter]) -> None:
+    def __init__(self, model: torch.nn.Module, extra: list[torch.nn.Parameter],
+                 extra_modules: tuple[torch.nn.Module, ...] = ()) -> None:
         super().__init__()
         self.model = model
-        # parameters the optimizer trains beside the model's (a shared critic's value head):
-        # registered here too, so the engine partitions and reduces them with the model's
-        self.extra = torch.nn.ParameterList(extra)
+        # what the optimizer trains beside the model (a shared critic's value head): registered
+        # here too, so the engine partitions and reduces it with the model's weights; its
+        # modules (stage 3 gathers a module's weights in that module's own forward)
+        self.extra_modules = torch.nn.ModuleList(extra_modules)
+        inside = {id(p) for m in extra_modules for p in m.parameters()}
+        self.extra = torch.nn.ParameterList([p for p in extra if id(p) not in inside])
         self.algorithm: Any = None
 
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -167,21 +167,25 @@ class ZeroOptimizer:
     every rank's partition."""
 
     def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainSection,
-                 zero_stage: int, extra: list[torch.nn.Parameter] | None = None) -> None:
+                 zero_stage: int, extra: list[torch.nn.Parameter] | None = None,
+                 extra_modules: tuple[torch.nn.Module, ...] = ()) -> None:
         import deepspeed
 
         # DeepSpeed flattens each group: an empty one (no no-decay parameter) has nothing to hold
         opt.param_groups[:] = [g for g in opt.param_groups if g["params"]]
         self.base, self.stage = opt, zero_stage
         self.processes = distributed.world_size()
-        self.objective = _Objective(model, extra or [])
+        self.objective = _Objective(model, extra or [], extra_modules)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=self.objective, optimizer=opt, config=ds_config(cfg, self.processes),
             dist_init_required=False)
+        if zero_stage == 3:
+            zero3.register(model, self.optimizer)
         if distributed.is_main():
+            parts = {1: "AdamW state", 2: "AdamW state and gradients",
+                     3: "weights, gradients and AdamW state"}[zero_stage]
             print(f"train.sharding zero{zero_stage}: DeepSpeed ZeRO stage {zero_stage} over "
-                  f"{self.processes} processes (AdamW state"
-                  f"{' and gradients' if zero_stage == 2 else ''} partitioned)")
+                  f"{self.processes} processes ({parts} partitioned)")
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -211,21 +215,37 @@ class ZeroOptimizer:
     def state_dict(self) -> dict[str, Any]:
         """Every rank's partition on rank 0, which writes the checkpoint (``partitions`` is None
         on the others); a collective: every rank must call it."""
-        own = self.local_state_dict()  # its zero_stage an int: weights_only loading takes it
+        own = {k: v for k, v in self.optimizer.state_dict().items() if k not in _OBJECTS}
+        if "zero_stage" in own:  # an IntEnum: weights_only loading takes the int
+            own["zero_stage"] = int(own["zero_stage"])
         return {"zero_stage": self.stage, "partitions": distributed.gather_to_main(own)}
 
     def local_state_dict(self) -> dict[str, Any]:
-        """This rank's partition alone (no collective), for :meth:`load_local_state_dict`."""
-        own = {k: v for k, v in self.optimizer.state_dict().items() if k not in _OBJECTS}
-        if "zero_stage" in own:
-            own["zero_stage"] = int(own["zero_stage"])
-        return own
+        """This rank's partition alone (no collective; in memory, DeepSpeed's objects kept), for
+        :meth:`load_local_state_dict`."""
+        return self.optimizer.state_dict()
 
     def load_local_state_dict(self, own: dict[str, Any]) -> None:
-        """Back to this rank's partition of :meth:`local_state_dict`. DeepSpeed merges the
-        partitions it is given and takes this rank's slice: given this rank's own in every
-        slot, the slice is its own (the partitions are of equal, aligned size)."""
-        self.optimizer.load_state_dict([own] * self.processes, load_from_fp32_weights=True)
+        """Back to this rank's partition of :meth:`local_state_dict`. Stages 1 and 2 merge the
+        partitions they are given and take this rank's slice: given this rank's own in every
+        slot, the slice is its own (the partitions are of equal, aligned size); stage 3 takes
+        this rank's slot."""
+        self._load([own] * self.processes)
+
+    def _load(self, parts: list[dict[str, Any]]) -> None:
+        # stage 3 as DeepSpeed's engine loads it: every weight partitioned first, the small
+        # weights it keeps gathered ("persistent") gathered again after
+        if self.stage == 3:
+            self.optimizer.checkpoint_event_prologue()
+        self.optimizer.load_state_dict(parts, load_from_fp32_weights=True)
+        if self.stage == 3:
+            self.optimizer.checkpoint_event_epilogue()
+
+    def _with_objects(self, part: dict[str, Any]) -> dict[str, Any]:
+        """A partition read from a checkpoint, with the objects left out of it (``_OBJECTS``)
+        taken from this run's optimizer (stage 3 reads its loss scaler back)."""
+        return {**{k: getattr(self.optimizer, k) for k in _OBJECTS if hasattr(self.optimizer, k)},
+                **part}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         parts = state.get("partitions")
@@ -239,19 +259,20 @@ class ZeroOptimizer:
                               f"resume it with {len(parts)} processes and that stage (this run: "
                               f"stage {self.stage}, {self.processes} processes)")
         # the fp32 master partitions come from the checkpoint, not from the weights
-        self.optimizer.load_state_dict(parts, load_from_fp32_weights=True)
+        self._load([self._with_objects(p) for p in parts])
 
 
-def wrap(model: torch.nn.Module, opt: torch.optim.Optimizer,
-         cfg: TrainSection) -> torch.optim.Optimizer | ZeroOptimizer:
+def wrap(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainSection,
+         extra_modules: tuple[torch.nn.Module, ...] = ()) -> torch.optim.Optimizer | ZeroOptimizer:
     """``opt`` under DeepSpeed ZeRO when the run asks for it and several processes run; else
-    ``opt`` itself. Call after the replicas took rank 0's weights."""
+    ``opt`` itself. Call after the replicas took rank 0's weights. ``extra_modules``: the
+    modules of the parameters ``opt`` trains outside ``model``."""
     s = stage(cfg)
     if not s or not distributed.active():
         return opt
     own = {id(p) for p in model.parameters()}
     extra = [p for g in opt.param_groups for p in g["params"] if id(p) not in own]
-    return ZeroOptimizer(model, opt, cfg, s, extra)
+    return ZeroOptimizer(model, opt, cfg, s, extra, extra_modules)
 
 
 def even_backwards(opt: Any) -> bool:

@@ -66,13 +66,17 @@ def _has_logit_postprocessing(lm: nn.Module) -> bool:
 
 
 def _is_fsdp(model: nn.Module) -> bool:
-    """FSDP2 (``fully_shard``): the root's weights (embeddings, the tied output embedding) are
-    gathered in the root's forward, which calling the decoder and the head apart bypasses."""
+    """FSDP2 (``fully_shard``) or DeepSpeed ZeRO-3: the root's weights (embeddings, the tied
+    output embedding) are gathered in the root's forward, which calling the decoder and the head
+    apart bypasses."""
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # a torch built without distributed support
         return False
-    return isinstance(model, FSDPModule)
+    if isinstance(model, FSDPModule):
+        return True
+    # DeepSpeed ZeRO-3 (a partitioned weight carries ds_id) gathers in each module's forward too
+    return any(hasattr(p, "ds_id") for p in model.parameters())
 
 
 def find_decoder(model: nn.Module) -> nn.Module | None:

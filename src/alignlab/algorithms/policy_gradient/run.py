@@ -130,7 +130,8 @@ def train_policy_gradient(cfg: OnlineRLConfig, algorithm: str) -> OnlineRun:
                       minibatch_size=cfg.rl.minibatch_size, seed=cfg.train.seed,
                       extra_groups=() if value_head is None else (
                           {"params": list(value_head.parameters()),
-                           "lr": cfg.rl.critic_lr or cfg.train.lr},))
+                           "lr": cfg.rl.critic_lr or cfg.train.lr},),
+                      extra_modules=() if value_head is None else (value_head,))
     mask = parts.get("action_mask")
     # Sampling ahead needs weights the update does not move: the built-in engine's own copy.
     # Under Ray the rollout workers hold copies built by the same loader.
