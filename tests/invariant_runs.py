@@ -66,7 +66,8 @@ METRICS = {"sft": ("grad_norm", "nll_per_token"),
            "ppo_shared": ("grad_norm", "reward_mean", "value_loss", "value_rollout_mean",
                           "explained_variance"),
            "nlpo": ("grad_norm", "reward_mean", "critic_loss", "critic_grad_norm",
-                    "value_rollout_mean")}
+                    "value_rollout_mean"),
+           "preference_model": ("grad_norm", "position_bias", "p_chosen_mean")}
 
 
 @dataclass
@@ -130,6 +131,18 @@ def _reward(world: WorldSection, train: TrainSection, o: Options) -> tuple[Any, 
 
     return RewardConfig(data=_data(o), train=train, world=world,
                         reward=RewardSection(eval_fraction=0.0)), run_reward
+
+
+def _preference_model(world: WorldSection, train: TrainSection, o: Options
+                      ) -> tuple[Any, Callable]:
+    from alignlab.algorithms.preference_model.trainer import (
+        PreferenceModelConfig,
+        run_preference_model,
+    )
+
+    # 32 pairs, each in both orders: 4 steps of 8 pairs (16 ordered sequences)
+    return PreferenceModelConfig(data=_data(o), train=train, world=world,
+                                 preference_model={"eval_fraction": 0.0}), run_preference_model
 
 
 def _grpo(world: WorldSection, train: TrainSection, o: Options) -> tuple[Any, Callable]:
@@ -217,6 +230,7 @@ def _online_preference(name: str) -> Callable:
 
 BUILDERS = {"sft": _sft, "dpo": _dpo, "reward": _reward, "grpo": _grpo,
             "online_dpo": _online_dpo, "ppo": _ppo, "ppo_shared": _ppo_shared, "nlpo": _nlpo,
+            "preference_model": _preference_model,
             **{name: _online_preference(name) for name in ONLINE_PREFERENCE}}
 METRICS.update({name: ("grad_norm", "kl_ref") for name in ONLINE_PREFERENCE})
 

@@ -44,7 +44,8 @@ RESUMED = ("sft", "reward", "ppo")  # killed after step 3, resumed from the chec
 # one process; PPO: 8 rows, 4 a rank, against 2 micro-batches of 4 (the critic's too).
 ONLINE = {"online_dpo": {"micro": 2, "rollout_batch": 4},
           **{f: {"micro": 4, "rollout_batch": 4} for f in ("ppo", "ppo_shared", "nlpo")}}
-OPTIONS, ONE_PROCESS = {**OPTIONS, **ONLINE}, {**ONE_PROCESS, **ONLINE}
+PAIRWISE = ({"preference_model": {"micro": 8}}, {"preference_model": {"micro": 4, "accum": 2}})
+OPTIONS, ONE_PROCESS = {**OPTIONS, **ONLINE, **PAIRWISE[0]}, {**ONE_PROCESS, **ONLINE, **PAIRWISE[1]}
 SHARDED_MODELS = {"ppo": 2}  # the policy and the critic, each sharded
 FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
 
@@ -185,12 +186,10 @@ def test_what_is_not_sharded_yet_is_refused(monkeypatch):
     vllm = OnlineRLConfig(train={"sharding": "fsdp"}, rollout={"backend": "vllm"})
     with pytest.raises(ConfigError, match="rollout.backend builtin"):
         sharding.check(vllm)
-    from alignlab.algorithms.preference_model.trainer import PreferenceModelConfig
     from alignlab.algorithms.registry import ALGORITHMS
 
-    with pytest.raises(ConfigError, match=r"not supported by this trainer "
-                                          r"\(PreferenceModelConfig\).*online preference trainers"):
-        sharding.check(PreferenceModelConfig(train={"sharding": "fsdp"}))
+    for name in ALGORITHMS.names():  # every built-in trainer has opted in
+        assert getattr(ALGORITHMS.get(name).config_cls, "SHARDABLE", False), name
     # accelerate's FSDP2 launch asks for it without the field
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "2")
@@ -275,15 +274,17 @@ def test_more_trainers_run_sharded(name, tiny_world, world_cache, tmp_path):
 
 
 @pytest.mark.slow
-def test_nlpo_and_the_shared_critic_shard_like_one_process(tiny_world, world_cache, tmp_path,
-                                                           family_runs):
-    """NLPO (its masking policy refreshed from the gathered policy) and PPO with a shared critic
+def test_nlpo_the_shared_critic_and_the_preference_model_shard_like_one_process(
+        tiny_world, world_cache, tmp_path, family_runs):
+    """NLPO (its masking policy refreshed from the gathered policy), PPO with a shared critic
     (the value head whole on every rank beside the sharded policy, its gradient summed, the
-    clipping norm over both) sharded on 2 processes train like one process with accumulation;
-    the shared critic, killed after iteration 3, resumes to the uninterrupted run exactly."""
+    clipping norm over both) and the pairwise preference model (its forward the sharded root's)
+    sharded on 2 processes train like one process with accumulation; the shared critic, killed
+    after iteration 3, resumes to the uninterrupted run exactly."""
     import torch
 
     plan = [["nlpo", "nlpo", OPTIONS["nlpo"], None],
+            ["preference_model", "preference_model", OPTIONS["preference_model"], None],
             ["ppo_shared", "ppo_shared", OPTIONS["ppo_shared"], None],
             ["ppo_shared-resumed", "ppo_shared", {**OPTIONS["ppo_shared"], "save_every": 2}, 3]]
     done = launch(2, [str(tmp_path), json.dumps(plan)], ROOT,
@@ -293,7 +294,7 @@ def test_nlpo_and_the_shared_critic_shard_like_one_process(tiny_world, world_cac
     outcomes = torch.load(tmp_path / "outcomes.pt", weights_only=False)
     two = {n: Outcome(**{k: v for k, v in o.items() if k != "world_size"})
            for n, o in outcomes.items() if n != "checks"}
-    for family in ("nlpo", "ppo_shared"):
+    for family in ("nlpo", "ppo_shared", "preference_model"):
         one = family_runs.run(family, **ONE_PROCESS[family], fast=False)
         assert sorted(two[family].metrics) == [1, 2, 3, 4] and two[family].paths == {"plain"}
         assert_equivalent(one, two[family])

@@ -29,10 +29,12 @@ from tests.invariant_runs import Outcome, assert_equivalent, difference
 from tests.test_distributed import ONE_PROCESS, OPTIONS, ROOT, launch
 from tests.test_sharding import ONLINE, _Config
 
-FAMILIES = ("sft", "dpo", "reward", "grpo", "online_dpo", "ppo", "ppo_shared", "nlpo", "egpo")
+FAMILIES = ("sft", "dpo", "reward", "grpo", "online_dpo", "ppo", "ppo_shared", "nlpo", "egpo",
+            "preference_model")
 RESUMED = ("sft", "ppo", "ppo_shared", "egpo")
 ONLINE = {**ONLINE, "egpo": ONLINE["online_dpo"]}  # EGPO: 4 judged pairs, one extrapolation step
-OPTIONS, ONE_PROCESS = {**OPTIONS, **ONLINE}, {**ONE_PROCESS, **ONLINE}
+PAIRWISE = ({"preference_model": {"micro": 8}}, {"preference_model": {"micro": 4, "accum": 2}})
+OPTIONS, ONE_PROCESS = {**OPTIONS, **ONLINE, **PAIRWISE[0]}, {**ONE_PROCESS, **ONLINE, **PAIRWISE[1]}
 ZERO2_ENV = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2",
              "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "1", "ACCELERATE_GRADIENT_CLIPPING": "1.0",
              "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "none"}
@@ -116,12 +118,13 @@ def test_what_zero_does_not_run_is_refused(clean_env):
 
 def test_trainers_not_sharded_yet_are_refused_under_zero(clean_env):
     clean_env.setattr(zero, "check", lambda cfg, processes: zero.stage(cfg))  # no DeepSpeed needed
-    from alignlab.algorithms.preference_model.trainer import PreferenceModelConfig
     from alignlab.algorithms.registry import ALGORITHMS
 
-    with pytest.raises(ConfigError, match=r"'zero2' is not supported by this trainer "
-                                          r"\(PreferenceModelConfig\)"):
-        sharding.check(PreferenceModelConfig(train={"sharding": "zero2"}))
+    class Other(_Config):
+        SHARDABLE = False
+
+    with pytest.raises(ConfigError, match=r"'zero2' is not supported by this trainer \(Other\)"):
+        sharding.check(Other(sharding="zero2"))
     with pytest.raises(ConfigError, match="'zero1' with model.lora"):
         lora = _Config(sharding="zero1")
         lora.model = lora.model.model_copy(update={"lora": {"r": 4}})

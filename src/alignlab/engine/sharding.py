@@ -81,8 +81,8 @@ def sharded_by(cfg: TrainSection) -> str | None:
 def check(cfg: Any) -> None:
     """A ConfigError naming ``train.sharding`` for what alignlab does not shard yet (before
     anything is loaded), under FSDP2 and DeepSpeed ZeRO (``engine/zero.py``, whose own settings
-    ``zero.check`` refuses first): LoRA, asynchronous or vLLM rollouts, trainers not listed in
-    ``docs/scaling.md`` (the preference model). A trainer's config class opts in with
+    ``zero.check`` refuses first): LoRA, asynchronous or vLLM rollouts, a trainer that has not
+    opted in (every built-in one has). A trainer's config class opts in with
     ``SHARDABLE = True``. Under FSDP2 the fast paths are then turned off, before a
     trainer picks a batch layout by them (ZeRO-1/2 keep the whole weights on every rank)."""
     zero.check(cfg.train, distributed.world_size())
@@ -92,10 +92,9 @@ def check(cfg: Any) -> None:
     name = type(cfg).__name__
     if not getattr(type(cfg), "SHARDABLE", False):
         raise ConfigError(f"field 'train.sharding': '{kind}' is not supported by this trainer "
-                          f"({name}) yet; it runs with sft, the preference (DPO) family, reward "
-                          "models, the online preference trainers, ppo (either critic), nlpo "
-                          "and the grpo-like policy-gradient trainers (docs/scaling.md); "
-                          "set it to 'none' (data parallel)")
+                          f"({name}) yet: every built-in trainer runs sharded, this config class "
+                          "has not opted in (SHARDABLE = True; docs/scaling.md); set it to "
+                          "'none' (data parallel)")
     model = getattr(cfg, "model", None)
     if model is not None and model.lora is not None:
         raise ConfigError(f"field 'train.sharding': '{kind}' with model.lora is not supported "

@@ -162,10 +162,19 @@ class PairwisePreferenceModel(nn.Module):
         """``s`` of every sequence of a batch of joined pairs: ``[S]``, float32."""
         return self.scorer.sequence_values(batch)
 
-    def save_pretrained(self, directory: str | os.PathLike, *, pad_token_id: int | None = None
-                        ) -> None:
+    def forward(self, batch: dict[str, Any]) -> Tensor:
+        """:meth:`logits` as the module's own forward: what FSDP2 and ZeRO-3 gather the root's
+        weights in, so training calls ``model(batch)``."""
+        return self.logits(batch)
+
+    def save_pretrained(self, directory: str | os.PathLike, *, pad_token_id: int | None = None,
+                        state_dict: dict[str, Tensor] | None = None) -> None:
+        """The scorer's layout and the pair format; ``state_dict``: this module's full weights
+        to write instead of its own (a sharded model's, gathered)."""
         out = Path(directory)
-        self.scorer.save_pretrained(out, pad_token_id=pad_token_id)
+        inner = None if state_dict is None else {
+            k.removeprefix("scorer."): v for k, v in state_dict.items()}
+        self.scorer.save_pretrained(out, pad_token_id=pad_token_id, state_dict=inner)
         meta = {"format": _FORMAT, "version": 1, **asdict(self.format)}
         (out / PREFERENCE_MODEL_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
 

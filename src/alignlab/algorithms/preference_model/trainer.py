@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -33,7 +33,12 @@ from pydantic import Field, model_validator
 from alignlab.algorithms.common import save_final
 from alignlab.algorithms.preference_model.evaluate import evaluate_preference_model
 from alignlab.algorithms.registry import ALGORITHMS, AlgorithmEntry
-from alignlab.algorithms.reward_model.trainer import held_out_split, load_reward_rows, without_ties
+from alignlab.algorithms.reward_model.trainer import (
+    gathered,
+    held_out_split,
+    load_reward_rows,
+    without_ties,
+)
 from alignlab.core.config import DataSection, ModelSection, Section, TrainSection, WorldSection
 from alignlab.core.errors import ConfigError
 from alignlab.core.io import atomic_write_json
@@ -74,6 +79,8 @@ class PreferenceModelSection(Section):
 
 
 class PreferenceModelConfig(Section):
+    SHARDABLE: ClassVar[bool] = True  # train.sharding: fsdp, zero1/2/3 (engine/sharding.py)
+
     model: ModelSection = ModelSection()
     data: DataSection = DataSection(source="world:positive", limit=2048)
     train: TrainSection = TrainSection(output_dir="runs/preference_model", lr=1e-4, max_steps=200)
@@ -146,7 +153,7 @@ class PreferenceModelObjective:
         return float(batch["target"].numel())
 
     def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> LossOutput:
-        logits = model.logits(batch)
+        logits = model(batch)  # the forward: sharded weights are gathered in it
         target = batch["target"].to(logits.device)
         losses = preference_model_bce(logits, target)
         with torch.no_grad():
@@ -210,19 +217,27 @@ def run_preference_model(cfg: PreferenceModelConfig) -> PreferenceModelRun:
     batches = EpochBatches([examples[i] for i in train_idx], cfg.train.batch_size,
                            functools.partial(collate_pairs, pad_token_id=pad_id,
                                              packed=cfg.data.packing), seed=cfg.train.seed)
-    # With N processes rank 0 evaluates (on the whole held-out split) and writes the reports.
+    # With N processes rank 0 evaluates (on the whole held-out split) and writes the reports;
+    # a sharded model's weights are gathered for it on every rank (``gathered``).
     main = distributed.is_main()
     eval_log = (MetricsLogger(out / "eval", tensorboard=cfg.train.tensorboard)
                 if held_out and main else None)
+
+    def evaluated() -> dict[str, float]:
+        with gathered([model]):
+            return evaluate(model) if held_out and main else {}
+
     on_step = None
-    if eval_log is not None and section.eval_every:
+    if held_out and section.eval_every:
         def on_step(step: int, _: dict) -> None:
             if step % section.eval_every == 0:
-                eval_log.log(step, evaluate(model))
+                metrics = evaluated()
+                if eval_log is not None:
+                    eval_log.log(step, metrics)
     try:
         result = train(model, PreferenceModelObjective(), batches, cfg.train, on_step=on_step,
                        description="preference model")
-        metrics = evaluate(model) if held_out and main else {}
+        metrics = evaluated()
         if eval_log is not None:
             eval_log.log(result.step, {"final": 1, **metrics})
     finally:
