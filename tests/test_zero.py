@@ -215,6 +215,9 @@ def test_each_rank_holds_half_of_the_optimizer_state(zero_runs):
     assert [c["stage"] for c in checks] == [3, 3]
     assert all(c["weights"] == pytest.approx(0.5, abs=1e-3) for c in checks)
     assert "DeepSpeed ZeRO stage 3 over 2 processes (weights, gradients" in zero_runs["log3"]
+    # stage 3 turns the fast paths off with one logged line per process; 1 and 2 keep them
+    assert zero_runs["log3"].count("fast log-prob paths are off (train.sharding=zero3") == 2
+    assert "fast log-prob paths are off" not in zero_runs["log2"]
     for stage in (1, 2, 3):
         checks = zero_runs[f"checks{stage}"]
         assert [c["stage"] for c in checks] == [stage, stage]
