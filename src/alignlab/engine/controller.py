@@ -64,8 +64,8 @@ class OnlineAlgorithm(ABC):
 
     trains_in_make_batches = False
     """True for an algorithm whose ``make_batches`` runs an update of its own (EGPO's
-    extrapolation step): under FSDP2 it then runs outside the gathered weights (no backward may
-    run inside), and gathers what it samples or scores itself with :func:`gathered`."""
+    extrapolation step): under FSDP2 and ZeRO-3 it then runs outside the gathered weights (no
+    backward may run inside), and gathers what it samples or scores itself with :func:`gathered`."""
 
     @abstractmethod
     def make_batches(self, rows: Rows, rollouts: Rollouts, judged: Any,
@@ -155,7 +155,7 @@ def run_online(setup: OnlineSetup, cfg: TrainSection, description: str) -> Train
             rows = setup.prompts.batch(it, setup.prompts_per_step)[part]
             m: dict[str, float] = {}
             t0 = time.time()
-            # FSDP2: sampling and no-grad scoring run as many forwards as each rank's rows need
+            # FSDP2, ZeRO-3: sampling and no-grad scoring run as many forwards as each rank's rows need
             with gathered(learner, algorithm):
                 algorithm.begin_iteration(it)
                 rolls, staleness = source.get(it, rows)
@@ -200,8 +200,8 @@ def run_online(setup: OnlineSetup, cfg: TrainSection, description: str) -> Train
 
 @contextlib.contextmanager
 def gathered(learner: Learner, algorithm: OnlineAlgorithm) -> Iterator[None]:
-    """Under FSDP2, the policy's and ``algorithm.scoring_models()``' weights gathered on every
-    rank (``sharding.full_weights``; collective, no backward inside); else nothing."""
+    """Under FSDP2 and ZeRO-3, the policy's and ``algorithm.scoring_models()``' weights gathered
+    on every rank (``sharding.full_weights``; collective, no backward inside); else nothing."""
     with contextlib.ExitStack() as stack:
         for model in (learner.model, *algorithm.scoring_models()):
             stack.enter_context(sharding.full_weights(model))

@@ -17,7 +17,9 @@ engine's module: a module's weights are all-gathered before its forward and rele
   first module's forward would release what was gathered), as TRL's
   ``unwrap_model_for_generation`` does;
 - checkpoints and ``final/`` hold full state dicts gathered the same way
-  (:func:`state_dict`), loaded back by rank 0 and re-partitioned (:func:`load_state_dict`).
+  (:func:`state_dict`), loaded back and re-partitioned (:func:`load_state_dict`). Both gather
+  every weight at once, so the whole model must fit one rank's memory for that moment (true
+  of every model here; DeepSpeed's own consolidation gathers module by module).
 
 DeepSpeed's hook lists (``parameter_offload.forward_hooks``/``backward_hooks``) and
 ``_register_deepspeed_module`` are not a public API; TRL relies on the same ones. Every
