@@ -20,7 +20,8 @@ the final save excluded on both sides; alignlab writes no checkpoint, TRL ``save
 Variants: ``alignlab`` (with gradient checkpointing, the memory policy of TRL's defaults: at this
 shape the update's activations, not the weights, decide the peak, ~0.9 GB of a micro-batch
 without it); ``alignlab_fast`` (without; not run unless named in ``--variants``: faster
-updates, more memory; its ratios print as ``fast_*``); ``trl_default`` (TRL's defaults: gradient checkpointing on,
+updates, more memory; its ratios print as ``fast_*``); ``alignlab_selective`` (selective
+checkpointing: the matmuls' outputs kept; on request, ratios ``selective_*``); ``trl_default`` (TRL's defaults: gradient checkpointing on,
 ``model.generate`` with transformers' DynamicCache); ``trl_best`` (the fastest TRL options
 measured on CPU: gradient checkpointing off and ``cache_implementation="static"``, whose
 preallocated cache sampled 1.8x faster than the default; transformers' continuous batching
@@ -51,6 +52,8 @@ from _harness import add_worker_args, peak_rss_mb, report, require_trl, run_vari
 
 PARTS = ("rollout", "reward", "logprobs", "update")
 TRL_BEST = {"gradient_checkpointing": False, "cache_implementation": "static"}
+# alignlab's variants by train.gradient_checkpointing
+CHECKPOINTING = {"alignlab": True, "alignlab_selective": "selective", "alignlab_fast": False}
 QUICK = {"model_size": "3m", "steps": 2, "prompts_per_step": 2, "group_size": 4,
          "prompt_tokens": "16,32", "max_completion_length": 16}
 
@@ -65,7 +68,7 @@ def micro_batch(args: argparse.Namespace) -> int:
 
 
 def alignlab_worker(folder: Path, args: argparse.Namespace, bf16: bool,
-                    checkpointing: bool = False) -> dict:
+                    checkpointing: bool | str = False) -> dict:
     from alignlab.algorithms.policy_gradient.config import OnlineRLConfig, RLSection
     from alignlab.algorithms.policy_gradient.run import train_policy_gradient
     from alignlab.core.config import ModelSection, OnlineTrainSection, RolloutSection
@@ -161,7 +164,7 @@ def worker(variant: str, folder: Path, args: argparse.Namespace) -> dict:
     bf16 = args.precision == "bf16" or (args.precision == "auto" and cpu_supports_bf16())
     torch.manual_seed(0)
     if variant.startswith("alignlab"):
-        out = alignlab_worker(folder, args, bf16, checkpointing=variant == "alignlab")
+        out = alignlab_worker(folder, args, bf16, checkpointing=CHECKPOINTING[variant])
     else:
         out = trl_worker(folder, args, bf16, best=variant == "trl_best")
     n_completions = args.steps * args.prompts_per_step * args.group_size
@@ -243,12 +246,13 @@ def main() -> None:
               "mfu": f"{ours['flops_per_s'] / peak:.3f}",
               "peak_gflops": f"{peak / 1e9:.1f}",
               "trl_best": best.replace(" ", "")}
-    fast = results.get("alignlab_fast")
-    if fast is not None:
-        fields.update({
-            "fast_speedup_vs_trl": f"{_ratio(fast, results.get('trl_default'), 'completions_per_s'):.3f}",
-            "fast_speedup_vs_trl_best": f"{_ratio(fast, results.get('trl_best'), 'completions_per_s'):.3f}",
-            "fast_mem_ratio_vs_trl": f"{fast['peak_rss_mb'] / trl_mem:.3f}"})
+    for tag in ("fast", "selective"):  # the other alignlab variants, when run
+        other = results.get(f"alignlab_{tag}")
+        if other is not None:
+            fields.update({
+                f"{tag}_speedup_vs_trl": f"{_ratio(other, results.get('trl_default'), 'completions_per_s'):.3f}",
+                f"{tag}_speedup_vs_trl_best": f"{_ratio(other, results.get('trl_best'), 'completions_per_s'):.3f}",
+                f"{tag}_mem_ratio_vs_trl": f"{other['peak_rss_mb'] / trl_mem:.3f}"})
     for variant, r in results.items():
         for part in PARTS:
             fields[f"{variant}_{part}_s"] = f"{r['split_per_step'][part]:.3f}"
