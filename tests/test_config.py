@@ -24,6 +24,19 @@ def test_literal_error_lists_allowed_values(tmp_path):
     assert "train.lr_scheduler" in msg and "'constant'" in msg and "'cosine'" in msg
 
 
+def test_gradient_checkpointing_takes_true_false_or_selective(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  gradient_checkpointing: true\n")
+    assert load_config(SFTConfig, path).train.gradient_checkpointing is True
+    for given, expected in (("selective", "selective"), ("false", False), ("True", True)):
+        cfg = load_config(SFTConfig, None, [f"train.gradient_checkpointing={given}"])
+        assert cfg.train.gradient_checkpointing == expected
+    with pytest.raises(ConfigError) as err:  # one message naming the field and the values
+        load_config(SFTConfig, None, ["train.gradient_checkpointing=some"])
+    msg = str(err.value)
+    assert msg.count("train.gradient_checkpointing") == 1 and "true, false, 'selective'" in msg
+
+
 def test_unknown_field_lists_allowed_fields(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  learning_rate: 0.1\n")

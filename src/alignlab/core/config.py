@@ -7,10 +7,10 @@ Every section forbids unknown keys, and every validation problem is reported as
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from alignlab.core.errors import ConfigError
 
@@ -116,6 +116,21 @@ class RaySection(Section):
     """Ray's ``runtime_env`` of the job (``env_vars``, ``working_dir``, ``pip``, ...)."""
 
 
+def _checkpointing(value: Any) -> Any:
+    """``train.gradient_checkpointing`` from YAML or a ``--set`` string: true, false or
+    ``selective``; anything else is named with the allowed values (one message, not one per
+    member of the union)."""
+    if isinstance(value, bool) or value == "selective":
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "false", "selective"):
+        return {"true": True, "false": False}.get(text, text)
+    raise ValueError("allowed values: true, false, 'selective'")
+
+
+Checkpointing = Annotated[bool | Literal["selective"], BeforeValidator(_checkpointing)]
+
+
 class TrainSection(Section):
     output_dir: str = "runs/sft"
     """The run directory: config.yaml, metrics.jsonl, tensorboard/, checkpoints/, final/, DONE."""
@@ -163,7 +178,7 @@ class TrainSection(Section):
     needs ``pip install wandb``; project and mode from ``WANDB_PROJECT``/``WANDB_MODE``)."""
     progress: bool = True
     """Show a progress bar."""
-    gradient_checkpointing: bool | Literal["selective"] = False
+    gradient_checkpointing: Checkpointing = False
     """Recompute each decoder layer in backward: less activation memory for about a third more
     compute; turn it on only when memory needs it. ``selective`` keeps the matmuls' outputs and
     recomputes only the element-wise ops between them: part of the saving for a few percent
