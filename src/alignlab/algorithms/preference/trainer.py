@@ -27,12 +27,12 @@ from alignlab.algorithms.preference.inputs import (
     GROUP_WEIGHTS,
     GroupWeights,
     InputNeeds,
-    attach_references,
     check_references,
     input_needs,
     paired_extras,
     policy_logps,
 )
+from alignlab.algorithms.preference.reference_setup import prepare_reference
 from alignlab.core.config import (
     DataSection,
     EvalSection,
@@ -63,12 +63,10 @@ from alignlab.losses.preference import (
     combine_losses,
     loss_spec,
 )
-from alignlab.models.adapters import adapters_disabled, has_adapters
-from alignlab.models.loading import load_reference_model
 from alignlab.models.logprobs import completion_logprobs, preferred_layout
-from alignlab.models.quantize import Quantization, check_quantization, quantize_frozen
+from alignlab.models.quantize import Quantization
 from alignlab.world.preference_rows import world_preference_rows
-from alignlab.world.resolve import is_world, resolve_model_path, world_task
+from alignlab.world.resolve import is_world, world_task
 
 # The PreferenceInputs fields this trainer fills, per data kind (columns when the data has them).
 PROVIDED = {
@@ -421,44 +419,8 @@ def run_preference(cfg: PreferenceConfig) -> PreferenceRun:
                            checkpointing=cfg.train.gradient_checkpointing)
     device = pick_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
-    ref_model, hit = None, None
-    if plan.needs_reference:
-        refs = [resolve_model_path(r, cfg.world) for r in cfg.preference.reference_models
-                or [cfg.preference.reference or cfg.model.name_or_path]]
-        own = resolve_model_path(cfg.model.name_or_path, cfg.world)
-
-        quantization = cfg.preference.reference_quantization
-        check_quantization(quantization, device=device, precision=precision,
-                           field="preference.reference_quantization")
-
-        def load(path: str) -> torch.nn.Module:
-            if path == own and has_adapters(model):  # LoRA: the base under the adapters, no copy
-                if quantization != "none":
-                    raise ConfigError("field 'preference.reference_quantization': under LoRA the "
-                                      "reference is the policy's own base weights; set it to none")
-                return adapters_disabled(model)
-            return quantize_frozen(
-                load_reference_model(path, dtype=cfg.model.dtype,
-                                     trust_remote_code=cfg.model.trust_remote_code,
-                                     attn_implementation=cfg.model.attn_implementation),
-                quantization, device=device, precision=precision,
-                field="preference.reference_quantization")
-
-        if cfg.preference.precompute_reference:
-            # Rank 0 computes and caches them; the other processes then read its cache.
-            with distributed.main_first():
-                hit = attach_references(examples, refs, tokens=plan.needs.tokens, load=load,
-                                        pad_token_id=pad, output_dir=cfg.train.output_dir,
-                                        batch_size=2 * cfg.train.batch_size, device=device,
-                                        precision=precision, quantization=quantization,
-                                        layout=None if layout == "shared" else layout)
-            print(f"reference log-probs: {'reused' if hit else 'computed'} ({', '.join(refs)})")
-        else:
-            ref_model = load(refs[0]).to(device)
-            ref_layout, _ = preferred_layout(ref_model, per_token=plan.needs.tokens)
-            if layout == "shared" and ref_layout != "shared":
-                raise ConfigError("field 'preference.prefix_sharing': the reference model does not "
-                                  "support it; set it to false or precompute_reference to true")
+    ref_model, hit = (prepare_reference(cfg, model, plan.needs.tokens, examples, pad, layout,
+                                        device, precision) if plan.needs_reference else (None, None))
     objective = PreferenceObjective(plan, ref_model, groups=groups,
                                     group_step_size=cfg.preference.group_step_size)
     n_held = cfg.preference.heldout
