@@ -283,15 +283,15 @@ def test_bad_settings_name_the_field(overrides, expected):
         load_config(PreferenceModelConfig, overrides=overrides)
 
 
-def test_rows_that_are_not_pairs_and_lora_are_refused(tiny_world, world_cache, tmp_path):
+def test_rows_that_are_not_pairs_and_qlora_are_refused(tiny_world, world_cache, tmp_path):
     source = _jsonl(tmp_path / "scored.jsonl", [{"prompt": "p", "completion": "c", "score": 1.0},
                                                 {"prompt": "q", "completion": "d", "score": 0.0}])
     with pytest.raises(ConfigError, match="rows have format 'prompt_completion'; a preference "
                                           "model learns from 'preference' rows"):
         run_preference_model(_cfg(world_cache, tmp_path / "a", source=source, limit=None))
     cfg = _cfg(world_cache, tmp_path / "b")
-    cfg.model.lora = LoraSettings(r=4)
-    with pytest.raises(ConfigError, match="model.lora"):
+    cfg.model.lora = LoraSettings(r=4, quantize="4bit")  # LoRA runs (test_trainers_lora.py)
+    with pytest.raises(ConfigError, match="model.lora.quantize"):
         run_preference_model(cfg)
 
 

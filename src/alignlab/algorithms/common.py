@@ -110,7 +110,9 @@ def _save_final(model: torch.nn.Module, tokenizer: Any, cfg: BaseModel, output_d
                 final: Path, weights: dict[str, torch.Tensor] | None = None) -> None:
     tmp = final.with_name(".tmp-final")
     shutil.rmtree(tmp, ignore_errors=True)
-    lora = has_adapters(model)
+    # a model whose save_pretrained writes its own adapters (a scalar-head body merged, the
+    # adapters and head in adapter/) is saved as it is
+    lora = has_adapters(model) and not getattr(model, "saves_own_adapters", False)
     if lora:
         save_adapters(model, tmp / ADAPTER_DIR)
         tokenizer.save_pretrained(tmp / ADAPTER_DIR)

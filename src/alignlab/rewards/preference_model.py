@@ -152,6 +152,8 @@ def _equal_room(n_first: int, n_second: int, room: int) -> int:
 class PairwisePreferenceModel(nn.Module):
     """A scalar-head causal LM read as ``s(x, first, second)`` (see the module docstring)."""
 
+    saves_own_adapters = True  # the scorer's save_pretrained writes a LoRA body's adapters
+
     def __init__(self, scorer: nn.Module, fmt: PairFormat = PairFormat()) -> None:
         super().__init__()
         if getattr(scorer, "num_heads", 1) != 1:

@@ -172,15 +172,20 @@ def init_model(path: str, cfg: PreferenceModelConfig, fmt: PairFormat) -> Pairwi
     from alignlab.core.runtime import seed_everything
 
     m = cfg.model
-    if m.lora is not None:
-        raise ConfigError("model.lora: the preference-model trainer trains the full backbone; "
-                          "remove lora")
+    if m.lora is not None and m.lora.quantize is not None:
+        raise ConfigError("field 'model.lora.quantize': QLoRA starts from a causal LM; the "
+                          "preference model trains LoRA on its body in full precision")
     seed_everything(cfg.train.seed)  # before the head is initialised
     kwargs = {"dtype": m.dtype, "trust_remote_code": m.trust_remote_code,
               "attn_implementation": m.attn_implementation}
     if not is_preference_model(path):
-        return PairwisePreferenceModel.from_causal_lm(path, fmt, **kwargs)
+        model = PairwisePreferenceModel.from_causal_lm(path, fmt, **kwargs)
+        if m.lora is not None:  # adapters on the body, the head trained whole
+            model.scorer.add_lora(m.lora)
+        return model
     model = PairwisePreferenceModel.from_pretrained(path, **kwargs)
+    if m.lora is not None:
+        model.scorer.add_lora(m.lora)
     if (model.format.a_marker, model.format.b_marker) != (fmt.a_marker, fmt.b_marker):
         raise ConfigError(f"model.name_or_path {path} is a preference model with markers "
                           f"{model.format.a_marker!r}, {model.format.b_marker!r}; set "
