@@ -50,7 +50,8 @@ def register(model: nn.Module, engine_optimizer: Any) -> None:
 
 def partitioned(model: nn.Module) -> bool:
     """Whether a ZeRO-3 engine partitioned ``model``'s weights (or a module holding it)."""
-    return model in _OFFLOADS or any(hasattr(p, "ds_id") for p in model.parameters(recurse=True))
+    # every weight of a partitioned module carries ds_id: the first one tells (called per step)
+    return model in _OFFLOADS or hasattr(next(model.parameters(), None), "ds_id")
 
 
 def _offload(model: nn.Module) -> Any:

@@ -75,8 +75,9 @@ def _is_fsdp(model: nn.Module) -> bool:
         return False
     if isinstance(model, FSDPModule):
         return True
-    # DeepSpeed ZeRO-3 (a partitioned weight carries ds_id) gathers in each module's forward too
-    return any(hasattr(p, "ds_id") for p in model.parameters())
+    # DeepSpeed ZeRO-3 gathers in each module's forward too; it converts every weight of the
+    # module it partitions (each carries ds_id), so the first one tells (called per log-prob)
+    return hasattr(next(model.parameters(), None), "ds_id")
 
 
 def find_decoder(model: nn.Module) -> nn.Module | None:
