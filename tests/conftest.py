@@ -10,6 +10,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suite's bounds hold in fp32 on every machine: ``precision: auto`` would be bf16 on a CPU
+# with native bf16 and fp32 on an AVX2 one. Tests of bf16 set it explicitly. Subprocesses inherit.
+os.environ.setdefault("ALIGNLAB_AUTO_PRECISION", "fp32")
 
 
 @pytest.fixture(scope="session")

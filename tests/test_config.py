@@ -92,3 +92,26 @@ def test_an_alias_keeps_its_section_defaults_under_overrides(name, section, fiel
     # the alias's train defaults survive a train override too
     cfg = load_config(cls, None, ["train.max_steps=3"])
     assert cfg.train.max_steps == 3 and cfg.train.output_dir == cls().train.output_dir
+
+
+def test_auto_precision_follows_the_environment_override(monkeypatch):
+    import torch
+
+    from alignlab.core.runtime import AUTO_PRECISION_ENV, resolve_precision
+
+    cpu = torch.device("cpu")
+    monkeypatch.setenv(AUTO_PRECISION_ENV, "bf16")
+    assert resolve_precision("auto", cpu) == "bf16"
+    assert resolve_precision("fp32", cpu) == "fp32"  # an explicit choice wins
+    monkeypatch.setenv(AUTO_PRECISION_ENV, "fp32")
+    assert resolve_precision("auto", cpu) == "fp32"
+    assert resolve_precision("bf16", cpu) == "bf16"
+    monkeypatch.setenv(AUTO_PRECISION_ENV, "fp16")
+    with pytest.raises(ValueError, match="ALIGNLAB_AUTO_PRECISION: got 'fp16'; allowed values: fp32, bf16"):
+        resolve_precision("auto", cpu)
+    monkeypatch.delenv(AUTO_PRECISION_ENV)
+    from alignlab.core import runtime
+    monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: True)
+    assert resolve_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: False)
+    assert resolve_precision("auto", cpu) == "fp32"

@@ -23,9 +23,10 @@ FIELD = "preference.reference_quantization"
 
 def test_int8_reference_log_probs_stay_within_the_stated_bound(tiny_world):
     """The bound the config field states: on the world's base model, each sequence's log-prob
-    within 0.5 nat of float32's (mean under 0.15; measured 0.40 and 0.11), and each pair's margin
-    log π_ref(y_w) − log π_ref(y_l) within 0.8 nat (mean under 0.25; measured 0.63 and 0.17): with
-    β = 0.1, under 0.08 in DPO's logit."""
+    within 1 nat of float32's (mean under 0.15; measured 0.40 and 0.11 with an AVX2 CPU's int8
+    kernels, 0.71 and 0.11 with an AVX512-VNNI one's), and each pair's margin
+    log π_ref(y_w) − log π_ref(y_l) within 0.8 nat (mean under 0.25; measured 0.63 and 0.17,
+    0.61 and 0.17): with β = 0.1, under 0.08 in DPO's logit."""
     _, _, base, examples = heldout_pairs(tiny_world, n=64)
     base = freeze(base.float())
     exact = compute_reference_logps(base, examples, 0, batch_size=16, device=CPU, layout="flat")
@@ -35,8 +36,8 @@ def test_int8_reference_log_probs_stay_within_the_stated_bound(tiny_world):
     got = compute_reference_logps(q, examples, 0, batch_size=16, device=CPU, layout="flat")
     diffs = [abs(a - b) for g, e in zip(got, exact) for a, b in zip(g, e)]
     margins = [abs((g[0] - g[1]) - (e[0] - e[1])) for g, e in zip(got, exact)]
-    assert 0 < max(diffs) < 0.5 and sum(diffs) / len(diffs) < 0.15, (max(diffs), sum(diffs) / len(diffs))
-    assert max(margins) < 0.8 and sum(margins) / len(margins) < 0.25, margins  # measured 0.63, 0.17
+    assert 0 < max(diffs) < 1.0 and sum(diffs) / len(diffs) < 0.15, (max(diffs), sum(diffs) / len(diffs))
+    assert max(margins) < 0.8 and sum(margins) / len(margins) < 0.25, margins  # measured 0.63, 0.17 (AVX2); 0.61, 0.17
 
 
 def test_quantization_is_refused_where_it_cannot_run():

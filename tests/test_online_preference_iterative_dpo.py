@@ -29,14 +29,16 @@ from tests.online_preference_helpers import (
 
 
 # Seed 0, 8 rounds of 8 prompts x 4 samples, 2 epochs per round, lr 7e-4, gold judge: eval gold
-# 0.042 (base) -> 0.54 (KL to the start 23 nats); about 4 s on 2 idle cores (fp32).
+# 0.042 (base) -> 0.54 (KL to the start 23 nats); about 4 s on 2 idle cores (fp32). On an AVX512
+# CPU (fp32 too, the same base model) seeds 0, 1 and 2 reached 0.19, 0.57 and 0.24: the rounds'
+# samples diverge with the kernels' rounding, so the bound is the lowest of those less a margin.
 def test_iterative_dpo_with_the_gold_judge_raises_gold_sentiment(tiny_world, world_cache,
                                                                  tmp_path):
     before = base_gold(tiny_world)
     run = train_iterative_dpo(config("iterative_dpo", world_cache, tmp_path, steps=8, lr=7e-4,
                                      beta=0.1, epochs=2, win_rate_every=4))
     after = eval_gold(run, tiny_world)
-    assert after > before + 0.2, (before, after)
+    assert after > before + 0.12, (before, after)
     rows = metrics_rows(tmp_path)
     labels = 0
     for row in rows:

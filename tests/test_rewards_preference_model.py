@@ -168,6 +168,12 @@ def test_without_debias_the_judge_reads_a_shown_first(world_tokenizer):
     assert v.p_a == pytest.approx(sigmoid(2.0)) and v.detail["p_ba"] is None
     assert model.sequences == 1
     assert swap_debiased_verdict(0.7, None).p_a == 0.7
+    # Within float32's rounding of ½ is a tie (one sequence in two rows of a batch: ~3e-8 apart
+    # on an AVX512 CPU); a millionth and more is a preference.
+    tie = swap_debiased_verdict(0.15740741789, 0.15740738809)
+    assert tie.p_a == 0.5 and tie.a_preferred is None
+    close = swap_debiased_verdict(0.5 + 3e-6, 0.5 - 3e-6)
+    assert close.p_a == pytest.approx(0.5 + 3e-6) and close.a_preferred is True
 
 
 def test_judge_caches_verdicts_on_disk_under_the_models_identity(world_tokenizer, tmp_path):

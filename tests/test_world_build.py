@@ -46,3 +46,24 @@ def test_base_model_samples_are_fluent_and_mixed_in_sentiment(tiny_world):
     assert all(isinstance(g, float) for g in gold)
     words = " ".join(e["completion"] for e in result["examples"]).split()
     assert statistics.fmean(w in {".", "the", "was", "were", "and", "but", "i"} for w in words) > 0.2
+
+
+def test_pretraining_runs_in_fp32_whatever_auto_means_here(monkeypatch, tmp_path):
+    """The same preset and seed make the same world on a CPU with native bf16 and on an AVX2 one
+    (under ``precision: auto`` the first pretrained in bf16: a different base model)."""
+    import pytest
+
+    from alignlab.world import build
+
+    seen = {}
+
+    def stop_at_training(model, objective, batches, cfg, **_):
+        seen["precision"] = cfg.precision
+        raise KeyboardInterrupt
+
+    monkeypatch.setenv("ALIGNLAB_AUTO_PRECISION", "bf16")
+    monkeypatch.setattr(build, "train", stop_at_training)
+    with pytest.raises(KeyboardInterrupt):
+        build.build_world(tmp_path / "w", get_preset("tiny"), 0, progress=False)
+    assert seen == {"precision": "fp32"}
+    assert not (tmp_path / "w").exists()  # nothing half-built is left under the world's name

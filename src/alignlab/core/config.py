@@ -156,7 +156,8 @@ class TrainSection(Section):
     max_grad_norm: float | None = Field(1.0, gt=0)
     """Clip the gradient's global norm to this (None: no clipping)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """Compute precision: ``auto`` is bf16 where the device runs it natively, else fp32."""
+    """Compute precision: ``auto`` is bf16 where the device runs it natively, else fp32
+    (``$ALIGNLAB_AUTO_PRECISION`` = fp32 or bf16 decides it instead where set)."""
     device: str = "auto"
     """``auto`` (CUDA if present, else CPU), ``cpu``, ``cuda``, ``cuda:1``, ..."""
     log_every: int = Field(10, gt=0)

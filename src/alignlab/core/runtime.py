@@ -33,9 +33,20 @@ def cpu_supports_bf16() -> bool:
         return False
 
 
+AUTO_PRECISION_ENV = "ALIGNLAB_AUTO_PRECISION"
+
+
 def resolve_precision(precision: Precision, device: torch.device) -> Literal["fp32", "bf16"]:
+    """``precision`` itself, or for ``auto``: ``$ALIGNLAB_AUTO_PRECISION`` where set (``fp32`` or
+    ``bf16``: the same numbers on every machine, e.g. the test suite's fp32), else bf16 where the
+    device computes it natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX), else fp32."""
     if precision != "auto":
         return precision
+    forced = os.environ.get(AUTO_PRECISION_ENV)
+    if forced:
+        if forced not in ("fp32", "bf16"):
+            raise ValueError(f"{AUTO_PRECISION_ENV}: got {forced!r}; allowed values: fp32, bf16")
+        return forced  # type: ignore[return-value]
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     return "bf16" if device.type == "cpu" and cpu_supports_bf16() else "fp32"

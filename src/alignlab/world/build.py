@@ -39,8 +39,10 @@ from alignlab.world.tasks import Task, make_task
 from alignlab.world.tokenizer import train_tokenizer
 
 # Bumped whenever the build makes a different world for the same preset and seed (2: pretraining
-# attends per packed sequence, so the base model differs from version 1 in its rounding).
-WORLD_VERSION = 2
+# attends per packed sequence, so the base model differs from version 1 in its rounding; 3: it
+# always runs in fp32: under ``precision: auto`` a CPU with native bf16 pretrained a different
+# base model from an AVX2 one under the same cache key).
+WORLD_VERSION = 3
 
 
 @dataclass
@@ -170,6 +172,7 @@ def build_world(path: Path, preset: WorldPreset, seed: int, *, progress: bool = 
             output_dir=str(tmp / "pretrain"), seed=seed, max_steps=preset.pretrain_steps,
             batch_size=preset.pretrain_batch_size, lr=preset.pretrain_lr, weight_decay=0.01,
             lr_scheduler="cosine", warmup_steps=max(1, preset.pretrain_steps // 20),
+            precision="fp32",  # one world per preset and seed, whatever the machine computes in
             log_every=max(1, preset.pretrain_steps // 20), tensorboard=False, progress=progress)
         batches = make_batches(examples, tokenizer.pad_token_id, data, train_cfg)
         result = train(model, NLLObjective(), batches, train_cfg, description=f"pretrain {preset.name} world")

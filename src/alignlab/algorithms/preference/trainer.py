@@ -107,7 +107,8 @@ class PreferenceSection(Section):
     reference_quantization: Quantization = "none"
     """``int8``: the reference's decoder matmuls run as dynamic int8 (CPU, fp32 precision), about
     two thirds of the reference pass's time; on the world's base model its log-probs are within
-    0.5 nat per sequence of float32's and a pair's margin within 0.8 nat (means 0.11 and 0.17;
+    1 nat per sequence of float32's and a pair's margin within 0.8 nat (means 0.11 and 0.17,
+    the worst 0.40-0.71 and 0.61-0.63 depending on the CPU's kernels;
     ``tests/test_models_quantize.py``), so with β = 0.1 DPO's logit moves by under 0.08.
     ``none`` keeps them exact."""
     prefix_sharing: bool | None = None

@@ -40,7 +40,9 @@ class Verdict:
     """The judge's own record (the annotator's ``PairLabel``, the two rewards)."""
 
 
-TIE_TOLERANCE = 1e-12
+# float32's rounding: a model judge's σ of one sequence differs by ~1e-7 between two rows of one
+# batch where the GEMM blocks rows differently (AVX512 CPUs), so an identical pair is a tie.
+TIE_TOLERANCE = 1e-6
 """|P(a ≻ b) − 1/2| at or below which a model judge's verdict is a tie (float rounding of an
 exact tie)."""
 
