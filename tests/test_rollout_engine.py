@@ -145,6 +145,8 @@ def test_bad_inputs_name_the_field(model):
         SamplingParams(top_p=0.0)
     with pytest.raises(ConfigError, match="max_new_tokens"):
         SamplingParams(max_new_tokens=0)
+    with pytest.raises(ConfigError, match=r"precision: invalid value 'fp16'.*fp32 or bf16"):
+        SamplingParams(precision="fp16")
     with pytest.raises(ConfigError, match=r"prompts \[1\] are empty"):
         rollout(model, [[3], []], SamplingParams(), eos_token_id=None, pad_token_id=0)
     with pytest.raises(ConfigError, match="stop strings need a tokenizer"):
@@ -190,3 +192,33 @@ def test_logits_processor_restricts_samples_and_logprobs_are_renormalised(model,
     recomputed = restricted_token_logprobs(model, batch, allowed, temperature=0.8)
     assert torch.allclose(recomputed, batch["old_logprobs"], atol=1e-4)
     assert (batch["old_logprobs"] > token_logprobs(model, batch, temperature=0.8) - 1e-6).all()
+
+
+@pytest.mark.parametrize("compact", [True, False])
+def test_bf16_sampling_runs_the_forwards_under_autocast_like_the_trainer(model, compact):
+    """``precision: bf16`` samples as a bf16 trainer computes: every forward under autocast, and
+    the sampler's log-probs those of a bf16 teacher-forced pass (kernels apart), not fp32's."""
+    seen: list[bool] = []
+    hook = model.register_forward_pre_hook(
+        lambda *_: seen.append(torch.is_autocast_enabled("cpu")
+                               and torch.get_autocast_dtype("cpu") == torch.bfloat16))
+    try:
+        rb = run(model, SamplingParams(max_new_tokens=10, n=3, seed=1, precision="bf16"),
+                 compact=compact)
+        under_bf16, seen[:] = list(seen), []
+        run(model, SamplingParams(max_new_tokens=10, n=3, seed=1), compact=compact)
+    finally:
+        hook.remove()
+    assert len(under_bf16) >= 10 and all(under_bf16)  # the prefill and every decode step
+    assert seen and not any(seen)  # fp32 (the default) runs plain
+    assert not torch.is_autocast_enabled("cpu")  # the context ends with the call
+    batch = rb.padded()
+    mask = batch["loss_mask"].bool()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = token_logprobs(model, batch)
+    exact = token_logprobs(model, batch)
+    assert rb.logprobs.dtype == torch.float32
+    to_bf16 = (bf16 - batch["old_logprobs"])[mask].abs()
+    to_fp32 = (exact - batch["old_logprobs"])[mask].abs()
+    assert to_bf16.mean() < 0.5 * to_fp32.mean(), (to_bf16.mean(), to_fp32.mean())
+    assert to_fp32.max() > 1e-3  # bf16's rounding shows: the two precisions are told apart

@@ -182,3 +182,19 @@ def test_conversational_prompts_go_through_the_chat_template(world_cache, tmp_pa
     train_policy_gradient(cfg, "grpo")
     assert seen and all(p.startswith("<|user|> write a review of the museum")
                         and p.rstrip().endswith("<|assistant|>") for p in seen), seen[:2]
+
+
+@pytest.mark.parametrize("precision,sampled", [("bf16", "bf16"), ("auto", "fp32")])
+def test_rollouts_sample_in_the_trainers_precision(world_cache, tmp_path, monkeypatch, precision,
+                                                   sampled):
+    """The built-in sampler runs in ``train.precision`` as resolved (the suite's ``auto`` is fp32,
+    ``tests/conftest.py``), so its log-probs and the trainer's differ by kernels only."""
+    from alignlab.rollout import backend
+
+    seen, real = [], backend.rollout
+    monkeypatch.setattr(backend, "rollout", lambda model, ids, params, **kw: (
+        seen.append(params.precision), real(model, ids, params, **kw))[1])
+    cfg = _cfg(world_cache, tmp_path, steps=1)
+    cfg.train = cfg.train.model_copy(update={"precision": precision})
+    train_policy_gradient(cfg, "grpo")
+    assert seen == [sampled]

@@ -50,8 +50,10 @@ class RolloutRole:
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, max_new_tokens: int,
                  temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 64,
                  logits_processor: Callable[[], LogitsProcessor | None] | None = None,
-                 backend: RolloutBackend | None = None) -> None:
+                 backend: RolloutBackend | None = None, precision: str = "fp32") -> None:
         self.model, self.tokenizer = model, tokenizer
+        self.precision = precision
+        """The sampler's forward precision (``SamplingParams.precision``): the trainer's."""
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
         self.batch_size = batch_size
         self.eos = tokenizer.eos_token_id
@@ -80,7 +82,7 @@ class RolloutRole:
                  greedy: bool = False) -> Rollouts:
         params = SamplingParams(temperature=0.0 if greedy else self.temperature, top_p=self.top_p,
                                 max_new_tokens=self.max_new_tokens, n=n, seed=seed,
-                                first_prompt=self.prompt_offset)
+                                first_prompt=self.prompt_offset, precision=self.precision)
         ids = self._encode(prompts)
         gen = self.backend.generate(ids, params)
         comp = [c[:-1] if why == "eos" else list(c)

@@ -419,18 +419,19 @@ def build_parts(cfg: Any, section: MonitorFields, *, min_n: int, name: str) -> P
     layout = "shared" if preferred == "shared" else "flat"
     max_new = cfg.rollout.max_new_tokens or (task.max_new_tokens if task is not None else 64)
 
+    precision = resolve_precision(cfg.train.precision, device)
+
     def role(m: torch.nn.Module, **kwargs: Any) -> RolloutRole:
         return RolloutRole(m, tokenizer, max_new_tokens=max_new,
                            temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                           batch_size=cfg.rollout.batch_size, **kwargs)
+                           batch_size=cfg.rollout.batch_size, precision=precision, **kwargs)
 
     # The policy's rollouts may run on workers; the starting model's and Nash-MD's mixture's
     # sample here (role(...) below).
     rollout = role(model, backend=placement.rollout_backend(
         functools.partial(load_policy, cfg.model, cfg.world), tokenizer,
         batch_size=cfg.rollout.batch_size))
-    scorer = Scorer(rollout.pad, layout, 2 * cfg.train.batch_size, device,
-                    resolve_precision(cfg.train.precision, device))
+    scorer = Scorer(rollout.pad, layout, 2 * cfg.train.batch_size, device, precision)
     start = StartingModel(start_model, role(start_model), scorer,
                           judge=judge,
                           gold=task.gold if task is not None else None,

@@ -145,7 +145,8 @@ def train_policy_gradient(cfg: OnlineRLConfig, algorithm: str) -> OnlineRun:
                                 logits_processor=mask.processor if mask is not None else None))
     rollout = RolloutRole(model, tokenizer, max_new_tokens=max_new,
                           temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                          batch_size=cfg.rollout.batch_size, backend=backend)
+                          batch_size=cfg.rollout.batch_size, backend=backend,
+                          precision=learner.precision)
     alg = cls(spec, cfg, learner=learner, rollout=rollout, rewards=rewards, reference=reference,
               **parts)
     setup = OnlineSetup(prompts, rollout, learner, alg, cfg.rollout.n, cfg.rollout.prompts_per_step,
