@@ -37,6 +37,7 @@ from typing import Any
 
 from alignlab.core.config import TrainSection
 from alignlab.core.errors import ConfigError, TrainingError
+from alignlab.core.runtime import release_free_heap
 from alignlab.engine import distributed, sharding
 from alignlab.engine.async_rollout import rollout_source
 from alignlab.engine.learner import Learner, Units
@@ -159,6 +160,7 @@ def run_online(setup: OnlineSetup, cfg: TrainSection, description: str) -> Train
             with gathered(learner, algorithm):
                 algorithm.begin_iteration(it)
                 rolls, staleness = source.get(it, rows)
+                release_free_heap()  # the sampler's freed buffers (core/runtime.py)
                 if setup.max_staleness:
                     m["staleness"] = staleness
                 t1 = time.time()
@@ -183,6 +185,7 @@ def run_online(setup: OnlineSetup, cfg: TrainSection, description: str) -> Train
                 m.update(learner.update(units))
                 algorithm.after_update(units, m)
                 updated += 1
+                release_free_heap()  # the update's activations and gradients
             # time_batches: the algorithm's make_batches (old/reference log-probs, advantages)
             m.update({"time_rollout": t1 - t0, "time_reward": t2 - t1, "time_batches": t3 - t2,
                       "time_update": time.time() - t3})
