@@ -21,7 +21,7 @@ import hashlib
 import inspect
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -56,7 +56,7 @@ class SamplingParams:
     first_prompt: int = 0
     """The index of the first prompt in a larger batch this call samples part of: each chunk
     of ``batch_size`` rows is seeded by ``seed`` and its first prompt's index (``chunk_seed``)."""
-    precision: str = "fp32"
+    precision: Literal["fp32", "bf16"] = "fp32"
     """The forward passes' precision: ``bf16`` runs them under bf16 autocast, as the trainer does
     under ``train.precision: bf16`` (the sampler's log-probs then differ from the trainer's by
     kernels, not by precision, as with vLLM's ``dtype: train``; on a CPU with native bf16 it
@@ -319,12 +319,12 @@ def rollout(model: nn.Module, prompt_ids: list[list[int]], params: SamplingParam
         for lo in range(0, len(prompt_ids), per_chunk):
             generator = torch.Generator(device=device).manual_seed(
                 chunk_seed(params.seed, params.first_prompt + lo))
-            with autocast(device, params.precision):  # type: ignore[arg-type]
+            with autocast(device, params.precision):
                 tokens, logps, lengths, why = _rollout_chunk(
                     model, prompt_ids[lo:lo + per_chunk], params, eos_ids=eos_ids,
                     pad=pad_token_id, generator=generator, stop_strings=stop_strings,
                     compact=compact, processor=logits_processor)
-            tokens, logps, lengths = tokens.cpu(), logps.float().cpu(), lengths.tolist()
+            tokens, logps, lengths = tokens.cpu(), logps.cpu(), lengths.tolist()
             comp_ids += [tokens[i, :k].tolist() for i, k in enumerate(lengths)]
             logp_rows += [logps[i, :k] for i, k in enumerate(lengths)]
             reasons += why

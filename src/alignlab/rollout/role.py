@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -50,7 +50,8 @@ class RolloutRole:
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, max_new_tokens: int,
                  temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 64,
                  logits_processor: Callable[[], LogitsProcessor | None] | None = None,
-                 backend: RolloutBackend | None = None, precision: str = "fp32") -> None:
+                 backend: RolloutBackend | None = None,
+                 precision: Literal["fp32", "bf16"] = "fp32") -> None:
         self.model, self.tokenizer = model, tokenizer
         self.precision = precision
         """The sampler's forward precision (``SamplingParams.precision``): the trainer's."""
