@@ -6,8 +6,10 @@ import contextlib
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from alignlab.data.preference_batches import add_kl_completions, collate_groups
+from alignlab.models._fast.packed_groups import group_layout
 from alignlab.models.logprobs import completion_logprobs, fast_path, preferred_layout
 
 from tests.conftest import random_llama
@@ -20,6 +22,10 @@ def _ids(g: torch.Generator, lo: int, hi: int) -> list[int]:
 
 def _examples(kind: str, n: int = 5) -> list[dict]:
     g = torch.Generator().manual_seed(3)
+    if kind == "varied":  # prompts from 3 to 70 tokens: several length buckets; 1 to 4 completions
+        return [{"prompt_ids": _ids(g, lo, lo + 4), "completion_ids": [_ids(g, 1, 20) for _ in range(1 + i % 4)],
+                 "scores": [float(-j) for j in range(1 + i % 4)]}
+                for i, lo in enumerate((3, 70, 20, 40, 66, 5))]
     if kind == "paired":
         return [{"prompt_ids": _ids(g, 2, 12), "chosen_ids": _ids(g, 1, 7),
                  "rejected_ids": _ids(g, 1, 9)} for _ in range(n)]
@@ -43,7 +49,24 @@ def _values_and_grads(model, examples, layout):
     return lp.detach(), grads, batch
 
 
-@pytest.mark.parametrize("kind", ["paired", "unpaired", "listwise"])
+class _Ops(TorchDispatchMode):
+    """Records the aten ops that run, with their first argument's dtype."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[tuple[str, torch.dtype | None, int]] = []  # name, dtype, dims
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        self.seen.append((str(func.overloadpacket.__name__), None if first is None else first.dtype,
+                          0 if first is None else first.dim()))
+        return func(*args, **(kwargs or {}))
+
+    def count(self, name: str) -> int:
+        return sum(n == name for n, _, _ in self.seen)
+
+
+@pytest.mark.parametrize("kind", ["paired", "unpaired", "listwise", "varied"])
 def test_prefix_sharing_matches_plain_values_and_gradients(kind):
     model = random_llama(seed=1).float()
     examples = _examples(kind)
@@ -222,19 +245,65 @@ def test_group_pass_with_attention_dropout():
     assert torch.allclose(lp_s, lp_f, atol=1e-5)
 
 
-def test_group_pass_sdpa_branch_matches_plain(monkeypatch):
-    """Above ``MAX_SCORES`` (and on GPUs) the group pass hands SDPA the padded batch with its
-    boolean block mask instead of the CPU matmul attention: the same values and gradients."""
+@pytest.mark.parametrize("kind", ["unpaired", "varied"])
+def test_group_pass_sdpa_branch_matches_plain(monkeypatch, kind):
+    """Above ``MAX_SCORES`` with autograd (and on GPUs) the group pass hands SDPA each padded
+    block with its boolean mask instead of the CPU matmul attention: the same values and
+    gradients. Without autograd the matmul attention runs whatever the size (it slices)."""
+    import alignlab.models._fast.block_attention as block_attention
     import alignlab.models._fast.cpu_attention as cpu_attention
-    import alignlab.models._fast.packed_groups as packed_groups
 
-    monkeypatch.setattr(packed_groups, "MAX_SCORES", 0)
+    monkeypatch.setattr(block_attention, "MAX_SCORES", 0)
     monkeypatch.setattr(cpu_attention, "MAX_SCORES", 0)  # the kernel itself, not the matmuls
     model = random_llama(seed=1).float()
-    examples = _examples("unpaired")
-    lp_s, g_s, _ = _values_and_grads(model, examples, "shared")
+    examples = _examples(kind)
+    with _Ops() as ops:
+        lp_s, g_s, batch = _values_and_grads(model, examples, "shared")
+    blocks = len(group_layout(batch).blocks)
+    assert ops.count("_scaled_dot_product_flash_attention_for_cpu") == blocks * model.config.num_hidden_layers
     lp_f, g_f, _ = _values_and_grads(model, examples, "flat")
     assert torch.allclose(lp_s, lp_f, atol=1e-5) and torch.allclose(g_s, g_f, atol=1e-5)
+    with torch.no_grad(), _Ops() as ops:
+        lp_n = completion_logprobs(model, batch)
+    assert ops.count("_scaled_dot_product_flash_attention_for_cpu") == 0 and ops.count("baddbmm") > 0
+    assert torch.allclose(lp_n, lp_f, atol=1e-5)
+
+
+def test_prompts_are_bucketed_by_length_and_completions_follow_their_prompt():
+    """Prompts of very different lengths are padded per bucket, not to the batch's longest; each
+    bucket's completions form one block reading that bucket's prompt keys, a row per prompt with
+    its completions side by side."""
+    from alignlab.models._fast.block_attention import AttentionBlock, PrefixedBlock, length_buckets
+
+    # widths 128, 512, 512, 304, 144: 512² > 1.5·304², 304² > 1.5·144², 144² ≤ 1.5·128²
+    assert length_buckets([128, 512, 500, 300, 130]) == [[1, 2], [3], [4, 0]]
+    batch = collate_groups(_examples("varied"), 0, layout="shared")
+    lay = group_layout(batch)
+    prompts = [b for b in lay.blocks if isinstance(b, AttentionBlock)]
+    completions = [b for b in lay.blocks if isinstance(b, PrefixedBlock)]
+    assert sorted(b.queries.shape[1] for b in prompts) == [16, 32, 48, 80]  # not 4 × 80
+    assert len(completions) == len(prompts)
+    for c in completions:
+        assert c.prefix_real.shape == prompts[c.prefix].real.shape
+        assert c.queries.shape[1] % c.group == 0
+    # every real token is attended from exactly one block
+    dest = torch.cat([b.dest for b in lay.blocks])
+    assert dest.numel() == dest.unique().numel() == int(batch["prompt_lengths"].sum() + batch["completion_mask"].sum())
+
+
+def test_group_pass_attends_in_the_autocast_dtype():
+    """Under bf16 autocast the pass casts queries, keys and values once and gathers them in
+    bfloat16 (RoPE hands them over in float32): no float32 gather or score matrix."""
+    from alignlab.core.runtime import autocast
+
+    model = random_llama(seed=1).float()
+    batch = collate_groups(_examples("varied"), 0, layout="shared")
+    with torch.no_grad(), autocast(torch.device("cpu"), "bf16"), _Ops() as ops:
+        completion_logprobs(model, batch)
+    # the attention's gathers from [h, S', d] and its matmuls (the embedding's and the log-prob
+    # gather's index_select are 2-D)
+    attention = [d for n, d, dims in ops.seen if n in ("baddbmm", "bmm") or (n == "index_select" and dims == 3)]
+    assert len(attention) > 10 and all(d == torch.bfloat16 for d in attention), set(attention)
 
 
 def test_group_pass_on_a_lora_model():

@@ -8,13 +8,12 @@ if it followed the prompt alone.
 
 The rows run through the decoder *packed* (``[1, S]``, S = the real tokens only), so every
 token-wise op (embeddings, norms, projections, MLP) does no padding work and the prompt is
-computed once. Attention, the one op that mixes positions, runs on padded blocks:
-:class:`GroupAttention` intercepts the decoder's SDPA calls and, per :class:`AttentionBlock`,
-gathers queries, keys and values into padded rows, attends under the block's mask and writes
-the outputs back. A ``shared`` batch has two blocks: the prompts (causal), and the completions,
-each a row whose keys are its prompt's and its own (the prompt's keys are gathered once per
-completion; no score against a sibling is computed). There is no KV cache and no second pass.
-Gathers and writes are differentiable, so values and gradients equal the plain path.
+computed once. Attention, the one op that mixes positions, runs on padded blocks
+(:mod:`~alignlab.models._fast.block_attention`): per bucket of similar prompt lengths, the
+prompts (causal), then their completions, which attend their prompt's keys (gathered once for
+all of its completions) and their own; no score against a sibling is computed. There is no KV
+cache and no second pass. Gathers and writes are differentiable, so values and gradients equal
+the plain path.
 
 Only for decoders whose attention goes through SDPA (``_attn_implementation == "sdpa"``) and
 whose positions come from ``position_ids``; :func:`alignlab.models.logprobs.fast_path` decides.
@@ -27,59 +26,30 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
-from alignlab.models._fast.cpu_attention import (
-    MAX_SCORES,
-    attention_with_bias,
-    causal_bias,
-    cpu_attention,
-    mask_bias,
+from alignlab.models._fast.block_attention import (
+    WIDTH_MULTIPLE,
+    AttentionBlock,
+    GroupAttention,
+    PaddedLayout,
+    PrefixedBlock,
+    causal_blocks,
+    causal_rows,
+    length_buckets,
+    round_up,
 )
+from alignlab.models._fast.cpu_attention import cpu_attention
 from alignlab.models._fast.last_layer import last_layer_only_at
 from alignlab.models.backbone import chunked_logprobs
 from alignlab.models.checkpointing import recompute_with
 
-# The packed length and the padded row width are rounded up to these multiples. Every batch
-# otherwise has its own matmul shapes, and the CPU BLAS (oneDNN) keeps kernels and buffers per
-# shape, so peak memory grows step after step (benchmarks/README.md); rounded, it settles. The
-# filler rows cost ≤ 31 tokens of a ~1000-token batch; filler columns only attention.
+# The packed length is rounded up to this multiple (padded row widths to
+# block_attention.WIDTH_MULTIPLE). Every batch otherwise has its own matmul shapes, and the CPU
+# BLAS (oneDNN) keeps kernels and buffers per shape, so peak memory grows step after step
+# (benchmarks/README.md); rounded, it settles. The filler rows cost ≤ 31 tokens of a ~1000-token
+# batch; filler columns only attention.
 LENGTH_MULTIPLE = 32
-WIDTH_MULTIPLE = 16
-
-
-def _round_up(x: int, multiple: int) -> int:
-    return -(-x // multiple) * multiple
-
-
-@dataclass
-class AttentionBlock:
-    """``R`` padded rows of queries, each attending keys of its own row, named by packed index.
-
-    Pad slots hold index 0 (any real token: its value is masked out or its output unread)."""
-
-    queries: Tensor  # [R, Wq] packed index of each query slot
-    real: Tensor  # [R, Wq] bool: query slots that hold a token (their outputs are written back)
-    keys: Tensor | None = None  # [R, Wk]; None: the queries' own slots, causal (top-left)
-    keep: Tensor | None = None  # [R, Wq, Wk] bool: query slot may attend key slot (with keys)
-
-    def __post_init__(self) -> None:
-        self.dest = self.queries[self.real]  # where the outputs go, row-major
-
-    @property
-    def key_index(self) -> Tensor:
-        return self.queries if self.keys is None else self.keys
-
-
-@dataclass
-class PaddedLayout:
-    """A packed decoder input of ``length`` tokens (real tokens, then fillers) and the padded
-    attention blocks that cover every real token's query: what :class:`GroupAttention` needs."""
-
-    blocks: list[AttentionBlock]
-    length: int  # S', the packed length the decoder sees
 
 
 @dataclass
@@ -95,18 +65,11 @@ class GroupLayout(PaddedLayout):
     ends: Tensor  # packed index of each prompt + completion sequence's last token [N]
 
 
-def _causal_rows(offsets: Tensor, lengths: Tensor) -> AttentionBlock:
-    """One causal row per sequence of ``lengths`` tokens starting at packed ``offsets``."""
-    col = torch.arange(_round_up(int(lengths.max()), WIDTH_MULTIPLE), device=lengths.device)
-    real = col[None] < lengths[:, None]
-    return AttentionBlock(queries=(offsets[:, None] + col[None]) * real, real=real)
-
-
 def sequence_layout(seq_lens: Tensor) -> PaddedLayout:
     """The layout of a padding-free packed row ``[1, Σ seq_lens]`` (``pack_collate``): each
-    sequence one padded row, causal attention inside it."""
+    sequence one padded row (rows of similar length share a block), causal attention inside it."""
     offsets = seq_lens.cumsum(0) - seq_lens
-    return PaddedLayout(blocks=[_causal_rows(offsets, seq_lens)], length=int(seq_lens.sum()))
+    return PaddedLayout(blocks=list(causal_blocks(offsets, seq_lens)), length=int(seq_lens.sum()))
 
 
 def packed_sequences_hidden(decoder: nn.Module, batch: dict[str, Any]) -> Tensor:
@@ -126,15 +89,47 @@ def packed_sequences_hidden(decoder: nn.Module, batch: dict[str, Any]) -> Tensor
                        attention_mask=dummy, use_cache=False).last_hidden_state
 
 
+def _prompt_and_completion_blocks(row_off: Tensor, prompt_lengths: Tensor, comp_off: Tensor,
+                                  comp_lengths: Tensor, owners: list[int]) -> list[AttentionBlock | PrefixedBlock]:
+    """Per bucket of similar prompt lengths: the prompts' causal block, then the block of
+    their completions (:class:`PrefixedBlock`, ``G`` = the most completions a prompt of the
+    bucket owns; slots of prompts with fewer stay empty)."""
+    children: list[list[int]] = [[] for _ in range(len(prompt_lengths))]
+    for n, o in enumerate(owners):
+        children[o].append(n)
+    prompt_blocks: list[AttentionBlock] = []
+    completion_blocks: list[PrefixedBlock] = []
+    for bucket in length_buckets(prompt_lengths.tolist()):
+        idx = torch.tensor(bucket, device=row_off.device)
+        prompt_blocks.append(causal_rows(row_off[idx], prompt_lengths[idx]))
+        group = max(len(children[p]) for p in bucket)
+        own = [n for p in bucket for n in children[p]]
+        longest = int(comp_lengths[own].max()) if own else 0
+        if longest == 0:  # no completion token to attend from
+            continue
+        table = torch.full((len(bucket), group), -1, dtype=torch.long)
+        for row, p in enumerate(bucket):
+            table[row, :len(children[p])] = torch.tensor(children[p], dtype=torch.long)
+        table = table.to(row_off.device)
+        slot = table.clamp_min(0)
+        col = torch.arange(round_up(longest, WIDTH_MULTIPLE), device=row_off.device)
+        real = (table >= 0)[..., None] & (col < comp_lengths[slot][..., None])
+        queries = (comp_off[slot][..., None] + col) * real
+        completion_blocks.append(PrefixedBlock(
+            queries=queries.reshape(len(bucket), -1), real=real.reshape(len(bucket), -1), group=group,
+            prefix=len(prompt_blocks) - 1, prefix_real=prompt_blocks[-1].real))
+    return [*prompt_blocks, *completion_blocks]
+
+
 def group_layout(batch: dict[str, Any]) -> GroupLayout:
     """Lay a ``shared`` batch (right-padded ``prompt_ids [P, W]``, ``completion_ids [N, C]``,
     ``owner [N]``) out as packed rows prompt | completions of that prompt.
 
-    Attention runs in two blocks (:class:`AttentionBlock`): the prompts, causal, one padded row
-    each; and the completions, one padded row each whose keys are its prompt's tokens and its
-    own. A completion never computes scores against its siblings, nor a prompt token against
-    any completion: a group's padded square of (prompt + G completions)² scores shrinks to
-    prompt² + G·completion·(prompt + completion)."""
+    Attention runs in blocks (:mod:`~alignlab.models._fast.block_attention`), per bucket of
+    similar prompt lengths: the prompts, causal, one padded row each; and their completions,
+    which attend their prompt's keys and their own. A completion never computes scores against
+    its siblings, nor a prompt token against any completion: a group's padded square of
+    (prompt + G completions)² scores shrinks to prompt² + G·completion·(prompt + completion)."""
     prompt_ids, completion_ids = batch["prompt_ids"], batch["completion_ids"]
     prompt_lengths, completion_mask, owner = batch["prompt_lengths"], batch["completion_mask"], batch["owner"]
     device = prompt_ids.device
@@ -157,7 +152,7 @@ def group_layout(batch: dict[str, Any]) -> GroupLayout:
     comp_off = row_off[owner] + start_t  # packed index of each completion's first token
     p_idx = (row_off[:, None] + torch.arange(w, device=device)[None])[p_keep]
     c_idx = (comp_off[:, None] + torch.arange(c, device=device)[None])[c_keep]
-    length = _round_up(total, LENGTH_MULTIPLE)
+    length = round_up(total, LENGTH_MULTIPLE)
     ids = torch.zeros(length, dtype=prompt_ids.dtype, device=device)
     pos = torch.zeros(length, dtype=torch.long, device=device)
     ids[p_idx], ids[c_idx] = prompt_ids[p_keep], completion_ids[c_keep]
@@ -165,13 +160,8 @@ def group_layout(batch: dict[str, Any]) -> GroupLayout:
     pos[c_idx] = (prompt_lengths[owner][:, None] + torch.arange(c, device=device)[None])[c_keep]
     ids[total:] = ids[0]  # fillers repeat the first token (position 0); nothing reads them
 
-    prompts = _causal_rows(row_off, prompt_lengths)
     comp_len_t = completion_mask.sum(1)
-    completions = _causal_rows(comp_off, comp_len_t)
-    wc = completions.queries.shape[1]
-    own = completions.real[:, None, :] & torch.ones(wc, wc, dtype=torch.bool, device=device).tril()[None]
-    completions.keys = torch.cat([prompts.queries[owner], completions.queries], 1)
-    completions.keep = torch.cat([prompts.real[owner][:, None, :].expand(n, wc, -1), own], 2)
+    blocks = _prompt_and_completion_blocks(row_off, prompt_lengths, comp_off, comp_len_t, owners)
 
     # token t of completion n is predicted at index off+t-1, its first token at the prompt's end
     t_idx = torch.arange(c, device=device)[None]
@@ -180,80 +170,17 @@ def group_layout(batch: dict[str, Any]) -> GroupLayout:
     end = torch.where(comp_len_t > 0, comp_off + comp_len_t - 1,
                       row_off[owner] + prompt_lengths[owner] - 1)
     return GroupLayout(
-        blocks=[prompts, completions], length=length,
+        blocks=blocks, length=length,
         input_ids=ids[None], position_ids=pos[None], predictors=pred[c_keep],
         targets=completion_ids[c_keep],
         owners=torch.arange(n, device=device)[:, None].expand(n, c)[c_keep], ends=end)
-
-
-class GroupAttention(TorchFunctionMode):
-    """Run the decoder's packed SDPA calls block by block (:class:`PaddedLayout`): gather each
-    block's queries, keys and values into padded rows, attend under its mask, and write the
-    outputs back to their packed slots (fillers get zeros: nothing reads them). Gathers and
-    writes are differentiable."""
-
-    def __init__(self, layout: PaddedLayout) -> None:
-        super().__init__()
-        self.layout = layout
-        self._bias: dict[tuple, Tensor] = {}  # the same for every layer: built once per pass
-
-    @staticmethod
-    def _gather(rows: Tensor, index: Tensor) -> Tensor:
-        """``rows [S', h, d]`` at ``index [R, W]`` → ``[R, h, W, d]``."""
-        r, w = index.shape
-        return rows.index_select(0, index.reshape(-1)).view(r, w, *rows.shape[1:]).transpose(1, 2)
-
-    def _cpu_bias(self, i: int, block: AttentionBlock, heads: int, dtype: torch.dtype) -> Tensor:
-        key = (i, heads, dtype)
-        if key not in self._bias:
-            wq = block.queries.shape[1]
-            if block.keep is None:
-                self._bias[key] = causal_bias(wq, wq, dtype, block.queries.device)
-            else:
-                r, _, wk = block.keep.shape
-                self._bias[key] = mask_bias(block.keep, dtype)[:, None].expand(
-                    r, heads, wq, wk).reshape(-1, wq, wk)
-        return self._bias[key]
-
-    def _attend(self, i: int, block: AttentionBlock, q: Tensor, k: Tensor, v: Tensor,
-                dropout: float, scale: float | None) -> Tensor:
-        r, heads, wq, _ = q.shape
-        if q.device.type == "cpu" and not dropout and r * heads * wq * k.shape[-2] <= MAX_SCORES:
-            return attention_with_bias(q, k, v, self._cpu_bias(i, block, heads, q.dtype), scale)
-        if block.keep is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout,
-                                                  scale=scale)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=block.keep[:, None],
-                                              dropout_p=dropout, scale=scale)
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not F.scaled_dot_product_attention:
-            return func(*args, **kwargs)
-        named = ("query", "key", "value")
-        q, k, v = (args[i] if i < len(args) else kwargs[name] for i, name in enumerate(named))
-        if not (q.dim() == 4 and q.shape[0] == 1 and q.shape[-2] == self.layout.length):
-            raise RuntimeError(f"prefix-sharing pass: attention on {tuple(q.shape)} is not the "
-                               f"packed batch of {self.layout.length} tokens")
-        if k.shape[-3] != q.shape[-3]:  # grouped-query heads
-            k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
-            v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
-        qr, kr, vr = (t[0].transpose(0, 1) for t in (q, k, v))  # [S', h, d]
-        out = vr.new_zeros(qr.shape[0], qr.shape[1], vr.shape[-1])
-        for i, block in enumerate(self.layout.blocks):
-            keys = block.key_index
-            o = self._attend(i, block, self._gather(qr, block.queries), self._gather(kr, keys),
-                             self._gather(vr, keys), kwargs.get("dropout_p") or 0.0,
-                             kwargs.get("scale"))
-            out = out.index_copy(0, block.dest, o.transpose(1, 2)[block.real])
-        return out.transpose(0, 1)[None]
 
 
 def _rounded_rows(index: Tensor, total: int) -> Tensor:
     """The sorted distinct rows ``index`` plus the first other rows, up to a multiple of
     :data:`LENGTH_MULTIPLE` (at most ``total``): a shape that repeats across batches."""
     index = torch.unique(index)
-    extra = min(_round_up(index.numel(), LENGTH_MULTIPLE), total) - index.numel()
+    extra = min(round_up(index.numel(), LENGTH_MULTIPLE), total) - index.numel()
     if extra:
         free = torch.ones(total, dtype=torch.bool, device=index.device)
         free[index] = False
@@ -302,7 +229,7 @@ def scored_logprobs(decoder: nn.Module, head: nn.Module, batch: dict[str, Any], 
     if scored == 0:
         zero = torch.zeros(0, device=lay.input_ids.device)
         return zero, (zero if with_entropy else None), lay
-    fill = _round_up(scored, LENGTH_MULTIPLE) - scored  # repeated rows, dropped below
+    fill = round_up(scored, LENGTH_MULTIPLE) - scored  # repeated rows, dropped below
     rows = torch.cat([hidden, hidden[:1].expand(fill, -1)])
     targets = torch.cat([lay.targets, lay.targets[:1].expand(fill)])
     lp, ent = chunked_logprobs(rows, head.weight, head.bias, targets, temperature=temperature,
@@ -323,6 +250,6 @@ def group_pass_logprobs(decoder: nn.Module, head: nn.Module, batch: dict[str, An
     return lp.new_zeros(n).index_add(0, lay.owners, lp)
 
 
-__all__ = ["AttentionBlock", "GroupAttention", "GroupLayout", "PaddedLayout", "group_layout", "group_pass_logprobs",
+__all__ = ["GroupLayout", "group_layout", "group_pass_logprobs",
            "packed_sequences_hidden", "predictor_hidden", "scored_logprobs", "sequence_end_hidden",
            "sequence_layout"]
