@@ -47,12 +47,28 @@ def run_variant(script: str, args: argparse.Namespace, variant: str, folder: Pat
     passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                    if k not in ("worker", "folder", *skip)]
     cmd = [sys.executable, script, *passthrough, "--worker", variant, "--folder", str(folder)]
-    proc = subprocess.run(cmd, capture_output=True, text=True,
-                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(variant))
     line = next((x for x in proc.stdout.splitlines() if x.startswith(RESULT)), None)
     if proc.returncode != 0 or line is None:
         sys.exit(f"{variant} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return json.loads(line[len(RESULT):])
+
+
+ONEDNN_CACHE = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+ONEDNN_OWN_DEFAULT = "1024"  # oneDNN's own capacity, where nobody sets one
+
+
+def worker_env(variant: str) -> dict[str, str]:
+    """The environment a variant runs in: this one's, except that the other libraries'
+    variants (TRL, ``generate``) get oneDNN's own primitive-cache capacity, not the cap
+    importing alignlab sets (``alignlab.ONEDNN_CACHE_DEFAULTED``; their workers import alignlab
+    too): they run as their users run them. A capacity the user set reaches every variant."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    defaulted = getattr(sys.modules.get("alignlab"), "ONEDNN_CACHE_DEFAULTED", False)
+    user_set = ONEDNN_CACHE in os.environ and not defaulted
+    if "alignlab" not in variant and not user_set:
+        env[ONEDNN_CACHE] = ONEDNN_OWN_DEFAULT
+    return env
 
 
 def step_timer():
