@@ -8,7 +8,8 @@ locally (``--model-size``), 8 review prompts of 64–256 tokens, 8 samples each,
 tokens. ``--model world`` takes the tiny world's pretrained base and its prompts, ``--model
 random`` a 2-layer random Llama. Same prompts, same ``n`` samples per prompt
 (``num_return_sequences`` for ``generate``), same ``max_new_tokens``, sampling on (temperature
-1, top-p 0.95) and eos stopping for both, one batch each. Each side is timed ``--repeats``
+1, top-p 0.95) and eos stopping for both, one batch each, in ``--precision`` (bf16: both under
+bf16 autocast). Each side is timed ``--repeats``
 times after a warm-up and the best time is kept. Also times the engine with finished rows
 masked instead of dropped (``compact=False``) and ``generate`` with a static (preallocated)
 cache. What the engine does that ``generate`` does not: each distinct prompt is prefilled once
@@ -88,28 +89,36 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                    help="bf16: both sides under bf16 autocast (auto: bf16 where the CPU has it)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: 3m model, 2 prompts x 4, 16 tokens")
     args = ap.parse_args()
     if args.quick:
         vars(args).update(model_size="3m", prompts=2, n=4, max_new_tokens=16, repeats=1,
                           prompt_tokens="16,32")
 
+    from alignlab.core.runtime import autocast, resolve_precision
     from alignlab.rollout.engine import SamplingParams, rollout
 
     model, prompts, eos, pad, tok = load(args)
+    cpu = torch.device("cpu")
+    precision = resolve_precision(args.precision, cpu)
+    # the engine's forwards under autocast in the trainer's precision, generate's under the same
+    # autocast (as TRL runs it under accelerate's bf16 mixed precision)
     params = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=args.max_new_tokens,
-                            n=args.n, seed=0)
+                            n=args.n, seed=0, precision=precision)
     width = max(map(len, prompts))
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, p in enumerate(prompts):
         ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
 
-    @torch.inference_mode()
+    @torch.no_grad()  # as TRL calls it; under inference_mode autocast recasts the weights each token
     def hf():
-        return model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0,
-                              top_p=0.95, top_k=0, num_return_sequences=args.n,
-                              max_new_tokens=args.max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+        with autocast(cpu, precision):
+            return model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0,
+                                  top_p=0.95, top_k=0, num_return_sequences=args.n,
+                                  max_new_tokens=args.max_new_tokens, eos_token_id=eos, pad_token_id=pad)
 
     def ours(compact=True):
         return rollout(model, prompts, params, eos_token_id=eos, pad_token_id=pad, tokenizer=tok,
@@ -117,12 +126,13 @@ def main() -> None:
 
     warnings.simplefilter("ignore")
     n_completions = len(prompts) * args.n
-    @torch.inference_mode()
+    @torch.no_grad()  # as TRL calls it; under inference_mode autocast recasts the weights each token
     def hf_static():
-        return model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0,
-                              top_p=0.95, top_k=0, num_return_sequences=args.n,
-                              max_new_tokens=args.max_new_tokens, eos_token_id=eos, pad_token_id=pad,
-                              cache_implementation="static")
+        with autocast(cpu, precision):
+            return model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0,
+                                  top_p=0.95, top_k=0, num_return_sequences=args.n,
+                                  max_new_tokens=args.max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+                                  cache_implementation="static")
 
     t_hf, seqs = best_time(hf, args.repeats)
     t_static, _ = best_time(hf_static, args.repeats)
@@ -131,7 +141,7 @@ def main() -> None:
     hf_len = (seqs[:, width:] != pad).sum(1).float().mean().item()
     our_tokens = n_completions * rb.stats["mean_completion_tokens"]
     print(f"model={args.model} prompts={len(prompts)} n={args.n} max_new_tokens={args.max_new_tokens} "
-          f"threads={torch.get_num_threads()}")
+          f"threads={torch.get_num_threads()} precision={precision}")
     print(f"generate:            {n_completions / t_hf:8.1f} completions/s  ({t_hf:.3f} s, "
           f"mean completion {hf_len:.1f} tokens)")
     print(f"alignlab (drop done): {n_completions / t_ours:8.1f} completions/s  ({t_ours:.3f} s, "

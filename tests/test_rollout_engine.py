@@ -222,3 +222,30 @@ def test_bf16_sampling_runs_the_forwards_under_autocast_like_the_trainer(model, 
     to_fp32 = (exact - batch["old_logprobs"])[mask].abs()
     assert to_bf16.mean() < 0.5 * to_fp32.mean(), (to_bf16.mean(), to_fp32.mean())
     assert to_fp32.max() > 1e-3  # bf16's rounding shows: the two precisions are told apart
+
+
+@pytest.mark.parametrize("compact", [True, False])
+def test_bf16_sampling_casts_weights_and_prompt_keys_once_per_rollout(model, compact, monkeypatch):
+    """Under bf16 autocast each weight is cast to bf16 once per rollout, not at every decoded
+    token (autocast keeps no cast copies under inference_mode), and the prompts' shared keys
+    (float32 out of RoPE) are cast once, not by every decode step's matmul."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import alignlab.rollout.kv_cache as kv_cache
+
+    monkeypatch.setattr(kv_cache, "MIN_SHARED_PROMPT_KEYS", 0)  # the prefix-shared decode, here too
+    steps = 12
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        rb = run(model, SamplingParams(max_new_tokens=steps, n=3, seed=1, precision="bf16"), compact=compact)
+    assert rb.stats["mean_completion_tokens"] == steps  # no eos: every token decoded
+    casts = [(tuple(e.input_shapes[0]), e.count) for e in prof.key_averages(group_by_input_shape=True)
+             if e.key == "aten::_to_copy" and e.input_shapes and e.input_shapes[0]]
+    weight_shapes = {tuple(p.shape) for p in model.parameters() if p.dim() == 2}
+    weight_casts = sum(n for shape, n in casts if shape in weight_shapes)
+    matmul_weights = sum(p.dim() == 2 for p in model.parameters()) - 1  # the embedding is a lookup
+    assert weight_casts == matmul_weights  # once each (at every token: ~12x that)
+    # the prompts' transposed keys [P, h, d, W], cast once per layer (each decode step's matmul
+    # cast them again: 2 layers x 11 steps)
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    key_casts = sum(n for shape, n in casts if len(shape) == 4 and shape[0] == len(PROMPTS) and shape[2] == head_dim)
+    assert key_casts == model.config.num_hidden_layers

@@ -59,6 +59,13 @@ def autocast(device: torch.device, precision: Literal["fp32", "bf16"]):
     return contextlib.nullcontext()
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast casts matmul inputs to on ``device`` now, or None where it is off."""
+    if not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
+
+
 _TRIM: list = []  # glibc's malloc_trim, looked up once ([None] where there is no glibc)
 
 

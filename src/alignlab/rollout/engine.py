@@ -201,7 +201,10 @@ class _StopStrings:
         return out
 
 
-@torch.inference_mode()
+# no_grad, not inference_mode: under inference_mode autocast does not cache its bf16 copies of
+# the weights, so a bf16 rollout cast every weight again at every decoded token (36% of its time
+# on the benchmark's 44M Llama; benchmarks/README.md)
+@torch.no_grad()
 def _rollout_chunk(model: nn.Module, prompts: list[list[int]], params: SamplingParams, *,
                    eos_ids: set[int], pad: int, generator: torch.Generator | None,
                    stop_strings: _StopStrings, compact: bool,

@@ -29,6 +29,8 @@ from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from alignlab.core.runtime import autocast_dtype
+
 # The prefix-shared decode pays when the repeated prompt keys it does not read (rows x prompt
 # width x key width, per layer) outweigh its extra per-layer ops (reshapes by prompt, two score matmuls): measured on CPU, a
 # 2-layer 64-wide model sampling 15 rows of ~20-token prompts ran 2x slower with it, the GRPO
@@ -149,15 +151,18 @@ class PrefixSharedLayer(DynamicLayer):
 
     def prompt_operands(self, heads: int) -> tuple[Tensor, Tensor]:
         """The prompts' keys transposed ``[P, heads, d, W]`` and values ``[P, heads, W, d]``,
-        contiguous and with grouped-query heads repeated (as transformers does), made once per
-        rollout: a matmul on the transposed (strided) keys copied them on every decode step,
-        12% of the GRPO benchmark's rollout time."""
-        if self._operands is None or self._operands[1].shape[1] != heads:
+        contiguous, with grouped-query heads repeated (as transformers does) and in autocast's
+        dtype where it is on, made once per rollout: a matmul on the transposed (strided) keys
+        copied them on every decode step (12% of the GRPO benchmark's rollout time), and under
+        bf16 autocast it cast the keys (float32 out of RoPE) on every step again."""
+        dtype = autocast_dtype(self.prefix_k.device) or self.prefix_k.dtype
+        if self._operands is None or self._operands[1].shape[1] != heads or self._operands[0].dtype != dtype:
             pk, pv = self.prefix_k, self.prefix_v
             if pk.shape[1] != heads:
                 pk = pk.repeat_interleave(heads // pk.shape[1], dim=1)
                 pv = pv.repeat_interleave(heads // pv.shape[1], dim=1)
-            self._operands = (pk.transpose(-1, -2).contiguous(), pv.contiguous())
+            self._operands = (pk.transpose(-1, -2).to(dtype, memory_format=torch.contiguous_format),
+                              pv.to(dtype, memory_format=torch.contiguous_format))
         return self._operands
 
     def set_owner(self, owner: Tensor) -> None:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from alignlab.core.runtime import autocast_dtype
 from alignlab.models._fast.cpu_attention import (
     MAX_SCORES,
     attention_with_bias,
@@ -120,13 +121,6 @@ def causal_blocks(offsets: Tensor, lengths: Tensor) -> list[AttentionBlock]:
         idx = torch.tensor(bucket, device=lengths.device)
         out.append(causal_rows(offsets[idx], lengths[idx]))
     return out
-
-
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The dtype autocast gives SDPA on ``device``, or None where autocast is off."""
-    if not torch.is_autocast_enabled(device.type):
-        return None
-    return torch.get_autocast_dtype(device.type)
 
 
 class GroupAttention(TorchFunctionMode):
@@ -238,4 +232,4 @@ class GroupAttention(TorchFunctionMode):
 
 
 __all__ = ["AttentionBlock", "BUCKET_SLACK", "GroupAttention", "PaddedLayout", "PrefixedBlock", "WIDTH_MULTIPLE",
-           "autocast_dtype", "causal_blocks", "causal_rows", "length_buckets", "round_up"]
+           "causal_blocks", "causal_rows", "length_buckets", "round_up"]
