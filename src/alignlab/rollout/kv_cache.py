@@ -161,8 +161,9 @@ class PrefixSharedLayer(DynamicLayer):
             if pk.shape[1] != heads:
                 pk = pk.repeat_interleave(heads // pk.shape[1], dim=1)
                 pv = pv.repeat_interleave(heads // pv.shape[1], dim=1)
-            self._operands = (pk.transpose(-1, -2).to(dtype, memory_format=torch.contiguous_format),
-                              pv.to(dtype, memory_format=torch.contiguous_format))
+            # .to(dtype).contiguous(): .to(memory_format=...) returns a strided input unchanged
+            # when its dtype already matches (the values, bf16 out of their projection)
+            self._operands = (pk.transpose(-1, -2).to(dtype).contiguous(), pv.to(dtype).contiguous())
         return self._operands
 
     def set_owner(self, owner: Tensor) -> None:
@@ -293,7 +294,7 @@ class PrefixSharedAttention:
             return x.reshape(b, heads, m, x.shape[-1]) if layer.uniform else x[layer.owner, layer.slot]
 
         prompt_scores = torch.matmul(by_prompt(q), pk_t).mul_(scale)
-        prompt_scores.add_(self.bias.to(q.dtype)[:, None, None, :])
+        prompt_scores.add_(self.bias.to(prompt_scores.dtype)[:, None, None, :])
         own_scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
         scores = torch.cat([by_row(prompt_scores), own_scores], dim=-1)
         probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)

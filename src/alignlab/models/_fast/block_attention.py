@@ -211,7 +211,8 @@ class GroupAttention(TorchFunctionMode):
         # float32 and every matmul casts its gathered copy again. Contiguous [h, S', d]: RoPE's
         # outputs keep the projections' token-major strides, and each gather would copy first.
         dtype = autocast_dtype(q.device)
-        qh, kh, vh = (t[0].to(dtype or t.dtype, memory_format=torch.contiguous_format) for t in (q, k, v))
+        # (.to(memory_format=...) would return a strided input as is when its dtype matches)
+        qh, kh, vh = (t[0].to(dtype or t.dtype).contiguous() for t in (q, k, v))
         heads, dv = vh.shape[0], vh.shape[-1]
         dropout, scale = kwargs.get("dropout_p") or 0.0, kwargs.get("scale")
         gathered: dict[int, tuple[Tensor, Tensor]] = {}  # prompt blocks' keys and values
