@@ -91,11 +91,10 @@ class PaddedLayout:
     length: int  # S', the packed length the decoder sees
 
 
-def causal_rows(offsets: Tensor, lengths: Tensor, width: int | None = None) -> AttentionBlock:
+def causal_rows(offsets: Tensor, lengths: Tensor) -> AttentionBlock:
     """One causal row per sequence of ``lengths`` tokens starting at packed ``offsets``, padded
-    to ``width`` (default: the longest, rounded up to :data:`WIDTH_MULTIPLE`)."""
-    width = width or round_up(int(lengths.max()), WIDTH_MULTIPLE)
-    col = torch.arange(width, device=lengths.device)
+    to the longest, rounded up to :data:`WIDTH_MULTIPLE`."""
+    col = torch.arange(round_up(int(lengths.max()), WIDTH_MULTIPLE), device=lengths.device)
     real = col[None] < lengths[:, None]
     return AttentionBlock(queries=(offsets[:, None] + col[None]) * real, real=real)
 
