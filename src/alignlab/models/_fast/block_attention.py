@@ -131,11 +131,11 @@ class GroupAttention(TorchFunctionMode):
     def __init__(self, layout: PaddedLayout) -> None:
         super().__init__()
         self.layout = layout
-        self._bias: dict[tuple, Tensor] = {}  # the same for every layer: built once per pass
+        self._masks: dict[tuple, Tensor] = {}  # biases and masks, the same for every layer: built once per pass
         blocks = layout.blocks
         # where each block's real outputs sit in its flattened [R·W] slots, and go in [S']
         self._real = [b.real.reshape(-1).nonzero().squeeze(1) for b in blocks]
-        self._dest = torch.cat([b.dest for b in blocks]) if len(blocks) > 1 else blocks[0].dest
+        self._dest = torch.cat([b.dest for b in blocks])
 
     @staticmethod
     def _gather(rows: Tensor, index: Tensor) -> Tensor:
@@ -144,9 +144,9 @@ class GroupAttention(TorchFunctionMode):
         return rows.index_select(1, index.reshape(-1)).view(rows.shape[0], r, w, rows.shape[-1])
 
     def _cached(self, key: tuple, build) -> Tensor:
-        if key not in self._bias:
-            self._bias[key] = build()
-        return self._bias[key]
+        if key not in self._masks:
+            self._masks[key] = build()
+        return self._masks[key]
 
     @staticmethod
     def _matmul_ok(q: Tensor, keys: int, dropout: float) -> bool:
