@@ -56,18 +56,22 @@ def run_variant(script: str, args: argparse.Namespace, variant: str, folder: Pat
 
 ONEDNN_CACHE = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
 ONEDNN_OWN_DEFAULT = "1024"  # oneDNN's own capacity, where nobody sets one
+HEAP_TUNING = "ALIGNLAB_HEAP_TUNING"  # alignlab.core.heap.OPT_OUT
 
 
 def worker_env(variant: str) -> dict[str, str]:
     """The environment a variant runs in: this one's, except that the other libraries'
     variants (TRL, ``generate``) get oneDNN's own primitive-cache capacity, not the cap
     importing alignlab sets (``alignlab.ONEDNN_CACHE_DEFAULTED``; their workers import alignlab
-    too): they run as their users run them. A capacity the user set reaches every variant."""
+    too), and glibc's own malloc thresholds (``ALIGNLAB_HEAP_TUNING=0``): they run as their
+    users run them. A capacity or heap setting the user set reaches every variant."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     defaulted = getattr(sys.modules.get("alignlab"), "ONEDNN_CACHE_DEFAULTED", False)
     user_set = ONEDNN_CACHE in os.environ and not defaulted
     if "alignlab" not in variant and not user_set:
         env[ONEDNN_CACHE] = ONEDNN_OWN_DEFAULT
+    if "alignlab" not in variant and HEAP_TUNING not in os.environ:
+        env[HEAP_TUNING] = "0"  # glibc's own malloc thresholds (alignlab/core/heap.py)
     return env
 
 

@@ -47,3 +47,12 @@ def test_benchmark_steps_trains_counts_and_checkpoints_without_changing_the_upda
     gaps = [float((v - plain.state_dict()[k]).abs().max()) for k, v in int8.state_dict().items()]
     assert 0 < max(gaps) < 0.1 * moved, (max(gaps), moved)
     assert ckpt_stats["tokens"] == stats["tokens"]
+
+
+def test_benchmark_steps_writes_no_checkpoint_as_the_trl_side_saves_none(monkeypatch):
+    from alignlab.engine import run
+
+    saved = []
+    monkeypatch.setattr(run, "save_checkpoint", lambda *a, **k: saved.append(a))
+    _run(False)
+    assert saved == []  # a 20-step timing would otherwise include writing the weights and Adam's state

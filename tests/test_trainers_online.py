@@ -202,24 +202,13 @@ def test_rollouts_sample_in_the_trainers_precision(world_cache, tmp_path, monkey
 
 def test_the_online_loop_gives_free_heap_back_after_each_rollout_and_update(world_cache, tmp_path,
                                                                              monkeypatch):
-    from alignlab.core import runtime
+    from alignlab.core import heap
     from alignlab.engine import controller
 
-    assert runtime.release_free_heap() is True  # Linux with glibc, as CI
+    assert heap.release_free_heap() is True  # Linux with glibc, as CI
     calls = []
     monkeypatch.setattr(controller, "release_free_heap", lambda: calls.append(1))
     train_policy_gradient(_cfg(world_cache, tmp_path, steps=2), "grpo")
     assert len(calls) == 4  # two iterations, each after its rollout and its update
 
 
-def test_without_glibc_releasing_the_heap_is_a_no_op(monkeypatch):
-    import ctypes
-
-    from alignlab.core import runtime
-
-    def no_libc(name):
-        raise OSError(f"{name}: cannot open shared object file")
-
-    monkeypatch.setattr(runtime, "_TRIM", [])
-    monkeypatch.setattr(ctypes, "CDLL", no_libc)
-    assert runtime.release_free_heap() is False and runtime._TRIM == [None]

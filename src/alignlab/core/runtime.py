@@ -66,29 +66,6 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return torch.get_autocast_dtype(device.type)
 
 
-_TRIM: list = []  # glibc's malloc_trim, looked up once ([None] where there is no glibc)
-
-
-def release_free_heap() -> bool:
-    """Give the C heap's free pages back to the OS (glibc's ``malloc_trim(0)``); False where
-    there is no glibc. The online loop calls it after each rollout and each update: their
-    tensors of ever-changing sizes leave freed memory scattered over the heap, which the next
-    phase does not reuse, so a process's peak RSS grew step after step (GRPO benchmark in bf16:
-    2.0 GB after 2 steps, 2.8 after 6, 3.7 after 20; with the calls 2.4 after 6, at the same
-    speed). PyTorch's CPU allocator is glibc's malloc, so this is where the memory sits."""
-    if not _TRIM:
-        import ctypes
-
-        try:
-            _TRIM.append(ctypes.CDLL("libc.so.6").malloc_trim)
-        except (OSError, AttributeError):
-            _TRIM.append(None)
-    if _TRIM[0] is None:
-        return False
-    _TRIM[0](0)
-    return True
-
-
 def default_cache_dir() -> str:
     return os.environ.get("ALIGNLAB_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "alignlab"))
 

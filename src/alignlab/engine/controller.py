@@ -37,7 +37,7 @@ from typing import Any
 
 from alignlab.core.config import TrainSection
 from alignlab.core.errors import ConfigError, TrainingError
-from alignlab.core.runtime import release_free_heap
+from alignlab.core.heap import release_free_heap
 from alignlab.engine import distributed, sharding
 from alignlab.engine.async_rollout import rollout_source
 from alignlab.engine.learner import Learner, Units
@@ -160,7 +160,7 @@ def run_online(setup: OnlineSetup, cfg: TrainSection, description: str) -> Train
             with gathered(learner, algorithm):
                 algorithm.begin_iteration(it)
                 rolls, staleness = source.get(it, rows)
-                release_free_heap()  # the sampler's freed buffers (core/runtime.py)
+                release_free_heap()  # the sampler's freed buffers (core/heap.py)
                 if setup.max_staleness:
                     m["staleness"] = staleness
                 t1 = time.time()

@@ -110,7 +110,8 @@ def benchmark_steps(model: torch.nn.Module, tokenizer: Any, rows: list[dict[str,
         cfg = TrainSection(output_dir=out, max_steps=steps, batch_size=batch_size, lr=lr,
                            grad_accum=grad_accum, precision=prec, device=str(dev),
                            lr_scheduler="constant", log_every=max(steps, 1), progress=False,
-                           tensorboard=False, gradient_checkpointing=gradient_checkpointing)
+                           tensorboard=False, gradient_checkpointing=gradient_checkpointing,
+                           save_every=None)  # no checkpoint, as the TRL side (save_strategy="no")
         step_seconds: list[float] = []
         t1 = time.perf_counter()
         train(model, PreferenceObjective(plan), batches, cfg, description=f"bench {loss}",
