@@ -15,7 +15,11 @@ masked instead of dropped (``compact=False``) and ``generate`` with a static (pr
 cache. What the engine does that ``generate`` does not: each distinct prompt is prefilled once
 (not ``n`` times); the KV cache is written in place (no copy of the whole cache per token); on
 CPU each prompt's keys and values are read once per step for all its samples
-(``rollout/kv_cache.py``); finished rows leave the batch. Last line:
+(``rollout/kv_cache.py``); finished rows leave the batch. Each side runs in its own process
+(``_harness.run_variant``), ``generate`` as its users run it: with oneDNN's and glibc's own
+settings, not the ones importing alignlab makes (``alignlab/core/heap.py``; in one process
+``generate``, whose cache grows by a copy every token, took 18.5 s instead of 26.5 s with
+alignlab's heap settings). Last line:
 ``speedup_vs_generate=X speedup_vs_generate_static=Y tokens_per_s=Z generate_tokens_per_s=W``.
 """
 
@@ -23,21 +27,21 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 import time
 import warnings
+from pathlib import Path
 
 import torch
+from _harness import add_worker_args, report, run_variant
 
 
 def load(args):
     if args.model == "bench":
-        import tempfile
-        from pathlib import Path
-
-        from _assets import build_model, review_prompts
+        from _assets import review_prompts
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        folder = build_model(Path(tempfile.mkdtemp(prefix="rollout-bench-")), args.model_size)
+        folder = Path(args.folder)  # built once by the parent for both sides
         tok = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder)
         lo, hi = map(int, args.prompt_tokens.split(","))
@@ -79,6 +83,54 @@ def best_time(fn, repeats: int) -> tuple[float, object]:
     return best, out
 
 
+def worker(args: argparse.Namespace) -> dict:
+    """One side, timed in this process: ``generate`` (dynamic and static cache) or ``alignlab``
+    (finished rows dropped and masked)."""
+    from alignlab.core.runtime import autocast, resolve_precision
+    from alignlab.rollout.engine import SamplingParams, rollout
+
+    model, prompts, eos, pad, tok = load(args)
+    cpu = torch.device("cpu")
+    precision = resolve_precision(args.precision, cpu)
+    warnings.simplefilter("ignore")
+    info = {"precision": precision, "threads": torch.get_num_threads(), "prompts": len(prompts)}
+    if args.worker == "alignlab":
+        # the engine's forwards under autocast in the trainer's precision
+        params = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=args.max_new_tokens,
+                                n=args.n, seed=0, precision=precision)
+
+        def ours(compact=True):
+            return rollout(model, prompts, params, eos_token_id=eos, pad_token_id=pad, tokenizer=tok,
+                           batch_size=len(prompts) * args.n, compact=compact)
+
+        t_ours, rb = best_time(ours, args.repeats)
+        t_masked, _ = best_time(lambda: ours(False), args.repeats)
+        return {**info, "seconds": t_ours, "masked_seconds": t_masked,
+                "mean_completion_tokens": rb.stats["mean_completion_tokens"],
+                "frac_hit_length_limit": rb.stats["frac_hit_length_limit"]}
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
+
+    # under the same autocast as the engine (as TRL runs it under accelerate's bf16 mixed
+    # precision), and under no_grad as TRL calls it: under inference_mode autocast recasts the
+    # weights at every token
+    @torch.no_grad()
+    def hf(**cache):
+        with autocast(cpu, precision):
+            return model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0,
+                                  top_p=0.95, top_k=0, num_return_sequences=args.n,
+                                  max_new_tokens=args.max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+                                  **cache)
+
+    t_hf, seqs = best_time(hf, args.repeats)
+    t_static, _ = best_time(lambda: hf(cache_implementation="static"), args.repeats)
+    return {**info, "seconds": t_hf, "static_seconds": t_static,
+            "mean_completion_tokens": (seqs[:, width:] != pad).sum(1).float().mean().item()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=["bench", "world", "random"], default="bench")
@@ -92,66 +144,38 @@ def main() -> None:
     ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                     help="bf16: both sides under bf16 autocast (auto: bf16 where the CPU has it)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: 3m model, 2 prompts x 4, 16 tokens")
+    add_worker_args(ap)
     args = ap.parse_args()
     if args.quick:
         vars(args).update(model_size="3m", prompts=2, n=4, max_new_tokens=16, repeats=1,
                           prompt_tokens="16,32")
+    if args.worker:
+        report(worker(args))
+        return
+    folder = Path(tempfile.mkdtemp(prefix="rollout-bench-"))
+    if args.model == "bench":
+        from _assets import build_model
 
-    from alignlab.core.runtime import autocast, resolve_precision
-    from alignlab.rollout.engine import SamplingParams, rollout
-
-    model, prompts, eos, pad, tok = load(args)
-    cpu = torch.device("cpu")
-    precision = resolve_precision(args.precision, cpu)
-    # the engine's forwards under autocast in the trainer's precision, generate's under the same
-    # autocast (as TRL runs it under accelerate's bf16 mixed precision)
-    params = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=args.max_new_tokens,
-                            n=args.n, seed=0, precision=precision)
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
-
-    @torch.no_grad()  # as TRL calls it; under inference_mode autocast recasts the weights each token
-    def hf():
-        with autocast(cpu, precision):
-            return model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0,
-                                  top_p=0.95, top_k=0, num_return_sequences=args.n,
-                                  max_new_tokens=args.max_new_tokens, eos_token_id=eos, pad_token_id=pad)
-
-    def ours(compact=True):
-        return rollout(model, prompts, params, eos_token_id=eos, pad_token_id=pad, tokenizer=tok,
-                       batch_size=len(prompts) * args.n, compact=compact)
-
-    warnings.simplefilter("ignore")
-    n_completions = len(prompts) * args.n
-    @torch.no_grad()  # as TRL calls it; under inference_mode autocast recasts the weights each token
-    def hf_static():
-        with autocast(cpu, precision):
-            return model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0,
-                                  top_p=0.95, top_k=0, num_return_sequences=args.n,
-                                  max_new_tokens=args.max_new_tokens, eos_token_id=eos, pad_token_id=pad,
-                                  cache_implementation="static")
-
-    t_hf, seqs = best_time(hf, args.repeats)
-    t_static, _ = best_time(hf_static, args.repeats)
-    t_ours, rb = best_time(ours, args.repeats)
-    t_masked, _ = best_time(lambda: ours(False), args.repeats)
-    hf_len = (seqs[:, width:] != pad).sum(1).float().mean().item()
-    our_tokens = n_completions * rb.stats["mean_completion_tokens"]
-    print(f"model={args.model} prompts={len(prompts)} n={args.n} max_new_tokens={args.max_new_tokens} "
-          f"threads={torch.get_num_threads()} precision={precision}")
-    print(f"generate:            {n_completions / t_hf:8.1f} completions/s  ({t_hf:.3f} s, "
-          f"mean completion {hf_len:.1f} tokens)")
-    print(f"alignlab (drop done): {n_completions / t_ours:8.1f} completions/s  ({t_ours:.3f} s, "
-          f"mean completion {rb.stats['mean_completion_tokens']:.1f} tokens, "
-          f"hit length {rb.stats['frac_hit_length_limit']:.0%})")
-    print(f"generate (static):   {n_completions / t_static:8.1f} completions/s  ({t_static:.3f} s)")
-    print(f"alignlab (mask done): {n_completions / t_masked:8.1f} completions/s  ({t_masked:.3f} s)")
+        build_model(folder, args.model_size)
+    hf = run_variant(__file__, args, "generate", folder, skip=("quick",))
+    ours = run_variant(__file__, args, "alignlab", folder, skip=("quick",))
+    n_completions = ours["prompts"] * args.n
+    print(f"model={args.model} prompts={ours['prompts']} n={args.n} max_new_tokens={args.max_new_tokens} "
+          f"threads={ours['threads']} precision={ours['precision']}")
+    print(f"generate:            {n_completions / hf['seconds']:8.1f} completions/s  ({hf['seconds']:.3f} s, "
+          f"mean completion {hf['mean_completion_tokens']:.1f} tokens)")
+    print(f"alignlab (drop done): {n_completions / ours['seconds']:8.1f} completions/s  "
+          f"({ours['seconds']:.3f} s, mean completion {ours['mean_completion_tokens']:.1f} tokens, "
+          f"hit length {ours['frac_hit_length_limit']:.0%})")
+    print(f"generate (static):   {n_completions / hf['static_seconds']:8.1f} completions/s  "
+          f"({hf['static_seconds']:.3f} s)")
+    print(f"alignlab (mask done): {n_completions / ours['masked_seconds']:8.1f} completions/s  "
+          f"({ours['masked_seconds']:.3f} s)")
     # tokens/s ratios: the two sample different tokens, so their lengths differ a little
-    ours_tps, hf_tps = our_tokens / t_ours, n_completions * hf_len / t_hf
-    print(f"speedup_vs_generate={t_hf / t_ours:.2f} speedup_vs_generate_static={t_static / t_ours:.2f} "
+    ours_tps = n_completions * ours["mean_completion_tokens"] / ours["seconds"]
+    hf_tps = n_completions * hf["mean_completion_tokens"] / hf["seconds"]
+    print(f"speedup_vs_generate={hf['seconds'] / ours['seconds']:.2f} "
+          f"speedup_vs_generate_static={hf['static_seconds'] / ours['seconds']:.2f} "
           f"tokens_per_s={ours_tps:.1f} generate_tokens_per_s={hf_tps:.1f} "
           f"tokens_per_s_ratio={ours_tps / hf_tps:.2f}")
 
