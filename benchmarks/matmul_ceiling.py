@@ -59,9 +59,9 @@ def main() -> None:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     p.add_argument("--seconds", type=float, default=30.0, help="the timed loop's least duration")
     args = p.parse_args()
-    from alignlab.core.runtime import cpu_supports_bf16
+    from alignlab.core.runtime import resolve_precision
 
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and cpu_supports_bf16())
+    bf16 = resolve_precision(args.precision, torch.device("cpu")) == "bf16"
 
     from transformers import AutoModelForCausalLM
 
