@@ -80,6 +80,50 @@ def test_prefix_sharing_matches_plain_values_and_gradients(kind):
     assert g_f.abs().max() > 1e-3  # the comparison is not between zeros
 
 
+def test_prefix_sharing_with_grouped_query_heads_matches_plain():
+    """Keys and values of fewer heads than the queries (grouped-query attention) are gathered
+    for every query head: the shared pass equals the plain one, values and gradients."""
+    model = random_llama(seed=3).float()
+    model.config.num_key_value_heads = 2
+    model = type(model)(model.config)  # rebuilt with 2 key/value heads for 4 query heads
+    assert model.model.layers[0].self_attn.k_proj.out_features == 2 * 8
+    examples = _examples("varied")
+    lp_s, g_s, _ = _values_and_grads(model, examples, "shared")
+    lp_f, g_f, _ = _values_and_grads(model, examples, "flat")
+    assert torch.allclose(lp_s, lp_f, atol=1e-5, rtol=0) and torch.allclose(g_s, g_f, atol=1e-5, rtol=0)
+    assert g_f.abs().max() > 1e-3
+
+
+def test_group_attention_writes_each_token_once_and_zeros_to_fillers():
+    """GroupAttention's one gather back: every real token's output comes from its own block
+    (checked against attention computed row by row), and the filler rows after the real tokens
+    get zeros; their gradients never reach the inputs."""
+    import torch.nn.functional as F
+
+    from alignlab.models._fast.block_attention import GroupAttention
+    from alignlab.models._fast.packed_groups import group_layout
+
+    batch = collate_groups(_examples("varied"), pad_token_id=0, layout="shared")
+    lay = group_layout(batch)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 3, lay.length, 4, generator=g, requires_grad=True) for _ in range(3))
+    with GroupAttention(lay):
+        out = F.scaled_dot_product_attention(q, k, v)
+    real = torch.zeros(lay.length, dtype=torch.bool)
+    for b in lay.blocks:
+        real[b.dest] = True
+    assert real.sum() < lay.length  # the layout has fillers
+    assert torch.equal(out[0][:, ~real], torch.zeros_like(out[0][:, ~real]))
+    # a prompt token attends its prompt's earlier tokens only
+    first = lay.blocks[0]
+    row = first.queries[0][first.real[0]]
+    want = F.scaled_dot_product_attention(q[:, :, row], k[:, :, row], v[:, :, row], is_causal=True)
+    assert torch.allclose(out[:, :, row], want, atol=1e-6)
+    (out * torch.randn(out.shape, generator=g)).sum().backward()
+    assert torch.equal(q.grad[0][:, ~real], torch.zeros_like(q.grad[0][:, ~real]))
+    assert q.grad[0][:, real].abs().max() > 0
+
+
 def test_slot_major_order_and_direct_value():
     """Completion n of the batch is slot n // B of example n % B; its value is a direct sum."""
     model = random_llama(seed=2).float().eval()
@@ -247,14 +291,12 @@ def test_group_pass_with_attention_dropout():
 
 @pytest.mark.parametrize("kind", ["unpaired", "varied"])
 def test_group_pass_sdpa_branch_matches_plain(monkeypatch, kind):
-    """Above ``MAX_SCORES`` with autograd (and on GPUs) the group pass hands SDPA each padded
+    """Above ``MAX_SCORE_BYTES`` with autograd (and on GPUs) the group pass hands SDPA each padded
     block with its boolean mask instead of the CPU matmul attention: the same values and
     gradients. Without autograd the matmul attention runs whatever the size (it slices)."""
-    import alignlab.models._fast.block_attention as block_attention
     import alignlab.models._fast.cpu_attention as cpu_attention
 
-    monkeypatch.setattr(block_attention, "MAX_SCORES", 0)
-    monkeypatch.setattr(cpu_attention, "MAX_SCORES", 0)  # the kernel itself, not the matmuls
+    monkeypatch.setattr(cpu_attention, "MAX_SCORE_BYTES", 0)
     model = random_llama(seed=1).float()
     examples = _examples(kind)
     with _Ops() as ops:

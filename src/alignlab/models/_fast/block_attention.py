@@ -18,8 +18,8 @@ into ``[h, R, W, d]`` (contiguous ``d``-vectors), which the matmuls and SDPA tak
 ``(h, R)`` as batch dims; row-major ``[R, h, W, d]`` needed a strided copy of every gathered
 key and value, on CPU slower than the attention it fed (benchmarks/README.md). On CPU without
 dropout the blocks run as explicit matmuls (:func:`attention_with_bias`, faster there than the
-flash kernel at these sizes, in both precisions); above :data:`MAX_SCORES` with autograd, with
-dropout, and on GPUs they go to SDPA with the block's mask.
+flash kernel at these sizes, in both precisions); above ``cpu_attention.MAX_SCORE_BYTES`` of
+scores with autograd, with dropout, and on GPUs they go to SDPA with the block's mask.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from torch.overrides import TorchFunctionMode
 
 from alignlab.core.runtime import autocast_dtype
 from alignlab.models._fast.cpu_attention import (
-    MAX_SCORES,
     attention_with_bias,
     causal_bias,
+    fits,
     mask_bias,
 )
 
@@ -131,17 +131,39 @@ class GroupAttention(TorchFunctionMode):
     def __init__(self, layout: PaddedLayout) -> None:
         super().__init__()
         self.layout = layout
-        self._masks: dict[tuple, Tensor] = {}  # biases and masks, the same for every layer: built once per pass
-        blocks = layout.blocks
-        # where each block's real outputs sit in its flattened [R·W] slots, and go in [S']
-        self._real = [b.real.reshape(-1).nonzero().squeeze(1) for b in blocks]
-        self._dest = torch.cat([b.dest for b in blocks])
+        # biases, masks and gather indices, the same for every layer: built once per pass
+        self._masks: dict[tuple, Tensor] = {}
 
-    @staticmethod
-    def _gather(rows: Tensor, index: Tensor) -> Tensor:
-        """``rows [h, S', d]`` at ``index [R, W]`` → ``[h, R, W, d]``."""
-        r, w = index.shape
-        return rows.index_select(1, index.reshape(-1)).view(rows.shape[0], r, w, rows.shape[-1])
+    def _indices(self, heads: int) -> tuple[Tensor, list[int], Tensor]:
+        """The pass's two gathers over the flattened ``[heads · S', d]`` rows, built once:
+
+        - ``into``: every block's slots, block after block, each block head-major
+          (``[heads, R, W]`` flattened), so that block ``i`` is the ``i``-th piece of
+          ``sizes`` of the gathered rows and views as ``[heads, R, W, d]``;
+        - ``back``: for each of the ``heads · S'`` packed (head, token) rows, the row of the
+          concatenated block outputs holding it; fillers read the extra zero row at the end.
+
+        One gather per q, k, v and one back, instead of one per block: the backward of each
+        gather is an ``index_add`` into zeros of the whole ``[heads · S', d]``, and per block
+        autograd summed as many full-size gradients (the DPO benchmark's batches: attention
+        forward and backward 80 → 66 ms a layer in bf16; benchmarks/README.md)."""
+        key = ("indices", heads)
+        if key not in self._masks:
+            length = self.layout.length
+            head = torch.arange(heads, device=self.layout.blocks[0].queries.device)[:, None]
+            into, sizes = [], []
+            back = torch.full((heads * length,), -1, dtype=torch.long, device=head.device)
+            offset = 0
+            for b in self.layout.blocks:
+                slots = b.queries.reshape(-1)
+                into.append((head * length + slots[None]).reshape(-1))
+                sizes.append(heads * slots.numel())
+                real = b.real.reshape(-1).nonzero().squeeze(1)
+                back[(head * length + slots[real][None]).reshape(-1)] = (
+                    offset + head * slots.numel() + real[None]).reshape(-1)
+                offset += sizes[-1]
+            self._masks[key] = (torch.cat(into), sizes, back.masked_fill_(back < 0, offset))
+        return self._masks[key]
 
     def _cached(self, key: tuple, build) -> Tensor:
         if key not in self._masks:
@@ -150,10 +172,10 @@ class GroupAttention(TorchFunctionMode):
 
     @staticmethod
     def _matmul_ok(q: Tensor, keys: int, dropout: float) -> bool:
-        """CPU, no dropout, and within :data:`MAX_SCORES` unless without autograd (then
-        :func:`attention_with_bias` runs in cache-sized slices, so any size fits)."""
-        return (q.device.type == "cpu" and not dropout
-                and (not torch.is_grad_enabled() or q.shape[:-1].numel() * keys <= MAX_SCORES))
+        """CPU, no dropout, and within :data:`~alignlab.models._fast.cpu_attention.MAX_SCORE_BYTES`
+        unless without autograd (then :func:`attention_with_bias` runs in cache-sized slices, so
+        any size fits)."""
+        return q.device.type == "cpu" and not dropout and (not torch.is_grad_enabled() or fits(q, keys))
 
     def _causal(self, i: int, q: Tensor, k: Tensor, v: Tensor, dropout: float,
                 scale: float | None) -> Tensor:
@@ -214,21 +236,26 @@ class GroupAttention(TorchFunctionMode):
         qh, kh, vh = (t[0].to(dtype or t.dtype).contiguous() for t in (q, k, v))
         heads, dv = vh.shape[0], vh.shape[-1]
         dropout, scale = kwargs.get("dropout_p") or 0.0, kwargs.get("scale")
+        into, sizes, back = self._indices(heads)
+        length = qh.shape[1]
+        # every block's padded rows, gathered at once, as views [h, R, W, d] of the pieces
+        qs, ks, vs = (t.reshape(heads * length, -1).index_select(0, into).split(sizes) for t in (qh, kh, vh))
         gathered: dict[int, tuple[Tensor, Tensor]] = {}  # prompt blocks' keys and values
         outs = []
         for i, block in enumerate(self.layout.blocks):
-            qb = self._gather(qh, block.queries)
+            r, w = block.queries.shape
+            qb = qs[i].view(heads, r, w, -1)
             if isinstance(block, AttentionBlock):
-                kb, vb = self._gather(kh, block.queries), self._gather(vh, block.queries)
+                kb, vb = ks[i].view(heads, r, w, -1), vs[i].view(heads, r, w, -1)
                 gathered[i] = (kb, vb)
                 o = self._causal(i, qb, kb, vb, dropout, scale)
-            else:
-                own = block.queries.reshape(-1, block.queries.shape[1] // block.group)  # [R·G, Wc]
-                o = self._prefixed(i, block, qb, self._gather(kh, own), self._gather(vh, own),
+            else:  # the same slots as [R·G, Wc] rows, one completion each
+                own = (heads, r * block.group, w // block.group, -1)
+                o = self._prefixed(i, block, qb, ks[i].view(own), vs[i].view(own),
                                    *gathered[block.prefix], dropout, scale)
-            outs.append(o.reshape(heads, -1, dv).index_select(1, self._real[i]))
-        written = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
-        return vh.new_zeros(heads, qh.shape[1], dv).index_copy(1, self._dest, written)[None]
+            outs.append(o.reshape(-1, dv))
+        outs.append(vh.new_zeros(1, dv))  # what fillers read
+        return torch.cat(outs).index_select(0, back).view(1, heads, length, dv)
 
 
 __all__ = ["AttentionBlock", "BUCKET_SLACK", "GroupAttention", "PaddedLayout", "PrefixedBlock", "WIDTH_MULTIPLE",

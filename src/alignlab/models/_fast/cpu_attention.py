@@ -17,15 +17,26 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from alignlab.core.runtime import autocast_dtype
 from alignlab.models.checkpointing import recompute_with
 
-# Above this many attention scores (batch x heads x queries x keys) the explicit attention
-# would hold too large a score matrix; SDPA's flash kernel keeps its own blocks small.
-MAX_SCORES = 1 << 23
+# Above this many bytes of attention scores (batch x heads x queries x keys, in the dtype the
+# matmuls run in) the explicit attention would hold too large a score matrix (autograd keeps it
+# for backward); SDPA's flash kernel keeps its own blocks small. 32 MiB: 8.4M float32 scores,
+# 16.8M bfloat16 ones. (A count of scores, 8.4M for both, sent the DPO benchmark's widest bf16
+# prompt blocks to the flash kernel, 3x slower than the matmuls at that size; benchmarks/README.md.)
+MAX_SCORE_BYTES = 1 << 25
 # Forward-only calls run in slices of at most this many scores, which stay in cache (faster than
 # one piece; benchmarks/README.md). With autograd the pieces' extra ops cost more than the cache
 # saves, so training calls run whole.
 NO_GRAD_SLICE_SCORES = 1 << 21
+
+
+def fits(q: Tensor, keys: int) -> bool:
+    """Whether the scores of ``q [..., tq, d]`` against ``keys`` keys stay within
+    :data:`MAX_SCORE_BYTES` in the dtype the matmuls run in (autocast's, where it is on)."""
+    dtype = autocast_dtype(q.device) if q.dtype == torch.float32 else None
+    return q.shape[:-1].numel() * keys * (dtype or q.dtype).itemsize <= MAX_SCORE_BYTES
 
 
 def matmul_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
@@ -95,14 +106,14 @@ def attention_with_bias(q: Tensor, k: Tensor, v: Tensor, bias: Tensor,
 
 class CpuAttention(TorchFunctionMode):
     """Route CPU ``scaled_dot_product_attention`` calls without dropout and with at most
-    :data:`MAX_SCORES` scores to :func:`matmul_attention`; every other call runs unchanged."""
+    :data:`MAX_SCORE_BYTES` of scores (:func:`fits`) to :func:`matmul_attention`; every other call runs unchanged."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention and len(args) <= 3:
             q, k = args[0], args[1] if len(args) > 1 else kwargs.get("key")
             if (isinstance(q, Tensor) and isinstance(k, Tensor) and q.device.type == "cpu"
-                    and not kwargs.get("dropout_p") and q.shape[:-1].numel() * k.shape[-2] <= MAX_SCORES):
+                    and not kwargs.get("dropout_p") and fits(q, k.shape[-2])):
                 return matmul_attention(*args, **kwargs)
         return func(*args, **kwargs)
 
@@ -118,5 +129,5 @@ def cpu_attention(device: torch.device) -> Iterator[None]:
         yield
 
 
-__all__ = ["CpuAttention", "cpu_attention", "MAX_SCORES", "attention_with_bias", "causal_bias", "mask_bias",
+__all__ = ["CpuAttention", "cpu_attention", "fits", "MAX_SCORE_BYTES", "attention_with_bias", "causal_bias", "mask_bias",
            "matmul_attention"]
