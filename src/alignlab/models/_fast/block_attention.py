@@ -25,6 +25,7 @@ scores with autograd, with dropout, and on GPUs they go to SDPA with the block's
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -132,7 +133,7 @@ class GroupAttention(TorchFunctionMode):
         super().__init__()
         self.layout = layout
         # biases, masks and gather indices, the same for every layer: built once per pass
-        self._masks: dict[tuple, Tensor] = {}
+        self._masks: dict[tuple, Any] = {}
 
     def _indices(self, heads: int) -> tuple[Tensor, list[int], Tensor]:
         """The pass's two gathers over the flattened ``[heads · S', d]`` rows, built once:
