@@ -148,25 +148,24 @@ class GroupAttention(TorchFunctionMode):
         gather is an ``index_add`` into zeros of the whole ``[heads · S', d]``, and per block
         autograd summed as many full-size gradients (the DPO benchmark's batches: attention
         forward and backward 80 → 66 ms a layer in bf16; benchmarks/README.md)."""
-        key = ("indices", heads)
-        if key not in self._masks:
-            length = self.layout.length
-            head = torch.arange(heads, device=self.layout.blocks[0].queries.device)[:, None]
-            into, sizes = [], []
-            back = torch.full((heads * length,), -1, dtype=torch.long, device=head.device)
-            offset = 0
-            for b in self.layout.blocks:
-                slots = b.queries.reshape(-1)
-                into.append((head * length + slots[None]).reshape(-1))
-                sizes.append(heads * slots.numel())
-                real = b.real.reshape(-1).nonzero().squeeze(1)
-                back[(head * length + slots[real][None]).reshape(-1)] = (
-                    offset + head * slots.numel() + real[None]).reshape(-1)
-                offset += sizes[-1]
-            self._masks[key] = (torch.cat(into), sizes, back.masked_fill_(back < 0, offset))
-        return self._masks[key]
+        return self._cached(("indices", heads), lambda: self._build_indices(heads))
 
-    def _cached(self, key: tuple, build) -> Tensor:
+    def _build_indices(self, heads: int) -> tuple[Tensor, list[int], Tensor]:
+        length = self.layout.length
+        head = torch.arange(heads, device=self.layout.blocks[0].queries.device)[:, None]
+        into, sizes = [], []
+        back = torch.full((heads * length,), -1, dtype=torch.long, device=head.device)
+        offset = 0
+        for b in self.layout.blocks:
+            slots = b.queries.reshape(-1)
+            into.append((head * length + slots[None]).reshape(-1))
+            sizes.append(heads * slots.numel())
+            real = b.real.reshape(-1).nonzero().squeeze(1)  # row-major, as b.dest
+            back[(head * length + b.dest[None]).reshape(-1)] = (offset + head * slots.numel() + real[None]).reshape(-1)
+            offset += sizes[-1]
+        return torch.cat(into), sizes, back.masked_fill_(back < 0, offset)
+
+    def _cached(self, key: tuple, build) -> Any:
         if key not in self._masks:
             self._masks[key] = build()
         return self._masks[key]
