@@ -79,23 +79,35 @@ def token_lengths(tok, texts: list[str]) -> list[int]:
     return [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
 
 
-def matmul_peak(bf16: bool, n: int = 2048, repeats: int = 10, trials: int = 5) -> float:
+def matmul_peak(bf16: bool, n: int = 2048, repeats: int = 10, trials: int = 5,
+                seconds: float = 3.0) -> float:
     """FLOP/s of a square matmul on this machine now, in the training precision: the best of
-    ``trials`` timings of ``repeats`` products (one timing moved between 108 and 141 GFLOP/s
-    from run to run on the 2-core AVX2 machine, and the MFU with it)."""
+    at least ``trials`` timings of ``repeats`` products, timed for at least ``seconds`` (one
+    timing moved between 108 and 141 GFLOP/s from run to run on the 2-core AVX2 machine; one
+    whole measurement of about a second on the shared EPYC once read 415 GFLOP/s where the
+    measurements around it read 780–800, and printed an MFU of 0.885). See :func:`highest_peak`."""
     import torch
 
     dtype = torch.bfloat16 if bf16 else torch.float32
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for _ in range(3):
         a @ b
-    best = 0.0
-    for _ in range(trials):
+    best, done, start = 0.0, 0, time.perf_counter()
+    while done < trials or time.perf_counter() - start < seconds:
         t = time.perf_counter()
         for _ in range(repeats):
             a @ b
         best = max(best, 2 * n**3 * repeats / (time.perf_counter() - t))
+        done += 1
     return best
+
+
+def highest_peak(bf16: bool, results: dict[str, dict]) -> float:
+    """The matmul peak an MFU is measured against: the highest of one measured now and those
+    the workers in ``results`` measured right after their timed runs (``peak_flops``). A peak
+    read in a slow moment of a shared machine would inflate the MFU; the highest of several,
+    spread over the run, is the conservative one."""
+    return max([matmul_peak(bf16), *(r["peak_flops"] for r in results.values() if "peak_flops" in r)])
 
 
 def matmul_params(model) -> int:

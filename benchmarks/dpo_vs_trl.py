@@ -24,7 +24,9 @@ tokens (prompt once + chosen + rejected): 6·N per token for the policy's forwar
 2·N for the reference forward (N = the parameters that take part in matmuls: all but the input
 embedding table, a lookup; attention score FLOPs are not counted), the
 same count for every variant, so prefix sharing does not inflate it. It is reported as a
-fraction of a matmul peak measured on the spot in the training precision. The last line is
+fraction of a matmul peak measured on the spot in the training precision: the highest of one
+measured at the end and one measured in each alignlab worker right after its timed run
+(``_assets.highest_peak``: one reading in a slow moment would inflate the MFU). The last line is
 machine-readable: ``speedup_vs_trl_default=X speedup_vs_trl_best=Y mem_ratio_vs_trl=Z mfu=W``
 (memory against the smaller TRL variant's peak RSS) and ``peak_gflops``, ``trl_best`` (its
 options), ``<variant>_reference_s`` and ``<variant>_train_s`` (the time split).
@@ -39,7 +41,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from _assets import build_model, matmul_params, matmul_peak, review_contexts, token_lengths
+from _assets import (
+    build_model,
+    highest_peak,
+    matmul_params,
+    matmul_peak,
+    review_contexts,
+    token_lengths,
+)
 from _harness import add_worker_args, peak_rss_mb, report, require_trl, run_variant, step_timer
 
 QUICK = {"model_size": "3m", "steps": 2, "batch_size": 2, "prompt_tokens": "16,48"}
@@ -150,6 +159,8 @@ def worker(variant: str, folder: Path, args: argparse.Namespace) -> dict:
                  "step_seconds": timer.seconds, "precomputed_reference_seconds": before}
     # policy forward+backward (6N) and one reference forward (2N) per unique token
     flops = 8 * n_matmul * unique_tokens
+    if variant.startswith("alignlab"):  # beside its run: the MFU takes the highest (highest_peak)
+        extra["peak_flops"] = matmul_peak(bf16)
     return {"variant": variant, "seconds": seconds, "reference_seconds": reference,
             "train_seconds": seconds - reference, "tokens": tokens,
             "unique_tokens": unique_tokens, "pairs": len(rows),
@@ -196,7 +207,7 @@ def main() -> None:
     rows = json.loads((folder / "rows.json").read_text())
     lengths = token_lengths(AutoTokenizer.from_pretrained(folder / "model"), [r["prompt"] for r in rows])
     bf16 = results["alignlab"]["bf16"]
-    peak = matmul_peak(bf16)
+    peak = highest_peak(bf16, results)
     ours = results["alignlab"]
     sd = ours["tokens_per_s"] / results["trl_default"]["tokens_per_s"] if "trl_default" in results else float("nan")
     sb = ours["tokens_per_s"] / results["trl_best"]["tokens_per_s"] if "trl_best" in results else float("nan")

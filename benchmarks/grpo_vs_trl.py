@@ -33,7 +33,8 @@ MFU counts the matmul work a trainer must do on the *unique* tokens: 2·N per pr
 (prefill, once per prompt), 2·N per sampled token (decode), 6·N per token of the update's
 prompt-once + completions sequences (N = parameters in matmuls, attention scores not counted),
 the same count for every variant, against a matmul peak measured on the spot in the training
-precision. The last line is machine-readable: ``speedup_vs_trl=X`` (completions/s against TRL's
+precision (the highest of one at the end and one in each alignlab worker right after its timed
+run: ``_assets.highest_peak``). The last line is machine-readable: ``speedup_vs_trl=X`` (completions/s against TRL's
 defaults) ``speedup_vs_trl_best=Y mem_ratio_vs_trl=Z`` (peak RSS against the smaller TRL
 variant's) ``mfu=W`` and the time split ``<variant>_<part>_s`` per step.
 """
@@ -47,7 +48,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from _assets import build_model, matmul_params, matmul_peak, review_prompts, token_lengths
+from _assets import (
+    build_model,
+    highest_peak,
+    matmul_params,
+    matmul_peak,
+    review_prompts,
+    token_lengths,
+)
 from _harness import add_worker_args, peak_rss_mb, report, require_trl, run_variant, step_timer
 
 PARTS = ("rollout", "reward", "logprobs", "update")
@@ -173,6 +181,8 @@ def worker(variant: str, folder: Path, args: argparse.Namespace) -> dict:
     n = matmul_params(out.pop("model"))
     flops = n * (2 * prompt_tokens + 2 * out["sampled_tokens"] + 6 * (prompt_tokens + out["sampled_tokens"]))
     seconds = out["seconds"]
+    if variant.startswith("alignlab"):  # beside its run: the MFU takes the highest (highest_peak)
+        out["peak_flops"] = matmul_peak(bf16)
     return {"variant": variant, **out, "completions": n_completions,
             "completions_per_s": n_completions / seconds, "step_s": seconds / args.steps,
             "split_per_step": {k: v / args.steps for k, v in out["split"].items()},
@@ -225,7 +235,7 @@ def main() -> None:
               + (f"  options {json.dumps(r['options'])}" if r.get("options") else ""), flush=True)
     ours = results.get("alignlab")
     bf16 = next(iter(results.values()))["bf16"]
-    peak = matmul_peak(bf16)
+    peak = highest_peak(bf16, results)
     print(f"model {next(iter(results.values()))['n_params'] / 1e6:.1f}M matmul params ({args.model_size}), "
           f"{args.steps} steps × {args.prompts_per_step} prompts × {args.group_size} completions "
           f"(micro-batches of {micro_batch(args)}), "

@@ -35,7 +35,7 @@ import tempfile
 from pathlib import Path
 
 import dpo_vs_trl
-from _assets import matmul_peak
+from _assets import highest_peak
 from _harness import add_worker_args, report, run_variant
 
 VARIANTS = ("real", "no_attention", "matmuls_only")
@@ -95,7 +95,7 @@ def main() -> None:
         print(f"{variant:13s} {r['seconds'] / args.steps:6.3f} s a step (reference "
               f"{r['reference_seconds'] / args.steps:.3f} s)  {r['flops_per_s'] / 1e9:6.1f} GFLOP/s",
               flush=True)
-    peak = matmul_peak(results["real"]["bf16"])
+    peak = highest_peak(results["real"]["bf16"], results)
     mfu = {v: r["flops_per_s"] / peak for v, r in results.items()}
     print(f"{'bf16' if results['real']['bf16'] else 'fp32'}, checkpointing {args.checkpointing}, "
           f"matmul peak {peak / 1e9:.1f} GFLOP/s: MFU {json.dumps({v: round(m, 3) for v, m in mfu.items()})}")

@@ -15,6 +15,7 @@ from transformers.models.llama import modeling_llama
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import _assets  # noqa: E402
 import mfu_bound  # noqa: E402
 
 
@@ -65,11 +66,12 @@ def test_main_runs_each_variant_and_reports_mfu_against_the_peak(monkeypatch, ca
     def fake_run(script, args, variant, folder, skip=()):
         calls.append((variant, args.checkpointing))
         rate = {"real": 100e9, "no_attention": 150e9, "matmuls_only": 180e9}[variant]
-        return {"flops_per_s": rate, "seconds": 2 * 8e11 / rate, "reference_seconds": 1.0, "bf16": True}
+        return {"flops_per_s": rate, "seconds": 2 * 8e11 / rate, "reference_seconds": 1.0, "bf16": True,
+                "peak_flops": 150e9}  # below the parent's 200: the highest is taken
 
     monkeypatch.setattr(mfu_bound, "run_variant", fake_run)
     monkeypatch.setattr(mfu_bound.dpo_vs_trl, "build_assets", lambda folder, args: None)
-    monkeypatch.setattr(mfu_bound, "matmul_peak", lambda bf16: 200e9 if bf16 else 1.0)
+    monkeypatch.setattr(_assets, "matmul_peak", lambda bf16: 200e9 if bf16 else 1.0)
     monkeypatch.setattr(sys, "argv", ["mfu_bound.py", "--steps", "2", "--checkpointing", "none"])
     mfu_bound.main()
     assert calls == [("real", "none"), ("no_attention", "none"), ("matmuls_only", "none")]
