@@ -36,6 +36,11 @@ LR = 1e-3
 #   ~ln 2, GRPO ~1e-2; the squared online losses up to O(100))
 #   and differ by float32 rounding [4e-7].
 LOSS_TOL = 1e-5
+# - except INPO's: per pair (h ∓ η/2)², h a difference of six sequence log-prob sums whose
+#   rounding is absolute (~1e-5 nats: the sums are O(10–100)), so the loss rounds by ~η·δh a
+#   pair against a loss of ~(η/2)² a pair at the start (h ≈ 0), not relative to its size
+#   [sharded on 2 processes against one: 4.4e-5 with AVX-512's kernels, 2.4e-6 with AVX2's].
+LOSS_TOL_BY_FAMILY = {"inpo": 1e-4}
 # - UPDATE_TOL, each weight tensor: ‖w_a − w_b‖ / ‖w_a − w_start‖, the difference relative to
 #   how far training moved it [accumulation 1e-4; layouts and fast paths 8e-4]. A per-micro-batch
 #   normaliser (the mean of micro-batch means) gives 0.26 to 0.78.
@@ -364,10 +369,21 @@ def assert_equivalent(a: Outcome, b: Outcome) -> Difference:
     reach O(100), the others are O(1) or below, where this is the absolute difference."""
     d = difference(a, b)
     print(f"measured {d}")  # shown by pytest -rP
-    loss = max(abs(a.losses[s] - b.losses[s]) / max(1.0, abs(a.losses[s])) for s in a.metrics)
-    assert loss <= LOSS_TOL and d.update <= UPDATE_TOL, (loss, d)
+    loss = relative_loss(a, b)
+    assert loss <= loss_tolerance(a.family) and d.update <= UPDATE_TOL, (loss, d)
     assert d.weight <= WEIGHT_TOL and d.metric <= METRIC_TOL, d
     return d
+
+
+def relative_loss(a: Outcome, b: Outcome) -> float:
+    """The largest per-step loss difference of ``a`` and ``b``, relative to max(1, |loss|)."""
+    return max(abs(a.losses[s] - b.losses[s]) / max(1.0, abs(a.losses[s])) for s in a.metrics)
+
+
+def loss_tolerance(family: str) -> float:
+    """:data:`LOSS_TOL`, or the family's own where its loss rounds otherwise
+    (:data:`LOSS_TOL_BY_FAMILY`)."""
+    return LOSS_TOL_BY_FAMILY.get(family, LOSS_TOL)
 
 
 def run_plan_on_ranks(runs: FamilyRuns, plan: list[list], out: Path,
