@@ -169,8 +169,8 @@ def worker(variant: str, folder: Path, args: argparse.Namespace) -> dict:
             "bf16": bf16, **extra}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_shape_args(p: argparse.ArgumentParser) -> None:
+    """The options :func:`build_assets` and :func:`worker` read: model, data, steps, precision."""
     p.add_argument("--model-size", default="44m", help="3m, 13m, 44m, 100m or <hidden>x<layers>")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=8)
@@ -179,6 +179,11 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=1024, help="longer rows are cut (none at the defaults)")
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_shape_args(p)
     p.add_argument("--variants", default="alignlab,trl_default,trl_best")
     p.add_argument("--quick", action="store_true", help=f"a smoke run at toy shapes: {QUICK}")
     add_worker_args(p)

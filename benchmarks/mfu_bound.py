@@ -68,14 +68,7 @@ def ablate(variant: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-size", default="44m", help="as dpo_vs_trl.py")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=1024)
-    p.add_argument("--prompt-tokens", default="128,512", help="min,max prompt length in tokens")
-    p.add_argument("--max-length", type=int, default=1024)
-    p.add_argument("--lr", type=float, default=1e-6)
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    dpo_vs_trl.add_shape_args(p)  # the same shape as the DPO benchmark, whose worker runs here
     p.add_argument("--checkpointing", choices=sorted(CHECKPOINTING), default="selective",
                    help="selective: dpo_vs_trl.py's headline alignlab variant; none: its alignlab_fast")
     p.add_argument("--quick", action="store_true", help=f"a smoke run at toy shapes: {dpo_vs_trl.QUICK}")
